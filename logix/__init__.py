@@ -1,0 +1,44 @@
+"""logix: training data attribution with LoGra projected per-example gradients.
+
+Log in three lines (`init`, `watch`, `with run(data_id=ids):`), then open the store and ask which
+training examples made the model behave as it does (`open_store`, `InfluenceEngine`).
+"""
+
+__version__ = "0.1.0"
+
+from logix.config import ConfigError, LogixConfig
+from logix.run import Run, init
+from logix.store.format import ModuleInfo, StoreError
+from logix.store.gradients import Gradients
+
+
+def __getattr__(name: str):
+    # The query side is imported on first use so that logging does not pay for it.
+    if name == "open_store":
+        from logix.store.reader import open_store
+
+        return open_store
+    if name == "Store":
+        from logix.store.reader import Store
+
+        return Store
+    if name == "InfluenceEngine":
+        from logix.query.engine import InfluenceEngine
+
+        return InfluenceEngine
+    raise AttributeError(f"module 'logix' has no attribute {name!r}")
+
+
+__all__ = [
+    "ConfigError",
+    "Gradients",
+    "InfluenceEngine",
+    "LogixConfig",
+    "ModuleInfo",
+    "Run",
+    "Store",
+    "StoreError",
+    "init",
+    "open_store",
+    "__version__",
+]

@@ -1,0 +1,136 @@
+"""Module selection and the hooks that observe a training step without changing it.
+
+A forward hook projects each watched layer's input (x̃ [B, T, r_in]) and registers a tensor hook
+on the layer's output; when backward reaches that output, the hook projects ∂ℓ/∂y and adds the
+example's G̃ [B, r_out, r_in] to the step's accumulator. Hooks return nothing, so parameter
+gradients, outputs and optimizer steps are bit-identical with and without logix. Forward hooks
+exist only inside a `with run(...)` block.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from logix.capture.per_sample import (
+    check_supported,
+    layer_type,
+    output_grads,
+    projected_gradient,
+    projected_inputs,
+)
+from logix.capture.projection import ModuleProjection
+from logix.config import CaptureConfig
+
+
+class CaptureError(RuntimeError):
+    """The training step is not one logix can read per example (it names the fix)."""
+
+
+def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.Module]]:
+    """Watched modules in `model.named_modules()` order: type in cfg.types, name matching an
+    `include` pattern and no `exclude` pattern (fnmatch, e.g. 'encoder.*.fc1')."""
+    chosen = []
+    for name, module in model.named_modules():
+        kind = layer_type(module)
+        if kind is None or kind not in cfg.types or not name:
+            continue
+        if not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
+            continue
+        check_supported(name, module)
+        chosen.append((name, module))
+    if not chosen:
+        candidates = [n for n, m in model.named_modules() if n and layer_type(m)]
+        raise CaptureError(
+            f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
+            f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "
+            f"{candidates[:20] or 'none (logix captures Linear, Conv2d and Embedding layers)'}"
+        )
+    return chosen
+
+
+@dataclass
+class StepState:
+    """What one `with run(data_id=...)` block collects: per-module sums of G̃ [B, r_out, r_in]."""
+
+    batch_size: int
+    grad_scale: float
+    mask: torch.Tensor | None
+    attribution_only: bool
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    open: bool = True
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        if index in self.sums:
+            self.sums[index] += grad
+        else:
+            self.sums[index] = grad
+
+
+class ModuleCapture:
+    """The hooks of one watched module."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, projection: ModuleProjection,
+                 bias: bool):
+        self.index = index
+        self.name = name
+        self.module = module
+        self.projection = projection
+        self.bias = bias
+        self.is_conv = isinstance(module, nn.Conv2d)
+
+    def attach(self, step: StepState) -> torch.utils.hooks.RemovableHandle:
+        return self.module.register_forward_hook(partial(self._forward, step))
+
+    def _forward(self, step: StepState, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        if not torch.is_grad_enabled():
+            return None  # evaluation under no_grad inside the block: nothing to attribute
+        replaced = False
+        if not output.requires_grad:
+            if not step.attribution_only:
+                return None  # frozen input side of the graph: no gradient will reach this layer
+            # Parameters are frozen in attribution-only mode: make the output a leaf so that
+            # backward reaches it (and stops there) without any weight-gradient work.
+            output = output.detach().requires_grad_(True)
+            replaced = True
+        x = inputs[0]
+        if x.shape[0] != step.batch_size:
+            raise CaptureError(
+                f"module {self.name!r} saw a batch of {x.shape[0]} examples but data_id has "
+                f"{step.batch_size} ids; pass one id per example (batch dimension first)"
+            )
+        with torch.no_grad():
+            x_proj = projected_inputs(module, x.detach(), self.projection.p_in, self.bias)
+            x_proj = self._apply_mask(step, x_proj)
+        output.register_hook(partial(self._backward, step, x_proj))
+        return output if replaced else None
+
+    def _apply_mask(self, step: StepState, x_proj: torch.Tensor) -> torch.Tensor:
+        if step.mask is None or self.is_conv or x_proj.shape[1] == 1:
+            return x_proj
+        if x_proj.shape[1] != step.mask.shape[1]:
+            raise CaptureError(
+                f"mask has {step.mask.shape[1]} positions but module {self.name!r} sees "
+                f"{x_proj.shape[1]}; pass a [batch, seq] mask matching the sequence length"
+            )
+        return x_proj * step.mask.to(device=x_proj.device, dtype=x_proj.dtype).unsqueeze(-1)
+
+    def _backward(self, step: StepState, x_proj: torch.Tensor, grad: torch.Tensor) -> None:
+        if not step.open:
+            raise CaptureError(
+                f"backward reached {self.name!r} after its `with run(data_id=...)` block had "
+                "exited; call loss.backward() inside the block"
+            )
+        with torch.no_grad():
+            g = output_grads(self.module, grad.detach()).float()
+            g_proj = self.projection.p_out.apply(g)
+            if step.grad_scale != 1.0:
+                g_proj = g_proj * step.grad_scale
+            step.add(self.index, projected_gradient(x_proj, g_proj))
+        return None

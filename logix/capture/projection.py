@@ -1,0 +1,111 @@
+"""LoGra projections: the fixed matrices P_in [r_in, d_in] and P_out [r_out, d_out] of a module.
+
+A side whose requested rank is at or above its dimension is kept whole (no matrix, r = d) and
+the clamp is noted, so one config serves layers of every width. `identity` keeps both sides
+whole: exact per-example gradients. `random` draws a seeded Gaussian scaled by 1/sqrt(r), seeded
+per module name so that adding or removing a module does not change the others' projections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from logix.store.format import StoreError, fsync_dir
+
+
+@dataclass
+class SideProjection:
+    """One side (input or output) of a module's projection; `matrix` is None when kept whole."""
+
+    dim: int
+    rank: int
+    matrix: torch.Tensor | None  # [rank, dim] float32
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """[..., dim] -> [..., rank]."""
+        if self.matrix is None:
+            return v
+        if self.matrix.device != v.device:
+            self.matrix = self.matrix.to(v.device)
+        return v @ self.matrix.T
+
+
+@dataclass
+class ModuleProjection:
+    p_in: SideProjection
+    p_out: SideProjection
+
+
+def _module_seed(seed: int, name: str, side: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{name}/{side}".encode())) % (2**63 - 1)
+
+
+def make_side(kind: str, name: str, side: str, dim: int, rank: int, seed: int,
+              notes: list[str]) -> SideProjection:
+    """Build one side; clamps `rank` to `dim` (keeping the side whole) with a note."""
+    if kind == "identity":
+        return SideProjection(dim, dim, None)
+    if rank >= dim:
+        notes.append(f"{name}: rank_{side} {rank} >= d_{side} {dim}, side kept whole (r_{side} = {dim})")
+        return SideProjection(dim, dim, None)
+    if kind != "random":
+        raise ValueError(f"unknown projection kind {kind!r}; use 'identity' or 'random'")
+    gen = torch.Generator().manual_seed(_module_seed(seed, name, side))
+    matrix = torch.randn(rank, dim, generator=gen, dtype=torch.float32) / rank**0.5
+    return SideProjection(dim, rank, matrix)
+
+
+def projections_bytes(projections: dict[str, ModuleProjection]) -> bytes:
+    """Serialise the matrices (safetensors, keys '<module>.in' / '<module>.out')."""
+    tensors = {}
+    for name, p in projections.items():
+        for side, sp in (("in", p.p_in), ("out", p.p_out)):
+            if sp.matrix is not None:
+                tensors[f"{name}.{side}"] = sp.matrix.detach().to("cpu").contiguous()
+    return save(tensors, metadata={"format": "logix-projections"})
+
+
+def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> str:
+    """Write the projections atomically; returns the sha256 of the file (part of the fingerprint)."""
+    data = projections_bytes(projections)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_projections(path: Path, dims: dict[str, tuple[int, int, int, int]]) -> dict[str, ModuleProjection]:
+    """Read the projections of a store. dims: name -> (d_in, d_out, r_in, r_out) from the manifest."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing: the store's projections are lost, it cannot be extended "
+                         "or queried with new gradients") from None
+    except Exception as e:
+        raise StoreError(f"{path} cannot be read ({e}); the store's projections are damaged") from e
+    out = {}
+    for name, (d_in, d_out, r_in, r_out) in dims.items():
+        sides = []
+        for side, d, r in (("in", d_in, r_in), ("out", d_out, r_out)):
+            m = tensors.get(f"{name}.{side}")
+            if m is None and r != d:
+                raise StoreError(f"{path} has no matrix {name}.{side} although r_{side}={r} < d_{side}={d}")
+            if m is not None and tuple(m.shape) != (r, d):
+                raise StoreError(f"{path}: {name}.{side} has shape {tuple(m.shape)}, manifest says {(r, d)}")
+            sides.append(SideProjection(d, r, None if m is None else m.float()))
+        out[name] = ModuleProjection(*sides)
+    return out

@@ -1,0 +1,428 @@
+"""`Run`: the three lines in a training loop. Ties capture → store (→ curvature statistics).
+
+    run = logix.init("runs/digits", config="configs/digits.yaml")
+    run.watch(model)
+    with run(data_id=ids):
+        loss.backward()
+    run.finalize()
+
+In `mode="log"` rows go to a store on disk through a background writer; in `mode="query"` the
+run reopens an existing store's projections and keeps gradients in memory (`run.gradients()`).
+A Run holds all of its state: two runs in one process are independent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
+from logix.capture.per_sample import has_bias, layer_dims, layer_type
+from logix.capture.projection import (
+    ModuleProjection,
+    load_projections,
+    make_side,
+    save_projections,
+)
+from logix.config import LogixConfig
+from logix.store.format import (
+    CURVATURE_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MANIFEST,
+    PROJECTIONS,
+    SHARD_DIR,
+    ModuleInfo,
+    StoreError,
+    read_json,
+    write_json_atomic,
+)
+from logix.store.gradients import DataId, Gradients
+
+MODES = ("log", "query")
+CONFIG_COPY = "config.yaml"
+
+
+def _rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def normalise_ids(data_id: Any) -> list[DataId]:
+    """Caller ids (list/tuple/1-D tensor/array of ints or strings, or one id) -> list of int|str."""
+    if isinstance(data_id, (str, int)) and not isinstance(data_id, bool):
+        return [data_id]
+    if isinstance(data_id, torch.Tensor):
+        if data_id.dtype.is_floating_point or data_id.dtype == torch.bool or data_id.ndim > 1:
+            raise ValueError(f"data_id tensor must be 1-D integers, got {data_id.dtype} {tuple(data_id.shape)}")
+        return [int(v) for v in data_id.reshape(-1).tolist()]
+    if hasattr(data_id, "tolist") and not isinstance(data_id, (list, tuple)):
+        data_id = data_id.tolist()  # numpy arrays
+    if not isinstance(data_id, (list, tuple)):
+        raise ValueError(f"data_id must be a list of ints or strings, got {type(data_id).__name__}")
+    out: list[DataId] = []
+    for v in data_id:
+        if hasattr(v, "item") and not isinstance(v, str):
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            raise ValueError(f"data ids must be ints or strings, got {v!r} ({type(v).__name__})")
+        out.append(v)
+    return out
+
+
+def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
+    table = json.dumps([m.to_dict() for m in modules], sort_keys=True)
+    return hashlib.sha256(f"{table}\n{projections_sha}".encode()).hexdigest()
+
+
+class Step:
+    """The context of one logged batch: `with run(data_id=ids, mask=attention_mask): ...`."""
+
+    def __init__(self, run: "Run", ids: list[DataId], mask: torch.Tensor | None):
+        self.run = run
+        self.ids = ids
+        self.mask = mask
+        self.state: StepState | None = None
+        self.handles: list = []
+
+    def __enter__(self) -> "Step":
+        run = self.run
+        if run._captures is None:
+            raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
+        if run._active is not None:
+            raise CaptureError("`with run(...)` blocks cannot be nested")
+        cfg = run.config.capture
+        self.state = StepState(
+            batch_size=len(self.ids),
+            grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
+            mask=self.mask,
+            attribution_only=cfg.attribution_only,
+        )
+        self.handles = [c.attach(self.state) for c in run._captures]
+        if cfg.attribution_only:
+            run._freeze_parameters()
+        run._active = self
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        run = self.run
+        for h in self.handles:
+            h.remove()
+        self.state.open = False
+        run._active = None
+        if run.config.capture.attribution_only:
+            run._restore_parameters()
+        if exc_type is None:
+            run._submit(self.ids, self.state)
+        return False
+
+
+class Run:
+    """A logging (or query) run bound to one run directory and, after `watch`, one model."""
+
+    def __init__(self, run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None,
+                 *, mode: str = "log", resume: bool = False, overwrite: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.rank, self.world_size = _rank()
+        exists = (self.run_dir / MANIFEST).exists()
+        if mode == "query":
+            if not exists:
+                raise StoreError(f"{self.run_dir} holds no logix store (no {MANIFEST}); log one first")
+            if config is not None:
+                raise ValueError("a query-mode run takes its config from the store; do not pass config")
+        elif exists and not (resume or overwrite):
+            raise StoreError(
+                f"{self.run_dir} already holds a logix store; pass resume=True to append to it "
+                "or overwrite=True to replace it"
+            )
+        self._manifest: dict | None = read_json(self.run_dir / MANIFEST) if exists else None
+        if self._manifest is not None and self._manifest.get("format") != FORMAT_NAME:
+            raise StoreError(f"{self.run_dir / MANIFEST} is not a logix manifest")
+        if mode == "log" and exists and overwrite:
+            if self.rank == 0:
+                remove_store(self.run_dir)
+            self._manifest = None
+        if self._manifest is not None:
+            stored = LogixConfig.load(self._manifest["config"])
+            if config is not None and LogixConfig.load(config).to_dict() != stored.to_dict():
+                raise StoreError(
+                    f"the config differs from the one {self.run_dir} was logged with; resume with "
+                    "the same config (or config=None to reuse it), or log into a new directory"
+                )
+            self.config = stored
+        else:
+            self.config = LogixConfig.load(config)
+        self.modules: list[ModuleInfo] = []
+        self.fingerprint: str | None = None
+        self._captures: list[ModuleCapture] | None = None
+        self._active: Step | None = None
+        self._writer = None
+        self._statistics = None
+        self._query_rows: list[torch.Tensor] = []
+        self._query_ids: list[DataId] = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+        self._model: nn.Module | None = None
+        self._finalized = False
+
+    # -- set-up ---------------------------------------------------------------------------
+    def watch(self, model: nn.Module) -> "Run":
+        """Choose the modules to capture (from the config), set up projections and the store."""
+        if self._captures is not None:
+            raise CaptureError("this run already watches a model; use one run per model")
+        cfg = self.config
+        selected = select_modules(model, cfg.capture)
+        self.modules = self._module_table(selected)
+        if self._manifest is not None:
+            self._check_model(self.modules)
+            dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in self.modules}
+            projections = load_projections(self.run_dir / PROJECTIONS, dims)
+            self.fingerprint = self._manifest["fingerprint"]
+        else:
+            projections = self._create_store(self.modules)
+        self._captures = [
+            ModuleCapture(i, name, module, projections[name], has_bias(module, cfg.capture.bias))
+            for i, (name, module) in enumerate(selected)
+        ]
+        self._model = model
+        if self.mode == "log":
+            self._open_writer()
+        return self
+
+    def _module_table(self, selected: list[tuple[str, nn.Module]]) -> list[ModuleInfo]:
+        cfg = self.config
+        table, offset = [], 0
+        for name, module in selected:
+            d_in, d_out = layer_dims(module, cfg.capture.bias)
+            if cfg.projection.kind == "identity":
+                r_in, r_out = d_in, d_out
+            else:
+                r_in, r_out = min(cfg.projection.rank_in, d_in), min(cfg.projection.rank_out, d_out)
+            info = ModuleInfo(name, layer_type(module), d_in, d_out, r_in, r_out,
+                              has_bias(module, cfg.capture.bias), offset)
+            table.append(info)
+            offset += info.width
+        return table
+
+    def _check_model(self, modules: list[ModuleInfo]) -> None:
+        """The model must have exactly the modules (and shapes) the store was logged with."""
+        stored = [ModuleInfo.from_dict(d) for d in self._manifest["modules"]]
+        if stored == modules:
+            return
+        have = {m.name: m for m in modules}
+        want = {m.name: m for m in stored}
+        problems = [f"missing module {n!r}" for n in want if n not in have]
+        problems += [f"extra module {n!r}" for n in have if n not in want]
+        for n in want.keys() & have.keys():
+            a, b = want[n], have[n]
+            for key in ("type", "d_in", "d_out", "r_in", "r_out", "bias"):
+                if getattr(a, key) != getattr(b, key):
+                    problems.append(f"{n}.{key} is {getattr(a, key)} in the store, {getattr(b, key)} in the model")
+        if not problems:
+            problems.append("modules are in a different order")
+        raise StoreError(
+            f"the model does not match the store at {self.run_dir}: " + "; ".join(problems[:6])
+            + ". Use the model the store was logged with (same architecture and capture config)."
+        )
+
+    def _create_store(self, modules: list[ModuleInfo]) -> dict[str, ModuleProjection]:
+        cfg = self.config.projection
+        notes: list[str] = []
+        projections = {
+            m.name: ModuleProjection(
+                make_side(cfg.kind, m.name, "in", m.d_in, cfg.rank_in, cfg.seed, notes),
+                make_side(cfg.kind, m.name, "out", m.d_out, cfg.rank_out, cfg.seed, notes),
+            )
+            for m in modules
+        }
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            sha = save_projections(self.run_dir / PROJECTIONS, projections)
+            self.fingerprint = _fingerprint(modules, sha)
+            self.config.to_yaml(self.run_dir / CONFIG_COPY)
+            from logix import __version__
+
+            manifest = {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "modules": [m.to_dict() for m in modules],
+                "width": sum(m.width for m in modules),
+                "dtype": self.config.store.dtype,
+                "fingerprint": self.fingerprint,
+                "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes},
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "logix_version": __version__,
+            }
+            write_json_atomic(self.run_dir / MANIFEST, manifest)  # the commit point
+            self._manifest = manifest
+        if self.world_size > 1:
+            torch.distributed.barrier()
+            if self.rank != 0:
+                self._manifest = read_json(self.run_dir / MANIFEST)
+                self.fingerprint = self._manifest["fingerprint"]
+                dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in modules}
+                projections = load_projections(self.run_dir / PROJECTIONS, dims)
+        return projections
+
+    def _open_writer(self) -> None:
+        from logix.store.writer import StoreWriter
+
+        observers = []
+        if self.config.curvature.statistics:
+            from logix.curvature.covariance import CurvatureStatistics
+
+            self._statistics = CurvatureStatistics(
+                self.run_dir, self.modules, rank=self.rank, kinds=tuple(self.config.curvature.statistics)
+            )
+            observers.append(self._statistics)
+        self._writer = StoreWriter(
+            self.run_dir,
+            width=sum(m.width for m in self.modules),
+            dtype=self.config.store.dtype,
+            shard_rows=self.config.store.shard_rows,
+            rank=self.rank,
+            observers=observers,
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+    def __call__(self, data_id: Any, mask: torch.Tensor | None = None) -> Step:
+        """A context for one batch: `data_id` gives one id per example; `mask` [B, T] marks real
+        (1) and padded (0) positions of sequence inputs."""
+        self._check_open()
+        ids = normalise_ids(data_id)
+        if not ids:
+            raise ValueError("data_id is empty: pass one id per example of the batch")
+        if mask is not None:
+            if mask.ndim != 2 or mask.shape[0] != len(ids):
+                raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
+        return Step(self, ids, mask)
+
+    def _submit(self, ids: list[DataId], state: StepState) -> None:
+        if not state.sums:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=...)`: call "
+                "loss.backward() inside the block (with gradients enabled)"
+            )
+        batch = len(ids)
+        blocks = []
+        for i, m in enumerate(self.modules):
+            g = state.sums.get(i)
+            if g is None:
+                device = next(iter(state.sums.values())).device
+                g = torch.zeros(batch, m.r_out, m.r_in, device=device)
+            blocks.append(g.reshape(batch, m.width))
+        rows = torch.cat(blocks, dim=1)
+        bad = ~torch.isfinite(rows).all(dim=1)
+        if bool(bad.any()):
+            bad_ids = [ids[i] for i in bad.nonzero().flatten().tolist()]
+            raise CaptureError(
+                f"non-finite gradients (NaN/inf) for data ids {bad_ids[:10]}"
+                f"{' …' if len(bad_ids) > 10 else ''}: is the loss NaN? Nothing of this batch was stored"
+            )
+        if self.mode == "query":
+            self._query_rows.append(rows.detach().to("cpu"))
+            self._query_ids.extend(ids)
+        else:
+            self._writer.add(ids, rows.detach())
+
+    def _freeze_parameters(self) -> None:
+        self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]
+        for p, _ in self._frozen:
+            p.requires_grad_(False)
+
+    def _restore_parameters(self) -> None:
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen = []
+
+    # -- segments, results, end -----------------------------------------------------------
+    def start_segment(self, name: str | None = None, **meta: Any) -> str:
+        """Start a new segment (an epoch, a checkpoint, a training stage); `meta` is stored with
+        it (e.g. `lr=0.1`). Returns its name. Data ids need only be unique within a segment."""
+        self._check_log_mode("start_segment")
+        if self._statistics is not None:
+            self._writer.flush()
+            self._statistics.save()
+        return self._writer.start_segment(name, meta or None)
+
+    @property
+    def segment(self) -> str:
+        self._check_log_mode("segment")
+        return self._writer.segment
+
+    def gradients(self) -> Gradients:
+        """The gradients captured by a query-mode run: values [n, D] float32 and data ids."""
+        if self.mode != "query":
+            raise CaptureError("gradients() is for mode='query' runs; a logging run writes to its store")
+        width = sum(m.width for m in self.modules)
+        values = torch.cat(self._query_rows) if self._query_rows else torch.zeros(0, width)
+        return Gradients(values, list(self._query_ids), list(self.modules), self.fingerprint or "")
+
+    def flush(self) -> None:
+        """Write every pending row to disk now (waits for the writer)."""
+        if self._writer is not None:
+            self._writer.flush()
+            if self._statistics is not None:
+                self._statistics.save()
+
+    def finalize(self) -> None:
+        """Flush and close the store; save curvature statistics. Safe to call twice."""
+        if self._finalized:
+            return
+        self._finalized = True
+        if self._writer is not None:
+            self._writer.close()
+            if self._statistics is not None:
+                self._statistics.save()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            self.finalize()
+        except Exception:
+            if exc_type is None:
+                raise
+        return False
+
+    def _check_open(self) -> None:
+        if self._finalized:
+            raise CaptureError("this run is finalized; open it again with logix.init(..., resume=True)")
+
+    def _check_log_mode(self, what: str) -> None:
+        if self.mode != "log" or self._writer is None:
+            raise CaptureError(f"{what} needs a logging run that watches a model (call run.watch first)")
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.run_dir)!r}, mode={self.mode!r}, modules={len(self.modules)})"
+
+
+def remove_store(run_dir: Path) -> None:
+    """Delete the logix files of a store (and nothing else in the directory)."""
+    for name in (MANIFEST, PROJECTIONS, CONFIG_COPY):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (INDEX_DIR, SHARD_DIR, CURVATURE_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def init(run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None, *,
+         mode: str = "log", resume: bool = False, overwrite: bool = False) -> Run:
+    """Open a run directory for logging (`mode="log"`) or for capturing queries (`mode="query"`).
+
+    config: a YAML path, a dict or a LogixConfig (log mode; a query run reuses the store's).
+    resume: append to an existing store (after a crash, or a new segment); overwrite: replace it.
+    """
+    return Run(run_dir, config, mode=mode, resume=resume, overwrite=overwrite)

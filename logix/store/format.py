@@ -1,0 +1,206 @@
+"""The on-disk contract of a gradient store: file names, the module table, atomic JSON.
+
+A store is a directory (DESIGN §2):
+
+    RUN_DIR/
+      manifest.json                      format version, resolved config, module table, D, dtype
+      projections.safetensors            P_in / P_out per module (written by the capture stage)
+      index/rank-00000.json              one shard table per writing rank, replaced atomically
+      shards/<segment>/r00000-000000.safetensors   rows [n, D] + data ids (JSON in the metadata)
+      curvature/<segment>/…safetensors   curvature statistics per segment
+
+`manifest.json` is written once when the store is created; every rank owns its own index file,
+so several processes write one store without coordination and the reader merges the indexes.
+This module knows nothing of torch modules: it deals in names, shapes and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "logix-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROJECTIONS = "projections.safetensors"
+INDEX_DIR = "index"
+SHARD_DIR = "shards"
+CURVATURE_DIR = "curvature"
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+_SEGMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class StoreError(RuntimeError):
+    """A store is missing, damaged, or does not match what it is used with."""
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One row of the module table: where a watched module's block sits in a row of width D.
+
+    The block is the projected gradient G̃ flattened row-major as [r_out, r_in]; with a bias the
+    bias is the last input column (d_in counts the appended 1).
+    """
+
+    name: str
+    type: str
+    d_in: int
+    d_out: int
+    r_in: int
+    r_out: int
+    bias: bool
+    offset: int
+
+    @property
+    def width(self) -> int:
+        return self.r_in * self.r_out
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModuleInfo":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def total_width(modules: list[ModuleInfo]) -> int:
+    """D, the width of one stored row."""
+    return sum(m.width for m in modules)
+
+
+def check_module_table(modules: list[ModuleInfo]) -> None:
+    """Offsets must tile [0, D) in order; names must be unique."""
+    offset = 0
+    seen = set()
+    for m in modules:
+        if m.name in seen:
+            raise StoreError(f"module {m.name!r} appears twice in the module table")
+        seen.add(m.name)
+        if m.offset != offset:
+            raise StoreError(f"module {m.name!r} starts at column {m.offset}, expected {offset}")
+        offset += m.width
+
+
+def check_segment_name(name: str) -> str:
+    if not isinstance(name, str) or not _SEGMENT_NAME.match(name):
+        raise ValueError(
+            f"segment name {name!r} is not valid: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace `path` with `obj` as JSON: written to a temporary file, fsynced, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path} cannot be read as JSON ({e}); the file is damaged") from e
+
+
+def index_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / INDEX_DIR / f"rank-{rank:05d}.json"
+
+
+def shard_relpath(segment: str, rank: int, seq: int) -> str:
+    return f"{SHARD_DIR}/{segment}/r{rank:05d}-{seq:06d}.safetensors"
+
+
+def curvature_dir(run_dir: Path, segment: str) -> Path:
+    return Path(run_dir) / CURVATURE_DIR / segment
+
+
+SHARD_FORMAT = "logix-shard"
+# storage dtype name -> (safetensors dtype code, bytes per element)
+SAFETENSORS_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header without reading the tensor data.
+
+    Returns (header, data_start): the JSON header (tensor name -> {dtype, shape, data_offsets},
+    plus "__metadata__") and the file offset where the data region begins. Offsets in the header
+    are relative to data_start. Layout: 8-byte little-endian header length, JSON header, data.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StoreError(f"{path} is not a safetensors file: {len(head)} bytes long")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or n > _MAX_HEADER:
+            raise StoreError(f"{path} is not a safetensors file: header length {n} is invalid")
+        raw = f.read(n)
+    if len(raw) < n:
+        raise StoreError(f"{path} is truncated inside its header ({len(raw)} of {n} bytes)")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise StoreError(f"{path} has a damaged safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise StoreError(f"{path} has a damaged safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def shard_layout(path: Path, width: int, dtype: str) -> tuple[int, int, dict[str, str]]:
+    """Check a shard's header against the store and return (rows, data_offset, metadata).
+
+    data_offset is the absolute file offset of row 0 of the `rows` tensor [rows, width].
+    """
+    header, data_start = read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    entry = header.get("rows")
+    if meta.get("format") != SHARD_FORMAT or not isinstance(entry, dict):
+        raise StoreError(f"{path} is not a logix shard (no `rows` tensor / format metadata)")
+    code, itemsize = SAFETENSORS_DTYPES[dtype]
+    shape = entry.get("shape")
+    begin, end = entry.get("data_offsets", (0, -1))
+    if entry.get("dtype") != code or not isinstance(shape, list) or len(shape) != 2:
+        raise StoreError(
+            f"{path} holds {entry.get('dtype')} rows of shape {shape}, but the store's "
+            f"manifest says {code} rows of width {width}"
+        )
+    if shape[1] != width or end - begin != shape[0] * width * itemsize:
+        raise StoreError(
+            f"{path} holds rows of shape {shape} in {end - begin} bytes; the store's width is {width}"
+        )
+    return int(shape[0]), data_start + begin, meta

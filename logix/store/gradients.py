@@ -1,0 +1,101 @@
+"""`Gradients`: projected per-example gradients held in memory, e.g. the query side of influence.
+
+A query-mode run produces one; it can be saved to a safetensors file (values + JSON metadata,
+never pickle) and handed to `logix query RUN_DIR --queries FILE`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from logix.store.format import ModuleInfo, StoreError
+
+DataId = int | str
+
+
+@dataclass
+class Gradients:
+    """Rows of projected gradients with their ids.
+
+    values: [n, D] float32; data_ids: n caller ids; modules: the module table giving the column
+    blocks of D; fingerprint: identifies the projections (a store only accepts its own).
+    """
+
+    values: torch.Tensor
+    data_ids: list[DataId]
+    modules: list[ModuleInfo]
+    fingerprint: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 2:
+            raise ValueError(f"values must be [n, D], got shape {tuple(self.values.shape)}")
+        if len(self.data_ids) != self.values.shape[0]:
+            raise ValueError(
+                f"{len(self.data_ids)} data ids for {self.values.shape[0]} gradient rows"
+            )
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def module(self, name: str) -> torch.Tensor:
+        """The block of one module, reshaped to [n, r_out, r_in]."""
+        for m in self.modules:
+            if m.name == name:
+                return self.values[:, m.columns].reshape(-1, m.r_out, m.r_in)
+        raise KeyError(f"no module {name!r}; modules are {[m.name for m in self.modules]}")
+
+    def select(self, index: Sequence[int] | slice) -> "Gradients":
+        """A subset of the rows (same modules and fingerprint)."""
+        if isinstance(index, slice):
+            ids = self.data_ids[index]
+        else:
+            index = list(index)
+            ids = [self.data_ids[i] for i in index]
+        return Gradients(self.values[index], ids, self.modules, self.fingerprint, dict(self.meta))
+
+    def save(self, path: str | Path) -> Path:
+        """Write to a safetensors file: `values` plus ids, module table and fingerprint as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": "logix-gradients",
+            "data_ids": json.dumps(list(self.data_ids)),
+            "modules": json.dumps([m.to_dict() for m in self.modules]),
+            "fingerprint": self.fingerprint,
+            "meta": json.dumps(self.meta),
+        }
+        save_file({"values": self.values.detach().to("cpu", torch.float32).contiguous()},
+                  str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Gradients":
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                md = f.metadata() or {}
+                if md.get("format") != "logix-gradients":
+                    raise StoreError(
+                        f"{path} is not a logix gradients file (save one with "
+                        "`run.gradients().save(path)` from a query-mode run)"
+                    )
+                values = f.get_tensor("values")
+        except StoreError:
+            raise
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise StoreError(f"{path} cannot be read as a logix gradients file: {e}") from e
+        return cls(
+            values=values.float(),
+            data_ids=json.loads(md["data_ids"]),
+            modules=[ModuleInfo.from_dict(d) for d in json.loads(md["modules"])],
+            fingerprint=md["fingerprint"],
+            meta=json.loads(md.get("meta", "{}")),
+        )
