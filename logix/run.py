@@ -324,7 +324,9 @@ class Run:
                 g = torch.zeros(batch, m.r_out, m.r_in, device=device)
             blocks.append(g.reshape(batch, m.width))
         rows = torch.cat(blocks, dim=1)
-        bad = ~torch.isfinite(rows).all(dim=1)
+        # One reduction instead of an elementwise pass: a NaN or inf anywhere makes its row sum
+        # non-finite (finite rows summing past float32's range would need |values| ~ 1e34).
+        bad = ~torch.isfinite(rows.sum(dim=1))
         if bool(bad.any()):
             bad_ids = [ids[i] for i in bad.nonzero().flatten().tolist()]
             raise CaptureError(
@@ -357,9 +359,17 @@ class Run:
             self._statistics.save()
         return self._writer.start_segment(name, meta or None)
 
+    def set_segment_meta(self, **meta: Any) -> None:
+        """Record facts about the current segment (e.g. `lr=0.1, step=1000`); JSON values."""
+        self._check_log_mode("set_segment_meta")
+        self._writer.update_segment_meta(meta)
+
     @property
     def segment(self) -> str:
+        """The segment rows are written to (the first one, "0", is created on first use)."""
         self._check_log_mode("segment")
+        if self._writer.segment is None:
+            self._writer.start_segment()
         return self._writer.segment
 
     def gradients(self) -> Gradients:
