@@ -46,6 +46,7 @@ from logix.store.format import (
     write_json_atomic,
 )
 from logix.store.gradients import DataId, Gradients
+from logix.store.writer import StoreWriter, normalise_ids
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
@@ -55,28 +56,6 @@ def _rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def normalise_ids(data_id: Any) -> list[DataId]:
-    """Caller ids (list/tuple/1-D tensor/array of ints or strings, or one id) -> list of int|str."""
-    if isinstance(data_id, (str, int)) and not isinstance(data_id, bool):
-        return [data_id]
-    if isinstance(data_id, torch.Tensor):
-        if data_id.dtype.is_floating_point or data_id.dtype == torch.bool or data_id.ndim > 1:
-            raise ValueError(f"data_id tensor must be 1-D integers, got {data_id.dtype} {tuple(data_id.shape)}")
-        return [int(v) for v in data_id.reshape(-1).tolist()]
-    if hasattr(data_id, "tolist") and not isinstance(data_id, (list, tuple)):
-        data_id = data_id.tolist()  # numpy arrays
-    if not isinstance(data_id, (list, tuple)):
-        raise ValueError(f"data_id must be a list of ints or strings, got {type(data_id).__name__}")
-    out: list[DataId] = []
-    for v in data_id:
-        if hasattr(v, "item") and not isinstance(v, str):
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise ValueError(f"data ids must be ints or strings, got {v!r} ({type(v).__name__})")
-        out.append(v)
-    return out
 
 
 def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
@@ -277,8 +256,6 @@ class Run:
         return projections
 
     def _open_writer(self) -> None:
-        from logix.store.writer import StoreWriter
-
         observers = []
         if self.config.curvature.statistics:
             from logix.curvature.covariance import CurvatureStatistics
@@ -301,6 +278,8 @@ class Run:
         """A context for one batch: `data_id` gives one id per example; `mask` [B, T] marks real
         (1) and padded (0) positions of sequence inputs."""
         self._check_open()
+        if isinstance(data_id, (int, str)) and not isinstance(data_id, bool):
+            data_id = [data_id]
         ids = normalise_ids(data_id)
         if not ids:
             raise ValueError("data_id is empty: pass one id per example of the batch")

@@ -1,0 +1,106 @@
+"""`logix inspect RUN_DIR [--full]`: summarise a store and check its integrity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from logix.store.format import StoreError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a store directory (logix.init path)")
+    parser.add_argument("--full", action="store_true",
+                        help="verify every shard's crc32 (reads all bytes) instead of sizes only")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Print the summary; exit code 2 on any error or integrity failure."""
+    from logix.store.reader import open_store
+
+    console = console or Console()
+    try:
+        store = open_store(args.run_dir, verify="none")
+        _summary(console, store)
+    except (StoreError, OSError, ValueError, KeyError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+
+    mode = "full (crc32)" if args.full else "quick (existence and size)"
+    try:
+        shards = 0
+        for name in store.segments or [store.segment]:
+            view = store.select(name, verify="none")
+            view.verify(full=args.full)
+            shards += len(view.shards)
+    except StoreError as e:
+        console.print(f"[bold red]integrity {mode}: FAILED[/] {e}", highlight=False,
+                      soft_wrap=True)
+        return 2
+    console.print(f"[bold green]integrity {mode}: ok[/] ({shards} shards)", highlight=False)
+    return 0
+
+
+def _summary(console: Console, store) -> None:
+    m = store.manifest
+    console.print(f"[bold]logix store[/] {store.path}", highlight=False)
+    console.print(
+        f"format {m.get('format')} v{m.get('version')}  dtype {store.dtype}  D = {store.width}  "
+        f"ranks {store.ranks or '-'}  logix {m.get('logix_version', '?')}  "
+        f"created {m.get('created', '?')}", highlight=False,
+    )
+    seg_table = Table(title="segments", title_justify="left")
+    for col in ("segment", "rows", "shards", "size", "meta", "curvature files"):
+        seg_table.add_column(col, justify="right" if col in ("rows", "shards", "size") else "left")
+    total_shards = shard_bytes = 0
+    for name in store.segments:
+        view = store.select(name, verify="none")
+        total_shards += len(view.shards)
+        shard_bytes += view.nbytes
+        cdir = view.curvature_dir
+        files = sorted(p.name for p in cdir.iterdir() if p.is_file()) if cdir.is_dir() else []
+        seg_table.add_row(name, str(len(view)), str(len(view.shards)), _size(view.nbytes),
+                          json.dumps(view.segment_meta) if view.segment_meta else "",
+                          ", ".join(files) or "-")
+    if store.segments:
+        console.print(seg_table)
+    else:
+        console.print("no segments: no rows have been logged yet")
+    console.print(
+        f"shards {total_shards}  ({_size(shard_bytes)}); on disk in total "
+        f"{_size(_dir_bytes(store.path))}", highlight=False,
+    )
+
+    mod_table = Table(title="modules", title_justify="left")
+    for col in ("name", "type", "d_in", "d_out", "r_in", "r_out", "bias", "columns"):
+        mod_table.add_column(col, justify="left" if col in ("name", "type") else "right",
+                             overflow="fold")
+    for mod in store.modules:
+        cols = mod.columns
+        mod_table.add_row(mod.name, mod.type, str(mod.d_in), str(mod.d_out), str(mod.r_in),
+                          str(mod.r_out), "yes" if mod.bias else "no",
+                          f"{cols.start}:{cols.stop}")
+    console.print(mod_table)
+
+    proj = m.get("projection") or {}
+    details = ", ".join(f"{k} {v}" for k, v in proj.items() if k not in ("kind", "notes"))
+    console.print(f"projection {proj.get('kind', '?')}" + (f" ({details})" if details else ""),
+                  highlight=False)
+    for note in proj.get("notes", []):
+        console.print(f"  note: {note}", highlight=False)
