@@ -46,7 +46,7 @@ from logix.store.format import (
     write_json_atomic,
 )
 from logix.store.gradients import DataId, Gradients
-from logix.store.writer import StoreWriter, normalise_ids
+from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
@@ -303,14 +303,11 @@ class Run:
                 g = torch.zeros(batch, m.r_out, m.r_in, device=device)
             blocks.append(g.reshape(batch, m.width))
         rows = torch.cat(blocks, dim=1)
-        # One reduction instead of an elementwise pass: a NaN or inf anywhere makes its row sum
-        # non-finite (finite rows summing past float32's range would need |values| ~ 1e34).
-        bad = ~torch.isfinite(rows.sum(dim=1))
-        if bool(bad.any()):
-            bad_ids = [ids[i] for i in bad.nonzero().flatten().tolist()]
+        bad = [ids[i] for i in nonfinite_rows(rows)]
+        if bad:
             raise CaptureError(
-                f"non-finite gradients (NaN/inf) for data ids {bad_ids[:10]}"
-                f"{' …' if len(bad_ids) > 10 else ''}: is the loss NaN? Nothing of this batch was stored"
+                f"non-finite gradients (NaN/inf) for data ids {bad[:10]}"
+                f"{' …' if len(bad) > 10 else ''}: is the loss NaN? Nothing of this batch was stored"
             )
         if self.mode == "query":
             self._query_rows.append(rows.detach().to("cpu"))

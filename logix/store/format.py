@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,14 @@ def shard_layout(path: Path, width: int, dtype: str) -> tuple[int, int, dict[str
             f"{path} holds rows of shape {shape} in {end - begin} bytes; the store's width is {width}"
         )
     return int(shape[0]), data_start + begin, meta
+
+
+def file_crc32(path: Path, buf: bytearray | None = None) -> str:
+    """crc32 of a file's bytes as 8 hex digits, read in blocks (into `buf` when given)."""
+    buf = buf if buf is not None else bytearray(1 << 22)
+    view = memoryview(buf)
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc & 0xFFFFFFFF:08x}"

@@ -23,6 +23,7 @@ from logix.store.format import (
     INDEX_DIR,
     MANIFEST,
     SAFETENSORS_DTYPES,
+    file_crc32,
     STORAGE_DTYPES,
     ModuleInfo,
     StoreError,
@@ -216,7 +217,7 @@ class Store:
                                 f"records {sh['bytes']}")
                 continue
             if full:
-                crc = _file_crc32(file, buf)  # type: ignore[arg-type]
+                crc = file_crc32(file, buf)
                 if crc != sh["crc32"]:
                     problems.append(f"{sh['file']} is corrupted: crc32 {crc}, the index records "
                                     f"{sh['crc32']}")
@@ -275,18 +276,6 @@ class Store:
             finally:
                 reader.close()
         return out
-
-
-def _file_crc32(path: Path, buf: bytearray) -> str:
-    crc = 0
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
-    return f"{crc & 0xFFFFFFFF:08x}"
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -21,16 +21,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_tensors
 
 from logix.store.format import (
     FORMAT_NAME,
     MANIFEST,
     SHARD_DIR,
     SHARD_FORMAT,
+    SAFETENSORS_DTYPES,
     STORAGE_DTYPES,
     StoreError,
     check_segment_name,
+    file_crc32,
     fsync_dir,
     index_path,
     read_json,
@@ -68,8 +69,34 @@ def normalise_ids(ids: Sequence[Any]) -> list[DataId]:
     return out
 
 
-def crc32_hex(data: bytes | memoryview) -> str:
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+def nonfinite_rows(rows: torch.Tensor) -> list[int]:
+    """Indices of rows [B, D] holding a NaN or inf, found with one reduction pass: a non-finite
+    entry makes its row sum non-finite (finite rows overflow only with |values| ~ 1e34)."""
+    bad = ~torch.isfinite(rows.sum(dim=1, dtype=torch.float32))
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
+def _write_safetensors(path: Path, name: str, pieces: list[torch.Tensor], width: int, dtype: str,
+                       metadata: dict[str, str]) -> tuple[int, str]:
+    """Write one tensor [sum of rows, width] to a safetensors file straight from `pieces`
+    (no serialised copy in memory), fsync it, and return (file size, crc32 of its bytes)."""
+    code, itemsize = SAFETENSORS_DTYPES[dtype]
+    n = sum(p.shape[0] for p in pieces)
+    header = {"__metadata__": metadata,
+              name: {"dtype": code, "shape": [n, width], "data_offsets": [0, n * width * itemsize]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data region starts 8-byte aligned
+    head = len(raw).to_bytes(8, "little") + raw
+    crc = zlib.crc32(head)
+    with open(path, "wb") as f:
+        f.write(head)
+        for p in pieces:
+            view = p.contiguous().view(torch.uint8).numpy()  # raw bytes, little-endian
+            crc = zlib.crc32(view, crc)
+            f.write(view)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(head) + n * width * itemsize, f"{crc & 0xFFFFFFFF:08x}"
 
 
 class StoreWriter:
@@ -182,10 +209,9 @@ class StoreWriter:
                     stacklevel=3,
                 )
                 continue
-            data = path.read_bytes()
             self._index["shards"].append({
                 "file": rel, "segment": segment, "seq": seq, "rows": rows,
-                "bytes": len(data), "crc32": crc32_hex(data),
+                "bytes": path.stat().st_size, "crc32": file_crc32(path),
             })
             if segment not in [s["name"] for s in self._index["segments"]]:
                 self._index["segments"].append({"name": segment, "meta": {}})
@@ -296,9 +322,8 @@ class StoreWriter:
                 f"duplicate data id(s) {sorted(set(dups), key=str)[:10]} in segment {segment!r}: "
                 "ids must be unique within a segment (start a new segment to log the data again)"
             )
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            bad = [ids[j] for j in (~finite).nonzero().flatten().tolist()]
+        bad = [ids[j] for j in nonfinite_rows(rows)]
+        if bad:
             raise StoreError(
                 f"non-finite gradient rows (NaN/inf) for data id(s) {bad[:10]}: check the loss "
                 "of these examples; nothing of this batch was stored"
@@ -416,14 +441,15 @@ class StoreWriter:
         write_json_atomic(self._index_file, snapshot)
 
     def _write_shard(self, segment: str, ids: list[DataId], pieces: list[torch.Tensor]) -> None:
-        rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        for fn in self.observers:
-            fn(segment, rows)
-        stored = rows.to(_TORCH_DTYPES[self.dtype]).contiguous()
+        if self.observers:
+            rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            for fn in self.observers:
+                fn(segment, rows)
+            pieces = [rows]
         if self.dtype != "float32":
-            finite = torch.isfinite(stored).all(dim=1)
-            if not bool(finite.all()):
-                bad = [ids[j] for j in (~finite).nonzero().flatten().tolist()]
+            pieces = [p.to(_TORCH_DTYPES[self.dtype]) for p in pieces]
+            bad = [ids[j] for j in nonfinite_rows(torch.cat(pieces) if len(pieces) > 1 else pieces[0])]
+            if bad:
                 raise StoreError(
                     f"rows of data id(s) {bad[:10]} overflow {self.dtype}: "
                     "use store dtype bfloat16 or float32"
@@ -433,20 +459,16 @@ class StoreWriter:
         rel = shard_relpath(segment, self.rank, seq)
         metadata = {"format": SHARD_FORMAT, "segment": segment, "rank": str(self.rank),
                     "data_ids": json.dumps(ids)}
-        data = save_tensors({"rows": stored}, metadata=metadata)
         final = self.run_dir / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        nbytes, crc = _write_safetensors(tmp, "rows", pieces, self.width, self.dtype, metadata)
         os.replace(tmp, final)
         fsync_dir(final.parent)
         with self._lock:
             self._index["shards"].append({
                 "file": rel, "segment": segment, "seq": seq, "rows": len(ids),
-                "bytes": len(data), "crc32": crc32_hex(data),
+                "bytes": nbytes, "crc32": crc,
             })
             self._index["next_seq"] = seq + 1
             self._segment_entry(segment)
