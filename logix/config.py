@@ -61,6 +61,7 @@ class CurvatureConfig:
     """Which curvature statistics are accumulated while logging."""
 
     statistics: list[str] = field(default_factory=lambda: ["raw"], metadata={"each_of": ("raw",)})
+    during_logging: bool = False
 
 
 @dataclass

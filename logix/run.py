@@ -257,11 +257,12 @@ class Run:
 
     def _open_writer(self) -> None:
         observers = []
-        if self.config.curvature.statistics:
+        curvature = self.config.curvature
+        if curvature.statistics and curvature.during_logging:
             from logix.curvature.covariance import CurvatureStatistics
 
             self._statistics = CurvatureStatistics(
-                self.run_dir, self.modules, rank=self.rank, kinds=tuple(self.config.curvature.statistics)
+                self.run_dir, self.modules, rank=self.rank, kinds=tuple(curvature.statistics)
             )
             observers.append(self._statistics)
         self._writer = StoreWriter(

@@ -305,3 +305,20 @@ def test_resolved_config_saved_and_reloadable(tmp_path):
         run.watch(mlp())
     cfg = logix.LogixConfig.from_yaml(tmp_path / "r" / "config.yaml")
     assert cfg.store.dtype == "float16" and cfg.projection.rank_in == 64
+
+
+def test_statistics_during_logging_equal_a_streaming_pass(tmp_path):
+    from logix.curvature.covariance import compute_statistics, load_statistics
+
+    model = mlp()
+    cfg = {"projection": {"rank_in": 4, "rank_out": 4}, "store": {"shard_rows": 7},
+           "curvature": {"during_logging": True}}
+    with logix.init(tmp_path / "r", config=cfg) as run:
+        run.watch(model)
+        train(model, batches(3), run)
+    store = logix.open_store(tmp_path / "r")
+    logged = load_statistics(store.curvature_dir)
+    streamed = compute_statistics(store, chunk_rows=5)
+    assert logged.rows == streamed.rows == 24
+    for m in store.modules:
+        torch.testing.assert_close(logged.fisher(m.name), streamed.fisher(m.name), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,118 @@
+"""`logix query RUN_DIR --queries FILE --top-k K`: the most influential training examples.
+
+Queries are a gradients file from a query-mode run (`run.gradients().save(FILE)`). Defaults for
+the preconditioner, damping and mode come from the store's config (`query:` section), then from
+logix's defaults (raw, 0.1, dot).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from logix.store.format import StoreError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a store directory (logix.init path)")
+    parser.add_argument("--queries", required=True, metavar="FILE",
+                        help="query gradients saved with run.gradients().save(FILE)")
+    parser.add_argument("--top-k", type=int, default=10, metavar="K",
+                        help="training examples per query (default 10)")
+    parser.add_argument("--mode", help="dot | cosine | relative (default: config, else dot)")
+    parser.add_argument("--preconditioner", help="raw | identity (default: config, else raw)")
+    parser.add_argument("--damping", type=float,
+                        help="damping, relative to each module's mean curvature eigenvalue "
+                             "(default: config, else 0.1)")
+    parser.add_argument("--absolute-damping", action="store_true",
+                        help="use --damping as an absolute λ instead of a relative one")
+    parser.add_argument("--segment", help="store segment to query (default: the last one)")
+    parser.add_argument("--modules", help="comma-separated module names (default: all)")
+    parser.add_argument("--chunk-rows", type=int, default=4096, metavar="N",
+                        help="train rows per matrix product (default 4096)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when available)")
+    parser.add_argument("--output", "-o", metavar="FILE",
+                        help="save the top-k as .json, .safetensors or .npz")
+    parser.add_argument("--show", type=int, default=20, metavar="N",
+                        help="queries shown in the table (default 20; all are saved)")
+
+
+def main(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Print a table of the top-k per query; exit code 2 on any error."""
+    console = console or Console()
+    try:
+        top, engine = _run(args, console)
+    except (StoreError, ValueError, TypeError, OSError, KeyError) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(_table(top, engine, args.show))
+    if len(top.query_ids) > args.show:
+        console.print(f"… {len(top.query_ids) - args.show} more queries "
+                      f"({'saved to ' + args.output if args.output else 'use --output to save all'})")
+    if args.output:
+        console.print(f"saved to {escape(str(args.output))}", highlight=False)
+    return 0
+
+
+def _run(args: argparse.Namespace, console: Console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from logix.curvature.precondition import check_choice
+    from logix.query.engine import MODES, InfluenceEngine
+    from logix.store.gradients import Gradients
+    from logix.store.reader import open_store
+
+    if args.output and Path(args.output).suffix.lower() not in (".json", ".safetensors", ".npz"):
+        raise ValueError(f"--output {args.output}: use a .json, .safetensors or .npz file name")
+    if not Path(args.queries).is_file():
+        raise ValueError(f"queries file {args.queries} does not exist (save one with "
+                         "run.gradients().save(FILE) from a query-mode run)")
+    queries = Gradients.load(args.queries)
+    store = open_store(args.run_dir, segment=args.segment)
+    defaults = (store.config or {}).get("query", {}) or {}
+    preconditioner = args.preconditioner or defaults.get("preconditioner", "raw")
+    damping = args.damping if args.damping is not None else float(defaults.get("damping", 0.1))
+    mode = check_choice(args.mode or defaults.get("mode", "dot"), MODES, "mode")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("rows"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = "curvature statistics" if phase == "curvature" else "scoring"
+                tasks[phase] = bar.add_task(label, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        engine = InfluenceEngine(store, preconditioner, damping,
+                                 damping_absolute=args.absolute_damping, modules=modules,
+                                 device=args.device, chunk_rows=args.chunk_rows, progress=progress)
+        top = engine.top_k(queries, k=args.top_k, mode=mode)
+    if args.output:
+        top.save(args.output)
+    return top, engine
+
+
+def _table(top, engine, show: int) -> Table:
+    store = engine.store
+    title = f"top-{top.values.shape[1]} influence ({top.mode}, {engine.preconditioner.kind})"
+    caption = f"segment {store.segment} · {len(store)} train rows · {len(top.query_ids)} queries"
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")
+    table.add_column("query", style="bold")
+    table.add_column("rank", justify="right")
+    table.add_column("train id")
+    table.add_column("score", justify="right")
+    for q, ids, values in list(zip(top.query_ids, top.data_ids, top.values.tolist()))[:max(show, 0)]:
+        for rank, (tid, score) in enumerate(zip(ids, values), start=1):
+            table.add_row(escape(str(q)) if rank == 1 else "", str(rank), escape(str(tid)),
+                          f"{score:.4g}")
+        table.add_section()
+    return table

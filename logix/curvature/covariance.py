@@ -1,0 +1,276 @@
+"""Curvature statistics in projected space, accumulated from stored rows.
+
+The `raw` statistic of module m is the empirical Fisher sum in projected space
+
+    S_m = Σ_n vec(G̃_{n,m}) vec(G̃_{n,m})ᵀ      [w, w], w = r_in·r_out
+
+kept as a float64 sum together with the row count N, so that per-rank files add up and
+`F_m = S_m / N`. Each shard adds one float32 GEMM per module into the float64 accumulator.
+
+On disk (one file per kind, rank and segment; never pickled):
+
+    curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save`
+    curvature/<segment>/raw-stream.safetensors    a streaming recompute over the whole store
+
+Each file holds one float64 tensor per module (keyed by module name) and metadata with the
+kind, the row count and the module table. Row-derived kinds register an accumulator in
+`ACCUMULATORS`; `kfac`/`ekfac` will add theirs (their activation-side factors come from the
+capture stage, but the file layout and the loader below are kind-agnostic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from logix.store.format import ModuleInfo, StoreError, curvature_dir, fsync_dir
+
+FORMAT = "logix-curvature"
+PLANNED_KINDS = ("kfac", "ekfac")  # named in the config, implemented elsewhere later
+ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total)
+
+
+class Accumulator(Protocol):
+    """Adds shards of rows [n, D] (float32) into float64 tensors keyed by name."""
+
+    rows: int
+
+    def update(self, rows: torch.Tensor) -> None: ...
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+class RawAccumulator:
+    """Σ_n vec(G̃_n) vec(G̃_n)ᵀ per module: `tensors()[name]` is [w, w] float64."""
+
+    def __init__(self, modules: list[ModuleInfo]) -> None:
+        self.modules = list(modules)
+        self.rows = 0
+        self.sums = {m.name: torch.zeros(m.width, m.width, dtype=torch.float64) for m in modules}
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.to(torch.float32)
+        for m in self.modules:
+            block = rows[:, m.columns]  # a strided view: BLAS takes it with lda = D, no copy
+            self.sums[m.name] += (block.T @ block).to(torch.float64)
+        self.rows += rows.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.sums
+
+
+ACCUMULATORS: dict[str, Callable[[list[ModuleInfo]], Accumulator]] = {"raw": RawAccumulator}
+
+
+def check_kinds(kinds: Iterable[str]) -> list[str]:
+    """The statistics kinds to accumulate from rows; `identity` needs none."""
+    out = []
+    for kind in kinds:
+        if kind == "identity":
+            continue
+        if kind in PLANNED_KINDS:
+            raise ValueError(f"curvature statistics {kind!r} are not available yet; use 'raw'")
+        if kind not in ACCUMULATORS:
+            raise ValueError(f"unknown curvature statistics {kind!r}; choose from {list(ACCUMULATORS)}")
+        out.append(kind)
+    return out
+
+
+@dataclass
+class Statistics:
+    """Summed statistics of one kind for one segment: `tensors[name]` float64, over `rows` rows."""
+
+    kind: str
+    modules: list[ModuleInfo]
+    rows: int
+    tensors: dict[str, torch.Tensor]
+    sources: list[str] = field(default_factory=list)
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def fisher(self, name: str) -> torch.Tensor:
+        """F_m = S_m / N, [w, w] float64."""
+        return self.tensors[name] / max(self.rows, 1)
+
+    def digest(self, name: str) -> str:
+        """A content key of one module's statistics (for caches derived from them)."""
+        if name not in self._digests:
+            t = self.tensors[name].contiguous()
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"{self.kind}:{self.rows}:{tuple(t.shape)}:".encode())
+            h.update(t.numpy().data)
+            self._digests[name] = h.hexdigest()
+        return self._digests[name]
+
+
+def _modules_json(modules: list[ModuleInfo]) -> str:
+    return json.dumps([m.to_dict() for m in modules])
+
+
+def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None = None) -> Path:
+    """Write `stats` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
+                "modules": _modules_json(stats.modules), **(extra or {})}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
+    save_file(tensors, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
+    """One statistics file and its metadata."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != FORMAT:
+                raise StoreError(f"{path} is not a logix curvature file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except StoreError:
+        raise
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise StoreError(f"{path} cannot be read ({e}); delete it to recompute") from e
+    modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
+    stats = Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(path)])
+    return stats, md
+
+
+class CurvatureStatistics:
+    """Store-writer observer: `stats(segment, rows)` for every shard, `save()` at the end.
+
+    Called from the writer's background thread; `save` may come from another thread.
+    Writes `curvature/<segment>/<kind>-r{rank:05d}.safetensors` per segment seen.
+    """
+
+    def __init__(self, run_dir: str | Path, modules: list[ModuleInfo], rank: int = 0,
+                 kinds: Iterable[str] = ("raw",)) -> None:
+        self.run_dir = Path(run_dir)
+        self.modules = list(modules)
+        self.rank = int(rank)
+        self.kinds = check_kinds(kinds)
+        self._acc: dict[str, dict[str, Accumulator]] = {}  # segment -> kind -> accumulator
+        self._saved_rows: dict[str, int] = {}  # segment -> rows covered by the files on disk
+        self._lock = threading.Lock()
+
+    def __call__(self, segment: str, rows: torch.Tensor) -> None:
+        self.update(segment, rows)
+
+    def update(self, segment: str, rows: torch.Tensor) -> None:
+        """Add rows [n, D] of `segment`."""
+        with self._lock:
+            accs = self._acc.get(segment)
+            if accs is None:
+                accs = self._acc[segment] = {k: ACCUMULATORS[k](self.modules) for k in self.kinds}
+            for acc in accs.values():
+                acc.update(rows)
+
+    def rows(self, segment: str) -> int:
+        with self._lock:
+            accs = self._acc.get(segment, {})
+            return next(iter(accs.values())).rows if accs else 0
+
+    def statistics(self, segment: str, kind: str = "raw") -> Statistics:
+        with self._lock:
+            acc = self._acc[segment][kind]
+            return Statistics(kind, self.modules, acc.rows, dict(acc.tensors()))
+
+    def save(self, segment: str | None = None) -> list[Path]:
+        """Write the statistics of `segment` (all segments seen if None) that changed since the
+        last save; returns the files written."""
+        with self._lock:
+            segments = [segment] if segment is not None else list(self._acc)
+        paths = []
+        for seg in segments:
+            rows = self.rows(seg)
+            if self._saved_rows.get(seg) == rows:
+                continue
+            self._saved_rows[seg] = rows
+            for kind in self.kinds:
+                if seg not in self._acc:
+                    continue
+                path = curvature_dir(self.run_dir, seg) / f"{kind}-r{self.rank:05d}.safetensors"
+                paths.append(save_statistics(path, self.statistics(seg, kind),
+                                             {"segment": seg, "rank": str(self.rank)}))
+        return paths
+
+
+def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | None:
+    """Sum the per-rank files `<kind>-rNNNNN.safetensors` in a segment's curvature dir."""
+    pattern = re.compile(rf"^{re.escape(kind)}-r\d+\.safetensors$")
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob(f"{kind}-r*.safetensors") if pattern.match(p.name))
+    total: Statistics | None = None
+    for path in files:
+        stats, _ = read_statistics(path)
+        if total is None:
+            total = stats
+            continue
+        if stats.modules != total.modules:
+            raise StoreError(f"{path} has a different module table than {total.sources[0]}")
+        for name, t in stats.tensors.items():
+            total.tensors[name] += t
+        total.rows += stats.rows
+        total.sources.append(str(path))
+    return total
+
+
+def compute_statistics(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
+                       progress: ProgressFn | None = None) -> Statistics:
+    """One streaming pass over `store` (a `Store`) accumulating statistics of `kind`."""
+    check_kinds([kind])
+    acc = ACCUMULATORS[kind](list(store.modules))
+    total = len(store)
+    for _, rows in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
+        acc.update(rows)
+        if progress is not None:
+            progress("curvature", acc.rows, total)
+    return Statistics(kind, list(store.modules), acc.rows, dict(acc.tensors()), ["stream"])
+
+
+def ids_digest(data_ids: list) -> str:
+    """A key of a segment's rows, in order (a recompute is valid while it matches)."""
+    return hashlib.blake2b(json.dumps(list(data_ids)).encode(), digest_size=16).hexdigest()
+
+
+def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
+                   progress: ProgressFn | None = None, save: bool = True) -> Statistics:
+    """Statistics covering exactly the store's rows.
+
+    The per-rank files from logging are used when their row count and module table match the
+    store; otherwise (logged without statistics, or a crash and resume left them stale) a saved
+    recompute is used when it matches the store's ids, else the statistics are recomputed in
+    one streaming pass and saved as `<kind>-stream.safetensors` for next time.
+    """
+    directory = Path(store.curvature_dir)
+    modules = list(store.modules)
+    n = len(store)
+    logged = load_statistics(directory, kind)
+    if logged is not None and logged.rows == n and logged.modules == modules:
+        return logged
+    key = ids_digest(store.data_ids)
+    stream_path = directory / f"{kind}-stream.safetensors"
+    if stream_path.exists():
+        stats, md = read_statistics(stream_path)
+        if stats.rows == n and stats.modules == modules and md.get("ids") == key:
+            return stats
+    stats = compute_statistics(store, kind, chunk_rows=chunk_rows, progress=progress)
+    if save:
+        try:
+            save_statistics(stream_path, stats, {"ids": key})
+        except OSError:
+            pass  # a read-only store still answers queries; it recomputes next time
+    return stats

@@ -1,0 +1,285 @@
+"""`InfluenceEngine`: stream a store's rows once per query batch, one matrix product per chunk.
+
+    I(q, z) = Σ_m ⟨G̃_{q,m}, (F_m + λ_m I)⁻¹ G̃_{z,m}⟩
+
+The queries are preconditioned once (Q' = Q (F + λI)⁻¹, float64, then float32); each chunk X of
+train rows costs `scores[:, chunk] = Q' Xᵀ`. Memory is bounded by the chunk size, never by the
+store: full score matrices are as large as the caller asks for, top-k keeps k per query.
+A positive score means the training example helps the query (up-weighting it lowers the
+query's loss). Modes: `dot`; `cosine` (both sides normalised in the (F + λI)⁻¹ metric);
+`relative` (RelatIF: divided by √I(z, z)). Per-module scores of cosine / relative use the
+total norms, so per-module scores always sum to the total.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from logix.curvature.covariance import ProgressFn
+from logix.curvature.precondition import build_preconditioner, check_choice
+from logix.query.results import Scores, SelfInfluence, TopK
+from logix.store.format import StoreError
+from logix.store.gradients import Gradients
+from logix.store.reader import Store, open_store
+
+MODES = ("dot", "cosine", "relative")
+SELF_MODES = ("dot", "relative")
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_INDEX_BITS = 32  # top-k packs (score, train index) into one int64 key
+
+
+class InfluenceEngine:
+    """Influence of a store's training rows on query gradients.
+
+    store: a `Store` or a run directory; preconditioner: "raw" | "identity"; damping: relative
+    to the mean eigenvalue of each F_m, or absolute with `damping_absolute=True`; modules: names
+    to include (default all); device: default CUDA when available; chunk_rows: train rows per
+    matrix product; progress: optional `fn(phase, rows_done, rows_total)`.
+    """
+
+    def __init__(self, store: Store | str | os.PathLike, preconditioner: str = "raw",
+                 damping: float = 0.1, *, damping_absolute: bool = False,
+                 modules: list[str] | str | None = None, device: str | torch.device | None = None,
+                 chunk_rows: int = 4096, progress: ProgressFn | None = None) -> None:
+        if isinstance(store, (str, os.PathLike)):
+            store = open_store(Path(store))
+        if int(chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+        self.store = store
+        self.chunk_rows = int(chunk_rows)
+        self.progress = progress
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        if len(store) == 0:
+            raise StoreError(
+                f"store {store.path}, segment {store.segment!r} has no rows: log training data "
+                f"into it first, or pick another segment (segments: {store.segments})")
+        self.modules = self._select(modules)
+        self.preconditioner = build_preconditioner(
+            store, preconditioner, damping, absolute=damping_absolute, modules=self.modules,
+            device=self.device, chunk_rows=self.chunk_rows, progress=progress)
+        self._selected = self.preconditioner.selected
+
+    def _select(self, modules: list[str] | str | None) -> list[str]:
+        names = [m.name for m in self.store.modules]
+        if modules is None:
+            return names
+        chosen = [modules] if isinstance(modules, str) else list(modules)
+        if not chosen:
+            raise ValueError("modules is empty: pass None for all modules, or some of " + str(names))
+        for name in chosen:
+            check_choice(name, tuple(names), "module")
+        return [n for n in names if n in set(chosen)]
+
+    # ------------------------------------------------------------------------------ queries
+    def _queries(self, q: Gradients | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids), on the engine's device."""
+        if isinstance(q, Gradients):
+            if q.fingerprint != self.store.fingerprint:
+                raise StoreError(
+                    f"the query gradients were captured with other projections or another model "
+                    f"(fingerprint {q.fingerprint[:12]!r} vs the store's "
+                    f"{self.store.fingerprint[:12]!r}): capture them with "
+                    f"logix.init({str(self.store.path)!r}, mode='query') on this run's model")
+            if list(q.modules) != list(self.store.modules):
+                raise StoreError("the query gradients' module table differs from the store's: "
+                                 + _table_difference(list(q.modules), list(self.store.modules)))
+            values, ids = q.values, list(q.data_ids)
+        elif isinstance(q, torch.Tensor):  # raw rows: the caller vouches for their layout
+            values, ids = q, list(range(q.shape[0])) if q.ndim == 2 else []
+        else:
+            raise TypeError(f"queries must be logix Gradients (run.gradients()), got {type(q).__name__}")
+        if values.ndim != 2 or values.shape[1] != self.store.width:
+            raise StoreError(f"query rows have shape {tuple(values.shape)}; the store's rows are "
+                             f"[n, {self.store.width}]")
+        if values.shape[0] == 0:
+            raise ValueError("no query rows: capture at least one query example")
+        finite = torch.isfinite(values).all(dim=1)
+        if not bool(finite.all()):
+            bad = [ids[i] for i in (~finite).nonzero().flatten().tolist()][:10]
+            raise ValueError(f"query gradients contain NaN/inf (query ids {bad}): the loss of "
+                             "these examples is not finite; check the model's outputs for them")
+        v = values.to(self.device, torch.float64)
+        qp = self.preconditioner.apply(v)
+        norms = (v * qp).sum(dim=1).clamp(min=0).sqrt()
+        return qp.to(torch.float32), norms.to(torch.float32), ids
+
+    # ------------------------------------------------------------------------------ streaming
+    def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
+        """(first row index, ids, rows [c, D] float32 on the device), in row order."""
+        cuda = self.device.type == "cuda"
+        dtype = _TORCH_DTYPES[self.store.dtype] if cuda else torch.float32
+        # The reader asks the kernel to read the next chunk ahead while this one is scored.
+        source = self.store.iter_chunks(rows=self.chunk_rows, dtype=dtype)
+        if cuda:
+            source = _to_cuda(source, self.device, self.chunk_rows, self.store.width, dtype)
+        total, start = len(self.store), 0
+        for ids, x in source:
+            yield start, ids, x.to(self.device, torch.float32)
+            start += len(ids)
+            if self.progress is not None:
+                self.progress(phase, start, total)
+
+    def _score(self, qp: torch.Tensor, qnorm: torch.Tensor, x: torch.Tensor, mode: str,
+               per_module: bool) -> torch.Tensor:
+        """Scores of one chunk: [n_query, c] (or [n_modules, n_query, c])."""
+        if per_module:
+            s = torch.stack([qp[:, m.columns] @ x[:, m.columns].T for m in self._selected])
+        else:
+            s = qp @ x.T
+        if mode != "dot":
+            denom = self.preconditioner.quadratic(x).sqrt()[None, :]
+            if mode == "cosine":
+                denom = qnorm[:, None] * denom
+            s = torch.where(denom > 0, s / denom, torch.zeros_like(s))
+        return s
+
+    def _check_finite(self, flags: list[tuple[torch.Tensor, int, list]]) -> None:
+        """Raise if a chunk produced NaN/inf (one sync at the end, not one per chunk)."""
+        bad = torch.stack([f for f, _, _ in flags]).cpu() if flags else torch.zeros(0, dtype=torch.bool)
+        if bool(bad.any()):
+            _, start, ids = flags[int(bad.nonzero()[0])]
+            raise StoreError(
+                f"train rows {start}..{start + len(ids) - 1} (ids {ids[0]!r}..{ids[-1]!r}) give "
+                f"non-finite scores: the store holds NaN/inf values; check it with "
+                f"`logix inspect {self.store.path}` and log those examples again")
+
+    # ------------------------------------------------------------------------------ public
+    def scores(self, q: Gradients | torch.Tensor, mode: str = "dot", per_module: bool = False) -> Scores:
+        """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module)."""
+        check_choice(mode, MODES, "mode")
+        qp, qnorm, qids = self._queries(q)
+        n = len(self.store)
+        shape = (len(self._selected), qp.shape[0], n) if per_module else (qp.shape[0], n)
+        out = torch.empty(shape, dtype=torch.float32)
+        flags = []
+        for start, ids, x in self._chunks("scores"):
+            s = self._score(qp, qnorm, x, mode, per_module)
+            flags.append((~torch.isfinite(s).all(), start, ids))
+            out[..., start:start + len(ids)] = s.cpu()
+        self._check_finite(flags)
+        return Scores(out, qids, list(self.store.data_ids), mode,
+                      [m.name for m in self._selected] if per_module else None, self._meta())
+
+    def top_k(self, q: Gradients | torch.Tensor, k: int = 10, mode: str = "dot") -> TopK:
+        """The k highest-scoring train rows per query, best first; `.values`/`.indices` [n_query, k].
+
+        Ties go to the lower train index (the result equals a stable descending argsort of the
+        full matrix). A k above the number of train rows returns all rows (k = n_train).
+        """
+        check_choice(mode, MODES, "mode")
+        if int(k) < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        k = min(int(k), len(self.store))
+        if len(self.store) >= 1 << _INDEX_BITS:
+            raise ValueError("top_k handles segments of fewer than 2**32 rows; split the store")
+        qp, qnorm, qids = self._queries(q)
+        best = torch.empty((qp.shape[0], 0), dtype=torch.long, device=self.device)
+        flags = []
+        for start, ids, x in self._chunks("top_k"):
+            s = self._score(qp, qnorm, x, mode, False)
+            flags.append((~torch.isfinite(s).all(), start, ids))
+            keys = torch.cat([best, _candidates(s, start, k)], dim=1)
+            best = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+        self._check_finite(flags)
+        best_v, best_i = _unpack(best.cpu())
+        train = self.store.data_ids
+        data_ids = [[train[j] for j in row] for row in best_i.tolist()]
+        return TopK(best_v, best_i, data_ids, qids, mode, self._meta())
+
+    def self_influence(self, mode: str = "dot", per_module: bool = False) -> SelfInfluence:
+        """I(z, z) = xᵀ(F+λI)⁻¹x per train row: `.values` [n_train] ([n_modules, n_train]).
+
+        mode "relative" returns √I(z, z), the train-side normaliser of RelatIF.
+        """
+        check_choice(mode, SELF_MODES, "self-influence mode")
+        parts = []
+        for _, _, x in self._chunks("self_influence"):
+            v = self.preconditioner.quadratic(x, per_module=per_module)
+            parts.append((v.sqrt() if mode == "relative" else v).cpu())
+        values = torch.cat(parts, dim=-1)
+        if not bool(torch.isfinite(values).all()):
+            raise StoreError(f"the store holds NaN/inf values; check it with "
+                             f"`logix inspect {self.store.path}`")
+        return SelfInfluence(values, list(self.store.data_ids), mode,
+                             [m.name for m in self._selected] if per_module else None, self._meta())
+
+    def _meta(self) -> dict[str, Any]:
+        return {"preconditioner": self.preconditioner.kind, "segment": self.store.segment,
+                "modules": self.modules, "damping": self.preconditioner.dampings}
+
+
+def _table_difference(a: list, b: list) -> str:
+    """The first difference between two module tables, in words."""
+    if [m.name for m in a] != [m.name for m in b]:
+        return f"query modules {[m.name for m in a]} vs store modules {[m.name for m in b]}"
+    for x, y in zip(a, b):
+        if x != y:
+            return f"module {x.name!r}: query {x.to_dict()} vs store {y.to_dict()}"
+    return "unknown difference"
+
+
+def _candidates(s: torch.Tensor, start: int, k: int) -> torch.Tensor:
+    """Packed keys of a chunk's entries that can enter the top-k: [n, ≤ c] int64.
+
+    A float top-(k+1) finds each row's k best; only when the (k+1)-th ties with the k-th (so
+    the float top-k's choice among equal scores is arbitrary) is the whole chunk packed.
+    """
+    if s.shape[1] <= k:
+        return _pack(s, start)
+    values, index = torch.topk(s, k + 1, dim=1)
+    if bool((values[:, k] == values[:, k - 1]).any()):
+        return _pack(s, start)
+    return _pack(values[:, :k], start, index[:, :k] + start)
+
+
+def _pack(values: torch.Tensor, start: int, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [n, c] of train rows `index` -> distinct int64 keys ordered like (score ↓, index ↑).
+
+    The high 32 bits are the float32 score mapped to an order-preserving int32 (negative floats
+    get their magnitude bits flipped), the low 32 bits the inverted train index; so a top-k of
+    keys is exactly a stable descending argsort of the scores, with no sort of the chunk.
+    """
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    if index is None:  # the columns are the rows start, start + 1, ...
+        index = torch.arange(start, start + values.shape[1], device=values.device)
+    return (ordered << _INDEX_BITS) | ((1 << _INDEX_BITS) - 1 - index)
+
+
+def _unpack(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_pack`: (scores float32, train indices int64)."""
+    ordered = keys >> _INDEX_BITS  # arithmetic shift keeps the sign
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    index = (1 << _INDEX_BITS) - 1 - (keys & ((1 << _INDEX_BITS) - 1))
+    return bits.to(torch.int32).view(torch.float32), index
+
+
+def _to_cuda(items: Iterator, device: torch.device, rows: int, width: int,
+             dtype: torch.dtype) -> Iterator:
+    """Copy host chunks to the device through two pinned buffers on a side stream.
+
+    The copy of chunk i+1 runs while chunk i is being scored; the compute stream waits for
+    each copy, and a buffer is refilled only after its previous copy has completed.
+    """
+    copy_stream = torch.cuda.Stream(device)
+    pinned = [torch.empty((rows, width), dtype=dtype, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    for n, (ids, x) in enumerate(items):
+        slot = n % 2
+        if copied[slot] is not None:
+            copied[slot].synchronize()
+        host = pinned[slot][: x.shape[0]]
+        host.copy_(x)
+        with torch.cuda.stream(copy_stream):
+            on_device = host.to(device, non_blocking=True)
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record(copy_stream)
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        on_device.record_stream(compute)
+        yield ids, on_device.to(torch.float32)  # upcast from the storage dtype on the device

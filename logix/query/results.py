@@ -1,0 +1,163 @@
+"""Results of influence queries: score matrices, top-k lists, self-influence, with data ids.
+
+Each result saves to `.safetensors` (tensors + ids as JSON metadata), `.npz` (arrays; ids as
+arrays) or, for top-k and self-influence, `.json`; the suffix picks the format. `load_result`
+reads the first two back. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DataId = int | str
+RESULT_FORMAT = "logix-result"
+
+
+def _ids_array(ids: list) -> np.ndarray:
+    """Ids as a numpy array: int64 when all are ints, else unicode strings."""
+    if all(isinstance(i, int) for i in ids):
+        return np.asarray(ids, dtype=np.int64).reshape(-1)
+    return np.asarray([str(i) for i in ids], dtype=np.str_).reshape(-1)
+
+
+def _save(path: str | Path, kind: str, tensors: dict[str, torch.Tensor],
+          ids: dict[str, Any], meta: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        md = {"format": RESULT_FORMAT, "kind": kind, "meta": json.dumps(meta),
+              **{k: json.dumps(v) for k, v in ids.items()}}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=md)
+    elif suffix == ".npz":
+        arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+        for k, v in ids.items():
+            if k == "data_ids":  # list of lists (top-k): a [n_query, k] array
+                arrays[k] = np.stack([_ids_array(r) for r in v]) if v else np.zeros((0, 0), np.int64)
+            else:
+                arrays[k] = _ids_array(v)
+        np.savez(path, kind=np.asarray(kind), meta=np.asarray(json.dumps(meta)), **arrays)
+    else:
+        raise ValueError(f"cannot save to {path}: use a .safetensors or .npz file name")
+    return path
+
+
+@dataclass
+class Scores:
+    """values: [n_query, n_train] (or [n_modules, n_query, n_train] with `modules` set)."""
+
+    values: torch.Tensor
+    query_ids: list[DataId]
+    train_ids: list[DataId]
+    mode: str = "dot"
+    modules: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def numpy(self) -> np.ndarray:
+        return self.values.cpu().numpy()
+
+    def save(self, path: str | Path) -> Path:
+        return _save(path, "scores", {"values": self.values},
+                     {"query_ids": self.query_ids, "train_ids": self.train_ids},
+                     {"mode": self.mode, "modules": self.modules, **self.meta})
+
+
+@dataclass
+class TopK:
+    """values / indices: [n_query, k], best first; data_ids[i][j] is train id of indices[i, j]."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    data_ids: list[list[DataId]]
+    query_ids: list[DataId]
+    mode: str = "dot"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices) as numpy arrays."""
+        return self.values.cpu().numpy(), self.indices.cpu().numpy()
+
+    def as_dict(self) -> dict[str, list[tuple[DataId, float]]]:
+        """{query id (as str): [(train id, score), ...] best first}."""
+        return {str(q): list(zip(ids, vals))
+                for q, ids, vals in zip(self.query_ids, self.data_ids, self.values.tolist())}
+
+    def save(self, path: str | Path) -> Path:
+        meta = {"mode": self.mode, **self.meta}
+        if Path(path).suffix.lower() == ".json":
+            return _save_json(path, {"kind": "top_k", "meta": meta, "results": [
+                {"query_id": q, "train_ids": ids, "scores": vals, "indices": idx}
+                for q, ids, vals, idx in zip(self.query_ids, self.data_ids,
+                                             self.values.tolist(), self.indices.tolist())]})
+        return _save(path, "top_k", {"values": self.values, "indices": self.indices},
+                     {"query_ids": self.query_ids, "data_ids": self.data_ids}, meta)
+
+
+@dataclass
+class SelfInfluence:
+    """values: [n_train] = I(z, z) (or [n_modules, n_train] with `modules` set)."""
+
+    values: torch.Tensor
+    train_ids: list[DataId]
+    mode: str = "dot"
+    modules: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def numpy(self) -> np.ndarray:
+        return self.values.cpu().numpy()
+
+    def top(self, k: int = 10) -> list[tuple[DataId, float]]:
+        """The k train examples of highest self-influence (outlier / mislabel candidates)."""
+        total = self.values if self.values.ndim == 1 else self.values.sum(0)
+        order = torch.sort(total, descending=True, stable=True).indices[:k]
+        return [(self.train_ids[i], float(total[i])) for i in order.tolist()]
+
+    def save(self, path: str | Path) -> Path:
+        meta = {"mode": self.mode, "modules": self.modules, **self.meta}
+        if Path(path).suffix.lower() == ".json":
+            return _save_json(path, {"kind": "self_influence", "meta": meta,
+                                     "train_ids": self.train_ids, "values": self.values.tolist()})
+        return _save(path, "self_influence", {"values": self.values},
+                     {"train_ids": self.train_ids}, meta)
+
+
+def _save_json(path: str | Path, obj: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
+    """Read a result written by `.save(path)` as .safetensors or .npz."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            if md.get("format") != RESULT_FORMAT:
+                raise ValueError(f"{path} is not a logix result file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        kind, meta = md["kind"], json.loads(md["meta"])
+        ids = {k: json.loads(v) for k, v in md.items() if k.endswith("ids")}
+    elif path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            kind, meta = str(z["kind"]), json.loads(str(z["meta"]))
+            tensors = {k: torch.from_numpy(z[k]) for k in ("values", "indices") if k in z}
+            ids = {k: z[k].tolist() for k in z.files if k.endswith("ids")}
+    else:
+        raise ValueError(f"cannot load {path}: use a .safetensors or .npz file")
+    mode = meta.pop("mode", "dot")
+    if kind == "scores":
+        return Scores(tensors["values"], ids["query_ids"], ids["train_ids"], mode,
+                      meta.pop("modules", None), meta)
+    if kind == "top_k":
+        return TopK(tensors["values"], tensors["indices"], ids["data_ids"], ids["query_ids"], mode, meta)
+    return SelfInfluence(tensors["values"], ids["train_ids"], mode, meta.pop("modules", None), meta)
