@@ -1,0 +1,210 @@
+"""How well do logix scores predict retraining? The linear datamodeling score on digits.
+
+    .venv/bin/python examples/digits/lds.py                 # M=100 subsets × 2 seeds, 100 test images
+    .venv/bin/python examples/digits/lds.py --subsets 300   # more subsets (the first 100 are reused)
+
+1. Train the MLP on all 1,397 training images; log every training example's gradient at the
+   final checkpoint in one attribution pass (`capture.attribution_only`, sum-reduced loss), once
+   per projection: random ranks 16, 32, 64 and `identity` (exact full per-example gradients).
+2. Capture the test gradients of the measurement, the test example's loss; score with the
+   `identity` preconditioner (gradient dot products) and `raw` (projected empirical Fisher) at
+   several dampings. For the identity projection, the exact raw reference (a 16,640-wide Fisher
+   block for fc1, too big for an eigendecomposition) is computed here through the N×N Gram
+   matrix, with logix's damping definition; it is checked against the engine on a small store.
+3. Ground truth: retrain on M random half subsets (each with a few seeds, averaged), measure the
+   test losses, cache them under out/lds/retrain-*/ (resumable), and report the LDS: the mean
+   Spearman correlation between the summed scores of a subset and the negated test loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import logix
+from common import HERE, accuracy, load_digits, train_mlp
+from logix.eval import bootstrap_ci, lds, retrain_outputs, sample_subsets
+
+console = Console()
+if not console.is_terminal:  # a log file: wide enough for the table on one line per row
+    console = Console(width=150)
+
+
+def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, projection: dict,
+              batch_size: int = 256):
+    """One attribution pass over (x, y) at the model's current weights into a store at `path`."""
+    # The identity projection's raw statistics would be a 16,640² float64 block (2.2 GB) for fc1:
+    # skip them; the exact reference is computed from the rows instead.
+    statistics = [] if projection["kind"] == "identity" else ["raw"]
+    config = {"projection": projection, "curvature": {"statistics": statistics},
+              "capture": {"attribution_only": True, "loss_reduction": "sum"}}
+    run = logix.init(path, config=config, overwrite=True)
+    run.watch(model)
+    for start in range(0, len(y), batch_size):
+        ids = list(range(start, min(start + batch_size, len(y))))
+        with run(data_id=ids):
+            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
+    run.finalize()
+    return logix.open_store(path)
+
+
+def query_gradients(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Gradients of each test example's loss (the measurement), captured with the store's
+    projections: `.values` [n_test, D]."""
+    q = logix.init(path, mode="query")
+    q.watch(model)
+    with q(data_id=list(range(len(y)))):
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    return q.gradients()
+
+
+def exact_raw_scores(store, queries: torch.Tensor, dampings: list[float]) -> dict[float, torch.Tensor]:
+    """Raw-preconditioned scores Σ_m q_m (F_m + λ_m I)⁻¹ x_mᵀ for every train row, exactly.
+
+    F_m = X_mᵀX_m / N with X_m [N, w] the module's rows; λ_m = damping · trace(F_m) / w (logix's
+    "damping · mean eigenvalue"). With w > N the w×w inverse is avoided through the push-through
+    identity (F + λI)⁻¹X_mᵀ = N X_mᵀ(K + NλI)⁻¹, K = X_m X_mᵀ [N, N], so
+    scores_m = N (Q_m X_mᵀ)(K + NλI)⁻¹; one eigendecomposition of K serves every damping.
+    queries: [n_q, D]; returns {damping: [n_q, N] float64}.
+    """
+    x_all = store.load()
+    n = x_all.shape[0]
+    out = {d: torch.zeros(queries.shape[0], n, dtype=torch.float64) for d in dampings}
+    for m in store.modules:
+        xm = x_all[:, m.columns].to(torch.float64)  # [N, w]
+        qm = queries[:, m.columns].to(torch.float64)  # [n_q, w]
+        gram = xm @ xm.T  # [N, N]
+        cross = qm @ xm.T  # [n_q, N]
+        evals, evecs = torch.linalg.eigh(gram)
+        mean_eig = float(torch.trace(gram)) / n / m.width  # trace(F_m) / w
+        projected = cross @ evecs  # [n_q, N]
+        for d in dampings:
+            lam = d * mean_eig
+            out[d] += n * (projected / (evals.clamp(min=0) + n * lam)) @ evecs.T
+        del xm, gram
+    return out
+
+
+def lds_cell(result) -> str:
+    return f"{result.mean:+.3f} [{result.ci_low:+.3f}, {result.ci_high:+.3f}]"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--subsets", type=int, default=100, help="M: retrained models (half subsets)")
+    p.add_argument("--seeds", type=int, default=2, help="training seeds averaged per subset")
+    p.add_argument("--n-test", type=int, default=100, help="test images to attribute")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the MLP is tiny)")
+    p.add_argument("--out", type=Path, default=HERE / "out" / "lds")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # 1. the model and its stores ------------------------------------------------------------
+    data = load_digits()
+    x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
+    t = time.perf_counter()
+    model = train_mlp(data.x_train, data.y_train, epochs=args.epochs, seed=0)
+    timings["train full model"] = time.perf_counter() - t
+    console.print(f"full model: train acc {accuracy(model, data.x_train, data.y_train):.3f}, "
+                  f"test acc {accuracy(model, data.x_test, data.y_test):.3f} "
+                  f"({args.epochs} epochs, {timings['train full model']:.1f}s)")
+
+    projections = {f"r={r}": {"kind": "random", "rank_in": r, "rank_out": r, "seed": 0} for r in args.ranks}
+    projections["exact"] = {"kind": "identity"}
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    stores = {}
+    t = time.perf_counter()
+    for name, proj in projections.items():
+        path = args.out / "stores" / name.replace("=", "")
+        store = log_store(path, model, data.x_train, data.y_train, proj)
+        q = query_gradients(path, model, x_test, y_test)
+        stores[name] = (store, q)
+        widths = ", ".join(f"{m.name} {m.r_out}×{m.r_in}" for m in store.modules)
+        console.print(f"store {name:6s} D={store.width:6d} ({widths})")
+    timings["log stores + query gradients"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for name, (store, q) in stores.items():
+        row = {"identity": logix.InfluenceEngine(store, preconditioner="identity").scores(q).values}
+        if name == "exact":
+            for d, s in exact_raw_scores(store, q.values, args.dampings).items():
+                row[f"raw λ={d:g}"] = s
+        else:
+            for d in args.dampings:
+                row[f"raw λ={d:g}"] = logix.InfluenceEngine(store, preconditioner="raw", damping=d).scores(q).values
+        scores[name] = row
+    timings["scores"] = time.perf_counter() - t
+
+    # The exact reference shares logix's damping definition: check it on the largest random store.
+    check = f"r={max(args.ranks)}"
+    store, q = stores[check]
+    mine = exact_raw_scores(store, q.values, [0.1])[0.1]
+    theirs = scores[check]["raw λ=0.1"].to(torch.float64)
+    rel = float((mine - theirs).abs().max() / theirs.abs().max())
+    console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping 0.1: "
+                  f"max |diff| / max |score| = {rel:.1e}")
+
+    # 2. ground truth ------------------------------------------------------------------------------
+    subsets = sample_subsets(len(data.y_train), args.subsets, alpha=0.5, seed=0)
+
+    def train_fn(members: torch.Tensor, seed: int) -> torch.Tensor:
+        m = train_mlp(data.x_train[members], data.y_train[members], epochs=args.epochs, seed=seed)
+        with torch.no_grad():
+            return F.cross_entropy(m(x_test), y_test, reduction="none")
+
+    cache = args.out / f"retrain-epochs{args.epochs}-test{args.n_test}"
+    t = time.perf_counter()
+    outputs = retrain_outputs(train_fn, subsets, out_dir=cache, seeds=range(args.seeds))
+    timings[f"retrain {args.subsets}×{args.seeds} (cached ones skipped)"] = time.perf_counter() - t
+
+    # 3. LDS --------------------------------------------------------------------------------------
+    columns = list(next(iter(scores.values())).keys())
+    results = {name: {c: lds(s, subsets, outputs, output="loss") for c, s in row.items()}
+               for name, row in scores.items()}
+    table = Table(title=f"LDS on digits: {args.n_test} test images, M={args.subsets} half subsets × "
+                        f"{args.seeds} seeds, measurement = test loss (mean Spearman [95% bootstrap CI])")
+    table.add_column("projection")
+    table.add_column("D", justify="right")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, row in results.items():
+        table.add_row(name, str(stores[name][0].width), *[lds_cell(row[c]) for c in columns])
+    console.print(table)
+
+    # Damping is a hyperparameter: choose it on one half of the test images, report the other.
+    raw_cols = [c for c in columns if c.startswith("raw")]
+    half = args.n_test // 2
+    chosen = {}
+    for name in results:
+        chosen[name] = max(raw_cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+        held = results[name][chosen[name]].per_test[half:]
+        low, high = bootstrap_ci(held)
+        console.print(f"{name}: damping chosen on test images 0..{half - 1}: {chosen[name]}; its LDS on "
+                      f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
+    if check in results:
+        pairs = [(c, c) for c in raw_cols] + [(chosen[check], chosen["exact"])]
+        for ours, ref in pairs:
+            gap = results[check][ours].per_test - results["exact"][ref].per_test
+            low, high = bootstrap_ci(gap)
+            label = ours if ours == ref else f"{ours} (chosen) vs exact {ref} (chosen)"
+            console.print(f"projection gap {check} − exact, {label}: {float(gap.nanmean()):+.3f} "
+                          f"[{low:+.3f}, {high:+.3f}] (paired over all {args.n_test} test images)")
+
+    timings["total"] = time.perf_counter() - t_all
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+
+
+if __name__ == "__main__":
+    main()
