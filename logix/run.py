@@ -82,6 +82,7 @@ class Step:
         cfg = run.config.capture
         self.state = StepState(
             batch_size=len(self.ids),
+            width=sum(m.width for m in run.modules),
             grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
             mask=self.mask,
             attribution_only=cfg.attribution_only,
@@ -171,8 +172,9 @@ class Run:
         else:
             projections = self._create_store(self.modules)
         self._captures = [
-            ModuleCapture(i, name, module, projections[name], has_bias(module, cfg.capture.bias))
-            for i, (name, module) in enumerate(selected)
+            ModuleCapture(i, name, module, projections[name], has_bias(module, cfg.capture.bias),
+                          info.offset)
+            for i, ((name, module), info) in enumerate(zip(selected, self.modules))
         ]
         self._model = model
         if self.mode == "log":
@@ -290,31 +292,26 @@ class Run:
         return Step(self, ids, mask)
 
     def _submit(self, ids: list[DataId], state: StepState) -> None:
-        if not state.sums:
+        if state.rows is None:
             raise CaptureError(
                 "no gradient reached any watched module inside `with run(data_id=...)`: call "
                 "loss.backward() inside the block (with gradients enabled)"
             )
-        batch = len(ids)
-        blocks = []
+        rows = state.rows
         for i, m in enumerate(self.modules):
-            g = state.sums.get(i)
-            if g is None:
-                device = next(iter(state.sums.values())).device
-                g = torch.zeros(batch, m.r_out, m.r_in, device=device)
-            blocks.append(g.reshape(batch, m.width))
-        rows = torch.cat(blocks, dim=1)
-        bad = [ids[i] for i in nonfinite_rows(rows)]
-        if bad:
-            raise CaptureError(
-                f"non-finite gradients (NaN/inf) for data ids {bad[:10]}"
-                f"{' …' if len(bad) > 10 else ''}: is the loss NaN? Nothing of this batch was stored"
-            )
+            if i not in state.written:  # a module this step never used: its gradient is zero
+                rows[:, m.columns].zero_()
         if self.mode == "query":
-            self._query_rows.append(rows.detach().to("cpu"))
+            bad = [ids[i] for i in nonfinite_rows(rows)]
+            if bad:
+                raise CaptureError(
+                    f"non-finite gradients (NaN/inf) for data ids {bad[:10]}"
+                    f"{' …' if len(bad) > 10 else ''}: is the loss NaN? Nothing of this batch was stored"
+                )
+            self._query_rows.append(rows.to("cpu"))
             self._query_ids.extend(ids)
         else:
-            self._writer.add(ids, rows.detach())
+            self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
 
     def _freeze_parameters(self) -> None:
         self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]

@@ -254,7 +254,7 @@ def test_nan_loss_rejected(logged):
         with run(data_id=list(range(100, 108))):
             (F.cross_entropy(model(x), y) * math.nan).backward()
 
-    _assert_untouched(run, path, nan, CaptureError, "non-finite")
+    _assert_untouched(run, path, nan, logix.StoreError, "non-finite")
 
 
 def test_backward_outside_block(logged):

@@ -57,32 +57,39 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
 
 @dataclass
 class StepState:
-    """What one `with run(data_id=...)` block collects: per-module sums of G̃ [B, r_out, r_in]."""
+    """What one `with run(data_id=...)` block collects: the rows [B, D] of its examples, each
+    module's G̃ [B, r_out, r_in] summed in place into its own column block."""
 
     batch_size: int
+    width: int
     grad_scale: float
     mask: torch.Tensor | None
     attribution_only: bool
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    rows: torch.Tensor | None = None
+    written: set[int] = field(default_factory=set)
     open: bool = True
 
-    def add(self, index: int, grad: torch.Tensor) -> None:
-        if index in self.sums:
-            self.sums[index] += grad
-        else:
-            self.sums[index] = grad
+    def block(self, capture: "ModuleCapture", like: torch.Tensor) -> torch.Tensor:
+        """The [B, r_out, r_in] view of `capture`'s columns in the step's rows."""
+        if self.rows is None:
+            self.rows = torch.empty(self.batch_size, self.width, device=like.device, dtype=torch.float32)
+        cols = self.rows[:, capture.offset:capture.offset + capture.r_out * capture.r_in]
+        return cols.view(self.batch_size, capture.r_out, capture.r_in)
 
 
 class ModuleCapture:
     """The hooks of one watched module."""
 
     def __init__(self, index: int, name: str, module: nn.Module, projection: ModuleProjection,
-                 bias: bool):
+                 bias: bool, offset: int):
         self.index = index
         self.name = name
         self.module = module
         self.projection = projection
         self.bias = bias
+        self.offset = offset
+        self.r_in = projection.p_in.rank
+        self.r_out = projection.p_out.rank
         self.is_conv = isinstance(module, nn.Conv2d)
 
     def attach(self, step: StepState) -> torch.utils.hooks.RemovableHandle:
@@ -108,6 +115,8 @@ class ModuleCapture:
         with torch.no_grad():
             x_proj = projected_inputs(module, x.detach(), self.projection.p_in, self.bias)
             x_proj = self._apply_mask(step, x_proj)
+            if step.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
+                x_proj = x_proj * step.grad_scale
         output.register_hook(partial(self._backward, step, x_proj))
         return output if replaced else None
 
@@ -130,7 +139,7 @@ class ModuleCapture:
         with torch.no_grad():
             g = output_grads(self.module, grad.detach()).float()
             g_proj = self.projection.p_out.apply(g)
-            if step.grad_scale != 1.0:
-                g_proj = g_proj * step.grad_scale
-            step.add(self.index, projected_gradient(x_proj, g_proj))
+            block = step.block(self, g_proj)
+            projected_gradient(x_proj, g_proj, out=block, accumulate=self.index in step.written)
+            step.written.add(self.index)
         return None

@@ -118,8 +118,18 @@ def output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(batch, -1, g.shape[-1])
 
 
-def projected_gradient(x_proj: torch.Tensor, g_proj: torch.Tensor) -> torch.Tensor:
-    """Σ_t g̃_t x̃_tᵀ per example: [B, T, r_in], [B, T, r_out] -> [B, r_out, r_in]."""
-    if x_proj.shape[1] == 1:
-        return g_proj[:, 0, :, None] * x_proj[:, 0, None, :]
-    return torch.bmm(g_proj.transpose(1, 2), x_proj)
+def projected_gradient(x_proj: torch.Tensor, g_proj: torch.Tensor, out: torch.Tensor | None = None,
+                       accumulate: bool = False) -> torch.Tensor:
+    """Σ_t g̃_t x̃_tᵀ per example: [B, T, r_in], [B, T, r_out] -> [B, r_out, r_in].
+
+    With `out` the result is written (or, with `accumulate`, added) in place: `out` may be a
+    strided view into a larger row buffer, which saves assembling rows afterwards."""
+    if x_proj.shape[1] == 1:  # one position: an outer product, no reduction
+        g, x = g_proj[:, 0, :, None], x_proj[:, 0, None, :]
+        if out is None:
+            return g * x
+        return out.addcmul_(g, x) if accumulate else torch.mul(g, x, out=out)
+    result = torch.bmm(g_proj.transpose(1, 2), x_proj)
+    if out is None:
+        return result
+    return out.add_(result) if accumulate else out.copy_(result)

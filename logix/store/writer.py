@@ -52,6 +52,9 @@ def normalise_ids(ids: Sequence[Any]) -> list[DataId]:
         raise StoreError(f"data ids must be a sequence of ids, got the single string {ids!r}")
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist() if ids.ndim else [ids.item()]
+    kinds = set(map(type, ids))
+    if kinds == {int} or kinds == {str}:  # the common case, without a check per id
+        return list(ids)
     out: list[DataId] = []
     for i in ids:
         if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.is_floating_point() \
