@@ -86,6 +86,7 @@ class Step:
             grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
             mask=self.mask,
             attribution_only=cfg.attribution_only,
+            destination=run._writer.reserve(len(self.ids)) if run._writer is not None else None,
         )
         self.handles = [c.attach(self.state) for c in run._captures]
         if cfg.attribution_only:
@@ -328,6 +329,7 @@ class Run:
         """Start a new segment (an epoch, a checkpoint, a training stage); `meta` is stored with
         it (e.g. `lr=0.1`). Returns its name. Data ids need only be unique within a segment."""
         self._check_log_mode("start_segment")
+        self._check_no_step("start_segment")
         if self._statistics is not None:
             self._writer.flush()
             self._statistics.save()
@@ -356,6 +358,7 @@ class Run:
 
     def flush(self) -> None:
         """Write every pending row to disk now (waits for the writer)."""
+        self._check_no_step("flush")
         if self._writer is not None:
             self._writer.flush()
             if self._statistics is not None:
@@ -365,6 +368,7 @@ class Run:
         """Flush and close the store; save curvature statistics. Safe to call twice."""
         if self._finalized:
             return
+        self._check_no_step("finalize")
         self._finalized = True
         if self._writer is not None:
             self._writer.close()
@@ -385,6 +389,10 @@ class Run:
     def _check_open(self) -> None:
         if self._finalized:
             raise CaptureError("this run is finalized; open it again with logix.init(..., resume=True)")
+
+    def _check_no_step(self, what: str) -> None:
+        if self._active is not None:
+            raise CaptureError(f"{what}() cannot be called inside a `with run(data_id=...)` block")
 
     def _check_log_mode(self, what: str) -> None:
         if self.mode != "log" or self._writer is None:

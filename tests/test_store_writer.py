@@ -203,12 +203,28 @@ def test_float16_overflow_is_an_error(tmp_path):
         w.close()
 
 
-def test_no_copy_for_cpu_float32_and_bounded_queue(run_dir):
-    rows = torch.zeros(2, WIDTH)
-    with StoreWriter(run_dir, width=WIDTH, shard_rows=1000, queue_depth=1) as w:
-        w.add([0, 1], rows)
-        assert w._pending[0][1].data_ptr() == rows.data_ptr()
-        assert w._queue.maxsize == 1
+def test_reserved_rows_are_written_in_place_and_buffers_are_reused(run_dir):
+    """reserve() hands out a slice of the shard buffer: add() then copies nothing; full shard
+    buffers go back to a small pool, so a long run allocates no new buffers."""
+    with StoreWriter(run_dir, width=WIDTH, shard_rows=4, queue_depth=1) as w:
+        pointers = set()
+        for step in range(20):
+            rows = w.reserve(2)
+            rows.copy_(torch.full((2, WIDTH), float(step)))
+            pointers.add(w._buf.data_ptr())
+            w.add([2 * step, 2 * step + 1], rows)
+        assert w._buffers <= 2 and len(pointers) <= 2
+        wide = w.reserve(5)  # more than a shard: a separate tensor, copied on add
+        assert wide.shape == (5, WIDTH)
+    store = open_store(run_dir)
+    expect = torch.arange(20).repeat_interleave(2).float()[:, None].expand(40, WIDTH)
+    assert torch.equal(store.load(), expect)
+
+
+def test_shards_are_capped_in_bytes(run_dir):
+    w = StoreWriter(run_dir, width=WIDTH, shard_rows=4096, max_shard_bytes=10 * 4 * WIDTH)
+    assert w.shard_rows == 10
+    w.close()
 
 
 def test_disk_error_surfaces_even_as_root(run_dir):

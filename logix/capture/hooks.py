@@ -65,6 +65,7 @@ class StepState:
     grad_scale: float
     mask: torch.Tensor | None
     attribution_only: bool
+    destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
     rows: torch.Tensor | None = None
     written: set[int] = field(default_factory=set)
     open: bool = True
@@ -72,7 +73,10 @@ class StepState:
     def block(self, capture: "ModuleCapture", like: torch.Tensor) -> torch.Tensor:
         """The [B, r_out, r_in] view of `capture`'s columns in the step's rows."""
         if self.rows is None:
-            self.rows = torch.empty(self.batch_size, self.width, device=like.device, dtype=torch.float32)
+            if self.destination is not None and self.destination.device == like.device:
+                self.rows = self.destination
+            else:
+                self.rows = torch.empty(self.batch_size, self.width, device=like.device)
         cols = self.rows[:, capture.offset:capture.offset + capture.r_out * capture.r_in]
         return cols.view(self.batch_size, capture.r_out, capture.r_in)
 

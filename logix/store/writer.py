@@ -79,12 +79,12 @@ def nonfinite_rows(rows: torch.Tensor) -> list[int]:
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
-def _write_safetensors(path: Path, name: str, pieces: list[torch.Tensor], width: int, dtype: str,
+def _write_safetensors(path: Path, name: str, rows: torch.Tensor, width: int, dtype: str,
                        metadata: dict[str, str]) -> tuple[int, str]:
-    """Write one tensor [sum of rows, width] to a safetensors file straight from `pieces`
-    (no serialised copy in memory), fsync it, and return (file size, crc32 of its bytes)."""
+    """Write one tensor [n, width] to a safetensors file straight from memory (no serialised
+    copy), fsync it, and return (file size, crc32 of its bytes)."""
     code, itemsize = SAFETENSORS_DTYPES[dtype]
-    n = sum(p.shape[0] for p in pieces)
+    n = rows.shape[0]
     header = {"__metadata__": metadata,
               name: {"dtype": code, "shape": [n, width], "data_offsets": [0, n * width * itemsize]}}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -93,10 +93,12 @@ def _write_safetensors(path: Path, name: str, pieces: list[torch.Tensor], width:
     crc = zlib.crc32(head)
     with open(path, "wb") as f:
         f.write(head)
-        for p in pieces:
-            view = p.contiguous().view(torch.uint8).numpy()  # raw bytes, little-endian
-            crc = zlib.crc32(view, crc)
-            f.write(view)
+        view = memoryview(rows.contiguous().view(torch.uint8).numpy()).cast("B")  # raw bytes
+        step = 4 << 20  # checksum each block while it is still in the CPU cache, then write it
+        for start in range(0, len(view), step):
+            block = view[start:start + step]
+            crc = zlib.crc32(block, crc)
+            f.write(block)
         f.flush()
         os.fsync(f.fileno())
     return len(head) + n * width * itemsize, f"{crc & 0xFFFFFFFF:08x}"
@@ -120,6 +122,7 @@ class StoreWriter:
         rank: int = 0,
         observers: Sequence[Observer] = (),
         queue_depth: int = 4,
+        max_shard_bytes: int = 64 << 20,
     ) -> None:
         self.run_dir = Path(run_dir)
         manifest_file = self.run_dir / MANIFEST
@@ -142,7 +145,10 @@ class StoreWriter:
         if shard_rows < 1 or queue_depth < 1:
             raise ValueError("shard_rows and queue_depth must be at least 1")
         self.width, self.dtype, self.rank = int(width), dtype, int(rank)
-        self.shard_rows = int(shard_rows)
+        # Rows are gathered in float32 shard buffers that are reused: no allocation (and no page
+        # faults) per step. A shard holds at most `max_shard_bytes` of them, so the buffers
+        # (one filling, the others queued or being written) stay small for wide rows.
+        self.shard_rows = max(1, min(int(shard_rows), int(max_shard_bytes) // (4 * self.width)))
         self.observers = list(observers)
 
         self._lock = threading.Lock()  # guards self._index (caller mutates segments, thread shards)
@@ -162,8 +168,11 @@ class StoreWriter:
         others = [s["name"] for idx in self._others for s in idx.get("segments", [])]
         self._segment: str | None = (own or others or [None])[-1]
         self._ids: dict[str, set[DataId]] = {}  # segment -> ids known to be taken
-        self._pending: list[tuple[list[DataId], torch.Tensor]] = []
-        self._pending_rows = 0
+        self._buf: torch.Tensor | None = None  # the shard being filled, [shard_rows, D] float32
+        self._buf_ids: list[DataId] = []
+        self._free: queue.Queue = queue.Queue()  # shard buffers the thread has finished with
+        self._buffers = 0
+        self._max_buffers = min(queue_depth, 2) + 1
         self._error: BaseException | None = None
         self._closed = False
         self._queue: queue.Queue = queue.Queue(maxsize=queue_depth)
@@ -268,7 +277,7 @@ class StoreWriter:
         check_segment_name(name)
         if meta is not None:
             json.dumps(meta)  # fail here, not in the background thread
-        self._cut(final=True)
+        self._cut()
         with self._lock:
             entry = self._segment_entry(name)
             entry["meta"].update(meta or {})
@@ -334,40 +343,62 @@ class StoreWriter:
         self._raise_error()
         if self._segment is None:
             self.start_segment(segment)
-        if rows.device.type != "cpu" or rows.dtype != torch.float32 or not rows.is_contiguous():
-            rows = rows.detach().to("cpu", torch.float32).contiguous()
         taken.update(ids)
-        self._pending.append((ids, rows.detach()))
-        self._pending_rows += len(ids)
-        self._cut(final=False)
+        rows = rows.detach()
+        done = 0
+        while done < len(ids):
+            if self._buf is None:
+                self._buf = self._take_buffer()
+            start = len(self._buf_ids)
+            take = min(self.shard_rows - start, len(ids) - done)
+            target = self._buf[start:start + take]
+            if target.data_ptr() != rows[done:].data_ptr():  # rows from reserve() are in place
+                target.copy_(rows[done:done + take])
+            self._buf_ids += ids[done:done + take]
+            done += take
+            if len(self._buf_ids) == self.shard_rows:
+                self._cut()
+
+    def reserve(self, n: int) -> torch.Tensor:
+        """A [n, D] float32 CPU tensor to fill and pass to `add`: a slice of the current shard
+        buffer when the rows fit in it (then `add` copies nothing), else a new tensor."""
+        if self._buf is None and not self._closed and self._error is None:
+            self._buf = self._take_buffer()
+        start = len(self._buf_ids)
+        if self._buf is not None and start + n <= self.shard_rows:
+            return self._buf[start:start + n]
+        return torch.empty(n, self.width)
+
+    def _take_buffer(self) -> torch.Tensor:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._buffers < self._max_buffers:
+            self._buffers += 1
+            return torch.empty(self.shard_rows, self.width)
+        while True:  # back-pressure: wait for the thread to finish a shard
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                self._raise_error()
 
     def _first_segment_name(self) -> str:
         numbers = [int(n) for n in self._all_segment_names() if n.isdigit()]
         return str(max(numbers, default=-1) + 1)
 
-    def _cut(self, final: bool) -> None:
-        """Queue full shards from the pending buffer (and the partial rest when `final`)."""
-        while self._pending_rows >= self.shard_rows or (final and self._pending_rows > 0):
-            n = min(self.shard_rows, self._pending_rows)
-            ids: list[DataId] = []
-            pieces: list[torch.Tensor] = []
-            while len(ids) < n:
-                pid, prow = self._pending[0]
-                take = min(n - len(ids), len(pid))
-                ids += pid[:take]
-                pieces.append(prow[:take])
-                if take == len(pid):
-                    self._pending.pop(0)
-                else:
-                    self._pending[0] = (pid[take:], prow[take:])
-            self._pending_rows -= n
-            self._put(("shard", self._segment, ids, pieces))
+    def _cut(self) -> None:
+        """Queue the current shard buffer (full, or partial at a flush) for writing."""
+        if self._buf is None or not self._buf_ids:
+            return
+        self._put(("shard", self._segment, self._buf_ids, self._buf))
+        self._buf, self._buf_ids = None, []
 
     def flush(self) -> None:
         """Write the pending rows as a (possibly smaller) shard and wait until all are on disk."""
         self._check_open()
         self._raise_error()
-        self._cut(final=True)
+        self._cut()
         self._queue.join()
         self._raise_error()
 
@@ -377,7 +408,7 @@ class StoreWriter:
             return
         try:
             if self._error is None:
-                self._cut(final=True)
+                self._cut()
         finally:
             self._closed = True
             self._queue.put(_STOP)
@@ -443,15 +474,18 @@ class StoreWriter:
             snapshot = copy.deepcopy(self._index)
         write_json_atomic(self._index_file, snapshot)
 
-    def _write_shard(self, segment: str, ids: list[DataId], pieces: list[torch.Tensor]) -> None:
-        if self.observers:
-            rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            for fn in self.observers:
-                fn(segment, rows)
-            pieces = [rows]
+    def _write_shard(self, segment: str, ids: list[DataId], buffer: torch.Tensor) -> None:
+        try:
+            self._write_rows(segment, ids, buffer[:len(ids)])
+        finally:
+            self._free.put(buffer)
+
+    def _write_rows(self, segment: str, ids: list[DataId], rows: torch.Tensor) -> None:
+        for fn in self.observers:
+            fn(segment, rows)
         if self.dtype != "float32":
-            pieces = [p.to(_TORCH_DTYPES[self.dtype]) for p in pieces]
-            bad = [ids[j] for j in nonfinite_rows(torch.cat(pieces) if len(pieces) > 1 else pieces[0])]
+            rows = rows.to(_TORCH_DTYPES[self.dtype])
+            bad = [ids[j] for j in nonfinite_rows(rows)]
             if bad:
                 raise StoreError(
                     f"rows of data id(s) {bad[:10]} overflow {self.dtype}: "
@@ -465,7 +499,7 @@ class StoreWriter:
         final = self.run_dir / rel
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp")
-        nbytes, crc = _write_safetensors(tmp, "rows", pieces, self.width, self.dtype, metadata)
+        nbytes, crc = _write_safetensors(tmp, "rows", rows, self.width, self.dtype, metadata)
         os.replace(tmp, final)
         fsync_dir(final.parent)
         with self._lock:
