@@ -67,12 +67,23 @@ def time_steps(model, data, loss_fn, opt, steps, run=None, start_id=0):
     return (time.perf_counter() - t0) / steps
 
 
-def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None):
+def merge(cfg: dict, extra: dict | None) -> dict:
+    out = {k: dict(v) for k, v in cfg.items()}
+    for k, v in (extra or {}).items():
+        out.setdefault(k, {}).update(v)
+    return out
+
+
+def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None, discard=False):
+    """Plain vs logged training steps, interleaved; `discard` drops rows instead of writing
+    them (the capture's own cost, without the disk)."""
     model, data, loss_fn, cfg = case()
-    cfg = {**cfg, **(extra_cfg or {})}
+    cfg = merge(cfg, extra_cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     run = logix.init(tmp / name, config=cfg, overwrite=True)
     run.watch(model)
+    if discard:
+        run._writer.add = lambda ids, rows: None
     time_steps(model, data, loss_fn, opt, 3)  # warm-up both paths
     time_steps(model, data, loss_fn, opt, 3, run, start_id=10**9)
     plain, logged, next_id = [], [], 0
@@ -83,10 +94,36 @@ def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None):
     t0 = time.perf_counter()
     run.finalize()  # includes writing the last shard
     tail = time.perf_counter() - t0
-    store = logix.open_store(tmp / name)
     p, lg = statistics.median(plain), statistics.median(logged)
+    store = logix.open_store(tmp / name)
+    itemsize = torch.empty(0, dtype=getattr(torch, store.dtype)).element_size()
+    mb = data[0][0].shape[0] * store.width * itemsize / 2**20
     return {"name": name, "plain_ms": p * 1e3, "logged_ms": lg * 1e3, "ratio": lg / p,
-            "rows": len(store) + 0, "D": store.width, "finalize_s": tail}
+            "mb_per_step": 0.0 if discard else mb, "finalize_s": tail}
+
+
+def separate_pass(name, case, steps, rounds, tmp: Path):
+    """A logging pass over a fixed checkpoint: full backward vs `attribution_only` (no
+    weight-gradient work). Returns ms/step of both."""
+    model, data, loss_fn, cfg = case()
+    times = {}
+    for only in (False, True):
+        run = logix.init(tmp / f"{name}-{only}", config=merge(cfg, {"capture": {"attribution_only": only}}),
+                         overwrite=True)
+        run.watch(model)
+        runs = []
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            for i in range(steps):
+                xy = data[i % len(data)]
+                b = xy[0].shape[0]
+                with run(data_id=list(range((r * steps + i) * b, (r * steps + i + 1) * b))):
+                    loss_fn(model, xy).backward()
+                model.zero_grad(set_to_none=True)
+            runs.append((time.perf_counter() - t0) / steps)
+        run.finalize()
+        times[only] = statistics.median(runs) * 1e3
+    return {"name": name, "full_ms": times[False], "attribution_only_ms": times[True]}
 
 
 def disk_write_rate(tmp: Path, mb: int = 256) -> float:
@@ -132,25 +169,33 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=130)
     rounds = 3 if args.quick else 7
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         tmp = Path(d)
+        n_mlp, n_dec = (20, 2) if args.quick else (50, 4)
         results = [
-            measure("mlp 64-256-10, b64, r64x64", mlp_case, 20 if args.quick else 50, rounds, tmp),
-            measure("decoder d256 L4 T128, b16, r32x32", decoder_case, 2 if args.quick else 4, rounds, tmp),
-            measure("  + no curvature statistics", decoder_case, 2 if args.quick else 4, rounds, tmp,
-                    {"curvature": {"statistics": []}}),
+            measure("mlp 64-256-10, b64, r64x64", mlp_case, n_mlp, rounds, tmp),
+            measure("  same, float16 store", mlp_case, n_mlp, rounds, tmp, {"store": {"dtype": "float16"}}),
+            measure("  same, rows discarded (capture only)", mlp_case, n_mlp, rounds, tmp, discard=True),
+            measure("decoder d256 L4 T128, b16, r32x32", decoder_case, n_dec, rounds, tmp),
+            measure("  same, statistics during logging", decoder_case, n_dec, rounds, tmp,
+                    {"curvature": {"during_logging": True}}),
         ]
+        passes = [separate_pass("decoder separate pass", decoder_case, n_dec, rounds, tmp)]
         disk = disk_write_rate(tmp)
         writer = store_write_rate(tmp)
     table = Table(title=f"logging overhead (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    for col in ("case", "plain ms/step", "logged ms/step", "logged / plain", "D", "finalize s"):
+    for col in ("case", "plain ms/step", "logged ms/step", "logged / plain", "MB/step written", "finalize s"):
         table.add_column(col, justify="right" if col != "case" else "left")
     for r in results:
         table.add_row(r["name"], f"{r['plain_ms']:.2f}", f"{r['logged_ms']:.2f}", f"{r['ratio']:.2f}x",
-                      str(r["D"]), f"{r['finalize_s']:.2f}")
+                      f"{r['mb_per_step']:.2f}", f"{r['finalize_s']:.2f}")
     console.print(table)
+    for r in passes:
+        console.print(f"{r['name']}: full backward {r['full_ms']:.1f} ms/step, attribution_only "
+                      f"{r['attribution_only_ms']:.1f} ms/step (saves "
+                      f"{1 - r['attribution_only_ms'] / r['full_ms']:.0%})")
     console.print(f"store write rate {writer:.0f} MB/s vs sequential write+fsync {disk:.0f} MB/s "
                   f"= {writer / disk:.2f}")
 

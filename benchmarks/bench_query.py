@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", help="where to build the store (default: a temporary directory)")
     args = p.parse_args()
-    console = Console()
+    console = Console(width=130)
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="logix-bench-"))
     run = root / "run"

@@ -114,7 +114,8 @@ class InfluenceEngine:
         cuda = self.device.type == "cuda"
         dtype = _TORCH_DTYPES[self.store.dtype] if cuda else torch.float32
         # The reader asks the kernel to read the next chunk ahead while this one is scored.
-        source = self.store.iter_chunks(rows=self.chunk_rows, dtype=dtype)
+        # Two reused buffers: a chunk is consumed before the next-but-one is read (no page faults).
+        source = self.store.iter_chunks(rows=self.chunk_rows, dtype=dtype, buffers=2)
         if cuda:
             source = _to_cuda(source, self.device, self.chunk_rows, self.store.width, dtype)
         total, start = len(self.store), 0
