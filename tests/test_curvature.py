@@ -167,3 +167,13 @@ def test_empty_statistics_damping_must_be_positive(tmp_path, data):
         build_preconditioner(store, "raw", 0.0)
     with pytest.raises(ValueError, match="not available yet"):
         build_preconditioner(store, "kfac")
+
+
+def test_raw_curvature_refuses_blocks_too_wide_to_invert():
+    from logix.curvature.covariance import MAX_RAW_WIDTH, RawAccumulator
+    from logix.store.format import ModuleInfo, StoreError
+
+    wide = ModuleInfo("fc1", "Linear", 129, 128, 129, 128, True, 0)
+    assert wide.width > MAX_RAW_WIDTH
+    with pytest.raises(StoreError, match="fc1.*preconditioner='identity'"):
+        RawAccumulator([wide])

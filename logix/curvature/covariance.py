@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from logix.store.format import ModuleInfo, StoreError, curvature_dir, fsync_dir
 
 FORMAT = "logix-curvature"
+MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
 PLANNED_KINDS = ("kfac", "ekfac")  # named in the config, implemented elsewhere later
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total)
 
@@ -54,6 +55,16 @@ class RawAccumulator:
     """Σ_n vec(G̃_n) vec(G̃_n)ᵀ per module: `tensors()[name]` is [w, w] float64."""
 
     def __init__(self, modules: list[ModuleInfo]) -> None:
+        too_wide = [m for m in modules if m.width > MAX_RAW_WIDTH]
+        if too_wide:
+            m = too_wide[0]
+            raise StoreError(
+                f"module {m.name!r} has r_in·r_out = {m.r_in}·{m.r_out} = {m.width} columns: its raw "
+                f"Fisher would be a {m.width}² float64 matrix ({m.width ** 2 * 8 / 2**30:.1f} GiB) "
+                f"and its eigendecomposition would take hours; raw curvature is for blocks of at "
+                f"most {MAX_RAW_WIDTH} columns. Log with a random projection of smaller ranks, or "
+                "query with preconditioner='identity'"
+            )
         self.modules = list(modules)
         self.rows = 0
         self.sums = {m.name: torch.zeros(m.width, m.width, dtype=torch.float64) for m in modules}
