@@ -11,7 +11,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import zlib
 from pathlib import Path
 from typing import Iterator
 
