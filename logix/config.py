@@ -42,7 +42,7 @@ class CaptureConfig:
 class ProjectionConfig:
     """The LoGra projections P_in [rank_in, d_in] and P_out [rank_out, d_out]."""
 
-    kind: str = field(default="random", metadata=_choices("identity", "random"))
+    kind: str = field(default="random", metadata=_choices("identity", "random", "pca"))
     rank_in: int = field(default=64, metadata={"min": 1})
     rank_out: int = field(default=64, metadata={"min": 1})
     seed: int = 0

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
+from logix.capture.pca import CovarianceCollector
 from logix.capture.per_sample import has_bias, layer_dims, layer_type
 from logix.capture.projection import (
     ModuleProjection,
@@ -75,7 +76,11 @@ class Step:
 
     def __enter__(self) -> "Step":
         run = self.run
-        if run._captures is None:
+        if run._captures is None and not run._fitting:
+            if run._collector is not None:
+                raise CaptureError(
+                    "projection.kind 'pca' needs its statistics pass first: run some training "
+                    "batches inside `with run.fit_projections():`, then log")
             raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
         if run._active is not None:
             raise CaptureError("`with run(...)` blocks cannot be nested")
@@ -88,7 +93,10 @@ class Step:
             attribution_only=cfg.attribution_only,
             destination=run._writer.reserve(len(self.ids)) if run._writer is not None else None,
         )
-        self.handles = [c.attach(self.state) for c in run._captures]
+        if run._fitting:
+            self.handles = run._collector.attach(self.state.grad_scale, self.mask, cfg.attribution_only)
+        else:
+            self.handles = [c.attach(self.state) for c in run._captures]
         if cfg.attribution_only:
             run._freeze_parameters()
         run._active = self
@@ -102,8 +110,25 @@ class Step:
         run._active = None
         if run.config.capture.attribution_only:
             run._restore_parameters()
-        if exc_type is None:
+        if exc_type is None and not run._fitting:
             run._submit(self.ids, self.state)
+        return False
+
+
+class ProjectionFit:
+    """`with run.fit_projections():` — see `Run.fit_projections`."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+
+    def __enter__(self) -> "ProjectionFit":
+        self.run._fitting = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.run._fitting = False
+        if exc_type is None:
+            self.run._finish_fit()
         return False
 
 
@@ -148,6 +173,9 @@ class Run:
         self.modules: list[ModuleInfo] = []
         self.fingerprint: str | None = None
         self._captures: list[ModuleCapture] | None = None
+        self._selected: list[tuple[str, nn.Module]] = []
+        self._collector: CovarianceCollector | None = None
+        self._fitting = False
         self._active: Step | None = None
         self._writer = None
         self._statistics = None
@@ -160,27 +188,66 @@ class Run:
     # -- set-up ---------------------------------------------------------------------------
     def watch(self, model: nn.Module) -> "Run":
         """Choose the modules to capture (from the config), set up projections and the store."""
-        if self._captures is not None:
+        if self._model is not None:
             raise CaptureError("this run already watches a model; use one run per model")
         cfg = self.config
         selected = select_modules(model, cfg.capture)
         self.modules = self._module_table(selected)
+        self._model = model
+        self._selected = selected
         if self._manifest is not None:
             self._check_model(self.modules)
             dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in self.modules}
-            projections = load_projections(self.run_dir / PROJECTIONS, dims)
             self.fingerprint = self._manifest["fingerprint"]
+            self._start(load_projections(self.run_dir / PROJECTIONS, dims))
+        elif cfg.projection.kind == "pca":
+            # The projections come from a statistics pass: `with run.fit_projections(): ...`.
+            self._collector = CovarianceCollector(
+                [(name, module, has_bias(module, cfg.capture.bias)) for name, module in selected])
         else:
-            projections = self._create_store(self.modules)
+            notes: list[str] = []
+            p = cfg.projection
+            self._start(self._create_store(self.modules, {
+                m.name: ModuleProjection(
+                    make_side(p.kind, m.name, "in", m.d_in, p.rank_in, p.seed, notes),
+                    make_side(p.kind, m.name, "out", m.d_out, p.rank_out, p.seed, notes),
+                )
+                for m in self.modules
+            }, notes))
+        return self
+
+    def _start(self, projections: dict[str, ModuleProjection]) -> None:
+        """Hooks for every watched module, and the writer in log mode."""
+        bias = self.config.capture.bias
         self._captures = [
-            ModuleCapture(i, name, module, projections[name], has_bias(module, cfg.capture.bias),
-                          info.offset)
-            for i, ((name, module), info) in enumerate(zip(selected, self.modules))
+            ModuleCapture(i, name, module, projections[name], has_bias(module, bias), info.offset)
+            for i, ((name, module), info) in enumerate(zip(self._selected, self.modules))
         ]
-        self._model = model
         if self.mode == "log":
             self._open_writer()
-        return self
+
+    def fit_projections(self) -> "ProjectionFit":
+        """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
+        `with run(data_id=ids): loss.backward()` blocks accumulate each module's activation and
+        output-gradient covariances; on exit P_in, P_out become their top eigenvectors and the
+        store is created. Nothing is written during the pass; the model is not changed."""
+        if self._collector is None:
+            raise CaptureError(
+                "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
+            )
+        return ProjectionFit(self)
+
+    def _finish_fit(self) -> None:
+        collector, self._collector = self._collector, None
+        if self.world_size > 1:  # every rank must derive the same projections
+            for sums in (collector.xx, collector.gg):
+                for name in sorted(sums):
+                    torch.distributed.all_reduce(sums[name])
+        p = self.config.projection
+        notes: list[str] = []
+        projections = {m.name: ModuleProjection(*collector.sides(m.name, p.rank_in, p.rank_out, notes))
+                       for m in self.modules}
+        self._start(self._create_store(self.modules, projections, notes))
 
     def _module_table(self, selected: list[tuple[str, nn.Module]]) -> list[ModuleInfo]:
         cfg = self.config
@@ -218,16 +285,11 @@ class Run:
             + ". Use the model the store was logged with (same architecture and capture config)."
         )
 
-    def _create_store(self, modules: list[ModuleInfo]) -> dict[str, ModuleProjection]:
+    def _create_store(self, modules: list[ModuleInfo], projections: dict[str, ModuleProjection],
+                      notes: list[str]) -> dict[str, ModuleProjection]:
+        """Write projections, config copy and manifest (last: the commit point); returns the
+        projections every rank uses (rank 0's, read back by the others)."""
         cfg = self.config.projection
-        notes: list[str] = []
-        projections = {
-            m.name: ModuleProjection(
-                make_side(cfg.kind, m.name, "in", m.d_in, cfg.rank_in, cfg.seed, notes),
-                make_side(cfg.kind, m.name, "out", m.d_out, cfg.rank_out, cfg.seed, notes),
-            )
-            for m in modules
-        }
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             sha = save_projections(self.run_dir / PROJECTIONS, projections)

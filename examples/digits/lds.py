@@ -47,10 +47,17 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
               "capture": {"attribution_only": True, "loss_reduction": "sum"}}
     run = logix.init(path, config=config, overwrite=True)
     run.watch(model)
-    for start in range(0, len(y), batch_size):
-        ids = list(range(start, min(start + batch_size, len(y))))
-        with run(data_id=ids):
-            F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
+
+    def one_pass():
+        for start in range(0, len(y), batch_size):
+            ids = list(range(start, min(start + batch_size, len(y))))
+            with run(data_id=ids):
+                F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
+
+    if projection["kind"] == "pca":  # the statistics pass that sets the projections
+        with run.fit_projections():
+            one_pass()
+    one_pass()
     run.finalize()
     return logix.open_store(path)
 
@@ -122,12 +129,13 @@ def main() -> None:
                   f"({args.epochs} epochs, {timings['train full model']:.1f}s)")
 
     projections = {f"r={r}": {"kind": "random", "rank_in": r, "rank_out": r, "seed": 0} for r in args.ranks}
+    projections.update({f"pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.ranks})
     projections["exact"] = {"kind": "identity"}
     scores: dict[str, dict[str, torch.Tensor]] = {}
     stores = {}
     t = time.perf_counter()
     for name, proj in projections.items():
-        path = args.out / "stores" / name.replace("=", "")
+        path = args.out / "stores" / name.replace("=", "").replace(" ", "-")
         store = log_store(path, model, data.x_train, data.y_train, proj)
         q = query_gradients(path, model, x_test, y_test)
         stores[name] = (store, q)

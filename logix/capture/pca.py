@@ -1,0 +1,119 @@
+"""PCA projections: a statistics pass that sets P_in, P_out to top covariance eigenvectors.
+
+LoGra's PCA initialisation keeps, per layer, the input directions with the most activation
+energy (eigenvectors of E[x xᵀ]) and the output directions with the most gradient energy
+(eigenvectors of E[g gᵀ]): the directions that carry the Kronecker-factored curvature, so a
+small rank loses less of what influence depends on than a random projection.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from logix.capture.per_sample import conv_patches, output_grads
+from logix.capture.projection import SideProjection
+
+
+class CovarianceCollector:
+    """Sums of x xᵀ [d_in, d_in] and g gᵀ [d_out, d_out] per module over every position.
+
+    x carries the appended 1 of the bias; g is ∂(per-example loss)/∂y (the batch mean undone);
+    padded positions (mask 0) are left out. Embedding inputs are one-hot, so only the token
+    counts (the diagonal of E[x xᵀ]) are kept.
+    """
+
+    def __init__(self, modules: list[tuple[str, nn.Module, bool]]):
+        self.modules = modules  # (name, module, bias)
+        self.xx: dict[str, torch.Tensor] = {}
+        self.gg: dict[str, torch.Tensor] = {}
+        self.positions: dict[str, int] = {}
+
+    def attach(self, scale: float, mask: torch.Tensor | None, attribution_only: bool = False) -> list:
+        return [m.register_forward_hook(partial(self._forward, name, bias, scale, mask, attribution_only))
+                for name, m, bias in self.modules]
+
+    def _inputs(self, module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        b = x.shape[0]
+        if isinstance(module, nn.Conv2d):
+            x = conv_patches(module, x)
+        else:
+            x = x.reshape(b, -1, x.shape[-1])
+        x = x.double()
+        if bias:
+            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
+        return x
+
+    def _forward(self, name, bias, scale, mask, attribution_only, module, inputs, output):
+        if not torch.is_grad_enabled():
+            return None
+        replaced = False
+        if not output.requires_grad:
+            if not attribution_only:
+                return None
+            output = output.detach().requires_grad_(True)  # as in ModuleCapture: a leaf to reach
+            replaced = True
+        with torch.no_grad():
+            x = inputs[0].detach()
+            if isinstance(module, nn.Embedding):
+                idx = x.reshape(x.shape[0], -1)
+                weight = self._mask_weights(mask, idx.shape)
+                counts = torch.zeros(module.num_embeddings, dtype=torch.float64, device=idx.device)
+                counts.index_add_(0, idx.reshape(-1), weight.reshape(-1))
+                self._add(self.xx, name, counts)
+            else:
+                x = self._inputs(module, x, bias)
+                w = self._mask_weights(mask, x.shape[:2]) if not isinstance(module, nn.Conv2d) else None
+                xw = x if w is None else x * w.unsqueeze(-1)
+                self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
+        output.register_hook(partial(self._backward, name, module, scale, mask))
+        return output if replaced else None
+
+    def _backward(self, name, module, scale, mask, grad):
+        with torch.no_grad():
+            g = output_grads(module, grad.detach()).double() * scale
+            if mask is not None and not isinstance(module, nn.Conv2d) and g.shape[1] == mask.shape[1]:
+                g = g * mask.to(g.device, g.dtype).unsqueeze(-1)
+            self._add(self.gg, name, torch.einsum("bti,btj->ij", g, g))
+            self.positions[name] = self.positions.get(name, 0) + g.shape[0] * g.shape[1]
+
+    @staticmethod
+    def _mask_weights(mask: torch.Tensor | None, shape) -> torch.Tensor:
+        if mask is None or mask.shape != tuple(shape):
+            return torch.ones(shape, dtype=torch.float64)
+        return mask.to(torch.float64)
+
+    @staticmethod
+    def _add(store: dict, name: str, value: torch.Tensor) -> None:
+        value = value.cpu()
+        store[name] = store[name] + value if name in store else value
+
+    def sides(self, name: str, rank_in: int, rank_out: int, notes: list[str]) -> tuple[SideProjection, SideProjection]:
+        """P_in, P_out of one module from its covariances (top eigenvectors as rows)."""
+        if name not in self.gg:
+            raise RuntimeError(
+                f"the statistics pass saw no gradient for module {name!r}: run forward and "
+                "backward on some training batches inside `with run.fit_projections():`"
+            )
+        return (top_directions(self.xx[name], rank_in, name, "in", notes),
+                top_directions(self.gg[name], rank_out, name, "out", notes))
+
+
+def top_directions(cov: torch.Tensor, rank: int, name: str, side: str, notes: list[str]) -> SideProjection:
+    """The `rank` leading eigenvectors of `cov` ([d, d], or its diagonal [d]) as a [rank, d]
+    projection; a rank at or above d keeps the side whole."""
+    d = cov.shape[0]
+    if rank >= d:
+        notes.append(f"{name}: rank_{side} {rank} >= d_{side} {d}, side kept whole (r_{side} = {d})")
+        return SideProjection(d, d, None)
+    if cov.ndim == 1:  # one-hot inputs: eigenvectors are the most frequent tokens' indicators
+        top = torch.sort(cov, descending=True, stable=True).indices[:rank]
+        return SideProjection(d, rank, F.one_hot(top, d).float())
+    _, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    matrix = vectors[:, -rank:].flip(1).T.contiguous()  # descending eigenvalue order
+    # A fixed sign per direction (largest entry positive) makes the result reproducible.
+    signs = torch.sign(matrix.gather(1, matrix.abs().argmax(1, keepdim=True)))
+    return SideProjection(d, rank, (matrix * signs).float())

@@ -1,0 +1,97 @@
+"""PCA projections: a statistics pass, top eigenvectors of dense covariances, exact rows after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import logix
+from logix.capture.hooks import CaptureError
+from reference import per_example_grads, projected_rows
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 10, 6, generator=g) * torch.linspace(0.2, 2.0, 6)  # anisotropic inputs
+    y = torch.randint(0, 5, (3, 10), generator=g)
+    return model, x, y
+
+
+def fitted_run(path, model, x, y, reduction="mean"):
+    cfg = {"projection": {"kind": "pca", "rank_in": 3, "rank_out": 2},
+           "capture": {"loss_reduction": reduction}}
+    run = logix.init(path, config=cfg)
+    run.watch(model)
+    with run.fit_projections():
+        for b in range(3):
+            with run(data_id=list(range(10 * b, 10 * b + 10))):
+                loss = F.cross_entropy(model(x[b]), y[b], reduction=reduction)
+                loss.backward()
+    return run
+
+
+def test_projections_are_top_eigenvectors_of_dense_covariances(tmp_path):
+    model, x, y = model_and_data()
+    run = fitted_run(tmp_path / "r", model, x, y)
+    run.finalize()
+    projections = {c.name: c.projection for c in run._captures}
+    # Dense references: E[x xᵀ] with the bias 1 appended, and E[g gᵀ] of per-example gradients.
+    inputs = torch.cat([x.reshape(-1, 6), torch.ones(30, 1)], 1).double()
+    hidden = torch.tanh(model[0](x.reshape(-1, 6))).detach()
+    h_inputs = torch.cat([hidden, torch.ones(30, 1)], 1).double()
+    out = model(x.reshape(-1, 6))
+    g_out = torch.softmax(out, 1) - F.one_hot(y.reshape(-1), 5)  # ∂ℓ_n/∂logits
+    g_hidden = (g_out @ model[2].weight) * (1 - hidden**2)
+    for name, cov_in, cov_out in (("0", inputs.T @ inputs, g_hidden.double().T @ g_hidden.double()),
+                                  ("2", h_inputs.T @ h_inputs, g_out.double().T @ g_out.double())):
+        for side, cov, r in (("in", cov_in, 3), ("out", cov_out, 2)):
+            p = getattr(projections[name], f"p_{side}").matrix.double()
+            evals, evecs = torch.linalg.eigh(cov)
+            top = evecs[:, -r:]
+            # the same subspace: projecting the top eigenvectors onto P's rows loses nothing
+            assert torch.allclose(p @ p.T, torch.eye(r, dtype=torch.float64), atol=1e-5)
+            assert torch.allclose((p.T @ (p @ top)), top, atol=1e-4), (name, side)
+
+
+def test_rows_after_fitting_match_torch_func(tmp_path):
+    model, x, y = model_and_data()
+    run = fitted_run(tmp_path / "r", model, x, y, reduction="sum")
+    run.finalize()
+    q = logix.init(tmp_path / "r", mode="query")
+    q.watch(model)
+    with q(data_id=list(range(10))):
+        F.cross_entropy(model(x[0]), y[0], reduction="sum").backward()
+    grads = per_example_grads(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), (x[0],), y[0])
+    want = projected_rows(model, q.modules, {c.name: c.projection for c in q._captures}, grads)
+    got = q.gradients().values.double()
+    assert (got - want).norm() / want.norm() < 1e-5
+    assert logix.open_store(tmp_path / "r").manifest["projection"]["kind"] == "pca"
+
+
+def test_logging_before_fitting_is_an_error(tmp_path):
+    model, x, y = model_and_data()
+    run = logix.init(tmp_path / "r", config={"projection": {"kind": "pca"}})
+    run.watch(model)
+    with pytest.raises(CaptureError, match="fit_projections"):
+        with run(data_id=list(range(10))):
+            F.cross_entropy(model(x[0]), y[0]).backward()
+    assert not (tmp_path / "r" / "manifest.json").exists()
+    other = logix.init(tmp_path / "s")
+    other.watch(model)
+    with pytest.raises(CaptureError, match="kind 'pca'"):
+        other.fit_projections()
+
+
+def test_fitting_then_logging_in_one_run(tmp_path):
+    model, x, y = model_and_data()
+    run = fitted_run(tmp_path / "r", model, x, y)
+    for b in range(3):
+        with run(data_id=list(range(10 * b, 10 * b + 10))):
+            F.cross_entropy(model(x[b]), y[b]).backward()
+    run.finalize()
+    store = logix.open_store(tmp_path / "r")
+    assert len(store) == 30 and store.width == 3 * 2 * 2
