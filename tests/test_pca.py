@@ -95,3 +95,37 @@ def test_fitting_then_logging_in_one_run(tmp_path):
     run.finalize()
     store = logix.open_store(tmp_path / "r")
     assert len(store) == 30 and store.width == 3 * 2 * 2
+
+
+def test_covariances_of_conv_and_embedding_layers_match_dense_sums():
+    """The statistics behind PCA: Σ x xᵀ over unfolded patches / token counts, Σ g gᵀ over
+    positions, equal sums computed directly from the layers' inputs and output gradients."""
+    from logix.capture.pca import CovarianceCollector, top_directions
+
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+    emb = nn.Embedding(7, 4, padding_idx=0)
+    images = torch.randn(4, 2, 6, 6)
+    tokens = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 6], [5, 1, 0, 0], [2, 2, 4, 4]])
+    mask = (tokens != 0).long()
+    collector = CovarianceCollector([("conv", conv, True), ("emb", emb, False)])
+    handles = collector.attach(scale=1.0, mask=mask)
+    outs = [conv(images), emb(tokens)]
+    for o in outs:
+        o.retain_grad()
+    (outs[0].pow(2).sum() + outs[1].sin().sum()).backward()
+    for h in handles:
+        h.remove()
+    patches = F.unfold(images, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18)
+    patches = torch.cat([patches, torch.ones(len(patches), 1)], 1).double()
+    torch.testing.assert_close(collector.xx["conv"], patches.T @ patches)
+    g = outs[0].grad.permute(0, 2, 3, 1).reshape(-1, 3).double()
+    torch.testing.assert_close(collector.gg["conv"], g.T @ g)
+    counts = torch.bincount(tokens[mask.bool()], minlength=7).double()
+    torch.testing.assert_close(collector.xx["emb"], counts)
+    ge = (outs[1].grad * mask.unsqueeze(-1)).reshape(-1, 4).double()
+    torch.testing.assert_close(collector.gg["emb"], ge.T @ ge)
+    # one-hot inputs: the kept input directions are the most frequent tokens
+    notes = []
+    side = top_directions(collector.xx["emb"], 2, "emb", "in", notes)
+    assert side.matrix.argmax(1).tolist() == [2, 3]
