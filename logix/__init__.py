@@ -26,6 +26,10 @@ def __getattr__(name: str):
         from logix.query.engine import InfluenceEngine
 
         return InfluenceEngine
+    if name == "combined_scores":
+        from logix.query.segments import combined_scores
+
+        return combined_scores
     raise AttributeError(f"module 'logix' has no attribute {name!r}")
 
 
@@ -38,6 +42,7 @@ __all__ = [
     "Run",
     "Store",
     "StoreError",
+    "combined_scores",
     "init",
     "open_store",
     "__version__",
