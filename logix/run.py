@@ -44,6 +44,7 @@ from logix.store.format import (
     ModuleInfo,
     StoreError,
     read_json,
+    total_width,
     write_json_atomic,
 )
 from logix.store.gradients import DataId, Gradients
@@ -87,7 +88,7 @@ class Step:
         cfg = run.config.capture
         self.state = StepState(
             batch_size=len(self.ids),
-            width=sum(m.width for m in run.modules),
+            width=run.width,
             grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
             mask=self.mask,
             attribution_only=cfg.attribution_only,
@@ -171,6 +172,7 @@ class Run:
         else:
             self.config = LogixConfig.load(config)
         self.modules: list[ModuleInfo] = []
+        self.width = 0
         self.fingerprint: str | None = None
         self._captures: list[ModuleCapture] | None = None
         self._selected: list[tuple[str, nn.Module]] = []
@@ -193,6 +195,7 @@ class Run:
         cfg = self.config
         selected = select_modules(model, cfg.capture)
         self.modules = self._module_table(selected)
+        self.width = total_width(self.modules)  # D
         self._model = model
         self._selected = selected
         if self._manifest is not None:
@@ -302,7 +305,7 @@ class Run:
                 "version": FORMAT_VERSION,
                 "config": self.config.to_dict(),
                 "modules": [m.to_dict() for m in modules],
-                "width": sum(m.width for m in modules),
+                "width": total_width(modules),
                 "dtype": self.config.store.dtype,
                 "fingerprint": self.fingerprint,
                 "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes},
@@ -332,7 +335,7 @@ class Run:
             observers.append(self._statistics)
         self._writer = StoreWriter(
             self.run_dir,
-            width=sum(m.width for m in self.modules),
+            width=self.width,
             dtype=self.config.store.dtype,
             shard_rows=self.config.store.shard_rows,
             rank=self.rank,
@@ -414,8 +417,7 @@ class Run:
         """The gradients captured by a query-mode run: values [n, D] float32 and data ids."""
         if self.mode != "query":
             raise CaptureError("gradients() is for mode='query' runs; a logging run writes to its store")
-        width = sum(m.width for m in self.modules)
-        values = torch.cat(self._query_rows) if self._query_rows else torch.zeros(0, width)
+        values = torch.cat(self._query_rows) if self._query_rows else torch.zeros(0, self.width)
         return Gradients(values, list(self._query_ids), list(self.modules), self.fingerprint or "")
 
     def flush(self) -> None:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logix.capture.per_sample import conv_patches, output_grads
-from logix.capture.projection import SideProjection
+from logix.capture.per_sample import layer_dims, output_grads, projected_inputs
+from logix.capture.projection import SideProjection, whole_side
 
 
 class CovarianceCollector:
@@ -30,22 +30,10 @@ class CovarianceCollector:
         self.modules = modules  # (name, module, bias)
         self.xx: dict[str, torch.Tensor] = {}
         self.gg: dict[str, torch.Tensor] = {}
-        self.positions: dict[str, int] = {}
 
     def attach(self, scale: float, mask: torch.Tensor | None, attribution_only: bool = False) -> list:
         return [m.register_forward_hook(partial(self._forward, name, bias, scale, mask, attribution_only))
                 for name, m, bias in self.modules]
-
-    def _inputs(self, module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        b = x.shape[0]
-        if isinstance(module, nn.Conv2d):
-            x = conv_patches(module, x)
-        else:
-            x = x.reshape(b, -1, x.shape[-1])
-        x = x.double()
-        if bias:
-            x = torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-        return x
 
     def _forward(self, name, bias, scale, mask, attribution_only, module, inputs, output):
         if not torch.is_grad_enabled():
@@ -65,7 +53,9 @@ class CovarianceCollector:
                 counts.index_add_(0, idx.reshape(-1), weight.reshape(-1))
                 self._add(self.xx, name, counts)
             else:
-                x = self._inputs(module, x, bias)
+                # The layer input per position, with the bias's 1: a side kept whole.
+                d_in = layer_dims(module, bias)[0]
+                x = projected_inputs(module, x, SideProjection(d_in, d_in, None), bias).double()
                 w = self._mask_weights(mask, x.shape[:2]) if not isinstance(module, nn.Conv2d) else None
                 xw = x if w is None else x * w.unsqueeze(-1)
                 self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
@@ -78,7 +68,6 @@ class CovarianceCollector:
             if mask is not None and not isinstance(module, nn.Conv2d) and g.shape[1] == mask.shape[1]:
                 g = g * mask.to(g.device, g.dtype).unsqueeze(-1)
             self._add(self.gg, name, torch.einsum("bti,btj->ij", g, g))
-            self.positions[name] = self.positions.get(name, 0) + g.shape[0] * g.shape[1]
 
     @staticmethod
     def _mask_weights(mask: torch.Tensor | None, shape) -> torch.Tensor:
@@ -106,9 +95,9 @@ def top_directions(cov: torch.Tensor, rank: int, name: str, side: str, notes: li
     """The `rank` leading eigenvectors of `cov` ([d, d], or its diagonal [d]) as a [rank, d]
     projection; a rank at or above d keeps the side whole."""
     d = cov.shape[0]
-    if rank >= d:
-        notes.append(f"{name}: rank_{side} {rank} >= d_{side} {d}, side kept whole (r_{side} = {d})")
-        return SideProjection(d, d, None)
+    whole = whole_side(name, side, d, rank, notes)
+    if whole is not None:
+        return whole
     if cov.ndim == 1:  # one-hot inputs: eigenvectors are the most frequent tokens' indicators
         top = torch.sort(cov, descending=True, stable=True).indices[:rank]
         return SideProjection(d, rank, F.one_hot(top, d).float())

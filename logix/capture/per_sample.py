@@ -56,7 +56,7 @@ def layer_dims(module: nn.Module, include_bias: bool) -> tuple[int, int]:
     return d_in + int(has_bias(module, include_bias)), d_out
 
 
-def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, L, C*kh*kw], the input patch of every output position."""
     kh, kw = module.kernel_size
     dh, dw = module.dilation
@@ -104,7 +104,7 @@ def projected_inputs(module: nn.Module, x: torch.Tensor, p_in: SideProjection,
             xt = xt * (idx != module.padding_idx).unsqueeze(-1)
         return xt
     if isinstance(module, nn.Conv2d):
-        x = conv_patches(module, x)
+        x = _conv_patches(module, x)
     else:
         x = x.reshape(batch, -1, x.shape[-1])
     return _project_with_bias(x.float(), p_in, bias)

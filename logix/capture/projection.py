@@ -48,14 +48,22 @@ def _module_seed(seed: int, name: str, side: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(f"{name}/{side}".encode())) % (2**63 - 1)
 
 
+def whole_side(name: str, side: str, dim: int, rank: int, notes: list[str]) -> SideProjection | None:
+    """The side kept whole (no matrix, r = d) when `rank` reaches `dim`, noted; else None."""
+    if rank < dim:
+        return None
+    notes.append(f"{name}: rank_{side} {rank} >= d_{side} {dim}, side kept whole (r_{side} = {dim})")
+    return SideProjection(dim, dim, None)
+
+
 def make_side(kind: str, name: str, side: str, dim: int, rank: int, seed: int,
               notes: list[str]) -> SideProjection:
     """Build one side; clamps `rank` to `dim` (keeping the side whole) with a note."""
     if kind == "identity":
         return SideProjection(dim, dim, None)
-    if rank >= dim:
-        notes.append(f"{name}: rank_{side} {rank} >= d_{side} {dim}, side kept whole (r_{side} = {dim})")
-        return SideProjection(dim, dim, None)
+    whole = whole_side(name, side, dim, rank, notes)
+    if whole is not None:
+        return whole
     if kind != "random":
         raise ValueError(f"unknown projection kind {kind!r}; use 'identity' or 'random'")
     gen = torch.Generator().manual_seed(_module_seed(seed, name, side))

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from logix.curvature.covariance import ProgressFn, Statistics, statistics_for
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo, StoreError, total_width
 
 PRECONDITIONERS = ("identity", "raw")
 PLANNED = ("kfac", "ekfac")
@@ -70,7 +70,7 @@ class Preconditioner:
         self.modules = list(modules)
         self.selected = [m for m in modules if m.name in set(selected)]
         self.blocks = blocks
-        self.width = sum(m.width for m in modules)
+        self.width = total_width(modules)
         self._factors: dict[Any, list[torch.Tensor | None]] = {}
 
     @property
