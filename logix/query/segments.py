@@ -36,9 +36,10 @@ def combined_scores(store, queries: dict[str, Gradients], *, mode: str = "dot",
     total: torch.Tensor | None = None
     train_ids: list | None = None
     query_ids: list | None = None
+    used: dict[str, float] = {}
     for name, q in queries.items():
         seg = store.select(name)
-        weight = _weight(seg, name, weights)
+        weight = used[name] = _weight(seg, name, weights)
         result = InfluenceEngine(seg, preconditioner, damping, **engine_options).scores(q, mode=mode)
         if train_ids is None:
             train_ids, query_ids = list(result.train_ids), list(result.query_ids)
@@ -52,17 +53,18 @@ def combined_scores(store, queries: dict[str, Gradients], *, mode: str = "dot",
                              "combined scores need the same examples logged in every segment")
         columns = torch.tensor([position[t] for t in result.train_ids])
         total[:, columns] += weight * result.values.to(torch.float64)
-    meta = {"segments": list(queries), "weights": {n: _weight(store, n, weights) for n in queries},
+    meta = {"segments": list(queries), "weights": used,
             "preconditioner": preconditioner, "damping": damping}
     return Scores(total.to(torch.float32), query_ids, train_ids, mode, None, meta)
 
 
-def _weight(store, name: str, weights: dict[str, float] | None) -> float:
+def _weight(segment_store, name: str, weights: dict[str, float] | None) -> float:
+    """The weight of segment `name` (`segment_store` is the store with it selected)."""
     if weights is not None:
         if name not in weights:
             raise ValueError(f"weights has no entry for segment {name!r}")
         return float(weights[name])
-    lr = store.select(name).segment_meta.get("lr")
+    lr = segment_store.segment_meta.get("lr")
     if lr is None:
         raise ValueError(f"segment {name!r} has no logged learning rate: pass weights=..., or log "
                          "it with run.start_segment(name, lr=...)")

@@ -272,8 +272,7 @@ class StoreWriter:
         """Flush the current segment's rows and make `name` current (default: next number)."""
         self._check_usable()
         if name is None:
-            numbers = [int(n) for n in self._all_segment_names() if n.isdigit()]
-            name = str(max(numbers, default=-1) + 1)
+            name = self._next_segment_name()
         check_segment_name(name)
         if meta is not None:
             json.dumps(meta)  # fail here, not in the background thread
@@ -309,8 +308,8 @@ class StoreWriter:
     def add(self, ids: Sequence[DataId], rows: torch.Tensor) -> None:
         """Queue rows `[B, D]` (any float dtype / device) with their `B` data ids.
 
-        Nothing of the batch is stored when it fails a check. CPU float32 contiguous rows are
-        kept without a copy: the caller must not modify them afterwards.
+        Nothing of the batch is stored when it fails a check. Rows are copied into the current
+        shard buffer, unless they already are its slice from `reserve()`.
         """
         self._check_open()
         if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[1] != self.width:
@@ -321,7 +320,7 @@ class StoreWriter:
         ids = normalise_ids(ids)
         if len(ids) != rows.shape[0]:
             raise StoreError(f"{len(ids)} data ids for {rows.shape[0]} rows: pass one id per row")
-        segment = self._segment if self._segment is not None else self._first_segment_name()
+        segment = self._segment if self._segment is not None else self._next_segment_name()
         taken = self._known_ids(segment)
         seen: set[DataId] = set()
         dups = []
@@ -383,7 +382,8 @@ class StoreWriter:
             except queue.Empty:
                 self._raise_error()
 
-    def _first_segment_name(self) -> str:
+    def _next_segment_name(self) -> str:
+        """The next unused number among all ranks' segment names."""
         numbers = [int(n) for n in self._all_segment_names() if n.isdigit()]
         return str(max(numbers, default=-1) + 1)
 
