@@ -26,6 +26,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import logix  # noqa: E402
+from logix.store.reader import TORCH_DTYPES  # noqa: E402
 from models import TinyDecoder, digits_mlp  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None, discard=False)
     tail = time.perf_counter() - t0
     p, lg = statistics.median(plain), statistics.median(logged)
     store = logix.open_store(tmp / name)
-    itemsize = torch.empty(0, dtype=getattr(torch, store.dtype)).element_size()
+    itemsize = TORCH_DTYPES[store.dtype].itemsize
     mb = data[0][0].shape[0] * store.width * itemsize / 2**20
     return {"name": name, "plain_ms": p * 1e3, "logged_ms": lg * 1e3, "ratio": lg / p,
             "mb_per_step": 0.0 if discard else mb, "finalize_s": tail}

@@ -24,11 +24,10 @@ from logix.curvature.precondition import build_preconditioner, check_choice
 from logix.query.results import Scores, SelfInfluence, TopK
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
-from logix.store.reader import Store, open_store
+from logix.store.reader import TORCH_DTYPES, Store, open_store
 
 MODES = ("dot", "cosine", "relative")
 SELF_MODES = ("dot", "relative")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INDEX_BITS = 32  # top-k packs (score, train index) into one int64 key
 
 
@@ -112,7 +111,7 @@ class InfluenceEngine:
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
         """(first row index, ids, rows [c, D] float32 on the device), in row order."""
         cuda = self.device.type == "cuda"
-        dtype = _TORCH_DTYPES[self.store.dtype] if cuda else torch.float32
+        dtype = TORCH_DTYPES[self.store.dtype] if cuda else torch.float32
         # The reader asks the kernel to read the next chunk ahead while this one is scored.
         # Two reused buffers: a chunk is consumed before the next-but-one is read (no page faults).
         source = self.store.iter_chunks(rows=self.chunk_rows, dtype=dtype, buffers=2)

@@ -33,7 +33,8 @@ from logix.store.format import (
 
 DataId = int | str
 VERIFY_MODES = ("none", "quick", "full")
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Storage dtype names (the manifest's "dtype") -> torch dtypes.
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CRC_BLOCK = 16 << 20
 
 
@@ -287,7 +288,7 @@ class _RowReader:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.storage = _TORCH_DTYPES[store.dtype]
+        self.storage = TORCH_DTYPES[store.dtype]
         self.row_bytes = store.width * SAFETENSORS_DTYPES[store.dtype][1]
         self.fds: dict[int, int] = {}
         self.staging: torch.Tensor | None = None

@@ -39,10 +39,10 @@ from logix.store.format import (
     shard_relpath,
     write_json_atomic,
 )
+from logix.store.reader import TORCH_DTYPES
 
 DataId = int | str
 Observer = Callable[[str, torch.Tensor], None]
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STOP = object()
 
 
@@ -484,7 +484,7 @@ class StoreWriter:
         for fn in self.observers:
             fn(segment, rows)
         if self.dtype != "float32":
-            rows = rows.to(_TORCH_DTYPES[self.dtype])
+            rows = rows.to(TORCH_DTYPES[self.dtype])
             bad = [ids[j] for j in nonfinite_rows(rows)]
             if bad:
                 raise StoreError(
