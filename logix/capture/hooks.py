@@ -55,6 +55,20 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
     return chosen
 
 
+def position_mask(mask: torch.Tensor | None, module: nn.Module, name: str,
+                  values: torch.Tensor) -> torch.Tensor | None:
+    """The [B, T] padding mask that applies to a layer's per-position `values` [B, T, ...], in
+    their dtype and device; None where it does not apply (no mask, Conv2d, one position)."""
+    if mask is None or isinstance(module, nn.Conv2d) or values.shape[1] == 1:
+        return None
+    if values.shape[1] != mask.shape[1]:
+        raise CaptureError(
+            f"mask has {mask.shape[1]} positions but module {name!r} sees "
+            f"{values.shape[1]}; pass a [batch, seq] mask matching the sequence length"
+        )
+    return mask.to(device=values.device, dtype=values.dtype)
+
+
 @dataclass
 class StepState:
     """What one `with run(data_id=...)` block collects: the rows [B, D] of its examples, each
@@ -125,14 +139,8 @@ class ModuleCapture:
         return output if replaced else None
 
     def _apply_mask(self, step: StepState, x_proj: torch.Tensor) -> torch.Tensor:
-        if step.mask is None or self.is_conv or x_proj.shape[1] == 1:
-            return x_proj
-        if x_proj.shape[1] != step.mask.shape[1]:
-            raise CaptureError(
-                f"mask has {step.mask.shape[1]} positions but module {self.name!r} sees "
-                f"{x_proj.shape[1]}; pass a [batch, seq] mask matching the sequence length"
-            )
-        return x_proj * step.mask.to(device=x_proj.device, dtype=x_proj.dtype).unsqueeze(-1)
+        mask = position_mask(step.mask, self.module, self.name, x_proj)
+        return x_proj if mask is None else x_proj * mask.unsqueeze(-1)
 
     def _backward(self, step: StepState, x_proj: torch.Tensor, grad: torch.Tensor) -> None:
         if not step.open:

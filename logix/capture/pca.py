@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from logix.capture.hooks import position_mask
 from logix.capture.per_sample import layer_dims, output_grads, projected_inputs
 from logix.capture.projection import SideProjection, whole_side
 
@@ -48,15 +49,16 @@ class CovarianceCollector:
             x = inputs[0].detach()
             if isinstance(module, nn.Embedding):
                 idx = x.reshape(x.shape[0], -1)
-                weight = self._mask_weights(mask, idx.shape)
+                w = position_mask(mask, module, name, idx.double())
+                w = torch.ones(idx.shape, dtype=torch.float64, device=idx.device) if w is None else w
                 counts = torch.zeros(module.num_embeddings, dtype=torch.float64, device=idx.device)
-                counts.index_add_(0, idx.reshape(-1), weight.reshape(-1))
+                counts.index_add_(0, idx.reshape(-1), w.reshape(-1))
                 self._add(self.xx, name, counts)
             else:
                 # The layer input per position, with the bias's 1: a side kept whole.
                 d_in = layer_dims(module, bias)[0]
                 x = projected_inputs(module, x, SideProjection(d_in, d_in, None), bias).double()
-                w = self._mask_weights(mask, x.shape[:2]) if not isinstance(module, nn.Conv2d) else None
+                w = position_mask(mask, module, name, x)
                 xw = x if w is None else x * w.unsqueeze(-1)
                 self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
         output.register_hook(partial(self._backward, name, module, scale, mask))
@@ -65,15 +67,10 @@ class CovarianceCollector:
     def _backward(self, name, module, scale, mask, grad):
         with torch.no_grad():
             g = output_grads(module, grad.detach()).double() * scale
-            if mask is not None and not isinstance(module, nn.Conv2d) and g.shape[1] == mask.shape[1]:
-                g = g * mask.to(g.device, g.dtype).unsqueeze(-1)
+            w = position_mask(mask, module, name, g)
+            if w is not None:
+                g = g * w.unsqueeze(-1)
             self._add(self.gg, name, torch.einsum("bti,btj->ij", g, g))
-
-    @staticmethod
-    def _mask_weights(mask: torch.Tensor | None, shape) -> torch.Tensor:
-        if mask is None or mask.shape != tuple(shape):
-            return torch.ones(shape, dtype=torch.float64)
-        return mask.to(torch.float64)
 
     @staticmethod
     def _add(store: dict, name: str, value: torch.Tensor) -> None:
