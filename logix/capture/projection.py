@@ -9,7 +9,6 @@ per module name so that adding or removing a module does not change the others' 
 from __future__ import annotations
 
 import hashlib
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from logix.store.format import StoreError, fsync_dir
+from logix.store.format import StoreError, write_atomic
 
 
 @dataclass
@@ -84,13 +83,7 @@ def projections_bytes(projections: dict[str, ModuleProjection]) -> bytes:
 def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> str:
     """Write the projections atomically; returns the sha256 of the file (part of the fingerprint)."""
     data = projections_bytes(projections)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
     return hashlib.sha256(data).hexdigest()
 
 

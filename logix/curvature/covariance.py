@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from logix.store.format import ModuleInfo, StoreError, curvature_dir, fsync_dir
+from logix.store.format import ModuleInfo, StoreError, curvature_dir, write_atomic
 
 FORMAT = "logix-curvature"
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
@@ -128,18 +127,13 @@ def _modules_json(modules: list[ModuleInfo]) -> str:
 
 
 def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None = None) -> Path:
-    """Write `stats` atomically (temporary file, fsync, rename)."""
+    """Write `stats` atomically (see `write_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
                 "modules": _modules_json(stats.modules), **(extra or {})}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
 
 

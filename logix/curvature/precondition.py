@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from logix.curvature.covariance import ProgressFn, Statistics, statistics_for
-from logix.store.format import ModuleInfo, StoreError, total_width
+from logix.store.format import ModuleInfo, StoreError, total_width, write_atomic
 
 PRECONDITIONERS = ("identity", "raw")
 PLANNED = ("kfac", "ekfac")
@@ -165,12 +163,10 @@ def eigendecompose(stats: Statistics, names: list[str], cache_path: Path | None,
             tensors[f"{n}.eigenvectors"] = v.contiguous()
         md = {"format": EIGEN_FORMAT, "kind": stats.kind,
               "keys": json.dumps({n: stats.digest(n) for n in entries})}
-        tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
-            save_file(tensors, str(tmp), metadata=md)
-            os.replace(tmp, cache_path)
+            write_atomic(cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=md))
         except OSError:
-            tmp.unlink(missing_ok=True)  # read-only store: recompute next time
+            pass  # a read-only store: recompute next time
     return result
 
 

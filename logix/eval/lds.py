@@ -32,6 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from logix.store.format import write_atomic
+
 OUTPUT_KINDS = ("loss", "score")
 TrainFn = Callable[[torch.Tensor, int], torch.Tensor]
 _CACHE_FORMAT = "logix-lds-output"
@@ -87,10 +89,9 @@ def _read_cached(path: Path, members: torch.Tensor, seeds: list[int]) -> torch.T
 
 def _write_cached(path: Path, members: torch.Tensor, seeds: list[int], output: torch.Tensor) -> None:
     """Write atomically: a run killed mid-write leaves no half file to be trusted later."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"members": members.contiguous(), "output": output.contiguous()}, str(tmp),
-              metadata={"format": _CACHE_FORMAT, "seeds": json.dumps(seeds)})
-    os.replace(tmp, path)
+    tensors = {"members": members.contiguous(), "output": output.contiguous()}
+    metadata = {"format": _CACHE_FORMAT, "seeds": json.dumps(seeds)}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def retrain_outputs(train_fn: TrainFn, subsets: torch.Tensor, out_dir: str | os.PathLike | None = None,

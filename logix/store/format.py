@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 FORMAT_NAME = "logix-store"
 FORMAT_VERSION = 1
@@ -113,17 +114,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Replace `path` with `obj` as JSON: written to a temporary file, fsynced, then renamed."""
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace `path` as one step: `write(tmp)` fills a temporary file beside it, which is
+    fsynced and renamed over `path`; on failure the temporary file is removed. Readers see the
+    old file or the new one, never a partial one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Replace `path` with `obj` as JSON, atomically (see `write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
 
 
 def read_json(path: Path) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import queue
 import threading
 import warnings
@@ -32,11 +31,11 @@ from logix.store.format import (
     StoreError,
     check_segment_name,
     file_crc32,
-    fsync_dir,
     index_path,
     read_json,
     shard_layout,
     shard_relpath,
+    write_atomic,
     write_json_atomic,
 )
 from logix.store.reader import TORCH_DTYPES
@@ -82,7 +81,7 @@ def nonfinite_rows(rows: torch.Tensor) -> list[int]:
 def _write_safetensors(path: Path, name: str, rows: torch.Tensor, width: int, dtype: str,
                        metadata: dict[str, str]) -> tuple[int, str]:
     """Write one tensor [n, width] to a safetensors file straight from memory (no serialised
-    copy), fsync it, and return (file size, crc32 of its bytes)."""
+    copy) and return (file size, crc32 of its bytes)."""
     code, itemsize = SAFETENSORS_DTYPES[dtype]
     n = rows.shape[0]
     header = {"__metadata__": metadata,
@@ -99,8 +98,6 @@ def _write_safetensors(path: Path, name: str, rows: torch.Tensor, width: int, dt
             block = view[start:start + step]
             crc = zlib.crc32(block, crc)
             f.write(block)
-        f.flush()
-        os.fsync(f.fileno())
     return len(head) + n * width * itemsize, f"{crc & 0xFFFFFFFF:08x}"
 
 
@@ -182,7 +179,7 @@ class StoreWriter:
     # ----------------------------------------------------------------------------- opening
     def _remove_tmp_files(self) -> None:
         """Temporary files of this rank are leftovers of a crash: never complete, never listed."""
-        pattern = f"*/.r{self.rank:05d}-*.safetensors.tmp"
+        pattern = f"*/.r{self.rank:05d}-*.safetensors.tmp*"
         leftovers = list((self.run_dir / SHARD_DIR).glob(pattern))
         leftovers += list(self._index_file.parent.glob(f".{self._index_file.name}.tmp*"))
         for p in leftovers:
@@ -498,10 +495,14 @@ class StoreWriter:
                     "data_ids": json.dumps(ids)}
         final = self.run_dir / rel
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp")
-        nbytes, crc = _write_safetensors(tmp, "rows", rows, self.width, self.dtype, metadata)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        written: dict[str, Any] = {}
+
+        def write(tmp: Path) -> None:
+            written["bytes"], written["crc32"] = _write_safetensors(
+                tmp, "rows", rows, self.width, self.dtype, metadata)
+
+        write_atomic(final, write)
+        nbytes, crc = written["bytes"], written["crc32"]
         with self._lock:
             self._index["shards"].append({
                 "file": rel, "segment": segment, "seq": seq, "rows": len(ids),
