@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from rich.console import Console
 from rich.table import Table
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import logix
 
@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1] / "benchmarks"))
 sys.path.insert(0, str(HERE))
 
-from corpus import Corpus, Question, generate, overlap_scores, pad_batch  # noqa: E402
-from models import TinyDecoder  # noqa: E402
+from corpus import VALUES, Corpus, Question, generate, overlap_scores, pad_batch
+from models import TinyDecoder
 
 
 @dataclass
@@ -300,28 +300,45 @@ def main(argv: list[str] | None = None) -> dict:
 
     final = checkpoints[-1]
     for preconditioner in ("identity", "raw"):
-        engines = {c.epoch: logix.InfluenceEngine(store.select(segment_name(c)),
-                                                  preconditioner=preconditioner, damping=args.damping)
-                   for c in checkpoints}
+        engine = logix.InfluenceEngine(store, preconditioner=preconditioner, damping=args.damping)
         for mode in ("dot", "cosine", "relative"):
-            # TracIn-CP: the learning-rate weighted sum of the scores at every checkpoint.
-            combined = torch.zeros(len(questions), len(corpus.documents), dtype=torch.float64)
-            for ckpt in checkpoints:
-                s = engines[ckpt.epoch].scores(grads[ckpt.epoch], mode=mode).values.double()
-                combined += ckpt.lr * s
-                if ckpt is final:
-                    add(f"logix {preconditioner} / {mode}", s)
+            add(f"logix {preconditioner} / {mode}", engine.scores(grads[final.epoch], mode=mode).values)
             if len(checkpoints) > 1:
-                add(f"  … TracIn-CP, {len(checkpoints)} ckpts", combined)
+                # TracIn-CP: the learning-rate weighted sum of the scores at every checkpoint,
+                # each segment scored with the queries captured under that checkpoint's weights.
+                combined = logix.combined_scores(
+                    run_dir, {segment_name(c): grads[c.epoch] for c in checkpoints}, mode=mode,
+                    preconditioner=preconditioner, damping=args.damping)
+                assert combined.train_ids == [d.doc_id for d in corpus.documents]
+                add(f"  … TracIn-CP, {len(checkpoints)} ckpts", combined.values)
     engine = logix.InfluenceEngine(store, preconditioner="raw", damping=args.damping)
     top = engine.top_k(grads[final.epoch], k=10, mode="cosine")  # streaming top-k = full scores
     full = engine.scores(grads[final.epoch], mode="cosine").values
     assert torch.equal(top.indices[:, 0], full.argmax(dim=1))
+    # A single earlier checkpoint: its documents' fact tokens are not memorised yet (see the
+    # loss shares printed below), so its gradients still carry the facts.
+    for ckpt in checkpoints[:-1]:
+        for preconditioner in ("identity", "raw"):
+            engine = logix.InfluenceEngine(store.select(segment_name(ckpt)),
+                                           preconditioner=preconditioner, damping=args.damping)
+            add(f"logix {preconditioner} / cosine, epoch {ckpt.epoch} alone",
+                engine.scores(grads[ckpt.epoch], mode="cosine").values)
     add("word overlap (question)", overlap_scores(corpus, [q.prompt for q in questions]))
     add("word overlap (question + answer)",
         overlap_scores(corpus, [f"{q.prompt} {q.answer}" for q in questions]))
     gen = torch.Generator().manual_seed(args.seed)
     add("random", torch.rand(len(questions), len(corpus.documents), generator=gen, dtype=torch.float64))
+
+    shares = {}
+    for ckpt in checkpoints:
+        model.load_state_dict(ckpt.state)
+        shares[ckpt.epoch] = loss_shares(model, corpus)
+        accuracy = float(answer_accuracy(model, corpus, questions).float().mean())
+        console.print(
+            f"epoch {ckpt.epoch}: held-out answer accuracy {accuracy:.3f}; share of the documents' "
+            f"loss on fact values {shares[ckpt.epoch]['values']:.2f}, on names "
+            f"{shares[ckpt.epoch]['names']:.2f}")
+    model.load_state_dict(final.state)
 
     table = Table(title=f"fact tracing: {len(questions)} held-out questions, "
                         f"{len(corpus.documents)} documents (1-3 state each fact)")
@@ -339,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "final_token_loss": history[-1],
+        "document_loss_shares": shares,
         "answer_accuracy": {"train_questions": float(train_acc.float().mean()),
                             "held_out_questions": float(test_acc.float().mean()),
                             "majority": majority},
@@ -348,6 +366,25 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fact_tracing.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+@torch.no_grad()
+def loss_shares(model: torch.nn.Module, corpus: Corpus) -> dict[str, float]:
+    """Which tokens carry the documents' loss: the fractions on attribute values (the facts),
+    on entity names (unpredictable: a document's subject is not known in advance) and on the
+    rest. Once the values are memorised, a document's gradient is mostly its names'."""
+    values = {corpus.index[v] for vs in VALUES.values() for v in vs}
+    names = {corpus.index[e] for e in corpus.entities}
+    batch = document_batch(corpus, [d.text for d in corpus.documents])
+    logits = model(batch.tokens, batch.pad_mask)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.tokens[:, 1:], reduction="none")
+    ce = ce * batch.loss_mask[:, 1:]
+    target = batch.tokens[:, 1:]
+    is_value = torch.isin(target, torch.tensor(sorted(values)))
+    is_name = torch.isin(target, torch.tensor(sorted(names)))
+    total = float(ce.sum())
+    return {"values": float(ce[is_value].sum()) / total, "names": float(ce[is_name].sum()) / total,
+            "other": float(ce[~is_value & ~is_name].sum()) / total}
 
 
 def _majority_accuracy(corpus: Corpus) -> float:
