@@ -44,13 +44,17 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import Preconditioner, build_preconditioner, check_choice
+from logix.curvature.precondition import (
+    Preconditioner,
+    build_preconditioner,
+    check_choice,
+)
 from logix.query.engine import InfluenceEngine
 from logix.query.results import Scores
 from logix.query.segments import open_any, union_ids
@@ -164,9 +168,9 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
                                    modules=selected, device=device, chunk_rows=chunk_rows,
                                    progress=progress)
         h, n = schedule[i].horizon, schedule[i].examples
-        per_segment[i] = spectral_apply(carry, pre, lambda e: -torch.expm1(-h * e) / e) / n
+        per_segment[i] = spectral_apply(carry, pre, lambda e, h=h: -torch.expm1(-h * e) / e) / n
         if i > 0:
-            carry = spectral_apply(carry, pre, lambda e: torch.exp(-h * e))
+            carry = spectral_apply(carry, pre, lambda e, h=h: torch.exp(-h * e))
 
     # Train side: stream each segment's rows once, add its columns into the union.
     train_ids, position = union_ids(views)
