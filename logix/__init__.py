@@ -30,6 +30,10 @@ def __getattr__(name: str):
         from logix.query.segments import combined_scores
 
         return combined_scores
+    if name == "stagewise_scores":
+        from logix.query.stagewise import stagewise_scores
+
+        return stagewise_scores
     raise AttributeError(f"module 'logix' has no attribute {name!r}")
 
 
@@ -45,5 +49,6 @@ __all__ = [
     "combined_scores",
     "init",
     "open_store",
+    "stagewise_scores",
     "__version__",
 ]

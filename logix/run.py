@@ -183,6 +183,7 @@ class Run:
         self._statistics = None
         self._query_rows: list[torch.Tensor] = []
         self._query_ids: list[DataId] = []
+        self._pending_batches: dict[str, int] = {}  # segment -> batches logged, not yet in its meta
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._model: nn.Module | None = None
         self._finalized = False
@@ -378,6 +379,17 @@ class Run:
             self._query_ids.extend(ids)
         else:
             self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
+            segment = self._writer.segment
+            self._pending_batches[segment] = self._pending_batches.get(segment, 0) + 1
+
+    def _record_batches(self) -> None:
+        """Add the batches logged into the current segment to its meta `logged_batches` (the
+        step count of a segment logged by the training steps themselves; kept across resumes)."""
+        segment = self._writer.segment if self._writer is not None else None
+        pending = self._pending_batches.pop(segment, 0)
+        if pending:
+            before = int(self._writer.segment_meta(segment).get("logged_batches", 0))
+            self._writer.update_segment_meta({"logged_batches": before + pending})
 
     def _freeze_parameters(self) -> None:
         self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]
@@ -395,6 +407,7 @@ class Run:
         it (e.g. `lr=0.1`). Returns its name. Data ids need only be unique within a segment."""
         self._check_log_mode("start_segment")
         self._check_no_step("start_segment")
+        self._record_batches()
         if self._statistics is not None:
             self._writer.flush()
             self._statistics.save()
@@ -424,6 +437,7 @@ class Run:
         """Write every pending row to disk now (waits for the writer)."""
         self._check_no_step("flush")
         if self._writer is not None:
+            self._record_batches()
             self._writer.flush()
             if self._statistics is not None:
                 self._statistics.save()
@@ -435,6 +449,7 @@ class Run:
         self._check_no_step("finalize")
         self._finalized = True
         if self._writer is not None:
+            self._record_batches()
             self._writer.close()
             if self._statistics is not None:
                 self._statistics.save()

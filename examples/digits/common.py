@@ -45,13 +45,14 @@ def make_mlp(seed: int = 0, hidden: int = 256) -> nn.Module:
 
 def train_mlp(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, seed: int = 0,
               batch_size: int = 64, lr: float = 0.1, run=None, log_epochs: int = 1,
-              ids: list | None = None) -> nn.Module:
+              ids: list | None = None, hidden: int = 256) -> nn.Module:
     """Train the MLP with SGD + momentum; with `run`, log the last `log_epochs` epochs, each in
     its own segment named 'epoch-<k>' carrying its learning rate (ids default to row numbers).
+    `hidden`: the width of the hidden layer (smaller for proxy models).
 
     The logging is the three lines of logix: `run.watch(model)`, `with run(data_id=ids):` around
     the forward/backward, and the caller's `run.finalize()` (or `with logix.init(...)`)."""
-    model = make_mlp(seed)
+    model = make_mlp(seed, hidden)
     if run is not None:
         run.watch(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)

@@ -3,10 +3,15 @@
 Each segment holds the training gradients at one checkpoint; the queries must be captured at
 the same checkpoint (one `Gradients` per segment). A segment's weight is, by default, the
 learning rate logged with it (`run.start_segment(name, lr=...)`). Segments may list the training
-examples in different orders (shuffled loaders): columns are aligned by data id.
+examples in different orders (shuffled loaders): columns are aligned by data id. Segments that
+trained on different examples (training stages) combine with `missing="zero"`: an example
+contributes nothing in a segment that did not log it. The stage-wise combination of
+approximate unrolling (SOURCE) is `logix.query.stagewise.stagewise_scores`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -15,45 +20,74 @@ from logix.query.results import Scores
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
 
+MISSING = ("error", "zero")
+
+
+def open_any(store):
+    """A `Store` as given, or the store at a run directory."""
+    if isinstance(store, (str, os.PathLike)):
+        from logix.store.reader import open_store
+
+        return open_store(store)
+    return store
+
+
+def union_ids(segment_stores: list) -> tuple[list, dict]:
+    """The union of the segments' data ids in order of first appearance, and id -> column."""
+    ids: list = []
+    position: dict = {}
+    for seg in segment_stores:
+        for tid in seg.data_ids:
+            if tid not in position:
+                position[tid] = len(ids)
+                ids.append(tid)
+    return ids, position
+
 
 def combined_scores(store, queries: dict[str, Gradients], *, mode: str = "dot",
                     preconditioner: str = "raw", damping: float = 0.1,
-                    weights: dict[str, float] | None = None, **engine_options) -> Scores:
-    """Σ_s weight_s · scores of segment s: `.values` [n_query, n_train] in the column order of
-    the first segment given, with its `train_ids`.
+                    weights: dict[str, float] | None = None, missing: str = "error",
+                    **engine_options) -> Scores:
+    """Σ_s weight_s · scores of segment s: `.values` [n_query, n_train] with `train_ids`.
 
     store: a `Store` (any segment selected) or a run directory; queries: segment name ->
     query gradients captured with that segment's model; weights: segment -> weight (default:
-    each segment's logged `lr`, an error if one has none). Every segment must hold the same
-    training ids and the queries the same query ids.
+    each segment's logged `lr`, an error if one has none). missing: "error" (default) when the
+    segments hold different training ids, "zero" to score the union of their ids (in order of
+    first appearance; the first segment's order when all hold the same ids), an example adding
+    nothing in a segment that did not log it. The queries must have the same ids everywhere.
     """
     if not queries:
         raise ValueError("queries is empty: give one Gradients per segment to combine")
-    if isinstance(store, str) or hasattr(store, "__fspath__"):
-        from logix.store.reader import open_store
-
-        store = open_store(store)
+    if missing not in MISSING:
+        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
+    store = open_any(store)
+    views = {name: store.select(name) for name in queries}
+    train_ids, position = union_ids(list(views.values()))
+    first = next(iter(views.values()))
+    if missing == "error":
+        for name, seg in views.items():
+            if len(seg) != len(train_ids):  # ids are unique within a segment
+                raise StoreError(
+                    f"segment {name!r} holds other training ids than segment {first.segment!r}; "
+                    "combined scores need the same examples logged in every segment, or "
+                    "missing='zero' for segments that trained on different examples")
     total: torch.Tensor | None = None
-    train_ids: list | None = None
     query_ids: list | None = None
     used: dict[str, float] = {}
     for name, q in queries.items():
-        seg = store.select(name)
+        seg = views[name]
         weight = used[name] = _weight(seg, name, weights)
         result = InfluenceEngine(seg, preconditioner, damping, **engine_options).scores(q, mode=mode)
-        if train_ids is None:
-            train_ids, query_ids = list(result.train_ids), list(result.query_ids)
-            position = {tid: i for i, tid in enumerate(train_ids)}
-            total = torch.zeros_like(result.values, dtype=torch.float64)
+        if total is None:
+            query_ids = list(result.query_ids)
+            total = torch.zeros(result.values.shape[0], len(train_ids), dtype=torch.float64)
         if list(result.query_ids) != query_ids:
             raise ValueError(f"segment {name!r}: its queries have other ids than the first "
                              "segment's; capture the same query examples at every checkpoint")
-        if set(result.train_ids) != position.keys() or len(result.train_ids) != len(train_ids):
-            raise StoreError(f"segment {name!r} holds other training ids than the first segment; "
-                             "combined scores need the same examples logged in every segment")
-        columns = torch.tensor([position[t] for t in result.train_ids])
+        columns = torch.tensor([position[t] for t in result.train_ids], dtype=torch.long)
         total[:, columns] += weight * result.values.to(torch.float64)
-    meta = {"segments": list(queries), "weights": used,
+    meta = {"segments": list(queries), "weights": used, "missing": missing,
             "preconditioner": preconditioner, "damping": damping}
     return Scores(total.to(torch.float32), query_ids, train_ids, mode, None, meta)
 

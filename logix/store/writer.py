@@ -292,6 +292,14 @@ class StoreWriter:
             self._segment_entry(self._segment)["meta"].update(meta)
         self._put(("index",))
 
+    def segment_meta(self, name: str) -> dict:
+        """A copy of segment `name`'s meta as this rank's index holds it ({} if unknown)."""
+        with self._lock:
+            for s in self._index["segments"]:
+                if s["name"] == name:
+                    return dict(s["meta"])
+        return {}
+
     def _segment_entry(self, name: str) -> dict:
         """The index entry of segment `name`, created if needed (caller holds the lock)."""
         for s in self._index["segments"]:
