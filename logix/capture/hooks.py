@@ -50,7 +50,7 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
             f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "
-            f"{candidates[:20] or 'none (logix captures Linear, Conv2d and Embedding layers)'}"
+            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv2d and Embedding layers)'}"
         )
     return chosen
 
