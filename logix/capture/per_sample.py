@@ -13,6 +13,8 @@ g̃ [B, T, r_out] alone: the full [B, T, d_out, d_in] product never exists.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,15 @@ def layer_dims(module: nn.Module, include_bias: bool) -> tuple[int, int]:
     else:
         raise TypeError(f"unsupported module type {type(module).__name__}")
     return d_in + int(has_bias(module, include_bias)), d_out
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on `device`. Hooks run inside the model's autocast region (the
+    forward, a checkpoint's recomputation, a backward called under autocast), where a projection
+    would round to bf16/fp16; logix upcasts activations and gradients and projects in float32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
