@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class Step:
         self.handles: list = []
         self.row_scale: torch.Tensor | float = 1.0
         self.discarded = False
+        self.nonfinite = "raise"
 
     def __enter__(self) -> "Step":
         run = self.run
@@ -114,7 +116,7 @@ class Step:
         if run.config.capture.attribution_only:
             run._restore_parameters()
         if exc_type is None and not run._fitting and not self.discarded:
-            run._submit(self.ids, self.state, self.row_scale)
+            run._submit(self.ids, self.state, self.row_scale, self.nonfinite)
         return False
 
     def scale_rows(self, factor: float | torch.Tensor) -> None:
@@ -133,6 +135,11 @@ class Step:
     def discard(self) -> None:
         """Store nothing of this block (e.g. an fp16 step whose gradients overflowed)."""
         self.discarded = True
+
+    def skip_if_nonfinite(self) -> None:
+        """Store nothing, with a warning, if a row holds NaN/inf (instead of raising): for fp16
+        loss scaling, whose optimizer skips an overflowed step too."""
+        self.nonfinite = "skip"
 
 
 class ProjectionFit:
@@ -376,7 +383,8 @@ class Run:
                 raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
         return Step(self, ids, mask)
 
-    def _submit(self, ids: list[DataId], state: StepState, row_scale: torch.Tensor | float = 1.0) -> None:
+    def _submit(self, ids: list[DataId], state: StepState, row_scale: torch.Tensor | float = 1.0,
+                nonfinite: str = "raise") -> None:
         if state.rows is None:
             raise CaptureError(
                 "no gradient reached any watched module inside `with run(data_id=...)`: call "
@@ -390,6 +398,10 @@ class Run:
             rows.mul_(row_scale.to(device=rows.device, dtype=rows.dtype).unsqueeze(1))
         elif row_scale != 1.0:
             rows.mul_(row_scale)
+        if nonfinite == "skip" and nonfinite_rows(rows):
+            warnings.warn(f"skipped a batch of {len(ids)} examples whose gradients are not finite "
+                          f"(first ids {ids[:5]}): nothing of it was stored", stacklevel=3)
+            return
         if self.mode == "query":
             bad = [ids[i] for i in nonfinite_rows(rows)]
             if bad:

@@ -65,8 +65,9 @@ def test_checkpointed_rows_equal_uncheckpointed_reference(tmp_path, reentrant, a
     for name, net in (("checkpointed", model), ("plain", plain)):
         with logix.init(tmp_path / name, config=cfg) as run:
             run.watch(net)
-            calls = []
-            hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in net.blocks.modules()]
+            calls: list[int] = []
+            hooks = [m.register_forward_hook(lambda *a, seen=calls: seen.append(1))
+                     for m in net.blocks.modules()]
             with run(data_id=list(range(5))):
                 loss_per_example(net(tokens), y).mean().backward()
             for h in hooks:

@@ -162,3 +162,17 @@ def test_grad_scaler_scale_removed_with_scale_rows(tmp_path):
         (token_loss(model(tokens), y) * float("inf")).backward()
         step.discard()
     assert len(q.gradients().data_ids) == 0
+    q = logix.init(tmp_path / "r", mode="query")
+    q.watch(model)
+
+    def overflowed_block():
+        with q(data_id=list(range(6))) as step:
+            (token_loss(model(tokens), y) * float("inf")).backward()
+            step.skip_if_nonfinite()
+
+    with pytest.warns(UserWarning, match="not finite"):
+        overflowed_block()
+    with q(data_id=list(range(6))) as step:  # a finite block after it is kept
+        token_loss(model(tokens), y).backward()
+        step.skip_if_nonfinite()
+    assert q.gradients().data_ids == list(range(6))

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from logix.capture.hooks import position_mask
-from logix.capture.per_sample import full_precision, layer_dims, output_grads, projected_inputs
+from logix.capture.per_sample import (
+    full_precision,
+    layer_dims,
+    output_grads,
+    projected_inputs,
+)
 from logix.capture.projection import SideProjection, whole_side
 
 
