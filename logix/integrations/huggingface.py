@@ -136,7 +136,7 @@ class TrainerLogging:
     """The hooks `attach` put on one Trainer; `detach()` removes them."""
 
     def __init__(self, trainer: Any, run: Run, id_column: str, per_example_loss: str,
-                 segment_per_epoch: bool):
+                 segment_per_epoch: bool, mask_column: str | None):
         if per_example_loss not in PER_EXAMPLE_LOSSES:
             raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}")
         if "_logix" in trainer.__dict__:
@@ -144,6 +144,7 @@ class TrainerLogging:
         _check_supported(trainer, run)
         self.trainer, self.run = trainer, run
         self.id_column, self.per_example_loss = id_column, per_example_loss
+        self.mask_column = mask_column
         if run._model is None:
             run.watch(trainer.model)
         elif run._model is not trainer.model:
@@ -180,7 +181,8 @@ class TrainerLogging:
         if labels is None:
             raise CaptureError("the training batch has no 'labels': logix reads each example's loss from them")
         num_items = None if num_items_in_batch is None else float(num_items_in_batch)
-        with self.run(data_id=ids, mask=inputs.get("attention_mask")) as step:
+        mask = inputs.get(self.mask_column) if self.mask_column else None
+        with self.run(data_id=ids, mask=mask) as step:
             self._batch = _MicroBatch(step, labels, num_items)
             try:
                 loss = self._originals["training_step"](model, inputs, num_items_in_batch, *args, **kwargs)
@@ -288,7 +290,7 @@ def _keep_column(trainer: Any, column: str) -> bool:
 
 
 def attach(trainer: Any, run: Run, *, id_column: str = "idx", per_example_loss: str = "sum",
-           segment_per_epoch: bool = True) -> TrainerLogging:
+           segment_per_epoch: bool = True, mask_column: str | None = "attention_mask") -> TrainerLogging:
     """Log the per-example gradient of every training example `trainer.train()` sees into `run`.
 
     trainer: a transformers `Trainer` (or subclass), optimizer and all, used as it is.
@@ -296,9 +298,10 @@ def attach(trainer: Any, run: Run, *, id_column: str = "idx", per_example_loss: 
     id_column: the dataset column holding each example's data id (kept away from the model).
     per_example_loss: "sum" or "mean" of the example's token cross-entropies (module docstring).
     segment_per_epoch: one store segment per epoch ("epoch-0", ...), with the epoch's first lr.
+    mask_column: the batch's [B, T] padding mask (None: no mask; see `run(mask=...)`).
     Returns a handle whose `detach()` restores the Trainer.
     """
-    return TrainerLogging(trainer, run, id_column, per_example_loss, segment_per_epoch)
+    return TrainerLogging(trainer, run, id_column, per_example_loss, segment_per_epoch, mask_column)
 
 
 def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "idx",
