@@ -195,7 +195,7 @@ def test_log_dataset_attribution_pass(tmp_path, per_example_loss):
     rows = store.load().double()
     model.eval()
     params = dict(model.named_parameters())
-    for j in range(N):
+    for j in range(0, N, 2):  # half the examples, in each of the three batches
         want = reference_row(model, params, data[j], per_example_loss).double()
         assert (rows[j] - want).norm() / want.norm() < 1e-5
     # query mode: the same pass keeps the gradients in memory
