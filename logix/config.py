@@ -28,8 +28,8 @@ class CaptureConfig:
     """Which modules are watched and how their gradients are read."""
 
     types: list[str] = field(
-        default_factory=lambda: ["Linear", "Conv2d", "Embedding"],
-        metadata={"each_of": ("Linear", "Conv2d", "Embedding")},
+        default_factory=lambda: ["Linear", "Conv1D", "Conv2d", "Embedding"],
+        metadata={"each_of": ("Linear", "Conv1D", "Conv2d", "Embedding")},
     )
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)

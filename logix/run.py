@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,9 @@ class Step:
         self.mask = mask
         self.state: StepState | None = None
         self.handles: list = []
+        self.row_scale: torch.Tensor | float = 1.0
+        self.discarded = False
+        self.nonfinite = "raise"
 
     def __enter__(self) -> "Step":
         run = self.run
@@ -111,9 +115,31 @@ class Step:
         run._active = None
         if run.config.capture.attribution_only:
             run._restore_parameters()
-        if exc_type is None and not run._fitting:
-            run._submit(self.ids, self.state)
+        if exc_type is None and not run._fitting and not self.discarded:
+            run._submit(self.ids, self.state, self.row_scale, self.nonfinite)
         return False
+
+    def scale_rows(self, factor: float | torch.Tensor) -> None:
+        """Multiply the block's rows by `factor` (a number, or one per example [B]) when they are
+        stored: for a loss scale known only after backward, e.g. a GradScaler's (pass
+        1 / scaler.get_scale()) or an integration's loss normalisation. Calls multiply."""
+        if isinstance(factor, torch.Tensor) and factor.numel() != 1:
+            if factor.shape != (len(self.ids),):
+                raise ValueError(f"factor must be a number or [batch={len(self.ids)}], "
+                                 f"got {tuple(factor.shape)}")
+            factor = factor.detach().double()
+        else:
+            factor = float(factor)
+        self.row_scale = self.row_scale * factor
+
+    def discard(self) -> None:
+        """Store nothing of this block (e.g. an fp16 step whose gradients overflowed)."""
+        self.discarded = True
+
+    def skip_if_nonfinite(self) -> None:
+        """Store nothing, with a warning, if a row holds NaN/inf (instead of raising): for fp16
+        loss scaling, whose optimizer skips an overflowed step too."""
+        self.nonfinite = "skip"
 
 
 class ProjectionFit:
@@ -358,7 +384,8 @@ class Run:
                 raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
         return Step(self, ids, mask)
 
-    def _submit(self, ids: list[DataId], state: StepState) -> None:
+    def _submit(self, ids: list[DataId], state: StepState, row_scale: torch.Tensor | float = 1.0,
+                nonfinite: str = "raise") -> None:
         if state.rows is None:
             raise CaptureError(
                 "no gradient reached any watched module inside `with run(data_id=...)`: call "
@@ -368,6 +395,14 @@ class Run:
         for i, m in enumerate(self.modules):
             if i not in state.written:  # a module this step never used: its gradient is zero
                 rows[:, m.columns].zero_()
+        if isinstance(row_scale, torch.Tensor):
+            rows.mul_(row_scale.to(device=rows.device, dtype=rows.dtype).unsqueeze(1))
+        elif row_scale != 1.0:
+            rows.mul_(row_scale)
+        if nonfinite == "skip" and nonfinite_rows(rows):
+            warnings.warn(f"skipped a batch of {len(ids)} examples whose gradients are not finite "
+                          f"(first ids {ids[:5]}): nothing of it was stored", stacklevel=3)
+            return
         if self.mode == "query":
             bad = [ids[i] for i in nonfinite_rows(rows)]
             if bad:

@@ -27,8 +27,8 @@ def module_gradient(module: nn.Module, name: str, grads: dict, bias: bool) -> to
     """The per-example gradient of the linear map y = W x (+ b) as [B, d_out, d_in(+1)]."""
     w = grads[f"{name}.weight"]
     batch = w.shape[0]
-    if isinstance(module, nn.Embedding):
-        g = w.transpose(1, 2)  # the map is weightᵀ: [dim, vocab]
+    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
+        g = w.transpose(1, 2)  # the map is weightᵀ: [dim, vocab] / [d_out, d_in]
     else:
         g = w.reshape(batch, w.shape[1], -1)
     if bias and getattr(module, "bias", None) is not None:

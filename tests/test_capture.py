@@ -61,6 +61,31 @@ class EmbedNet(nn.Module):
         return self.out(torch.tanh(self.emb(tokens)))
 
 
+class Conv1D(nn.Module):
+    """transformers' GPT-2 layer, declared here so the test needs no transformers (logix knows it
+    by class name): weight [d_in, d_out], y = x weight + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.4)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return y.reshape(x.shape[:-1] + (self.nf,))
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c_fc = Conv1D(5, 6)
+        self.c_proj = Conv1D(4, 5)
+
+    def forward(self, x):
+        return self.c_proj(torch.tanh(self.c_fc(x)))
+
+
 def _ce_per_example(out, y):
     """Cross-entropy summed over all positions of each example: [B, ..., C], [B, ...] -> [B]."""
     b, c = out.shape[0], out.shape[-1]
@@ -76,6 +101,9 @@ def make_case(kind: str, batch: int, gen: torch.Generator):
     if kind == "conv":
         x = torch.randn(batch, 2, 9, 9, generator=gen)
         return ConvNet(), x, torch.randint(0, 4, (batch,), generator=gen)
+    if kind == "conv1d":
+        x = torch.randn(batch, 5, 6, generator=gen)
+        return Conv1DNet(), x, torch.randint(0, 4, (batch, 5), generator=gen)
     tokens = torch.randint(0, 11, (batch, 6), generator=gen)
     tokens[:, -1] = 0  # padding index: its row of the weight never gets a gradient
     return EmbedNet(), tokens, torch.randint(0, 3, (batch, 6), generator=gen)
@@ -94,7 +122,7 @@ def capture(tmp_path, model, x, y, config, reduction):
     return query
 
 
-@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "embed"])
+@pytest.mark.parametrize("kind", ["mlp", "seq", "conv", "conv1d", "embed"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("batch", [1, 7])
@@ -186,3 +214,13 @@ def test_padding_mask_removes_padded_positions(tmp_path):
         model(x[i:i + 1, :t]).pow(2).sum().backward()
         w, b = model[0].weight.grad, model[0].bias.grad
         torch.testing.assert_close(rows[i], torch.cat([w, b[:, None]], 1).reshape(-1))
+
+
+def test_conv1d_recognised_by_class_name_only(tmp_path):
+    """transformers' Conv1D is captured as type 'Conv1D' (weight [d_in, d_out]); torch's
+    nn.Conv1d is a different layer and is not mistaken for it."""
+    model = nn.Sequential(Conv1DNet(), nn.Conv1d(5, 3, 1))
+    with logix.init(tmp_path / "r", config={"projection": {"kind": "identity"}}) as run:
+        run.watch(model)
+    assert [(m.name, m.type, m.d_in, m.d_out) for m in run.modules] == [
+        ("0.c_fc", "Conv1D", 7, 5), ("0.c_proj", "Conv1D", 6, 4)]

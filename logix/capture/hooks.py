@@ -4,7 +4,8 @@ A forward hook projects each watched layer's input (x̃ [B, T, r_in]) and regist
 on the layer's output; when backward reaches that output, the hook projects ∂ℓ/∂y and adds the
 example's G̃ [B, r_out, r_in] to the step's accumulator. Hooks return nothing, so parameter
 gradients, outputs and optimizer steps are bit-identical with and without logix. Forward hooks
-exist only inside a `with run(...)` block.
+exist only inside a `with run(...)` block. Under autocast the hooks upcast what they receive and
+project in float32 with autocast off (`full_precision`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from logix.capture.per_sample import (
     check_supported,
+    full_precision,
     layer_type,
     output_grads,
     projected_gradient,
@@ -50,7 +52,7 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
             f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "
-            f"{candidates[:20] or 'none (logix captures Linear, Conv2d and Embedding layers)'}"
+            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv2d and Embedding layers)'}"
         )
     return chosen
 
@@ -130,7 +132,7 @@ class ModuleCapture:
                 f"module {self.name!r} saw a batch of {x.shape[0]} examples but data_id has "
                 f"{step.batch_size} ids; pass one id per example (batch dimension first)"
             )
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(x.device):
             x_proj = projected_inputs(module, x.detach(), self.projection.p_in, self.bias)
             x_proj = self._apply_mask(step, x_proj)
             if step.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
@@ -148,7 +150,7 @@ class ModuleCapture:
                 f"backward reached {self.name!r} after its `with run(data_id=...)` block had "
                 "exited; call loss.backward() inside the block"
             )
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(grad.device):
             g = output_grads(self.module, grad.detach()).float()
             g_proj = self.projection.p_out.apply(g)
             block = step.block(self, g_proj)

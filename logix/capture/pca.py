@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from logix.capture.hooks import position_mask
-from logix.capture.per_sample import layer_dims, output_grads, projected_inputs
+from logix.capture.per_sample import (
+    full_precision,
+    layer_dims,
+    output_grads,
+    projected_inputs,
+)
 from logix.capture.projection import SideProjection, whole_side
 
 
@@ -45,7 +50,7 @@ class CovarianceCollector:
                 return None
             output = output.detach().requires_grad_(True)  # as in ModuleCapture: a leaf to reach
             replaced = True
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(inputs[0].device):
             x = inputs[0].detach()
             if isinstance(module, nn.Embedding):
                 idx = x.reshape(x.shape[0], -1)
@@ -65,7 +70,7 @@ class CovarianceCollector:
         return output if replaced else None
 
     def _backward(self, name, module, scale, mask, grad):
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(grad.device):
             g = output_grads(module, grad.detach()).double() * scale
             w = position_mask(mask, module, name, g)
             if w is not None:

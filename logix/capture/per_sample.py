@@ -1,8 +1,9 @@
-"""Projected per-example gradient kernels for Linear, Conv2d and Embedding (DESIGN §1).
+"""Projected per-example gradient kernels for Linear, Conv1D, Conv2d and Embedding (DESIGN §1).
 
 Every supported layer is a linear map y = W x (+ b) applied at T positions of each example:
-Linear at every leading position, Conv2d at every output pixel (x = an unfolded patch), Embedding
-at every token (x = one-hot). The projected gradient of example n is
+Linear at every leading position, Conv1D (Hugging Face's GPT-2 layer, weight [d_in, d_out],
+y = x weight + b, so W = weightᵀ) likewise, Conv2d at every output pixel (x = an unfolded patch),
+Embedding at every token (x = one-hot). The projected gradient of example n is
 
     G̃_n = Σ_t (P_out g_{n,t}) (P_in x_{n,t})ᵀ   [r_out, r_in]
 
@@ -12,6 +13,8 @@ g̃ [B, T, r_out] alone: the full [B, T, d_out, d_in] product never exists.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,14 +22,23 @@ from torch import nn
 from logix.capture.projection import SideProjection
 
 SUPPORTED = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
+TYPE_NAMES = ("Linear", "Conv1D", "Conv2d", "Embedding")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and relatives), recognised by class name and its 2-D weight
+    [d_in, d_out] so that capture never imports transformers. (torch's nn.Conv1d is another layer.)"""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
+            and weight.ndim == 2 and getattr(module, "nf", None) == weight.shape[1])
 
 
 def layer_type(module: nn.Module) -> str | None:
-    """The supported type name of `module` ('Linear', 'Conv2d', 'Embedding') or None."""
+    """The supported type name of `module` (one of TYPE_NAMES) or None."""
     for name, cls in SUPPORTED.items():
         if isinstance(module, cls):
             return name
-    return None
+    return "Conv1D" if is_conv1d(module) else None
 
 
 def check_supported(name: str, module: nn.Module) -> None:
@@ -46,6 +58,8 @@ def layer_dims(module: nn.Module, include_bias: bool) -> tuple[int, int]:
     """(d_in, d_out) of the linear map; d_in counts the appended 1 of the bias."""
     if isinstance(module, nn.Linear):
         d_in, d_out = module.in_features, module.out_features
+    elif is_conv1d(module):
+        d_in, d_out = module.weight.shape
     elif isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         d_in, d_out = module.in_channels * kh * kw, module.out_channels
@@ -54,6 +68,15 @@ def layer_dims(module: nn.Module, include_bias: bool) -> tuple[int, int]:
     else:
         raise TypeError(f"unsupported module type {type(module).__name__}")
     return d_in + int(has_bias(module, include_bias)), d_out
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on `device`. Hooks run inside the model's autocast region (the
+    forward, a checkpoint's recomputation, a backward called under autocast), where a projection
+    would round to bf16/fp16; logix upcasts activations and gradients and projects in float32."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +128,7 @@ def projected_inputs(module: nn.Module, x: torch.Tensor, p_in: SideProjection,
         return xt
     if isinstance(module, nn.Conv2d):
         x = _conv_patches(module, x)
-    else:
+    else:  # Linear and Conv1D: every leading position
         x = x.reshape(batch, -1, x.shape[-1])
     return _project_with_bias(x.float(), p_in, bias)
 

@@ -1,0 +1,351 @@
+"""Hugging Face `Trainer` integration: per-example gradients of real training, and an attribution pass.
+
+    run = logix.init("runs/gpt2", config={"capture": {"include": ["*mlp.c_fc"]}})
+    attach(trainer, run)          # the dataset has an "idx" column: one id per example
+    trainer.train()
+    run.finalize()
+
+Why `attach` patches the Trainer rather than being only a `TrainerCallback`: a callback is called
+before and after a whole optimizer step, never around one micro-batch's forward and backward,
+which is what a `with run(data_id=ids):` block must enclose. `attach` therefore wraps three methods
+of *this* Trainer instance (any Trainer subclass, optimizer and scheduler untouched):
+`training_step` (one logged block per micro-batch, so gradient accumulation logs every micro-batch
+with its own rows), `compute_loss` (to read the logits the loss came from) and `prediction_step`
+(which drops the id column before evaluation). A small callback starts a segment per epoch and
+flushes the store when training ends. `detach()` undoes all of it.
+
+Per-example loss. A row is the gradient of example n's own loss L_n, where L_n is
+  "sum":  the cross-entropy summed over n's label tokens (labels != -100; for causal LMs the
+          labels shifted by one, as the model's loss does); the default, and the weight the
+          example really has in the update up to one factor shared by the batch;
+  "mean": that sum divided by n's number of label tokens.
+The Trainer backpropagates c · Σ_n L_n^sum, with c = 1/(tokens in the accumulated batch), over
+the accumulation steps, times a GradScaler's scale under fp16; `attach` recomputes Σ_n L_n^sum from
+the logits, checks that the loss has this form (label smoothing or a custom loss raise an error
+naming the fix) and divides c out of each row. Rows are therefore independent of batch size,
+padding and gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from logix.capture.hooks import CaptureError
+from logix.capture.per_sample import full_precision
+from logix.run import Run, Step
+
+try:
+    from transformers import TrainerCallback
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "logix.integrations.huggingface needs transformers: pip install 'logix[hf]'"
+    ) from e
+
+PER_EXAMPLE_LOSSES = ("sum", "mean")
+IGNORE_INDEX = -100
+RATIO_TOLERANCE = 1e-4  # |Σ L_n / loss - N| / N: float32 sums agree to ~1e-6
+
+
+def shifts_labels(model: nn.Module) -> bool:
+    """Whether the model's loss predicts labels[t + 1] from position t (a causal LM)."""
+    loss_function = getattr(model, "loss_function", None)
+    return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
+
+
+def example_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's cross-entropy summed over its label tokens, and the number of those tokens.
+
+    logits [B, T, V] with labels [B, T] (token-level; `shift` for causal LMs), or logits [B, C]
+    with labels [B]. Returns sums [B] float32 (differentiable) and counts [B] int64. Cross-entropy
+    is taken in float32 with autocast off, as transformers' losses do.
+    """
+    labels = labels.to(logits.device)
+    with full_precision(logits.device):
+        if labels.ndim == 1:
+            per = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+            return per, (labels != IGNORE_INDEX).long()
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        batch, seq = labels.shape
+        per = F.cross_entropy(logits.reshape(batch * seq, -1).float(), labels.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none")
+        return per.view(batch, seq).sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    logits = outputs.get("logits") if hasattr(outputs, "get") else None
+    if logits is None:
+        raise CaptureError(
+            "the model's output has no 'logits'; logix's Hugging Face integration needs a model "
+            "returning a ModelOutput with logits (return_dict=True)"
+        )
+    return logits
+
+
+def _ids(batch: dict, column: str, where: str) -> list:
+    if column not in batch:
+        raise CaptureError(
+            f"the {where} batch has no {column!r} column: give every example an id, e.g. "
+            f"dataset.map(lambda e, i: {{{column!r}: i}}, with_indices=True), or pass id_column=. "
+            "If the column exists, your Trainer drops it: set remove_unused_columns=False"
+        )
+    ids = batch.pop(column)
+    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+@dataclass
+class _MicroBatch:
+    """What one training_step learns about its loss, for the row scale."""
+
+    step: Step
+    labels: torch.Tensor
+    num_items: float | None
+    loss: torch.Tensor | None = None  # what compute_loss returned
+    sums: torch.Tensor | None = None  # [B] Σ_t CE per example
+    counts: torch.Tensor | None = None  # [B] label tokens per example
+
+
+class LogixCallback(TrainerCallback):
+    """Starts a segment per epoch (ids may repeat across epochs, not within a segment) and flushes
+    the store when training ends."""
+
+    def __init__(self, run: Run, segment_per_epoch: bool = True):
+        self.run = run
+        self.segment_per_epoch = segment_per_epoch
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.segment_per_epoch:
+            epoch = round(state.epoch or 0)
+            meta: dict[str, Any] = {"epoch": epoch, "first_step": state.global_step}
+            scheduler = kwargs.get("lr_scheduler")
+            if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+                meta["lr"] = float(scheduler.get_last_lr()[0])  # at the epoch's first step
+            self.run.start_segment(f"epoch-{epoch}", **meta)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.run.flush()
+
+
+class TrainerLogging:
+    """The hooks `attach` put on one Trainer; `detach()` removes them."""
+
+    def __init__(self, trainer: Any, run: Run, id_column: str, per_example_loss: str,
+                 segment_per_epoch: bool, mask_column: str | None):
+        if per_example_loss not in PER_EXAMPLE_LOSSES:
+            raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}")
+        if "_logix" in trainer.__dict__:
+            raise CaptureError("this Trainer already logs to a logix run; detach() that one first")
+        _check_supported(trainer, run)
+        self.trainer, self.run = trainer, run
+        self.id_column, self.per_example_loss = id_column, per_example_loss
+        self.mask_column = mask_column
+        if run._model is None:
+            run.watch(trainer.model)
+        elif run._model is not trainer.model:
+            raise CaptureError("the run already watches another model than trainer.model; use a new run")
+        self.shift = shifts_labels(trainer.model)
+        self._added_column = _keep_column(trainer, id_column)
+        self._batch: _MicroBatch | None = None
+        self._saved = {name: trainer.__dict__.get(name) for name in
+                       ("training_step", "compute_loss", "prediction_step")}
+        self._originals = {name: getattr(trainer, name) for name in self._saved}
+        trainer.training_step = self._training_step
+        trainer.compute_loss = self._compute_loss
+        trainer.prediction_step = self._prediction_step
+        self.callback = LogixCallback(run, segment_per_epoch)
+        trainer.add_callback(self.callback)
+        trainer._logix = self
+
+    def detach(self) -> None:
+        """Restore the Trainer's own methods and remove the callback."""
+        for name, value in self._saved.items():
+            if value is None:
+                self.trainer.__dict__.pop(name, None)
+            else:
+                setattr(self.trainer, name, value)
+        self.trainer.remove_callback(self.callback)
+        if self._added_column:
+            self.trainer._signature_columns.remove(self.id_column)
+        del self.trainer._logix
+
+    # -- the wrapped methods ----------------------------------------------------------------
+    def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        ids = _ids(inputs, self.id_column, "training")
+        labels = inputs.get("labels")
+        if labels is None:
+            raise CaptureError("the training batch has no 'labels': logix reads each example's loss from them")
+        num_items = None if num_items_in_batch is None else float(num_items_in_batch)
+        mask = inputs.get(self.mask_column) if self.mask_column else None
+        with self.run(data_id=ids, mask=mask) as step:
+            self._batch = _MicroBatch(step, labels, num_items)
+            try:
+                loss = self._originals["training_step"](model, inputs, num_items_in_batch, *args, **kwargs)
+                self._scale_rows(self._batch, loss)
+            finally:
+                self._batch = None
+        return loss
+
+    def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        batch = self._batch
+        if batch is None or batch.loss is not None:  # evaluation, or a second call: not ours
+            return self._originals["compute_loss"](model, inputs, return_outputs=return_outputs,
+                                                   num_items_in_batch=num_items_in_batch, **kwargs)
+        loss, outputs = self._originals["compute_loss"](model, inputs, return_outputs=True,
+                                                        num_items_in_batch=num_items_in_batch, **kwargs)
+        with torch.no_grad():
+            batch.sums, batch.counts = example_losses(_logits(outputs).detach(), batch.labels, self.shift)
+        batch.loss = loss.detach()
+        return (loss, outputs) if return_outputs else loss
+
+    def _prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop(self.id_column, None)
+        return self._originals["prediction_step"](model, inputs, *args, **kwargs)
+
+    # -- the loss scale ------------------------------------------------------------------------
+    def _scale_rows(self, batch: _MicroBatch, backward_loss: torch.Tensor) -> None:
+        """Divide out the factor c of backward loss = c · Σ_n L_n^sum (see the module docstring)."""
+        step = batch.step
+        step.skip_if_nonfinite()  # an fp16 overflow: the optimizer skips this step too
+        if batch.loss is None:
+            raise CaptureError(
+                "the Trainer's training_step did not call compute_loss; logix's integration reads "
+                "the logits there (a Trainer subclass that computes its loss elsewhere is not supported)"
+            )
+        loss = float(batch.loss)
+        total = float(batch.sums.double().sum())
+        if total == 0.0 or loss == 0.0 or not (math.isfinite(loss) and torch.isfinite(backward_loss)):
+            return  # nothing to attribute (no label tokens: zero rows) or a non-finite step (skipped)
+        ratio = total / loss  # the N of loss = Σ_n L_n / N
+        candidates = [float(batch.counts.sum())]
+        if batch.num_items is not None:
+            world = max(1, int(getattr(self.trainer.accelerator, "num_processes", 1)))
+            candidates += [batch.num_items, batch.num_items / world]
+        n = min(candidates, key=lambda c: abs(ratio - c))
+        if abs(ratio - n) > RATIO_TOLERANCE * n:
+            raise CaptureError(
+                f"the Trainer's loss ({loss:.6g}) is not the token cross-entropy summed over the "
+                f"batch's label tokens and divided by their number (Σ = {total:.6g}, ratio {ratio:.6g}, "
+                f"counts {candidates}): label smoothing, a compute_loss_func or a custom loss is not "
+                "supported; train with the model's own loss (label_smoothing_factor=0)"
+            )
+        accumulation = loss / float(backward_loss)  # training_step's division by the accumulation steps
+        if abs(accumulation - round(accumulation)) > 1e-3 or round(accumulation) < 1:
+            raise CaptureError(f"training_step scaled the loss by 1/{accumulation:.6g}, not 1/k for an "
+                               "integer k; logix cannot tell the per-example loss scale")
+        c = _accelerator_scale(self.trainer.accelerator) / (n * round(accumulation))
+        if self.per_example_loss == "sum":
+            factor: torch.Tensor | float = 1.0 / c
+        else:
+            factor = 1.0 / (c * batch.counts.double().clamp(min=1))
+        # the hooks already multiplied by the run's loss_reduction scale (B for "mean")
+        step.scale_rows(factor / step.state.grad_scale)
+
+
+def _accelerator_scale(accelerator: Any) -> float:
+    """The factor accelerate's backward applies to the loss: 1/its accumulation steps, times a
+    GradScaler's current scale under fp16."""
+    factor = 1.0 / max(1, int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1))
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        factor *= float(scaler.get_scale())
+    return factor
+
+
+def _check_supported(trainer: Any, run: Run) -> None:
+    if run.mode != "log":
+        raise CaptureError("attach() logs training gradients: use a run with mode='log'")
+    if getattr(trainer.args, "n_gpu", 1) > 1:
+        raise CaptureError("the Trainer uses torch.nn.DataParallel (n_gpu > 1), whose replicas logix "
+                           "cannot watch; run one process per GPU (torchrun / accelerate launch)")
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise CaptureError("DeepSpeed and FSDP shard the watched layers' weights; logix's Trainer "
+                           "integration does not support them")
+    if getattr(trainer.args, "label_smoothing_factor", 0.0):
+        raise CaptureError("label smoothing changes the per-example loss logix attributes; set "
+                           "label_smoothing_factor=0 to log with the Trainer")
+
+
+def _keep_column(trainer: Any, column: str) -> bool:
+    """Keep the id column through the Trainer's removal of columns the model does not accept
+    (the list of accepted columns is the Trainer's own, extended by one name). True if added."""
+    if not trainer.args.remove_unused_columns:
+        return False
+    setup = getattr(trainer, "_set_signature_columns_if_needed", None)
+    if setup is None:
+        raise CaptureError(
+            f"this transformers version removes the {column!r} column in a way logix does not know; "
+            "set remove_unused_columns=False in TrainingArguments"
+        )
+    setup()
+    if column in trainer._signature_columns:
+        return False
+    trainer._signature_columns.append(column)
+    return True
+
+
+def attach(trainer: Any, run: Run, *, id_column: str = "idx", per_example_loss: str = "sum",
+           segment_per_epoch: bool = True, mask_column: str | None = "attention_mask") -> TrainerLogging:
+    """Log the per-example gradient of every training example `trainer.train()` sees into `run`.
+
+    trainer: a transformers `Trainer` (or subclass), optimizer and all, used as it is.
+    run: a log-mode run; watches `trainer.model` unless it already does.
+    id_column: the dataset column holding each example's data id (kept away from the model).
+    per_example_loss: "sum" or "mean" of the example's token cross-entropies (module docstring).
+    segment_per_epoch: one store segment per epoch ("epoch-0", ...), with the epoch's first lr.
+    mask_column: the batch's [B, T] padding mask (None: no mask; see `run(mask=...)`).
+    Returns a handle whose `detach()` restores the Trainer.
+    """
+    return TrainerLogging(trainer, run, id_column, per_example_loss, segment_per_epoch, mask_column)
+
+
+def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "idx",
+                batch_size: int = 8, collate_fn: Any = None, per_example_loss: str = "sum",
+                shift_labels: bool | None = None, mask_column: str | None = "attention_mask") -> int:
+    """One attribution pass of a fixed model over `dataset`: each example's gradient goes to `run`
+    (the store of a log-mode run, or memory for a query-mode run: `run.gradients()`).
+
+    The model runs in eval mode (no dropout); each example's loss is its token cross-entropy
+    ("sum" or "mean" over its label tokens, as in `attach`), computed here from the logits.
+    Batches are dicts with `id_column`, "labels" and the model's inputs. Parameters' `.grad` are
+    left as they were (set capture.attribution_only to also skip the weight-gradient work).
+    Returns the number of examples logged.
+    """
+    if per_example_loss not in PER_EXAMPLE_LOSSES:
+        raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}")
+    if run._model is None:
+        run.watch(model)
+    shift = shifts_labels(model) if shift_labels is None else shift_labels
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         collate_fn=collate_fn)
+    reduction = run.config.capture.loss_reduction
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    was_training = model.training
+    model.eval()
+    logged = 0
+    try:
+        for batch in loader:
+            batch = dict(batch)
+            ids = _ids(batch, id_column, "dataset")
+            labels = batch.pop("labels", None)
+            if labels is None:
+                raise CaptureError("the dataset's batches have no 'labels': logix needs them for each example's loss")
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            mask = batch.get(mask_column) if mask_column else None
+            with run(data_id=ids, mask=mask):
+                sums, counts = example_losses(_logits(model(**batch)), labels, shift)
+                per = sums if per_example_loss == "sum" else sums / counts.clamp(min=1)
+                (per.mean() if reduction == "mean" else per.sum()).backward()
+            logged += len(ids)
+    finally:
+        model.train(was_training)
+        for p, g in zip(params, grads):
+            p.grad = g
+    return logged
