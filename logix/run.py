@@ -244,6 +244,8 @@ class Run:
         selected = select_modules(model, cfg.capture)
         self.modules = self._module_table(selected)
         self.width = total_width(self.modules)  # D
+        if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
+            self._check_factor_dims()  # before anything is written
         self._model = model
         self._selected = selected
         if self._manifest is not None:
@@ -278,8 +280,6 @@ class Run:
             self._factor_dims = {m.name: (m.r_in, m.r_out) for m in self.modules}
             self._factor_step = KroneckerSums(self._factor_dims, dtype=torch.float32)
             self._collect_factors = any(k in FACTOR_STATISTICS for k in self.config.curvature.statistics)
-            if self._collect_factors:
-                self._check_factor_dims()
             self._open_writer()
 
     def _check_factor_dims(self) -> None:
