@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import logix
 from kfac_helpers import (
     SeqNet,
     dense_scores,
@@ -17,6 +15,9 @@ from kfac_helpers import (
     rel_err,
     seq_loss,
 )
+from query_helpers import build_store, queries
+
+import logix
 from logix.capture.factors import MAX_FACTOR_DIM
 from logix.capture.hooks import CaptureError
 from logix.capture.projection import load_projections
@@ -24,7 +25,6 @@ from logix.curvature.kfac import factor_path, load_factors, save_factors
 from logix.curvature.precondition import build_preconditioner
 from logix.query.engine import InfluenceEngine
 from logix.store.format import ModuleInfo, StoreError
-from query_helpers import build_store, queries
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -217,7 +217,7 @@ def test_wide_identity_layer_never_builds_a_full_block(tmp_path, monkeypatch):
 def test_ekfac_eigenvalues_are_cached_and_keyed(tmp_path, logged, monkeypatch):
     _, _, store = logged
     first = build_preconditioner(store, "ekfac", 0.1)
-    import logix.curvature.kfac as kfac
+    from logix.curvature import kfac
 
     def fail(*a, **k):
         raise AssertionError("the cached eigenvalues must be reused")
@@ -248,9 +248,8 @@ def test_fit_curvature_pass_equals_logged_factors(tmp_path, logged):
     rows = before.load()
     run = logix.init(tmp_path / "run", resume=True)
     run.watch(model)
-    with pytest.raises(RuntimeError, match="boom"):  # a failed pass leaves nothing behind
-        with run.fit_curvature():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), run.fit_curvature():  # leaves nothing behind
+        raise RuntimeError("boom")
     assert not factor_path(tmp_path / "run", "0", 0).exists()
     with run.fit_curvature():
         for ids, x, y, mask in batches:
@@ -290,9 +289,8 @@ def test_failed_step_adds_nothing_to_the_factors(tmp_path, logged):
             with run(data_id=ids, mask=mask):
                 seq_loss(model(x), y, mask, "mean").backward()
             if i == 0:  # the same ids again: the writer refuses the batch
-                with pytest.raises(StoreError, match="duplicate"):
-                    with run(data_id=ids, mask=mask):
-                        seq_loss(model(x), y, mask, "mean").backward()
+                with pytest.raises(StoreError, match="duplicate"), run(data_id=ids, mask=mask):
+                    seq_loss(model(x), y, mask, "mean").backward()
             model.zero_grad()
     mine, theirs = load_factors(logix.open_store(tmp_path / "run")), load_factors(logged_store)
     assert mine.rows == theirs.rows and mine.positions == theirs.positions

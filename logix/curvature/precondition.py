@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -73,7 +73,7 @@ class Block:
         return x @ self._w
 
 
-AnyBlock = Union[Block, KroneckerBlock]
+AnyBlock = Block | KroneckerBlock
 
 
 class Preconditioner:
