@@ -82,7 +82,7 @@ def reference_factors(model: nn.Module, batches, projections: dict, reduction: s
         scale = x.shape[0] if reduction == "mean" else 1
         m = mask.double().unsqueeze(-1)
         for n, g in zip(names, grads):
-            xin = torch.cat([inputs[n], torch.ones_like(inputs[n][..., :1])], dim=-1).double()
+            xin = torch.cat([inputs[n], torch.ones_like(inputs[n][..., :1])], dim=-1).detach().double()
             p = projections[n]
             xt = xin @ p.p_in.matrix.double().T if p.p_in.matrix is not None else xin
             gt = g.double() * scale
