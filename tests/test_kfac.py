@@ -321,3 +321,24 @@ def test_factor_side_guard(tmp_path):
     with pytest.raises(CaptureError, match="capture.exclude"):
         logix.init(tmp_path / "run", config=config).watch(model)
     assert not (tmp_path / "run" / "manifest.json").exists()  # refused before anything was written
+
+
+def test_segments_have_their_own_factors(tmp_path, logged):
+    model, batches, logged_store = logged
+    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+              "curvature": {"statistics": ["kfac"]}, "store": {"shard_rows": 4}}
+    with logix.init(tmp_path / "run", config=config) as run:
+        run.watch(model)
+        # Logging into "a" again (after "b" released its sums) continues a's factors.
+        for segment, part in (("a", batches[:2]), ("b", batches[:1]), ("a", batches[2:])):
+            run.start_segment(segment)
+            for ids, x, y, mask in part:
+                with run(data_id=ids, mask=mask):
+                    seq_loss(model(x), y, mask, "mean").backward()
+                model.zero_grad()
+    store = logix.open_store(tmp_path / "run", segment="a")
+    mine, theirs = load_factors(store), load_factors(logged_store)
+    assert mine.rows == theirs.rows == len(store) == 9
+    for key, t in theirs.tensors.items():
+        torch.testing.assert_close(mine.tensors[key], t, rtol=1e-6, atol=1e-9)
+    assert load_factors(store.select("b")).rows == 3
