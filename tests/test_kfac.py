@@ -86,6 +86,14 @@ def test_per_rank_factor_files_are_summed(tmp_path, logged):
     for key, t in stats.tensors.items():
         torch.testing.assert_close(total.tensors[key], 2 * t)
     assert total.positions == {k: 2 * v for k, v in stats.positions.items()}
+    # Variant kinds (e.g. true-Fisher factors) load by their kind string, separately.
+    save_factors(factor_path(run_dir, "0", 0, kind="kfac.true"), list(store.modules),
+                 stats.tensors, stats.positions, stats.rows, kind="kfac.true")
+    variant = load_factors(logix.open_store(run_dir), "kfac.true")
+    assert variant.kind == "kfac.true" and variant.rows == stats.rows == len(variant.sources) * 9
+    pre = build_preconditioner(logix.open_store(run_dir), "kfac", 0.1, statistics="kfac.true")
+    assert pre.statistics == "kfac.true"
+    assert (run_dir / "curvature" / "0" / "eigen-kfac.true.safetensors").exists()
 
 
 def test_kfac_scores_equal_dense_kron_solve(logged):

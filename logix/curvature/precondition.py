@@ -150,11 +150,13 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                          absolute: bool = False, modules: list[str] | None = None,
                          device: torch.device | str = "cpu", chunk_rows: int = 4096,
                          progress: ProgressFn | None = None,
-                         statistics: str | None = None) -> Preconditioner:
+                         statistics: str | None = None, rows: Any | None = None) -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
     statistics: the statistics kind it reads (default `DEFAULT_STATISTICS[kind]`: `raw` for raw,
     `kfac` for kfac / ekfac); a variant such as `kfac.true` loads with the same code.
+    rows: what EK-FAC refits its eigenvalues to (anything with `iter_chunks`, `data_ids`,
+    `modules` and `len`, e.g. another store of pseudo-gradient rows); default the store itself.
     """
     check_choice(kind, PRECONDITIONERS, "preconditioner")
     table = list(store.modules)
@@ -179,7 +181,8 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     stats = load_factors(store, statistics)
     bases = factor_eigenbases(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
     if kind == "ekfac":
-        values = ekfac_eigenvalues(store, stats, bases, selected, chunk_rows=chunk_rows, device=device,
+        values = ekfac_eigenvalues(store if rows is None else rows, stats, bases, selected,
+                                   chunk_rows=chunk_rows, device=device,
                                    progress=progress, cache_path=directory / f"e{statistics}-stream.safetensors")
     else:
         values = {n: b.kfac_eigenvalues() for n, b in bases.items()}
