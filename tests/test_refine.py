@@ -57,7 +57,7 @@ def solve_error(engine, q, hinv) -> float:
 
 
 def test_fisher_product_is_exact(setup):
-    store, x, q, fishers = setup
+    store, _, q, fishers = setup
     refined = RefinedPreconditioner(build_preconditioner(store, "ekfac", 0.1), store, 1, chunk_rows=5)
     fv = refined.fisher_product(q)
     for m in store.modules:
