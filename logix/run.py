@@ -9,6 +9,11 @@
 In `mode="log"` rows go to a store on disk through a background writer; in `mode="query"` the
 run reopens an existing store's projections and keeps gradients in memory (`run.gradients()`).
 A Run holds all of its state: two runs in one process are independent.
+
+K-FAC factors (`curvature.statistics` with kfac / ekfac) are summed by the capture hooks in
+log mode, per segment, and saved with the rows at flush / finalize / start_segment as
+`curvature/<segment>/kfac-rNNNNN.safetensors`; `run.fit_curvature()` computes them for a store
+logged without them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
 from logix.capture.pca import CovarianceCollector
 from logix.capture.per_sample import has_bias, layer_dims, layer_type
@@ -53,6 +59,7 @@ from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
+FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
 
 
 def _rank() -> tuple[int, int]:
@@ -90,13 +97,17 @@ class Step:
         if run._active is not None:
             raise CaptureError("`with run(...)` blocks cannot be nested")
         cfg = run.config.capture
+        fitting_curvature = run._curvature_fit is not None
         self.state = StepState(
             batch_size=len(self.ids),
             width=run.width,
             grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
             mask=self.mask,
             attribution_only=cfg.attribution_only,
-            destination=run._writer.reserve(len(self.ids)) if run._writer is not None else None,
+            destination=(run._writer.reserve(len(self.ids))
+                         if run._writer is not None and not fitting_curvature else None),
+            factors=run._factor_step if run._collect_factors or fitting_curvature else None,
+            rows_wanted=not fitting_curvature,
         )
         if run._fitting:
             self.handles = run._collector.attach(self.state.grad_scale, self.mask, cfg.attribution_only)
@@ -115,8 +126,14 @@ class Step:
         run._active = None
         if run.config.capture.attribution_only:
             run._restore_parameters()
-        if exc_type is None and not run._fitting and not self.discarded:
-            run._submit(self.ids, self.state, self.row_scale, self.nonfinite)
+        try:
+            if exc_type is None and run._curvature_fit is not None:
+                run._commit_factors(run._curvature_fit, self.ids, self.state)
+            elif exc_type is None and not run._fitting and not self.discarded:
+                run._submit(self.ids, self.state, self.row_scale, self.nonfinite)
+        finally:
+            if self.state.factors is not None:
+                self.state.factors.reset()  # a failed or discarded step adds nothing
         return False
 
     def scale_rows(self, factor: float | torch.Tensor) -> None:
@@ -156,6 +173,30 @@ class ProjectionFit:
         self.run._fitting = False
         if exc_type is None:
             self.run._finish_fit()
+        return False
+
+
+class CurvatureFit:
+    """`with run.fit_curvature():` — see `Run.fit_curvature`."""
+
+    def __init__(self, run: "Run", segment: str):
+        self.run = run
+        self.segment = segment
+
+    def __enter__(self) -> "CurvatureFit":
+        run = self.run
+        run._factor_sums[self.segment] = KroneckerSums(run._factor_dims)  # replaces, see fit_curvature
+        run._curvature_fit = self.segment
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        run = self.run
+        run._curvature_fit = None
+        if exc_type is None:
+            run._factors_changed.add(self.segment)
+            run._save_factors()
+        else:
+            run._factor_sums.pop(self.segment, None)  # the files on disk stay as they were
         return False
 
 
@@ -207,6 +248,13 @@ class Run:
         self._active: Step | None = None
         self._writer = None
         self._statistics = None
+        # K-FAC factors: the step's float32 sums, then float64 sums per segment (log mode).
+        self._collect_factors = False
+        self._curvature_fit: str | None = None  # the segment of a running fit_curvature pass
+        self._factor_dims: dict[str, tuple[int, int]] = {}
+        self._factor_step: KroneckerSums | None = None
+        self._factor_sums: dict[str, KroneckerSums] = {}
+        self._factors_changed: set[str] = set()
         self._query_rows: list[torch.Tensor] = []
         self._query_ids: list[DataId] = []
         self._pending_batches: dict[str, int] = {}  # segment -> batches logged, not yet in its meta
@@ -223,6 +271,8 @@ class Run:
         selected = select_modules(model, cfg.capture)
         self.modules = self._module_table(selected)
         self.width = total_width(self.modules)  # D
+        if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
+            self._check_factor_dims()  # before anything is written
         self._model = model
         self._selected = selected
         if self._manifest is not None:
@@ -254,7 +304,86 @@ class Run:
             for i, ((name, module), info) in enumerate(zip(self._selected, self.modules))
         ]
         if self.mode == "log":
+            self._factor_dims = {m.name: (m.r_in, m.r_out) for m in self.modules}
+            self._factor_step = KroneckerSums(self._factor_dims, dtype=torch.float32)
+            self._collect_factors = any(k in FACTOR_STATISTICS for k in self.config.curvature.statistics)
             self._open_writer()
+
+    def _check_factor_dims(self) -> None:
+        for m in self.modules:
+            if max(m.r_in, m.r_out) > MAX_FACTOR_DIM:
+                side = "r_in" if m.r_in > MAX_FACTOR_DIM else "r_out"
+                raise CaptureError(
+                    f"module {m.name!r} has {side} = {max(m.r_in, m.r_out)}: its K-FAC factor would "
+                    f"be a {max(m.r_in, m.r_out)}² float64 matrix; K-FAC factors are for sides of at "
+                    f"most {MAX_FACTOR_DIM}. Project that module (projection.kind random/pca with a "
+                    "smaller rank) or add it to capture.exclude")
+
+    def fit_curvature(self, segment: str | None = None) -> CurvatureFit:
+        """A pass that computes the K-FAC factors of a segment (default: the current one)
+        without writing rows: inside `with run.fit_curvature():`, `with run(data_id=ids):
+        loss.backward()` blocks over the training data add to the factors, which are saved on
+        exit as `curvature/<segment>/kfac-r<rank>.safetensors`, replacing this rank's factors of
+        that segment. For a store logged without `curvature.statistics: [kfac]`: open it with
+        `logix.init(path, resume=True)`, `run.watch(model)` (the model at that segment's
+        checkpoint), run the pass, `run.finalize()`. The model is not changed."""
+        self._check_log_mode("fit_curvature")
+        self._check_no_step("fit_curvature")
+        self._check_open()
+        if self._curvature_fit is not None:
+            raise CaptureError("fit_curvature() passes cannot be nested")
+        names = self._writer.segment_names()
+        if segment is None:
+            if self._writer.segment is None:
+                raise CaptureError("the store has no segment yet: log some rows first, or pass "
+                                   "fit_curvature(segment=NAME) of an existing segment")
+            segment = self._writer.segment
+        elif segment not in names:
+            raise CaptureError(f"segment {segment!r} does not exist in {self.run_dir}; its segments: {names}")
+        self._check_factor_dims()
+        return CurvatureFit(self, segment)
+
+    def _segment_factors(self, segment: str) -> KroneckerSums:
+        """The float64 factor sums of `segment`; a resumed run continues its own rank's file."""
+        sums = self._factor_sums.get(segment)
+        if sums is None:
+            from logix.curvature.kfac import factor_path, read_factors
+
+            sums = self._factor_sums[segment] = KroneckerSums(self._factor_dims)
+            saved = read_factors(factor_path(self.run_dir, segment, self.rank))
+            if saved is not None and saved.modules == self.modules:
+                sums.load(saved.tensors, saved.positions, saved.rows)
+        return sums
+
+    def _commit_factors(self, segment: str, ids: list, state: StepState,
+                        row_scale: torch.Tensor | float = 1.0) -> None:
+        """Add a step's factor sums to `segment` (after its rows were accepted). Rows scaled by a
+        number c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
+        if isinstance(row_scale, torch.Tensor):
+            raise CaptureError(
+                "per-example scale_rows cannot be folded into K-FAC factors summed over the batch; "
+                "log without 'kfac'/'ekfac' in curvature.statistics and compute the factors "
+                "afterwards with run.fit_curvature()")
+        if not state.written:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=...)`: call "
+                "loss.backward() inside the block (with gradients enabled)")
+        sums = self._factor_sums[segment] if self._curvature_fit else self._segment_factors(segment)
+        state.factors.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
+        self._factors_changed.add(segment)
+
+    def _save_factors(self) -> None:
+        """Write the factors of every segment that changed since the last save."""
+        if not self._factors_changed:
+            return
+        from logix.curvature.kfac import factor_path, save_factors
+
+        for segment in sorted(self._factors_changed):
+            sums = self._factor_sums[segment]
+            save_factors(factor_path(self.run_dir, segment, self.rank), self.modules, sums.tensors(),
+                         sums.position_counts(), sums.examples,
+                         extra={"segment": segment, "rank": str(self.rank)})
+        self._factors_changed.clear()
 
     def fit_projections(self) -> "ProjectionFit":
         """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
@@ -353,11 +482,12 @@ class Run:
     def _open_writer(self) -> None:
         observers = []
         curvature = self.config.curvature
-        if curvature.statistics and curvature.during_logging:
+        row_kinds = [k for k in curvature.statistics if k not in FACTOR_STATISTICS]
+        if row_kinds and curvature.during_logging:
             from logix.curvature.covariance import CurvatureStatistics
 
             self._statistics = CurvatureStatistics(
-                self.run_dir, self.modules, rank=self.rank, kinds=tuple(curvature.statistics)
+                self.run_dir, self.modules, rank=self.rank, kinds=tuple(row_kinds)
             )
             observers.append(self._statistics)
         self._writer = StoreWriter(
@@ -414,6 +544,8 @@ class Run:
             self._query_ids.extend(ids)
         else:
             self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
+            if state.factors is not None:
+                self._commit_factors(self._writer.segment, ids, state, row_scale)
             segment = self._writer.segment
             self._pending_batches[segment] = self._pending_batches.get(segment, 0) + 1
 
@@ -446,6 +578,9 @@ class Run:
         if self._statistics is not None:
             self._writer.flush()
             self._statistics.save()
+        self._save_factors()
+        # Saved sums need no memory: a segment logged into again continues from its file.
+        self._factor_sums = {k: v for k, v in self._factor_sums.items() if k == self._curvature_fit}
         return self._writer.start_segment(name, meta or None)
 
     def set_segment_meta(self, **meta: Any) -> None:
@@ -476,6 +611,7 @@ class Run:
             self._writer.flush()
             if self._statistics is not None:
                 self._statistics.save()
+            self._save_factors()
 
     def finalize(self) -> None:
         """Flush and close the store; save curvature statistics. Safe to call twice."""
@@ -488,6 +624,7 @@ class Run:
             self._writer.close()
             if self._statistics is not None:
                 self._statistics.save()
+            self._save_factors()
 
     def __enter__(self) -> "Run":
         return self

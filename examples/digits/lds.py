@@ -8,7 +8,8 @@
    per projection: random ranks 16, 32, 64 and `identity` (exact full per-example gradients).
 2. Capture the test gradients of the measurement, the test example's loss; score with the
    `identity` preconditioner (gradient dot products) and `raw` (projected empirical Fisher) at
-   several dampings. For the identity projection, the exact raw reference (a 16,640-wide Fisher
+   several dampings, and (unless --no-kfac) `kfac`, `ekfac` and `ekfac` refined by --refine
+   conjugate-gradient passes towards the raw solve (K-FAC factors are logged with the rows). For the identity projection, the exact raw reference (a 16,640-wide Fisher
    block for fc1, too big for an eigendecomposition) is computed here through the N×N Gram
    matrix, with logix's damping definition; it is checked against the engine on a small store.
 3. Ground truth: retrain on M random half subsets (each with a few seeds, averaged), measure the
@@ -41,8 +42,9 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
               batch_size: int = 256):
     """One attribution pass over (x, y) at the model's current weights into a store at `path`."""
     # The identity projection's raw statistics would be a 16,640² float64 block (2.2 GB) for fc1:
-    # skip them; the exact reference is computed from the rows instead.
-    statistics = [] if projection["kind"] == "identity" else ["raw"]
+    # skip them; the exact reference is computed from the rows instead. K-FAC factors are small
+    # for every projection ([r_in, r_in] and [r_out, r_out]).
+    statistics = ["kfac"] + ([] if projection["kind"] == "identity" else ["raw"])
     config = {"projection": projection, "curvature": {"statistics": statistics},
               "capture": {"attribution_only": True, "loss_reduction": "sum"}}
     run = logix.init(path, config=config, overwrite=True)
@@ -111,6 +113,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--kfac", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score with kfac, ekfac and refined ekfac (default: on)")
+    p.add_argument("--refine", type=int, default=3, help="refinement passes of the ekfac+refine column")
+    p.add_argument("--projections", nargs="+", help="only these stores (e.g. r=64 exact)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the MLP is tiny)")
     p.add_argument("--out", type=Path, default=HERE / "out" / "lds")
     args = p.parse_args()
@@ -131,7 +137,10 @@ def main() -> None:
     projections = {f"r={r}": {"kind": "random", "rank_in": r, "rank_out": r, "seed": 0} for r in args.ranks}
     projections.update({f"pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.ranks})
     projections["exact"] = {"kind": "identity"}
+    if args.projections:
+        projections = {k: v for k, v in projections.items() if k in args.projections}
     scores: dict[str, dict[str, torch.Tensor]] = {}
+    refinement: dict[tuple[str, float], tuple[float, float]] = {}
     stores = {}
     t = time.perf_counter()
     for name, proj in projections.items():
@@ -152,17 +161,36 @@ def main() -> None:
         else:
             for d in args.dampings:
                 row[f"raw λ={d:g}"] = logix.InfluenceEngine(store, preconditioner="raw", damping=d).scores(q).values
+        if args.kfac:
+            refined = f"ekfac+r{args.refine}"
+            for d in args.dampings:
+                for label, kind, refine in (("kfac", "kfac", 0), ("ekfac", "ekfac", 0), (refined, "ekfac", args.refine)):
+                    engine = logix.InfluenceEngine(store, preconditioner=kind, damping=d, refine=refine)
+                    row[f"{label} λ={d:g}"] = engine.scores(q).values
+                    if refine:
+                        res = engine.refinement_residuals
+                        refinement[(name, d)] = (float(res[0].median()), float(res[-1].median()))
         scores[name] = row
     timings["scores"] = time.perf_counter() - t
+    for (name, d), (first, last) in refinement.items():
+        console.print(f"refinement {name} λ={d:g}: median relative residual ‖q − (F+λI)x‖/‖q‖ "
+                      f"{first:.2e} (plain EK-FAC) → {last:.2e} after {args.refine} CG passes")
+    if args.kfac and "exact" in scores:  # refined EK-FAC approaches the exact raw solve
+        for d in args.dampings:
+            exact, mine = scores["exact"][f"raw λ={d:g}"], scores["exact"]
+            for label in ("ekfac", f"ekfac+r{args.refine}"):
+                gap = float((mine[f"{label} λ={d:g}"].double() - exact).norm() / exact.norm())
+                console.print(f"exact store, λ={d:g}: ‖{label} − raw‖ / ‖raw‖ = {gap:.2e}")
 
     # The exact reference shares logix's damping definition: check it on the largest random store.
     check = f"r={max(args.ranks)}"
-    store, q = stores[check]
-    mine = exact_raw_scores(store, q.values, [0.1])[0.1]
-    theirs = scores[check]["raw λ=0.1"].to(torch.float64)
-    rel = float((mine - theirs).abs().max() / theirs.abs().max())
-    console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping 0.1: "
-                  f"max |diff| / max |score| = {rel:.1e}")
+    if check in stores and 0.1 in args.dampings:
+        store, q = stores[check]
+        mine = exact_raw_scores(store, q.values, [0.1])[0.1]
+        theirs = scores[check]["raw λ=0.1"].to(torch.float64)
+        rel = float((mine - theirs).abs().max() / theirs.abs().max())
+        console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping "
+                      f"0.1: max |diff| / max |score| = {rel:.1e}")
 
     # 2. ground truth ------------------------------------------------------------------------------
     subsets = sample_subsets(len(data.y_train), args.subsets, alpha=0.5, seed=0)
@@ -181,28 +209,39 @@ def main() -> None:
     columns = list(next(iter(scores.values())).keys())
     results = {name: {c: lds(s, subsets, outputs, output="loss") for c, s in row.items()}
                for name, row in scores.items()}
-    table = Table(title=f"LDS on digits: {args.n_test} test images, M={args.subsets} half subsets × "
-                        f"{args.seeds} seeds, measurement = test loss (mean Spearman [95% bootstrap CI])")
-    table.add_column("projection")
-    table.add_column("D", justify="right")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for name, row in results.items():
-        table.add_row(name, str(stores[name][0].width), *[lds_cell(row[c]) for c in columns])
-    console.print(table)
+    family = {c: c.split(" λ=")[0] for c in columns}  # identity, raw, kfac, ekfac, ekfac+r3
+    groups = [["identity"] + [c for c in columns if family[c] == "raw"],
+              [c for c in columns if family[c] not in ("identity", "raw")]]
+    for i, group in enumerate(g for g in groups if g):
+        wide = i > 0  # many columns: means only (the damping-chosen lines below give CIs)
+        what = "mean Spearman" if wide else "mean Spearman [95% bootstrap CI]"
+        table = Table(title=f"LDS on digits: {args.n_test} test images, M={args.subsets} half subsets × "
+                            f"{args.seeds} seeds, measurement = test loss ({what})")
+        table.add_column("projection")
+        table.add_column("D", justify="right")
+        for c in group:
+            table.add_column(c, justify="right")
+        for name, row in results.items():
+            cells = [f"{row[c].mean:+.3f}" if wide else lds_cell(row[c]) for c in group]
+            table.add_row(name, str(stores[name][0].width), *cells)
+        console.print(table)
 
     # Damping is a hyperparameter: choose it on one half of the test images, report the other.
-    raw_cols = [c for c in columns if c.startswith("raw")]
     half = args.n_test // 2
-    chosen = {}
-    for name in results:
-        chosen[name] = max(raw_cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
-        held = results[name][chosen[name]].per_test[half:]
-        low, high = bootstrap_ci(held)
-        console.print(f"{name}: damping chosen on test images 0..{half - 1}: {chosen[name]}; its LDS on "
-                      f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
-    if check in results:
-        pairs = [(c, c) for c in raw_cols] + [(chosen[check], chosen["exact"])]
+    chosen: dict[tuple[str, str], str] = {}
+    for kind in dict.fromkeys(f for f in family.values() if f != "identity"):
+        cols = [c for c in columns if family[c] == kind]
+        for name in results:
+            best = chosen[(name, kind)] = max(cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+            held = results[name][best].per_test[half:]
+            low, high = bootstrap_ci(held)
+            console.print(f"{name}: {kind} damping chosen on test images 0..{half - 1}: {best}; its LDS on "
+                          f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
+    raw_cols = [c for c in columns if family[c] == "raw"]
+    if check in results and "exact" in results:
+        pairs = [(c, c) for c in raw_cols]
+        if chosen[(check, "raw")] != chosen[("exact", "raw")]:
+            pairs.append((chosen[(check, "raw")], chosen[("exact", "raw")]))
         for ours, ref in pairs:
             gap = results[check][ours].per_test - results["exact"][ref].per_test
             low, high = bootstrap_ci(gap)

@@ -260,6 +260,10 @@ class StoreWriter:
         """The segment that `add` appends to (None until the first segment exists)."""
         return self._segment
 
+    def segment_names(self) -> list[str]:
+        """The names of every segment of the store (this rank's and the others')."""
+        return list(dict.fromkeys(self._all_segment_names()))
+
     def _all_segment_names(self) -> list[str]:
         with self._lock:
             names = [s["name"] for s in self._index["segments"]]
