@@ -32,6 +32,7 @@ from logix.capture.projection import (
     make_side,
     save_projections,
 )
+from logix.capture.tokens import TokenGradients, TokenRecorder, check_token_request
 from logix.config import LogixConfig
 from logix.store.format import (
     CURVATURE_DIR,
@@ -68,10 +69,13 @@ def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
 class Step:
     """The context of one logged batch: `with run(data_id=ids, mask=attention_mask): ...`."""
 
-    def __init__(self, run: "Run", ids: list[DataId], mask: torch.Tensor | None):
+    def __init__(self, run: "Run", ids: list[DataId], mask: torch.Tensor | None,
+                 per_token: bool = False, token_ids: torch.Tensor | None = None):
         self.run = run
         self.ids = ids
         self.mask = mask
+        self.per_token = per_token
+        self.token_ids = token_ids
         self.state: StepState | None = None
         self.handles: list = []
 
@@ -93,6 +97,7 @@ class Step:
             mask=self.mask,
             attribution_only=cfg.attribution_only,
             destination=run._writer.reserve(len(self.ids)) if run._writer is not None else None,
+            tokens=TokenRecorder() if self.per_token else None,
         )
         if run._fitting:
             self.handles = run._collector.attach(self.state.grad_scale, self.mask, cfg.attribution_only)
@@ -111,7 +116,9 @@ class Step:
         run._active = None
         if run.config.capture.attribution_only:
             run._restore_parameters()
-        if exc_type is None and not run._fitting:
+        if exc_type is None and self.per_token:
+            run._submit_tokens(self)
+        elif exc_type is None and not run._fitting:
             run._submit(self.ids, self.state)
         return False
 
@@ -183,6 +190,7 @@ class Run:
         self._statistics = None
         self._query_rows: list[torch.Tensor] = []
         self._query_ids: list[DataId] = []
+        self._token_parts: list[TokenGradients] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._model: nn.Module | None = None
         self._finalized = False
@@ -343,9 +351,12 @@ class Run:
         )
 
     # -- the loop ---------------------------------------------------------------------------
-    def __call__(self, data_id: Any, mask: torch.Tensor | None = None) -> Step:
+    def __call__(self, data_id: Any, mask: torch.Tensor | None = None, *, per_token: bool = False,
+                 token_ids: torch.Tensor | None = None) -> Step:
         """A context for one batch: `data_id` gives one id per example; `mask` [B, T] marks real
-        (1) and padded (0) positions of sequence inputs."""
+        (1) and padded (0) positions of sequence inputs. `per_token=True` (query mode) keeps each
+        position's factors for `token_gradients()` instead of summing them into `gradients()`
+        rows; `token_ids` [B, T] are kept with them for display."""
         self._check_open()
         if isinstance(data_id, (int, str)) and not isinstance(data_id, bool):
             data_id = [data_id]
@@ -355,7 +366,8 @@ class Run:
         if mask is not None:
             if mask.ndim != 2 or mask.shape[0] != len(ids):
                 raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
-        return Step(self, ids, mask)
+        check_token_request(self.mode, len(ids), mask, per_token, token_ids)
+        return Step(self, ids, mask, per_token, token_ids)
 
     def _submit(self, ids: list[DataId], state: StepState) -> None:
         if state.rows is None:
@@ -378,6 +390,28 @@ class Run:
             self._query_ids.extend(ids)
         else:
             self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
+
+    def _submit_tokens(self, step: Step) -> None:
+        recorder = step.state.tokens
+        if not recorder.passes:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=..., "
+                "per_token=True)`: call loss.backward() inside the block (with gradients enabled)")
+        part = recorder.finish(step.ids, list(self.modules), self.fingerprint or "", step.mask,
+                               step.token_ids)
+        bad = [part.data_ids[i] for i in nonfinite_rows(part.gradients().values)]
+        if bad:
+            raise CaptureError(f"non-finite gradients (NaN/inf) for data ids {bad[:10]}: is the "
+                               "loss NaN? Nothing of this batch was kept")
+        self._token_parts.append(part)
+
+    def token_gradients(self) -> TokenGradients:
+        """The per-position factors captured in `per_token=True` blocks of a query-mode run, for
+        `InfluenceEngine.token_scores`: one entry per sequence, positions padded to the longest."""
+        if not self._token_parts:
+            raise CaptureError("no per-token gradients: capture them inside "
+                               "`with query(data_id=ids, mask=mask, per_token=True): loss.backward()`")
+        return TokenGradients.concatenate(self._token_parts)
 
     def _freeze_parameters(self) -> None:
         self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +81,7 @@ class StepState:
     mask: torch.Tensor | None
     attribution_only: bool
     destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
+    tokens: Any = None  # a capture.tokens.TokenRecorder in a per-token block: factors, no rows
     rows: torch.Tensor | None = None
     written: set[int] = field(default_factory=set)
     open: bool = True
@@ -151,6 +153,9 @@ class ModuleCapture:
         with torch.no_grad():
             g = output_grads(self.module, grad.detach()).float()
             g_proj = self.projection.p_out.apply(g)
+            if step.tokens is not None:  # per-token block: keep the factors instead of summing
+                step.tokens.add(self, x_proj, g_proj)
+                return None
             block = step.block(self, g_proj)
             projected_gradient(x_proj, g_proj, out=block, accumulate=self.index in step.written)
             step.written.add(self.index)
