@@ -28,28 +28,36 @@ from models import TinyDecoder
 DAMPING = 0.1
 
 
-def setup_lm(tmp_path: Path, rank_in: int):
-    """A tiny decoder, a store of all documents (padded batches of 8, mean-reduced loss) and the
-    gradients of 3 held-out questions."""
-    torch.manual_seed(0)
-    c = C.generate(n_entities=6, seed=3)
-    model = TinyDecoder(len(c.vocab), d_model=16, n_layers=1, n_heads=2, max_len=64)
-    config = {"capture": {"types": ["Linear", "Embedding"], "attribution_only": True},
-              "projection": {"kind": "random", "rank_in": rank_in, "rank_out": 5, "seed": 1}}
-    run = logix.init(tmp_path / "r", config=config)
-    run.watch(model)
-    for start in range(0, len(c.documents), 8):
-        chunk = c.documents[start:start + 8]
-        b = document_batch(c, [d.text for d in chunk])
-        with run(data_id=[d.doc_id for d in chunk], mask=b.pad_mask):
-            sequence_losses(model, b).mean().backward()
-    run.finalize()
-    query = logix.init(tmp_path / "r", mode="query")
+_STORES: dict[int, tuple] = {}
+
+
+def setup_lm(tmp_path_factory, rank_in: int):
+    """A tiny decoder and a store of all documents (padded batches of 8, mean-reduced loss),
+    built once per rank for the module; and a fresh query run holding the gradients of 3
+    held-out questions. Returns (corpus, model, query run, store directory)."""
+    if rank_in not in _STORES:
+        torch.manual_seed(0)
+        c = C.generate(n_entities=6, seed=3)
+        model = TinyDecoder(len(c.vocab), d_model=16, n_layers=1, n_heads=2, max_len=64)
+        config = {"capture": {"types": ["Linear", "Embedding"], "attribution_only": True},
+                  "projection": {"kind": "random", "rank_in": rank_in, "rank_out": 5, "seed": 1}}
+        run_dir = tmp_path_factory.mktemp(f"lm{rank_in}") / "r"
+        run = logix.init(run_dir, config=config)
+        run.watch(model)
+        for start in range(0, len(c.documents), 8):
+            chunk = c.documents[start:start + 8]
+            b = document_batch(c, [d.text for d in chunk])
+            with run(data_id=[d.doc_id for d in chunk], mask=b.pad_mask):
+                sequence_losses(model, b).mean().backward()
+        run.finalize()
+        _STORES[rank_in] = (c, model, run_dir)
+    c, model, run_dir = _STORES[rank_in]
+    query = logix.init(run_dir, mode="query")
     query.watch(model)
     qb = question_batch(c, c.test_questions[:3])
     with query(data_id=["q0", "q1", "q2"], mask=qb.pad_mask):
         sequence_losses(model, qb).mean().backward()
-    return c, model, query
+    return c, model, query, run_dir
 
 
 def capture_tokens(c, model, query, docs) -> logix.TokenGradients:
@@ -69,12 +77,12 @@ def chosen_documents(c):
 
 @pytest.mark.parametrize("rank_in", [6, 1000])  # 1000: every input side whole (one-hot Embedding)
 @pytest.mark.parametrize("preconditioner", ["identity", "raw"])
-def test_token_scores_sum_to_sequence_scores(tmp_path, rank_in, preconditioner):
-    c, model, query = setup_lm(tmp_path, rank_in)
+def test_token_scores_sum_to_sequence_scores(tmp_path_factory, rank_in, preconditioner):
+    c, model, query, run_dir = setup_lm(tmp_path_factory, rank_in)
     docs = chosen_documents(c)
     tokens = capture_tokens(c, model, query, docs)
     assert tokens.factors["tok"].one_hot == (rank_in == 1000)
-    engine = logix.InfluenceEngine(tmp_path / "r", preconditioner=preconditioner, damping=DAMPING)
+    engine = logix.InfluenceEngine(run_dir, preconditioner=preconditioner, damping=DAMPING)
     q = query.gradients()
     columns = [engine.store.data_ids.index(d.doc_id) for d in docs]
     lengths = [len(c.encode(d.text)) for d in docs]
@@ -149,11 +157,11 @@ def preconditioned_block(store, q: torch.Tensor, name: str, kind: str) -> torch.
 
 @pytest.mark.parametrize("name", ["blocks.0.fc1", "tok"])
 @pytest.mark.parametrize("rank_in", [6, 1000])
-def test_token_scores_equal_per_position_gradients(tmp_path, name, rank_in):
-    c, model, query = setup_lm(tmp_path, rank_in)
+def test_token_scores_equal_per_position_gradients(tmp_path_factory, name, rank_in):
+    c, model, query, run_dir = setup_lm(tmp_path_factory, rank_in)
     docs = chosen_documents(c)
     tokens = capture_tokens(c, model, query, docs)
-    engine = logix.InfluenceEngine(tmp_path / "r", preconditioner="raw", damping=DAMPING, modules=name)
+    engine = logix.InfluenceEngine(run_dir, preconditioner="raw", damping=DAMPING, modules=name)
     ts = engine.token_scores(query.gradients(), tokens)
     qm = preconditioned_block(engine.store, query.gradients().values, name, "raw")
     projection = next(p.projection for p in query._captures if p.name == name)
@@ -189,11 +197,12 @@ def test_conv_positions_are_output_pixels(tmp_path):
     model = ConvNet()
     x, y = torch.randn(12, 2, 7, 7), torch.randint(0, 4, (12,))
     config = {"projection": {"kind": "random", "rank_in": 5, "rank_out": 2, "seed": 2}}
-    with logix.init(tmp_path / "r", config=config) as run:
+    run_dir = tmp_path / "r"
+    with logix.init(run_dir, config=config) as run:
         run.watch(model)
         with run(data_id=list(range(12))):
             F.cross_entropy(model(x), y).backward()
-    query = logix.init(tmp_path / "r", mode="query")
+    query = logix.init(run_dir, mode="query")
     query.watch(model)
     with query(data_id=["a", "b"]):
         F.cross_entropy(model(x[:2] + 0.3), y[:2]).backward()
@@ -202,7 +211,7 @@ def test_conv_positions_are_output_pixels(tmp_path):
     tokens = query.token_gradients()
     assert {k: f.positions for k, f in tokens.factors.items()} == {"c1": 16, "c2": 9, "head": 1}
     q = query.gradients()
-    engine = logix.InfluenceEngine(tmp_path / "r", preconditioner="raw", damping=DAMPING)
+    engine = logix.InfluenceEngine(run_dir, preconditioner="raw", damping=DAMPING)
     with pytest.raises(ValueError, match="per_module=True"):
         engine.token_scores(q, tokens)
     ts = engine.token_scores(q, tokens, per_module=True)
@@ -210,7 +219,7 @@ def test_conv_positions_are_output_pixels(tmp_path):
     want = engine.scores(q, per_module=True).values[:, :, 3:6]
     torch.testing.assert_close(ts.values.sum(-1), want, rtol=1e-4, atol=1e-6)
     # One module: its per-pixel scores against an independent per-pixel gradient.
-    one = logix.InfluenceEngine(tmp_path / "r", preconditioner="raw", damping=DAMPING, modules="c1")
+    one = logix.InfluenceEngine(run_dir, preconditioner="raw", damping=DAMPING, modules="c1")
     values = one.token_scores(q, tokens).values
     qm = preconditioned_block(one.store, q.values, "c1", "raw")
     p = next(c.projection for c in query._captures if c.name == "c1")
@@ -223,10 +232,10 @@ def test_conv_positions_are_output_pixels(tmp_path):
                                    rtol=1e-4, atol=1e-7)
 
 
-def test_several_backward_passes_add_up(tmp_path):
+def test_several_backward_passes_add_up(tmp_path_factory):
     """Two forward/backward passes in one per-token block: the factors of both are kept and
     their per-position terms add up to the gradient of the sum."""
-    c, model, query = setup_lm(tmp_path, 6)
+    c, model, query, run_dir = setup_lm(tmp_path_factory, 6)
     docs = chosen_documents(c)[:3]
     b = document_batch(c, [d.text for d in docs])
     with query(data_id=["x", "y", "z"], mask=b.pad_mask):
@@ -240,15 +249,15 @@ def test_several_backward_passes_add_up(tmp_path):
     everything = query.gradients()
     rows = everything.select([3, 4, 5])  # the summed rows of the first block
     torch.testing.assert_close(tokens.gradients().values, rows.values, rtol=1e-5, atol=1e-6)
-    engine = logix.InfluenceEngine(tmp_path / "r", preconditioner="identity")
+    engine = logix.InfluenceEngine(run_dir, preconditioner="identity")
     q = everything.select([0, 1, 2])
     got = engine.token_scores(q, tokens).sequence_scores()
     want = q.values @ rows.values.T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
-def test_top_tokens_and_errors(tmp_path):
-    c, model, query = setup_lm(tmp_path, 6)
+def test_top_tokens_and_errors(tmp_path, tmp_path_factory):
+    c, model, query, run_dir = setup_lm(tmp_path_factory, 6)
     docs = chosen_documents(c)[:2]
     b = document_batch(c, [d.text for d in docs])
     with pytest.raises(ValueError, match="per_token=True"):
@@ -260,7 +269,7 @@ def test_top_tokens_and_errors(tmp_path):
     with pytest.raises(CaptureError, match="no gradient"), query(data_id=[0, 1], per_token=True):
         pass
     tokens = capture_tokens(c, model, query, docs + docs)
-    engine = logix.InfluenceEngine(tmp_path / "r", preconditioner="identity")
+    engine = logix.InfluenceEngine(run_dir, preconditioner="identity")
     ts = engine.token_scores(query.gradients(), tokens)
     short = 0 if len(docs[0].text.split()) < len(docs[1].text.split()) else 1
     top = ts.top_tokens(0, short, k=1000)
@@ -307,3 +316,14 @@ def test_contraction_matches_outer_products(monkeypatch, r_in, r_out):
                                torch.einsum("qoi,nkto,nkti->qnt", q, g, one_hot), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(f.sequence_gradient(), torch.einsum("nkto,nkti->noi", g, one_hot),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_token_attribution_example_runs(tmp_path):
+    """The example end to end on a tiny, briefly trained model (its figures need the defaults)."""
+    import token_attribution
+
+    result = token_attribution.main(["--entities", "6", "--epochs", "2", "--d-model", "16",
+                                     "--layers", "1", "--heads", "2", "--rank", "4", "--show", "1",
+                                     "--batch", "16", "--out", str(tmp_path)])
+    assert result["questions"] > 0 and result["sum_relative_gap"] < 1e-4
+    assert (tmp_path / "token_attribution.json").exists()
