@@ -123,7 +123,7 @@ def per_position_gradient(model, module, batch, loss_fn) -> torch.Tensor:
         t = tokens.shape[1]
         w = module.weight.detach().expand(t, *module.weight.shape).clone()  # [T, V, d]
         g = grad(with_layer(lambda x, w: w[torch.arange(t), x[0]][None]))(w)
-        return g.transpose(1, 2)  # the map is weightᵀ: [T, d, V]
+        return g.transpose(1, 2).detach()  # the map is weightᵀ: [T, d, V]
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
 
@@ -140,7 +140,7 @@ def per_position_gradient(model, module, batch, loss_fn) -> torch.Tensor:
     w = module.weight.detach().reshape(module.weight.shape[0], -1)
     params = (w.expand(t, *w.shape).clone(), module.bias.detach().expand(t, -1).clone())
     gw, gb = grad(with_layer(forward), argnums=(0, 1))(*params)
-    return torch.cat([gw, gb[..., None]], dim=2)
+    return torch.cat([gw, gb[..., None]], dim=2).detach()
 
 
 def preconditioned_block(store, q: torch.Tensor, name: str, kind: str) -> torch.Tensor:
