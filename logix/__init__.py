@@ -6,6 +6,7 @@ training examples made the model behave as it does (`open_store`, `InfluenceEngi
 
 __version__ = "0.1.0"
 
+from logix.capture.tokens import TokenGradients
 from logix.config import ConfigError, LogixConfig
 from logix.run import Run, init
 from logix.store.format import ModuleInfo, StoreError
@@ -26,6 +27,14 @@ def __getattr__(name: str):
         from logix.query.engine import InfluenceEngine
 
         return InfluenceEngine
+    if name == "TokenScores":
+        from logix.query.tokens import TokenScores
+
+        return TokenScores
+    if name == "measurements":
+        import importlib
+
+        return importlib.import_module("logix.measurements")
     if name == "combined_scores":
         from logix.query.segments import combined_scores
 
@@ -46,8 +55,11 @@ __all__ = [
     "Run",
     "Store",
     "StoreError",
+    "TokenGradients",
+    "TokenScores",
     "combined_scores",
     "init",
+    "measurements",
     "open_store",
     "stagewise_scores",
     "__version__",

@@ -39,6 +39,7 @@ from logix.capture.projection import (
     make_side,
     save_projections,
 )
+from logix.capture.tokens import TokenGradients, TokenRecorder, check_token_request
 from logix.config import LogixConfig
 from logix.store.format import (
     CURVATURE_DIR,
@@ -76,10 +77,13 @@ def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
 class Step:
     """The context of one logged batch: `with run(data_id=ids, mask=attention_mask): ...`."""
 
-    def __init__(self, run: "Run", ids: list[DataId], mask: torch.Tensor | None):
+    def __init__(self, run: "Run", ids: list[DataId], mask: torch.Tensor | None,
+                 per_token: bool = False, token_ids: torch.Tensor | None = None):
         self.run = run
         self.ids = ids
         self.mask = mask
+        self.per_token = per_token
+        self.token_ids = token_ids
         self.state: StepState | None = None
         self.handles: list = []
         self.row_scale: torch.Tensor | float = 1.0
@@ -108,6 +112,7 @@ class Step:
                          if run._writer is not None and not fitting_curvature else None),
             factors=run._factor_step if run._collect_factors or fitting_curvature else None,
             rows_wanted=not fitting_curvature,
+            tokens=TokenRecorder() if self.per_token else None,
         )
         if run._fitting:
             self.handles = run._collector.attach(self.state.grad_scale, self.mask, cfg.attribution_only)
@@ -129,6 +134,8 @@ class Step:
         try:
             if exc_type is None and run._curvature_fit is not None:
                 run._commit_factors(run._curvature_fit, self.ids, self.state)
+            elif exc_type is None and self.per_token:
+                run._submit_tokens(self)
             elif exc_type is None and not run._fitting and not self.discarded:
                 run._submit(self.ids, self.state, self.row_scale, self.nonfinite)
         finally:
@@ -258,6 +265,7 @@ class Run:
         self._query_rows: list[torch.Tensor] = []
         self._query_ids: list[DataId] = []
         self._pending_batches: dict[str, int] = {}  # segment -> batches logged, not yet in its meta
+        self._token_parts: list[TokenGradients] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._model: nn.Module | None = None
         self._finalized = False
@@ -500,9 +508,12 @@ class Run:
         )
 
     # -- the loop ---------------------------------------------------------------------------
-    def __call__(self, data_id: Any, mask: torch.Tensor | None = None) -> Step:
+    def __call__(self, data_id: Any, mask: torch.Tensor | None = None, *, per_token: bool = False,
+                 token_ids: torch.Tensor | None = None) -> Step:
         """A context for one batch: `data_id` gives one id per example; `mask` [B, T] marks real
-        (1) and padded (0) positions of sequence inputs."""
+        (1) and padded (0) positions of sequence inputs. `per_token=True` (query mode) keeps each
+        position's factors for `token_gradients()` instead of summing them into `gradients()`
+        rows; `token_ids` [B, T] are kept with them for display."""
         self._check_open()
         if isinstance(data_id, (int, str)) and not isinstance(data_id, bool):
             data_id = [data_id]
@@ -512,7 +523,8 @@ class Run:
         if mask is not None:
             if mask.ndim != 2 or mask.shape[0] != len(ids):
                 raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
-        return Step(self, ids, mask)
+        check_token_request(self.mode, len(ids), mask, per_token, token_ids)
+        return Step(self, ids, mask, per_token, token_ids)
 
     def _submit(self, ids: list[DataId], state: StepState, row_scale: torch.Tensor | float = 1.0,
                 nonfinite: str = "raise") -> None:
@@ -557,6 +569,28 @@ class Run:
         if pending:
             before = int(self._writer.segment_meta(segment).get("logged_batches", 0))
             self._writer.update_segment_meta({"logged_batches": before + pending})
+
+    def _submit_tokens(self, step: Step) -> None:
+        recorder = step.state.tokens
+        if not recorder.passes:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=..., "
+                "per_token=True)`: call loss.backward() inside the block (with gradients enabled)")
+        part = recorder.finish(step.ids, list(self.modules), self.fingerprint or "", step.mask,
+                               step.token_ids)
+        bad = [part.data_ids[i] for i in nonfinite_rows(part.gradients().values)]
+        if bad:
+            raise CaptureError(f"non-finite gradients (NaN/inf) for data ids {bad[:10]}: is the "
+                               "loss NaN? Nothing of this batch was kept")
+        self._token_parts.append(part)
+
+    def token_gradients(self) -> TokenGradients:
+        """The per-position factors captured in `per_token=True` blocks of a query-mode run, for
+        `InfluenceEngine.token_scores`: one entry per sequence, positions padded to the longest."""
+        if not self._token_parts:
+            raise CaptureError("no per-token gradients: capture them inside "
+                               "`with query(data_id=ids, mask=mask, per_token=True): loss.backward()`")
+        return TokenGradients.concatenate(self._token_parts)
 
     def _freeze_parameters(self) -> None:
         self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,6 +87,7 @@ class StepState:
     destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
     factors: KroneckerSums | None = None  # the step's K-FAC factor sums, when they are collected
     rows_wanted: bool = True  # False in a curvature-only pass: no G̃ is formed
+    tokens: Any = None  # a capture.tokens.TokenRecorder in a per-token block: factors, no rows
     rows: torch.Tensor | None = None
     written: set[int] = field(default_factory=set)
     open: bool = True
@@ -157,6 +159,9 @@ class ModuleCapture:
         with torch.no_grad(), full_precision(grad.device):
             g = output_grads(self.module, grad.detach()).float()
             g_proj = self.projection.p_out.apply(g)
+            if step.tokens is not None:  # per-token block: keep the factors instead of summing
+                step.tokens.add(self, x_proj, g_proj)
+                return None
             if step.factors is not None:
                 mask = position_mask(step.mask, self.module, self.name, g_proj)
                 step.factors.add_positions(self.name, x_proj, g_proj, mask, step.grad_scale)

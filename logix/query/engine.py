@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -30,6 +30,10 @@ from logix.query.results import Scores, SelfInfluence, TopK
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
 from logix.store.reader import TORCH_DTYPES, Store, open_store
+
+if TYPE_CHECKING:
+    from logix.capture.tokens import TokenGradients
+    from logix.query.tokens import TokenScores
 
 MODES = ("dot", "cosine", "relative")
 SELF_MODES = ("dot", "relative")
@@ -215,6 +219,16 @@ class InfluenceEngine:
         train = self.store.data_ids
         data_ids = [[train[j] for j in row] for row in best_i.tolist()]
         return TopK(best_v, best_i, data_ids, qids, mode, self._meta())
+
+    def token_scores(self, q: Gradients | torch.Tensor, tokens: "TokenGradients", mode: str = "dot",
+                     per_module: bool = False) -> "TokenScores":
+        """Per-position scores of a few recomputed sequences (`query.token_gradients()` of
+        `per_token=True` blocks): `.values` [n_query, n_docs, T], summing over T to the
+        sequences' `scores(q, mode)`. See `logix.query.tokens`."""
+        from logix.query.tokens import token_scores
+
+        check_choice(mode, MODES, "mode")
+        return token_scores(self, q, tokens, mode=mode, per_module=per_module)
 
     def self_influence(self, mode: str = "dot", per_module: bool = False) -> SelfInfluence:
         """I(z, z) = xᵀ(F+λI)⁻¹x per train row: `.values` [n_train] ([n_modules, n_train]).
