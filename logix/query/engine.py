@@ -93,15 +93,7 @@ class InfluenceEngine:
         return self.preconditioner.residuals if self.refine else None
 
     def _select(self, modules: list[str] | str | None) -> list[str]:
-        names = [m.name for m in self.store.modules]
-        if modules is None:
-            return names
-        chosen = [modules] if isinstance(modules, str) else list(modules)
-        if not chosen:
-            raise ValueError("modules is empty: pass None for all modules, or some of " + str(names))
-        for name in chosen:
-            check_choice(name, tuple(names), "module")
-        return [n for n in names if n in set(chosen)]
+        return selected_modules(self.store, modules)
 
     # ------------------------------------------------------------------------------ queries
     def _queries(self, q: Gradients | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -253,6 +245,20 @@ class InfluenceEngine:
         if self.refine:
             meta["refine"] = self.refine
         return meta
+
+
+def selected_modules(store: Store, modules: list[str] | str | None) -> list[str]:
+    """The names of `modules` (all when None) in the store's table order; unknown names are an
+    error that suggests the closest one."""
+    names = [m.name for m in store.modules]
+    if modules is None:
+        return names
+    chosen = [modules] if isinstance(modules, str) else list(modules)
+    if not chosen:
+        raise ValueError("modules is empty: pass None for all modules, or some of " + str(names))
+    for name in chosen:
+        check_choice(name, tuple(names), "module")
+    return [n for n in names if n in set(chosen)]
 
 
 def _table_difference(a: list, b: list) -> str:

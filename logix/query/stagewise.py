@@ -53,9 +53,8 @@ from logix.curvature.covariance import ProgressFn
 from logix.curvature.precondition import (
     Preconditioner,
     build_preconditioner,
-    check_choice,
 )
-from logix.query.engine import InfluenceEngine
+from logix.query.engine import InfluenceEngine, selected_modules
 from logix.query.results import Scores
 from logix.query.segments import open_any, union_ids
 from logix.store.format import StoreError
@@ -162,7 +161,7 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
     # Query side, last segment first: carry = Q S_L ⋯ S_{ℓ+1}; Q_ℓ = carry r_ℓ / N_ℓ.
     carry = queries.values.to(device, torch.float64)
     per_segment: list[torch.Tensor | None] = [None] * len(views)
-    selected = _module_names(store, modules)
+    selected = selected_modules(store, modules)
     for i in reversed(range(len(views))):
         pre = build_preconditioner(views[i], "raw", damping, absolute=damping_absolute,
                                    modules=selected, device=device, chunk_rows=chunk_rows,
@@ -187,18 +186,6 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
                                   "examples": s.examples, "steps_from": s.steps_from}
                          for s in schedule}}
     return Scores(total.to(torch.float32), list(queries.data_ids), train_ids, "dot", None, meta)
-
-
-def _module_names(store, modules: list[str] | str | None) -> list[str]:
-    names = [m.name for m in store.modules]
-    if modules is None:
-        return names
-    chosen = [modules] if isinstance(modules, str) else list(modules)
-    if not chosen:
-        raise ValueError("modules is empty: pass None for all modules, or some of " + str(names))
-    for name in chosen:
-        check_choice(name, tuple(names), "module")
-    return [n for n in names if n in set(chosen)]
 
 
 def _check_queries(store, queries: Gradients) -> None:
