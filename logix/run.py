@@ -33,6 +33,7 @@ from logix.capture.projection import (
     save_projections,
 )
 from logix.config import LogixConfig
+from logix.distributed import finish_logging, rank_and_world
 from logix.store.format import (
     CURVATURE_DIR,
     FORMAT_NAME,
@@ -52,12 +53,6 @@ from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
-
-
-def _rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
@@ -142,7 +137,7 @@ class Run:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.run_dir = Path(run_dir)
         self.mode = mode
-        self.rank, self.world_size = _rank()
+        self.rank, self.world_size = rank_and_world()
         exists = (self.run_dir / MANIFEST).exists()
         if mode == "query":
             if not exists:
@@ -311,6 +306,7 @@ class Run:
                 "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes},
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "logix_version": __version__,
+                "ranks": list(range(self.world_size)),  # the ranks that log into this store
             }
             write_json_atomic(self.run_dir / MANIFEST, manifest)  # the commit point
             self._manifest = manifest
@@ -429,15 +425,25 @@ class Run:
                 self._statistics.save()
 
     def finalize(self) -> None:
-        """Flush and close the store; save curvature statistics. Safe to call twice."""
+        """Flush and close the store; save curvature statistics. Safe to call twice.
+
+        Under torch.distributed every rank calls it: after a barrier rank 0 checks that the
+        ranks' data ids are disjoint and records the ranks in the manifest."""
         if self._finalized:
             return
         self._check_no_step("finalize")
         self._finalized = True
         if self._writer is not None:
-            self._writer.close()
-            if self._statistics is not None:
-                self._statistics.save()
+            error: Exception | None = None
+            try:
+                self._writer.close()
+                if self._statistics is not None:
+                    self._statistics.save()
+            except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
+                error = e
+            finish_logging(self.run_dir, ok=error is None)
+            if error is not None:
+                raise error
 
     def __enter__(self) -> "Run":
         return self

@@ -251,14 +251,12 @@ def ids_digest(data_ids: list) -> str:
     return hashlib.blake2b(json.dumps(list(data_ids)).encode(), digest_size=16).hexdigest()
 
 
-def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
-                   progress: ProgressFn | None = None, save: bool = True) -> Statistics:
-    """Statistics covering exactly the store's rows.
+def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
+    """Statistics on disk that cover exactly the store's rows, or None.
 
     The per-rank files from logging are used when their row count and module table match the
     store; otherwise (logged without statistics, or a crash and resume left them stale) a saved
-    recompute is used when it matches the store's ids, else the statistics are recomputed in
-    one streaming pass and saved as `<kind>-stream.safetensors` for next time.
+    recompute `<kind>-stream.safetensors` is used when it matches the store's ids.
     """
     directory = Path(store.curvature_dir)
     modules = list(store.modules)
@@ -266,16 +264,31 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
     logged = load_statistics(directory, kind)
     if logged is not None and logged.rows == n and logged.modules == modules:
         return logged
-    key = ids_digest(store.data_ids)
     stream_path = directory / f"{kind}-stream.safetensors"
     if stream_path.exists():
         stats, md = read_statistics(stream_path)
-        if stats.rows == n and stats.modules == modules and md.get("ids") == key:
+        if stats.rows == n and stats.modules == modules and md.get("ids") == ids_digest(store.data_ids):
             return stats
+    return None
+
+
+def save_recomputed(store: Any, stats: Statistics) -> None:
+    """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time."""
+    path = Path(store.curvature_dir) / f"{stats.kind}-stream.safetensors"
+    try:
+        save_statistics(path, stats, {"ids": ids_digest(store.data_ids)})
+    except OSError:
+        pass  # a read-only store still answers queries; it recomputes next time
+
+
+def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
+                   progress: ProgressFn | None = None, save: bool = True) -> Statistics:
+    """Statistics covering exactly the store's rows: `saved_statistics`, else recomputed in
+    one streaming pass (and saved with `save_recomputed`)."""
+    stats = saved_statistics(store, kind)
+    if stats is not None:
+        return stats
     stats = compute_statistics(store, kind, chunk_rows=chunk_rows, progress=progress)
     if save:
-        try:
-            save_statistics(stream_path, stats, {"ids": key})
-        except OSError:
-            pass  # a read-only store still answers queries; it recomputes next time
+        save_recomputed(store, stats)
     return stats
