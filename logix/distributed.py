@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -173,7 +174,7 @@ def together(fn: Callable[[], T]) -> T:
     failure: Exception | None = None
     try:
         result = fn()
-    except Exception as e:  # noqa: BLE001 - re-raised below
+    except Exception as e:  # re-raised below on every rank
         if not is_distributed():
             raise
         failure, result = e, None

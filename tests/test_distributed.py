@@ -6,6 +6,7 @@ reference is the same training loop run here in one process with the global batc
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distributed_worker import CONFIG, N_TRAIN, make_model, train
 from safetensors.torch import load_file
+from store_helpers import WIDTH, make_store, rows_for
 from torch import nn
 
 import logix
-from distributed_worker import CONFIG, N_TRAIN, make_model, train
 from logix import distributed as dist
 from logix.commands import inspect as inspect_cmd
 from logix.curvature.covariance import load_statistics, read_statistics
@@ -31,7 +33,6 @@ from logix.query.results import load_result
 from logix.store.format import index_path, read_json
 from logix.store.gradients import Gradients
 from logix.store.writer import StoreWriter
-from store_helpers import WIDTH, make_store, rows_for
 
 HERE = Path(__file__).parent
 TIMEOUT = 240
@@ -231,7 +232,7 @@ def test_split_shards_is_contiguous_and_balanced():
     sizes = [7, 7, 7, 7, 7, 7, 2]
     parts = dist.split_shards(sizes, 3)
     assert parts[0][0] == 0 and parts[-1][1] == len(sizes)
-    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
     assert [sum(sizes[a:b]) for a, b in parts] == [14, 14, 16]
 
 
