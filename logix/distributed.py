@@ -200,13 +200,15 @@ def check_same(what: str, value: Any, fix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- logging
-def finish_logging(run_dir: str | Path, ok: bool = True) -> None:
+def finish_logging(run_dir: str | Path, ok: bool = True, statistics: Any = None) -> None:
     """The collective end of logging (`Run.finalize` on every rank, after each rank closed its
-    writer; `ok` says whether that succeeded). Rank 0 then checks the store the ranks wrote
-    together, once: every segment's data ids are disjoint across ranks, and the manifest's
-    `ranks` names every rank of this world (so a reader can tell a rank that never wrote an
-    index). Shards stay listed in the per-rank indexes: there is no merged copy to go stale.
-    A duplicate id raises StoreError on every rank; the rows stay on disk."""
+    writer; `ok` says whether that succeeded). Curvature `statistics` (a CurvatureStatistics,
+    or None) are summed over the ranks into one file per segment and kind. Rank 0 then checks
+    the store the ranks wrote together, once: every segment's data ids are disjoint across
+    ranks, and the manifest's `ranks` names every rank of this world (so a reader can tell a
+    rank that never wrote an index). Shards stay listed in the per-rank indexes: there is no
+    merged copy to go stale. A duplicate id raises StoreError on every rank; the rows stay on
+    disk. Without a process group of several ranks it does nothing."""
     if not is_distributed():
         return
     rank, world = rank_and_world()
@@ -216,6 +218,9 @@ def finish_logging(run_dir: str | Path, ok: bool = True) -> None:
     except RuntimeError as e:  # a peer died: this rank's own rows are safe on disk
         from logix.store.format import StoreError
 
+        if statistics is not None and ok:
+            statistics.save()  # this rank's own file: its rows are complete
+
         raise StoreError(
             f"rank {rank} finished logging (its shards and index are final), but not every "
             f"rank reached run.finalize(): {e}. `logix inspect {run_dir}` shows which ranks did "
@@ -224,7 +229,40 @@ def finish_logging(run_dir: str | Path, ok: bool = True) -> None:
         warnings.warn(f"rank(s) {failed} could not close their store writer; their rows after "
                       "the last completed shard are missing (logix inspect shows which ranks "
                       "did not finalize)", stacklevel=3)
+    if statistics is not None:
+        if failed:  # the sums would not match the rows on disk: keep each rank's own file
+            if ok:
+                statistics.save()
+        else:
+            reduce_statistics(statistics)
     on_rank0(lambda: _check_and_record(Path(run_dir), world))
+
+
+def reduce_statistics(statistics: Any) -> None:
+    """Sum every rank's curvature statistics (a CurvatureStatistics) with all_reduce and let
+    rank 0 write them as `<kind>-r00000.safetensors` per segment; the other ranks then remove
+    any file of their own (written by a `flush` or `start_segment` during the run). One file
+    instead of one per rank: a raw block of width w takes 8·w² bytes per file. Should a crash
+    leave both kinds of file, their row count exceeds the store's and the loader recomputes."""
+    from logix.curvature.covariance import Statistics, save_statistics
+    from logix.store.format import curvature_dir
+
+    rank, world = rank_and_world()
+    segments = sorted({s for seen in all_gather_object(statistics.segments) for s in seen})
+    for segment in segments:
+        directory = curvature_dir(statistics.run_dir, segment)
+        for kind in statistics.kinds:
+            local = statistics.statistics(segment, kind)
+            total = Statistics(
+                kind, local.modules,
+                int(all_reduce_sum(torch.tensor([local.rows], dtype=torch.int64)).item()),
+                {n: all_reduce_sum(local.tensors[n]) for n in sorted(local.tensors)})
+            on_rank0(lambda: save_statistics(
+                directory / f"{kind}-r00000.safetensors", total,
+                {"segment": segment, "rank": "0", "ranks": json.dumps(list(range(world)))}))
+            if rank != 0:
+                (directory / f"{kind}-r{rank:05d}.safetensors").unlink(missing_ok=True)
+    barrier()
 
 
 def _check_and_record(run_dir: Path, world: int) -> None:

@@ -437,11 +437,12 @@ class Run:
             error: Exception | None = None
             try:
                 self._writer.close()
-                if self._statistics is not None:
+                if self._statistics is not None and self.world_size == 1:
                     self._statistics.save()
             except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
                 error = e
-            finish_logging(self.run_dir, ok=error is None)
+            # Under torch.distributed: checks, and the statistics summed over ranks into one file.
+            finish_logging(self.run_dir, ok=error is None, statistics=self._statistics)
             if error is not None:
                 raise error
 

@@ -180,7 +180,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{out / 'process-group'}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60))
+        timeout=datetime.timedelta(seconds=180))
     try:
         SCENARIOS[scenario](out, rank, world)
     finally:

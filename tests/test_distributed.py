@@ -95,8 +95,10 @@ def test_stores_logged_by_two_ranks_equal_one_process(logged):
         for i in range(N_TRAIN):  # per-example rows: local output grads, mean over the local batch
             torch.testing.assert_close(b[i], a[i], rtol=0, atol=1e-6)
     stats_one = load_statistics(one.curvature_dir)
-    stats_two = load_statistics(logix.open_store(out / "ddp").curvature_dir)  # two rank files summed
-    assert len(stats_two.sources) == 2 and stats_two.rows == stats_one.rows == N_TRAIN
+    two_dir = logix.open_store(out / "ddp").curvature_dir
+    assert sorted(p.name for p in two_dir.glob("raw-r*")) == ["raw-r00000.safetensors"]  # reduced
+    stats_two = load_statistics(two_dir)
+    assert stats_two.rows == stats_one.rows == N_TRAIN
     recomputed, _ = read_statistics(out / "nostats" / "curvature" / "0" / "raw-stream.safetensors")
     for stats in (stats_two, recomputed):  # logged per rank, and a pass split over the ranks
         assert stats.rows == N_TRAIN

@@ -9,7 +9,9 @@ kept as a float64 sum together with the row count N, so that per-rank files add 
 
 On disk (one file per kind, rank and segment; never pickled):
 
-    curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save`
+    curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save` (under
+                                                  torch.distributed: all ranks' sums, reduced
+                                                  at finalize by `distributed.finish_logging`)
     curvature/<segment>/raw-stream.safetensors    a streaming recompute over the whole store
 
 Each file holds one float64 tensor per module (keyed by module name) and metadata with the
@@ -183,14 +185,21 @@ class CurvatureStatistics:
             for acc in accs.values():
                 acc.update(rows)
 
+    @property
+    def segments(self) -> list[str]:
+        """The segments that received rows, in order of appearance."""
+        with self._lock:
+            return list(self._acc)
+
     def rows(self, segment: str) -> int:
         with self._lock:
             accs = self._acc.get(segment, {})
             return next(iter(accs.values())).rows if accs else 0
 
     def statistics(self, segment: str, kind: str = "raw") -> Statistics:
+        """The sums of `segment` so far (zeros over 0 rows for a segment without rows here)."""
         with self._lock:
-            acc = self._acc[segment][kind]
+            acc = self._acc[segment][kind] if segment in self._acc else ACCUMULATORS[kind](self.modules)
             return Statistics(kind, self.modules, acc.rows, dict(acc.tensors()))
 
     def save(self, segment: str | None = None) -> list[Path]:
