@@ -102,6 +102,16 @@ def log_query(out: Path, rank: int, world: int) -> None:
         run.watch(fsdp)
         train(fsdp, rank, world, run)
 
+    # FSDP v2 (fully_shard) keeps module names; parameters become DTensors.
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = make_model()
+    fully_shard(sharded.fc1)
+    fully_shard(sharded)
+    with logix.init(out / "fsdp2", config=CONFIG) as run:
+        run.watch(sharded)
+        train(sharded, rank, world, run)
+
     # The distributed query, on the logged statistics.
     q = query_gradients(out / "ddp", logged)
     if rank == 0:

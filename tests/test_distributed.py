@@ -84,7 +84,7 @@ def logged(tmp_path_factory):
 def test_stores_logged_by_two_ranks_equal_one_process(logged):
     out, _ = logged
     one = logix.open_store(out / "single")
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "fsdp2"):
         two = logix.open_store(out / name, verify="full")
         assert two.modules == one.modules  # 'module.' / '_fsdp_wrapped_module.' stripped
         assert two.fingerprint == one.fingerprint  # same projections: queries interchangeable

@@ -94,8 +94,10 @@ class InfluenceEngine:
         return [n for n in names if n in set(chosen)]
 
     # ------------------------------------------------------------------------------ queries
-    def _queries(self, q: Gradients | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids), on the engine's device."""
+    def _queries(self, q: Gradients | torch.Tensor,
+                 precondition: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids), on the engine's device;
+        with precondition=False the queries are only checked (two empty tensors come back)."""
         if isinstance(q, Gradients):
             if q.fingerprint != self.store.fingerprint:
                 raise StoreError(
@@ -121,17 +123,22 @@ class InfluenceEngine:
             bad = [ids[i] for i in (~finite).nonzero().flatten().tolist()][:10]
             raise ValueError(f"query gradients contain NaN/inf (query ids {bad}): the loss of "
                              "these examples is not finite; check the model's outputs for them")
+        if not precondition:
+            n, width = values.shape
+            return torch.empty(n, width, device=self.device), torch.empty(n, device=self.device), ids
         v = values.to(self.device, torch.float64)
         qp = self.preconditioner.apply(v)
         norms = (v * qp).sum(dim=1).clamp(min=0).sqrt()
         return qp.to(torch.float32), norms.to(torch.float32), ids
 
     def _shared_queries(self, q: Gradients | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """`_queries`, and in a distributed engine rank 0's Q' and norms on every rank (the
-        ranks must pass the same query ids; their values may differ in the last bits)."""
+        """`_queries`; in a distributed engine every rank checks its queries and rank 0's Q' and
+        norms go to all (the ranks must pass the same query ids; values may differ in the last
+        bits, e.g. captured on different GPUs)."""
         if not self.distributed:
             return self._queries(q)
-        qp, qnorm, ids = dist.together(lambda: self._queries(q))
+        rank0 = dist.rank_and_world()[0] == 0
+        qp, qnorm, ids = dist.together(lambda: self._queries(q, precondition=rank0))
         dist.check_same("the queries", (tuple(qp.shape), ids),
                         "pass the same query gradients (same ids, same order) on every rank")
         return dist.broadcast(qp), dist.broadcast(qnorm), ids
