@@ -74,13 +74,13 @@ def query_worker(a: argparse.Namespace) -> dict:
 
 def logging_worker(a: argparse.Namespace) -> dict:
     import torch.nn.functional as F
+    from models import TinyDecoder
     from torch.nn.parallel import DistributedDataParallel
 
     import logix
     from logix import distributed as dist
-    from models import TinyDecoder
 
-    rank, world = dist.rank_and_world()
+    rank, _ = dist.rank_and_world()
     torch.manual_seed(0)
     vocab, seq = 512, 64
     model = DistributedDataParallel(TinyDecoder(vocab, d_model=128, n_layers=2, n_heads=4))
@@ -157,10 +157,9 @@ def main() -> None:
         worker(a)
         return
 
+    from bench_query import build
     from rich.console import Console
     from rich.table import Table
-
-    from bench_query import build
 
     console = Console(width=130)
     load = os.getloadavg()[0]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -257,9 +258,9 @@ def reduce_statistics(statistics: Any) -> None:
                 kind, local.modules,
                 int(all_reduce_sum(torch.tensor([local.rows], dtype=torch.int64)).item()),
                 {n: all_reduce_sum(local.tensors[n]) for n in sorted(local.tensors)})
-            on_rank0(lambda: save_statistics(
-                directory / f"{kind}-r00000.safetensors", total,
-                {"segment": segment, "rank": "0", "ranks": json.dumps(list(range(world)))}))
+            on_rank0(partial(save_statistics, directory / f"{kind}-r00000.safetensors", total,
+                             {"segment": segment, "rank": "0",
+                              "ranks": json.dumps(list(range(world)))}))
             if rank != 0:
                 (directory / f"{kind}-r{rank:05d}.safetensors").unlink(missing_ok=True)
     barrier()

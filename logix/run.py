@@ -33,7 +33,7 @@ from logix.capture.projection import (
     save_projections,
 )
 from logix.config import LogixConfig
-from logix.distributed import finish_logging, rank_and_world
+from logix.distributed import all_reduce_sum, finish_logging, rank_and_world
 from logix.store.format import (
     CURVATURE_DIR,
     FORMAT_NAME,
@@ -240,7 +240,7 @@ class Run:
         if self.world_size > 1:  # every rank must derive the same projections
             for sums in (collector.xx, collector.gg):
                 for name in sorted(sums):
-                    torch.distributed.all_reduce(sums[name])
+                    sums[name] = all_reduce_sum(sums[name])  # on the backend's device
         p = self.config.projection
         notes: list[str] = []
         projections = {m.name: ModuleProjection(*collector.sides(m.name, p.rank_in, p.rank_out, notes))

@@ -9,11 +9,13 @@ loop in one process for the reference: rank r of W takes the r-th W-th of each g
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import shutil
 import sys
 import time
+import traceback
 from collections import OrderedDict
 from pathlib import Path
 
@@ -191,7 +193,16 @@ if __name__ == "__main__":
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{out / 'process-group'}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=180))
+    code = 0
     try:
         SCENARIOS[scenario](out, rank, world)
-    finally:
-        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported, then the exit code says it
+        traceback.print_exc()
+        code = 1
+    # Free DDP/FSDP state and the group while the interpreter is whole, then leave without its
+    # teardown: gloo threads still holding work objects can abort it ("terminate called").
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

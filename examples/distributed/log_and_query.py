@@ -47,7 +47,7 @@ def main() -> None:
         torch.distributed.init_process_group(backend)
     rank, world = rank_and_world()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
