@@ -18,6 +18,7 @@ rendezvous); rank 0 writes its timings to a JSON file the parent reads.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -131,12 +132,15 @@ def worker(a: argparse.Namespace) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.distributed.init_process_group("gloo", init_method=f"file://{os.environ['LOGIX_BENCH_PG']}",
                                          rank=rank, world_size=world)
-    try:
-        result = query_worker(a) if a.worker == "query" else logging_worker(a)
-        if rank == 0:
-            Path(a.out, "result.json").write_text(json.dumps(result))
-    finally:
-        torch.distributed.destroy_process_group()
+    result = query_worker(a) if a.worker == "query" else logging_worker(a)
+    if rank == 0:
+        Path(a.out, "result.json").write_text(json.dumps(result))
+    # Leave without the interpreter's teardown, where gloo threads still holding DDP's work
+    # objects can abort the process ("terminate called without an active exception").
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------- main
