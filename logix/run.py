@@ -41,6 +41,7 @@ from logix.capture.projection import (
 )
 from logix.capture.tokens import TokenGradients, TokenRecorder, check_token_request
 from logix.config import LogixConfig
+from logix.distributed import all_reduce_sum, finish_logging, rank_and_world
 from logix.store.format import (
     CURVATURE_DIR,
     FORMAT_NAME,
@@ -61,12 +62,6 @@ from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
 FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
-
-
-def _rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
@@ -216,7 +211,7 @@ class Run:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.run_dir = Path(run_dir)
         self.mode = mode
-        self.rank, self.world_size = _rank()
+        self.rank, self.world_size = rank_and_world()
         exists = (self.run_dir / MANIFEST).exists()
         if mode == "query":
             if not exists:
@@ -409,7 +404,7 @@ class Run:
         if self.world_size > 1:  # every rank must derive the same projections
             for sums in (collector.xx, collector.gg):
                 for name in sorted(sums):
-                    torch.distributed.all_reduce(sums[name])
+                    sums[name] = all_reduce_sum(sums[name])  # on the backend's device
         p = self.config.projection
         notes: list[str] = []
         projections = {m.name: ModuleProjection(*collector.sides(m.name, p.rank_in, p.rank_out, notes))
@@ -475,6 +470,7 @@ class Run:
                 "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes},
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "logix_version": __version__,
+                "ranks": list(range(self.world_size)),  # the ranks that log into this store
             }
             write_json_atomic(self.run_dir / MANIFEST, manifest)  # the commit point
             self._manifest = manifest
@@ -648,17 +644,28 @@ class Run:
             self._save_factors()
 
     def finalize(self) -> None:
-        """Flush and close the store; save curvature statistics. Safe to call twice."""
+        """Flush and close the store; save curvature statistics. Safe to call twice.
+
+        Under torch.distributed every rank calls it: after a barrier rank 0 checks that the
+        ranks' data ids are disjoint and records the ranks in the manifest."""
         if self._finalized:
             return
         self._check_no_step("finalize")
         self._finalized = True
         if self._writer is not None:
             self._record_batches()
-            self._writer.close()
-            if self._statistics is not None:
-                self._statistics.save()
-            self._save_factors()
+            error: Exception | None = None
+            try:
+                self._writer.close()
+                if self._statistics is not None and self.world_size == 1:
+                    self._statistics.save()
+                self._save_factors()  # K-FAC factors stay one file per rank (summed on load)
+            except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
+                error = e
+            # Under torch.distributed: checks, and the statistics summed over ranks into one file.
+            finish_logging(self.run_dir, ok=error is None, statistics=self._statistics)
+            if error is not None:
+                raise error
 
     def __enter__(self) -> "Run":
         return self

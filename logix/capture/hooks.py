@@ -30,6 +30,7 @@ from logix.capture.per_sample import (
 )
 from logix.capture.projection import ModuleProjection
 from logix.config import CaptureConfig
+from logix.distributed import named_modules
 
 
 class CaptureError(RuntimeError):
@@ -38,9 +39,10 @@ class CaptureError(RuntimeError):
 
 def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.Module]]:
     """Watched modules in `model.named_modules()` order: type in cfg.types, name matching an
-    `include` pattern and no `exclude` pattern (fnmatch, e.g. 'encoder.*.fc1')."""
+    `include` pattern and no `exclude` pattern (fnmatch, e.g. 'encoder.*.fc1'). Names are those
+    of the unwrapped model (no DDP 'module.' or FSDP '_fsdp_wrapped_module.' parts)."""
     chosen = []
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         kind = layer_type(module)
         if kind is None or kind not in cfg.types or not name:
             continue
@@ -51,7 +53,7 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         check_supported(name, module)
         chosen.append((name, module))
     if not chosen:
-        candidates = [n for n, m in model.named_modules() if n and layer_type(m)]
+        candidates = [n for n, m in named_modules(model) if n and layer_type(m)]
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
             f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "

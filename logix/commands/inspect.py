@@ -87,6 +87,8 @@ def _summary(console: Console, store) -> None:
         f"{_size(_dir_bytes(store.path))}", highlight=False,
     )
 
+    _ranks(console, store)
+
     mod_table = Table(title="modules", title_justify="left")
     for col in ("name", "type", "d_in", "d_out", "r_in", "r_out", "bias", "columns"):
         mod_table.add_column(col, justify="left" if col in ("name", "type") else "right",
@@ -104,3 +106,21 @@ def _summary(console: Console, store) -> None:
                   highlight=False)
     for note in proj.get("notes", []):
         console.print(f"  note: {note}", highlight=False)
+
+
+def _ranks(console: Console, store) -> None:
+    """One line per rank whose logging did not finish: its rows after the last completed
+    shard are missing (`store.missing_ids(expected)` names them)."""
+    status = store.rank_status()
+    unfinished = {r: s for r, s in status.items() if s != "finalized"}
+    if not unfinished:
+        if len(status) > 1:
+            console.print(f"ranks {sorted(status)}: all finalized", highlight=False)
+        return
+    for rank, state in unfinished.items():
+        rows = store.rows_by_rank().get(rank, 0)
+        console.print(
+            f"[bold yellow]rank {rank}: {state}[/] ({rows} rows in completed shards): its logging "
+            "stopped before run.finalize() (or is still running); rows it had not yet written "
+            "are missing. store.missing_ids(expected_ids) lists them; log them again with "
+            "logix.init(..., resume=True).", highlight=False, soft_wrap=True)

@@ -9,7 +9,9 @@ kept as a float64 sum together with the row count N, so that per-rank files add 
 
 On disk (one file per kind, rank and segment; never pickled):
 
-    curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save`
+    curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save` (under
+                                                  torch.distributed: all ranks' sums, reduced
+                                                  at finalize by `distributed.finish_logging`)
     curvature/<segment>/raw-stream.safetensors    a streaming recompute over the whole store
     curvature/<segment>/kfac-r00000.safetensors   K-FAC factors from the capture hooks (kfac.py)
 
@@ -191,14 +193,21 @@ class CurvatureStatistics:
             for acc in accs.values():
                 acc.update(rows)
 
+    @property
+    def segments(self) -> list[str]:
+        """The segments that received rows, in order of appearance."""
+        with self._lock:
+            return list(self._acc)
+
     def rows(self, segment: str) -> int:
         with self._lock:
             accs = self._acc.get(segment, {})
             return next(iter(accs.values())).rows if accs else 0
 
     def statistics(self, segment: str, kind: str = "raw") -> Statistics:
+        """The sums of `segment` so far (zeros over 0 rows for a segment without rows here)."""
         with self._lock:
-            acc = self._acc[segment][kind]
+            acc = self._acc[segment][kind] if segment in self._acc else ACCUMULATORS[kind](self.modules)
             return Statistics(kind, self.modules, acc.rows, dict(acc.tensors()))
 
     def save(self, segment: str | None = None) -> list[Path]:
@@ -264,14 +273,12 @@ def ids_digest(data_ids: list) -> str:
     return hashlib.blake2b(json.dumps(list(data_ids)).encode(), digest_size=16).hexdigest()
 
 
-def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
-                   progress: ProgressFn | None = None, save: bool = True) -> Statistics:
-    """Statistics covering exactly the store's rows.
+def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
+    """Statistics on disk that cover exactly the store's rows, or None.
 
     The per-rank files from logging are used when their row count and module table match the
     store; otherwise (logged without statistics, or a crash and resume left them stale) a saved
-    recompute is used when it matches the store's ids, else the statistics are recomputed in
-    one streaming pass and saved as `<kind>-stream.safetensors` for next time.
+    recompute `<kind>-stream.safetensors` is used when it matches the store's ids.
     """
     directory = Path(store.curvature_dir)
     modules = list(store.modules)
@@ -282,16 +289,31 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
     logged = load_statistics(directory, kind)
     if logged is not None and logged.rows == n and logged.modules == modules:
         return logged
-    key = ids_digest(store.data_ids)
     stream_path = directory / f"{kind}-stream.safetensors"
     if stream_path.exists():
         stats, md = read_statistics(stream_path)
-        if stats.rows == n and stats.modules == modules and md.get("ids") == key:
+        if stats.rows == n and stats.modules == modules and md.get("ids") == ids_digest(store.data_ids):
             return stats
+    return None
+
+
+def save_recomputed(store: Any, stats: Statistics) -> None:
+    """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time."""
+    path = Path(store.curvature_dir) / f"{stats.kind}-stream.safetensors"
+    try:
+        save_statistics(path, stats, {"ids": ids_digest(store.data_ids)})
+    except OSError:
+        pass  # a read-only store still answers queries; it recomputes next time
+
+
+def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
+                   progress: ProgressFn | None = None, save: bool = True) -> Statistics:
+    """Statistics covering exactly the store's rows: `saved_statistics`, else recomputed in
+    one streaming pass (and saved with `save_recomputed`)."""
+    stats = saved_statistics(store, kind)
+    if stats is not None:
+        return stats
     stats = compute_statistics(store, kind, chunk_rows=chunk_rows, progress=progress)
     if save:
-        try:
-            save_statistics(stream_path, stats, {"ids": key})
-        except OSError:
-            pass  # a read-only store still answers queries; it recomputes next time
+        save_recomputed(store, stats)
     return stats

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from logix import distributed as dist
 from logix.curvature.covariance import ProgressFn
 from logix.curvature.precondition import build_preconditioner, check_choice
 from logix.curvature.refine import RefinedPreconditioner
-from logix.query.results import Scores, SelfInfluence, TopK
+from logix.query.results import Scores, SelfInfluence, TopK, write_scores
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
 from logix.store.reader import TORCH_DTYPES, Store, open_store
@@ -50,13 +51,18 @@ class InfluenceEngine:
     `refinement_residuals`; modules: names to include (default all); device: default CUDA when
     available; chunk_rows: train rows per matrix product; progress: optional
     `fn(phase, rows_done, rows_total)`.
+
+    distributed=True: every rank of the torch.distributed group builds the engine on the same
+    store and calls the same methods with the same queries; each rank streams only its share
+    of the shards (contiguous, balanced by rows) and every rank gets the whole result, equal
+    to one process's. Without a process group it is one rank: the same code path.
     """
 
     def __init__(self, store: Store | str | os.PathLike, preconditioner: str = "raw",
                  damping: float = 0.1, *, damping_absolute: bool = False, refine: int = 0,
                  refine_method: str = "cg", modules: list[str] | str | None = None,
                  device: str | torch.device | None = None, chunk_rows: int = 4096,
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None, distributed: bool = False) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
         if int(chunk_rows) < 1:
@@ -76,9 +82,24 @@ class InfluenceEngine:
             raise ValueError(f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
                              "the refinement is preconditioned by EK-FAC")
         self.modules = self._select(modules)
-        self.preconditioner = build_preconditioner(
-            store, preconditioner, damping, absolute=damping_absolute, modules=self.modules,
-            device=self.device, chunk_rows=self.chunk_rows, progress=progress)
+        self.distributed = bool(distributed)
+        if self.distributed and int(refine):
+            raise ValueError("refine=k is not available with distributed=True yet (each refinement "
+                             "pass would stream the whole store on every rank); use refine=0")
+        # The rows this process streams: its share of the shards, or all of them.
+        self._rows = dist.local_share(store) if self.distributed else store
+
+        def build():
+            return build_preconditioner(
+                store, preconditioner, damping, absolute=damping_absolute, modules=self.modules,
+                device=self.device, chunk_rows=self.chunk_rows, progress=progress)
+
+        if self.distributed:  # statistics from a split pass; one preconditioner, sent to all
+            dist.share_statistics(store, self._rows, preconditioner, chunk_rows=self.chunk_rows,
+                                  progress=progress)
+            self.preconditioner = dist.on_rank0(build)
+        else:
+            self.preconditioner = build()
         self.refine = int(refine)
         if self.refine:
             self.preconditioner = RefinedPreconditioner(
@@ -96,8 +117,10 @@ class InfluenceEngine:
         return selected_modules(self.store, modules)
 
     # ------------------------------------------------------------------------------ queries
-    def _queries(self, q: Gradients | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids), on the engine's device."""
+    def _queries(self, q: Gradients | torch.Tensor,
+                 precondition: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids), on the engine's device;
+        with precondition=False the queries are only checked (two empty tensors come back)."""
         if isinstance(q, Gradients):
             if q.fingerprint != self.store.fingerprint:
                 raise StoreError(
@@ -123,10 +146,25 @@ class InfluenceEngine:
             bad = [ids[i] for i in (~finite).nonzero().flatten().tolist()][:10]
             raise ValueError(f"query gradients contain NaN/inf (query ids {bad}): the loss of "
                              "these examples is not finite; check the model's outputs for them")
+        if not precondition:
+            n, width = values.shape
+            return torch.empty(n, width, device=self.device), torch.empty(n, device=self.device), ids
         v = values.to(self.device, torch.float64)
         qp = self.preconditioner.apply(v)
         norms = (v * qp).sum(dim=1).clamp(min=0).sqrt()
         return qp.to(torch.float32), norms.to(torch.float32), ids
+
+    def _shared_queries(self, q: Gradients | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """`_queries`; in a distributed engine every rank checks its queries and rank 0's Q' and
+        norms go to all (the ranks must pass the same query ids; values may differ in the last
+        bits, e.g. captured on different GPUs)."""
+        if not self.distributed:
+            return self._queries(q)
+        rank0 = dist.rank_and_world()[0] == 0
+        qp, qnorm, ids = dist.together(lambda: self._queries(q, precondition=rank0))
+        dist.check_same("the queries", (tuple(qp.shape), ids),
+                        "pass the same query gradients (same ids, same order) on every rank")
+        return dist.broadcast(qp), dist.broadcast(qnorm), ids
 
     # ------------------------------------------------------------------------------ streaming
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
@@ -135,15 +173,17 @@ class InfluenceEngine:
         dtype = TORCH_DTYPES[self.store.dtype] if cuda else torch.float32
         # The reader asks the kernel to read the next chunk ahead while this one is scored.
         # Two reused buffers: a chunk is consumed before the next-but-one is read (no page faults).
-        source = self.store.iter_chunks(rows=self.chunk_rows, dtype=dtype, buffers=2)
+        source = self._rows.iter_chunks(rows=self.chunk_rows, dtype=dtype, buffers=2)
         if cuda:
             source = _to_cuda(source, self.device, self.chunk_rows, self.store.width, dtype)
-        total, start = len(self.store), 0
+        total, done = len(self._rows), 0
+        start = self._rows.row_offset  # global index of this process's first row
         for ids, x in source:
             yield start, ids, x.to(self.device, torch.float32)
             start += len(ids)
+            done += len(ids)
             if self.progress is not None:
-                self.progress(phase, start, total)
+                self.progress(phase, done, total)
 
     def _score(self, qp: torch.Tensor, qnorm: torch.Tensor, x: torch.Tensor, mode: str,
                per_module: bool) -> torch.Tensor:
@@ -172,19 +212,62 @@ class InfluenceEngine:
     # ------------------------------------------------------------------------------ public
     def scores(self, q: Gradients | torch.Tensor, mode: str = "dot", per_module: bool = False) -> Scores:
         """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module)."""
-        check_choice(mode, MODES, "mode")
-        qp, qnorm, qids = self._queries(q)
-        n = len(self.store)
-        shape = (len(self._selected), qp.shape[0], n) if per_module else (qp.shape[0], n)
-        out = torch.empty(shape, dtype=torch.float32)
-        flags = []
-        for start, ids, x in self._chunks("scores"):
-            s = self._score(qp, qnorm, x, mode, per_module)
-            flags.append((~torch.isfinite(s).all(), start, ids))
-            out[..., start:start + len(ids)] = s.cpu()
-        self._check_finite(flags)
+        out, qids = self._local_scores(q, mode, per_module)
+        if self.distributed:
+            out = dist.all_gather_columns(out)
         return Scores(out, qids, list(self.store.data_ids), mode,
                       [m.name for m in self._selected] if per_module else None, self._meta())
+
+    def save_scores(self, q: Gradients | torch.Tensor, path: str | os.PathLike, mode: str = "dot",
+                    per_module: bool = False, *, block_bytes: int = 64 << 20) -> Path:
+        """Write the full score matrix to `path` (.safetensors, read back by `load_result`)
+        without holding it whole: in a distributed engine each rank computes its columns and
+        rank 0 gathers and writes them a few matrix rows (about `block_bytes`) at a time (only
+        rank 0 needs `path`); memory per rank is its own column block. Returns `path`."""
+        path = Path(path)
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"save_scores writes .safetensors files, got {path}")
+        out, qids = self._local_scores(q, mode, per_module)
+        rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
+        step = max(1, int(block_bytes) // (4 * len(self.store)))
+        blocks = ((dist.gather_columns_to(rows[b:b + step]) if self.distributed
+                   else rows[b:b + step]) for b in range(0, rows.shape[0], step))
+        result = Scores(torch.empty(0), qids, list(self.store.data_ids), mode,
+                        [m.name for m in self._selected] if per_module else None, self._meta())
+        shape = (*out.shape[:-1], len(self.store))
+
+        def write() -> None:
+            try:
+                write_scores(path, shape, blocks, result)
+            finally:
+                for _ in blocks:  # other ranks wait in the gather until every block is taken
+                    pass
+
+        if dist.rank_and_world()[0] == 0 or not self.distributed:
+            dist.together(write)
+        else:
+            dist.together(lambda: [None for _ in blocks])
+        return path
+
+    def _local_scores(self, q: Gradients | torch.Tensor, mode: str,
+                      per_module: bool) -> tuple[torch.Tensor, list]:
+        """This process's columns of the score matrix ([..., n_query, n_local]) and query ids."""
+        check_choice(mode, MODES, "mode")
+        qp, qnorm, qids = self._shared_queries(q)
+
+        def compute() -> torch.Tensor:
+            n, offset = len(self._rows), self._rows.row_offset
+            shape = (len(self._selected), qp.shape[0], n) if per_module else (qp.shape[0], n)
+            out = torch.empty(shape, dtype=torch.float32)
+            flags = []
+            for start, ids, x in self._chunks("scores"):
+                s = self._score(qp, qnorm, x, mode, per_module)
+                flags.append((~torch.isfinite(s).all(), start, ids))
+                out[..., start - offset:start - offset + len(ids)] = s.cpu()
+            self._check_finite(flags)
+            return out
+
+        return (dist.together(compute) if self.distributed else compute()), qids
 
     def top_k(self, q: Gradients | torch.Tensor, k: int = 10, mode: str = "dot") -> TopK:
         """The k highest-scoring train rows per query, best first; `.values`/`.indices` [n_query, k].
@@ -198,15 +281,23 @@ class InfluenceEngine:
         k = min(int(k), len(self.store))
         if len(self.store) >= 1 << _INDEX_BITS:
             raise ValueError("top_k handles segments of fewer than 2**32 rows; split the store")
-        qp, qnorm, qids = self._queries(q)
-        best = torch.empty((qp.shape[0], 0), dtype=torch.long, device=self.device)
-        flags = []
-        for start, ids, x in self._chunks("top_k"):
-            s = self._score(qp, qnorm, x, mode, False)
-            flags.append((~torch.isfinite(s).all(), start, ids))
-            keys = torch.cat([best, _candidates(s, start, k)], dim=1)
-            best = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
-        self._check_finite(flags)
+        qp, qnorm, qids = self._shared_queries(q)
+
+        def compute() -> torch.Tensor:
+            best = torch.empty((qp.shape[0], 0), dtype=torch.long, device=self.device)
+            flags = []
+            for start, ids, x in self._chunks("top_k"):
+                s = self._score(qp, qnorm, x, mode, False)
+                flags.append((~torch.isfinite(s).all(), start, ids))
+                keys = torch.cat([best, _candidates(s, start, k)], dim=1)
+                best = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+            self._check_finite(flags)
+            return best
+
+        if self.distributed:  # keys carry global train indices: the merge is one more top-k
+            best = dist.merge_top_k(dist.together(compute), k)
+        else:
+            best = compute()
         best_v, best_i = _unpack(best.cpu())
         train = self.store.data_ids
         data_ids = [[train[j] for j in row] for row in best_i.tolist()]
@@ -228,14 +319,19 @@ class InfluenceEngine:
         mode "relative" returns √I(z, z), the train-side normaliser of RelatIF.
         """
         check_choice(mode, SELF_MODES, "self-influence mode")
-        parts = []
-        for _, _, x in self._chunks("self_influence"):
-            v = self.preconditioner.quadratic(x, per_module=per_module)
-            parts.append((v.sqrt() if mode == "relative" else v).cpu())
-        values = torch.cat(parts, dim=-1)
-        if not bool(torch.isfinite(values).all()):
-            raise StoreError(f"the store holds NaN/inf values; check it with "
-                             f"`logix inspect {self.store.path}`")
+
+        def compute() -> torch.Tensor:
+            parts = [torch.zeros((len(self._selected), 0) if per_module else (0,))]
+            for _, _, x in self._chunks("self_influence"):
+                v = self.preconditioner.quadratic(x, per_module=per_module)
+                parts.append((v.sqrt() if mode == "relative" else v).cpu())
+            values = torch.cat(parts, dim=-1)
+            if not bool(torch.isfinite(values).all()):
+                raise StoreError(f"the store holds NaN/inf values; check it with "
+                                 f"`logix inspect {self.store.path}`")
+            return values
+
+        values = dist.all_gather_columns(dist.together(compute)) if self.distributed else compute()
         return SelfInfluence(values, list(self.store.data_ids), mode,
                              [m.name for m in self._selected] if per_module else None, self._meta())
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from logix.store.format import write_atomic
 
 DataId = int | str
 RESULT_FORMAT = "logix-result"
@@ -127,6 +129,45 @@ class SelfInfluence:
                                      "train_ids": self.train_ids, "values": self.values.tolist()})
         return _save(path, "self_influence", {"values": self.values},
                      {"train_ids": self.train_ids}, meta)
+
+
+def write_scores(path: str | Path, shape: tuple[int, ...], blocks: Iterable[torch.Tensor],
+                 like: Scores) -> Path:
+    """Write a score matrix of `shape` ([n_query, n_train] or [n_modules, n_query, n_train])
+    to a .safetensors file as `Scores.save` does, from `blocks` of consecutive matrix rows
+    ([b, n_train] float32, the leading dims flattened), so it is never whole in memory. Ids,
+    mode and meta come from `like`. The file appears complete or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_train = shape[-1]
+    total = 1
+    for d in shape:
+        total *= int(d)
+    meta = {"mode": like.mode, "modules": like.modules, **like.meta}
+    md = {"format": RESULT_FORMAT, "kind": "scores", "meta": json.dumps(meta),
+          "query_ids": json.dumps(like.query_ids), "train_ids": json.dumps(like.train_ids)}
+    header = {"__metadata__": md,
+              "values": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 4 * total]}}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(tmp: Path) -> None:
+        written = 0
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for block in blocks:
+                block = block.detach().to("cpu", torch.float32).contiguous()
+                if block.ndim != 2 or block.shape[1] != n_train:
+                    raise ValueError(f"score block of shape {tuple(block.shape)}; expected "
+                                     f"[rows, {n_train}]")
+                f.write(memoryview(block.numpy()).cast("B"))
+                written += block.numel()
+        if written != total:
+            raise ValueError(f"the score blocks hold {written} values; the matrix {list(shape)} "
+                             f"has {total}")
+
+    write_atomic(path, write)
+    return path
 
 
 def _save_json(path: str | Path, obj: dict) -> Path:

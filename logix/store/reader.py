@@ -9,6 +9,7 @@ chunk is the only sizeable allocation and a store larger than RAM streams.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import os
 from pathlib import Path
@@ -138,8 +139,11 @@ class Store:
             self._starts.append(self._starts[-1] + int(sh["rows"]))
         self._layouts: list[tuple[int, list] | None] = [None] * len(self.shards)
         self._data_ids: list[DataId] | None = None
+        self.row_offset = 0  # of a `shard_view`: its first row's index in the whole segment
         if verify != "none":
             self.verify(full=verify == "full")
+            if len({sh["rank"] for sh in self.shards}) > 1:
+                self.check_unique_ids()
 
     # ----------------------------------------------------------------------------- metadata
     def __len__(self) -> int:
@@ -199,7 +203,74 @@ class Store:
             self._data_ids = ids
         return self._data_ids
 
+    def shard_view(self, first: int, stop: int) -> "Store":
+        """The rows of shards [first, stop) of this view, as a Store (for a rank's share of a
+        distributed query); `row_offset` is the global index of its first row."""
+        if not 0 <= first <= stop <= len(self.shards):
+            raise ValueError(f"shard range [{first}, {stop}) is outside 0..{len(self.shards)}")
+        view = copy.copy(self)
+        view.shards = self.shards[first:stop]
+        view._starts = [s - self._starts[first] for s in self._starts[first:stop + 1]]
+        view._layouts = self._layouts[first:stop]
+        view._data_ids = None if self._data_ids is None else \
+            self._data_ids[self._starts[first]:self._starts[stop]]
+        view.row_offset = self.row_offset + self._starts[first]
+        return view
+
+    # ----------------------------------------------------------------------------- ranks
+    def rank_status(self) -> dict[int, str]:
+        """Per writing rank: "finalized" (its writer closed cleanly), "not finalized" (still
+        logging, or stopped early: rows after its last completed shard are not stored) or "no
+        index" (named in the manifest's `ranks` but it wrote nothing)."""
+        expected = {int(r) for r in self.manifest.get("ranks", [])}
+        status = {}
+        for rank in sorted(expected | set(self.ranks)):
+            if rank not in self._indexes:
+                status[rank] = "no index"
+            else:  # indexes written before the flag existed count as finalized
+                done = self._indexes[rank].get("finalized", True)
+                status[rank] = "finalized" if done else "not finalized"
+        return status
+
+    def rows_by_rank(self) -> dict[int, int]:
+        """Rows in each rank's completed shards, over all segments."""
+        return {r: sum(int(sh["rows"]) for sh in idx.get("shards", []))
+                for r, idx in self._indexes.items()}
+
+    @property
+    def unfinalized_ranks(self) -> list[int]:
+        """Ranks whose logging did not finish with `run.finalize()` (see `rank_status`)."""
+        return [r for r, s in self.rank_status().items() if s != "finalized"]
+
+    def missing_ids(self, expected) -> list[DataId]:
+        """The ids of `expected` (ints or strings, in its order) that the selected segment
+        lacks: what to log again after a rank stopped early."""
+        if isinstance(expected, torch.Tensor):
+            expected = expected.tolist()
+        have = set(self.data_ids)
+        return [i for i in expected if i not in have]
+
     # ----------------------------------------------------------------------------- integrity
+    def check_unique_ids(self) -> None:
+        """Raise if a data id appears twice in the selected segment (several ranks can only
+        collide with each other: each writer checks its own ids)."""
+        ids = self.data_ids
+        if len(set(ids)) == len(ids):
+            return
+        where: dict[DataId, list[str]] = {}
+        for i, sh in enumerate(self.shards):
+            for d in self._layout(i)[1]:
+                where.setdefault(d, []).append(f"rank {sh['rank']} ({sh['file']})")
+        dups = [(d, w) for d, w in where.items() if len(w) > 1]
+        listing = "; ".join(f"id {d!r} in {' and '.join(w)}" for d, w in dups[:5])
+        raise StoreError(
+            f"store {self.path}, segment {self.segment!r}: {len(dups)} data id(s) were logged "
+            f"more than once across ranks: {listing}. Each rank must log a disjoint share of the "
+            "data: torch's DistributedSampler repeats examples to even out the ranks unless "
+            "drop_last=True, so pass drop_last=True (or log each id on one rank only). "
+            "open_store(path, verify='none') opens the store without this check."
+        )
+
     def verify(self, full: bool = True) -> None:
         """Check the selected segment's shards: existence and size; with `full` also crc32."""
         problems = []

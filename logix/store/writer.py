@@ -158,8 +158,11 @@ class StoreWriter:
         else:
             self._index = {"rank": self.rank, "segments": [], "shards": [], "next_seq": 0}
         self._others = self._read_other_indexes()
-        if self._adopt_orphans() or not self._index_file.is_file():
-            write_json_atomic(self._index_file, self._index)
+        self._adopt_orphans()
+        # "finalized" turns true when this writer closes cleanly: a reader tells a rank that
+        # stopped early (killed, crashed) from one that finished.
+        self._index["finalized"] = False
+        write_json_atomic(self._index_file, self._index)
 
         own = [s["name"] for s in self._index["segments"]]
         others = [s["name"] for idx in self._others for s in idx.get("segments", [])]
@@ -412,7 +415,7 @@ class StoreWriter:
         self._raise_error()
 
     def close(self) -> None:
-        """Flush, stop the background thread; idempotent."""
+        """Flush, stop the background thread and mark this rank's index finalized; idempotent."""
         if self._closed:
             return
         try:
@@ -423,6 +426,9 @@ class StoreWriter:
             self._queue.put(_STOP)
             self._thread.join()
         self._raise_error()
+        with self._lock:
+            self._index["finalized"] = True
+        self._write_index()
 
     def __enter__(self) -> "StoreWriter":
         return self
