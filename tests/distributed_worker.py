@@ -27,7 +27,7 @@ import logix
 
 N_TRAIN, GLOBAL_BATCH, N_QUERY = 48, 8, 6
 CONFIG = {"projection": {"rank_in": 4, "rank_out": 3, "seed": 3}, "store": {"shard_rows": 5},
-          "curvature": {"statistics": ["raw"], "during_logging": True}}
+          "curvature": {"statistics": ["raw", "kfac"], "during_logging": True}}
 
 
 def make_model() -> nn.Module:
@@ -120,6 +120,11 @@ def log_query(out: Path, rank: int, world: int) -> None:
         q.save(out / "q.safetensors")
     engine = logix.InfluenceEngine(out / "ddp", "raw", damping=0.1, distributed=True, chunk_rows=7)
     save_results(engine, q, out, "ddp", rank)
+
+    # EK-FAC with refinement: every F V pass streams each rank's share, products all-reduced.
+    engine = logix.InfluenceEngine(out / "ddp", "ekfac", damping=0.1, distributed=True,
+                                   chunk_rows=7, refine=3)
+    engine.scores(q).save(out / f"refined-scores-r{rank}.safetensors")
 
     # Without logged statistics: each rank streams its share, the sums are all-reduced.
     if rank == 0:

@@ -28,6 +28,7 @@ import logix
 from logix import distributed as dist
 from logix.commands import inspect as inspect_cmd
 from logix.curvature.covariance import load_statistics, read_statistics
+from logix.curvature.kfac import load_factors
 from logix.query.engine import _candidates, _unpack
 from logix.query.results import load_result
 from logix.store.format import index_path, read_json
@@ -104,6 +105,13 @@ def test_stores_logged_by_two_ranks_equal_one_process(logged):
         assert stats.rows == N_TRAIN
         for name, t in stats_one.tensors.items():  # float64 sums of float32 shard GEMMs
             assert float((stats.tensors[name] - t).norm() / t.norm()) < 1e-6
+    # K-FAC factors: one file per rank, summed on load, equal to one process's sums.
+    assert sorted(p.name for p in two_dir.glob("kfac-r*")) == ["kfac-r00000.safetensors",
+                                                              "kfac-r00001.safetensors"]
+    factors_one, factors_two = load_factors(one), load_factors(logix.open_store(out / "ddp"))
+    assert factors_two.rows == factors_one.rows == N_TRAIN
+    for name, t in factors_one.tensors.items():
+        assert float((factors_two.tensors[name] - t).norm() / t.norm()) < 1e-6
 
 
 @pytest.mark.slow
@@ -138,6 +146,13 @@ def test_distributed_query_equals_one_process(logged):
     written = load_result(out / "ddp-file.safetensors")
     assert torch.equal(written.values, load_result(out / "ddp-scores-r0.safetensors").values)
     assert written.train_ids == expect["scores"].train_ids and written.query_ids == q.data_ids
+    refined = logix.InfluenceEngine(out / "ddp", "ekfac", damping=0.1, chunk_rows=5, refine=3)
+    want = refined.scores(q).values
+    got = [load_result(out / f"refined-scores-r{r}.safetensors").values for r in (0, 1)]
+    assert torch.equal(got[0], got[1])
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-6)
+    plain = logix.InfluenceEngine(out / "ddp", "ekfac", damping=0.1).scores(q).values
+    assert not torch.allclose(want, plain, rtol=1e-3)  # the refinement changed the scores
     nostats = load_result(out / "nostats-top-r1.safetensors")
     assert torch.equal(nostats.indices, expect["top"].indices)
     # The store logged by one process answers the same (its rows agree to 1e-6, in another

@@ -24,7 +24,7 @@ correction is applied without the extra pass that measuring it would cost.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,7 +42,11 @@ class RefinedPreconditioner:
 
     def __init__(self, base: Any, rows: Any, iterations: int, *, method: str = "cg",
                  chunk_rows: int = 4096, device: torch.device | str = "cpu",
-                 progress: ProgressFn | None = None) -> None:
+                 progress: ProgressFn | None = None,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """`rows`: the store (or, in a distributed engine, this process's share of it); `reduce`:
+        sums a tensor over processes (e.g. `logix.distributed.all_reduce_sum`), so that each
+        F V pass streams every row exactly once across all of them."""
         if base.kind != "ekfac" or base.blocks is None:
             raise ValueError(f"refine needs preconditioner='ekfac' (got {base.kind!r}): the "
                              "refinement is preconditioned by EK-FAC")
@@ -57,6 +61,7 @@ class RefinedPreconditioner:
         self.chunk_rows = int(chunk_rows)
         self.device = torch.device(device)
         self.progress = progress
+        self.reduce = reduce
         self.residuals: torch.Tensor | None = None  # [iterations (+1), n_query] float64
 
     # The Preconditioner interface, delegated to EK-FAC where unchanged.
@@ -102,6 +107,9 @@ class RefinedPreconditioner:
             done += x.shape[0]
             if self.progress is not None:
                 self.progress("refine", done, total)
+        if self.reduce is not None:
+            out = self.reduce(out)
+            done = int(self.reduce(torch.tensor([done], dtype=torch.float64)).item())
         return out / max(done, 1)
 
     def damped_product(self, v: torch.Tensor) -> torch.Tensor:

@@ -83,9 +83,6 @@ class InfluenceEngine:
                              "the refinement is preconditioned by EK-FAC")
         self.modules = self._select(modules)
         self.distributed = bool(distributed)
-        if self.distributed and int(refine):
-            raise ValueError("refine=k is not available with distributed=True yet (each refinement "
-                             "pass would stream the whole store on every rank); use refine=0")
         # The rows this process streams: its share of the shards, or all of them.
         self._rows = dist.local_share(store) if self.distributed else store
 
@@ -102,9 +99,12 @@ class InfluenceEngine:
             self.preconditioner = build()
         self.refine = int(refine)
         if self.refine:
+            # Distributed: every rank runs the same iterations, each F V pass streaming its own
+            # share of the rows, the products summed over ranks.
             self.preconditioner = RefinedPreconditioner(
-                self.preconditioner, store, self.refine, method=refine_method,
-                chunk_rows=self.chunk_rows, device=self.device, progress=progress)
+                self.preconditioner, self._rows, self.refine, method=refine_method,
+                chunk_rows=self.chunk_rows, device=self.device, progress=progress,
+                reduce=dist.all_reduce_sum if self.distributed else None)
         self._selected = self.preconditioner.selected
 
     @property
@@ -160,8 +160,10 @@ class InfluenceEngine:
         bits, e.g. captured on different GPUs)."""
         if not self.distributed:
             return self._queries(q)
-        rank0 = dist.rank_and_world()[0] == 0
-        qp, qnorm, ids = dist.together(lambda: self._queries(q, precondition=rank0))
+        # Refinement passes are collective (every rank streams its share), so then all ranks
+        # precondition; otherwise rank 0 alone does.
+        precondition = dist.rank_and_world()[0] == 0 or self.refine > 0
+        qp, qnorm, ids = dist.together(lambda: self._queries(q, precondition=precondition))
         dist.check_same("the queries", (tuple(qp.shape), ids),
                         "pass the same query gradients (same ids, same order) on every rank")
         return dist.broadcast(qp), dist.broadcast(qnorm), ids
