@@ -13,37 +13,26 @@ from logix.store.format import ModuleInfo, StoreError
 from logix.store.gradients import Gradients
 
 
+# The query side is imported on first use so that logging does not pay for it.
+_LAZY = {
+    "open_store": ("logix.store.reader", "open_store"),
+    "Store": ("logix.store.reader", "Store"),
+    "InfluenceEngine": ("logix.query.engine", "InfluenceEngine"),
+    "TokenScores": ("logix.query.tokens", "TokenScores"),
+    "combined_scores": ("logix.query.segments", "combined_scores"),
+    "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
+    "measurements": ("logix.measurements", None),
+}
+
+
 def __getattr__(name: str):
-    # The query side is imported on first use so that logging does not pay for it.
-    if name == "open_store":
-        from logix.store.reader import open_store
+    if name not in _LAZY:
+        raise AttributeError(f"module 'logix' has no attribute {name!r}")
+    import importlib
 
-        return open_store
-    if name == "Store":
-        from logix.store.reader import Store
-
-        return Store
-    if name == "InfluenceEngine":
-        from logix.query.engine import InfluenceEngine
-
-        return InfluenceEngine
-    if name == "TokenScores":
-        from logix.query.tokens import TokenScores
-
-        return TokenScores
-    if name == "measurements":
-        import importlib
-
-        return importlib.import_module("logix.measurements")
-    if name == "combined_scores":
-        from logix.query.segments import combined_scores
-
-        return combined_scores
-    if name == "stagewise_scores":
-        from logix.query.stagewise import stagewise_scores
-
-        return stagewise_scores
-    raise AttributeError(f"module 'logix' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
 
 
 __all__ = [
