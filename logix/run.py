@@ -41,7 +41,7 @@ from logix.capture.projection import (
 )
 from logix.capture.tokens import TokenGradients, TokenRecorder, check_token_request
 from logix.config import LogixConfig
-from logix.distributed import all_reduce_sum, finish_logging, rank_and_world
+from logix.distributed import all_reduce_sum, barrier, finish_logging, rank_and_world
 from logix.store.format import (
     CURVATURE_DIR,
     FORMAT_NAME,
@@ -213,6 +213,8 @@ class Run:
         self.mode = mode
         self.rank, self.world_size = rank_and_world()
         exists = (self.run_dir / MANIFEST).exists()
+        if mode == "log":
+            barrier()  # under torchrun: every rank has looked before rank 0 creates or removes it
         if mode == "query":
             if not exists:
                 raise StoreError(f"{self.run_dir} holds no logix store (no {MANIFEST}); log one first")

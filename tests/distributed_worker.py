@@ -167,6 +167,8 @@ def killed(out: Path, rank: int, world: int) -> None:
     """Rank 1 logs slowly until the test kills it; rank 0 logs its share and finalizes."""
     model = make_model()
     x, y, _, _ = make_data()
+    if rank == 1:  # a late rank must still find the store new (init waits for every rank)
+        time.sleep(1.0)
     run = logix.init(out / "killed", config={**CONFIG, "store": {"shard_rows": 2}})
     run.watch(model)
     if rank == 0:
