@@ -18,7 +18,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from logix.store.format import (
 )
 from logix.store.gradients import DataId, Gradients
 from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
+
+if TYPE_CHECKING:
+    from logix.curvature.fit import CurvatureFit
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
@@ -239,6 +242,45 @@ class Run:
                 "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
             )
         return ProjectionFit(self)
+
+    def fit_curvature(self, fisher: str = "true", *, statistics: list[str] | tuple[str, ...] = ("raw",),
+                      mass: float = 1.0, segment: str | None = None,
+                      on_rows: Callable[[torch.Tensor], None] | None = None) -> "CurvatureFit":
+        """A statistics pass for curvature under the model's own predictive distribution:
+
+            with run.fit_curvature(fisher="true") as fit:
+                for ids, x in batches:
+                    with fit(data_id=ids):
+                        fit.backward(model(x))   # logits [B, C] or [B, T, V] (+ label_mask=)
+
+        The true-Fisher statistics of `statistics` kinds are saved for `segment` (default: the
+        current one) on exit as `curvature/<segment>/<kind>.true-rNNNNN.safetensors`, read by
+        `InfluenceEngine(..., fisher="true")`. Nothing is written to the store's rows; the
+        model, its parameters and their .grad are unchanged. mass < 1 keeps, per position,
+        the most probable classes up to that probability mass (see `logix.capture.fisher`).
+        on_rows(rows [n, D]) receives every batch of pseudo-gradient rows (e.g. for an exact
+        reference on a small model); `statistics=()` then skips the accumulators.
+        """
+        from logix.curvature.fit import FISHER_KINDS, CurvatureFit
+
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS} for fit_curvature, got {fisher!r}"
+                             " (the empirical Fisher comes from the logged rows themselves)")
+        if self.mode != "log":
+            raise CaptureError("fit_curvature writes statistics into the store: open it with "
+                               "logix.init(run_dir, resume=True), not mode='query'")
+        if self._collector is not None:
+            raise CaptureError("projection.kind 'pca' needs `with run.fit_projections():` before "
+                               "fit_curvature")
+        self._check_log_mode("fit_curvature")
+        self._check_no_step("fit_curvature")
+        if segment is None:
+            segment = self.segment
+        elif segment not in self._writer.segment_names():
+            raise StoreError(f"{self.run_dir} has no segment {segment!r}; its segments are "
+                             f"{self._writer.segment_names()}")
+        return CurvatureFit(self, self._captures, self.modules, self.width, segment,
+                            statistics=tuple(statistics), mass=mass, on_rows=on_rows)
 
     def _finish_fit(self) -> None:
         collector, self._collector = self._collector, None

@@ -80,6 +80,7 @@ class StepState:
     mask: torch.Tensor | None
     attribution_only: bool
     destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
+    outputs: list[torch.Tensor] | None = None  # if a list: each watched output, for autograd.grad
     rows: torch.Tensor | None = None
     written: set[int] = field(default_factory=set)
     open: bool = True
@@ -136,6 +137,8 @@ class ModuleCapture:
             if step.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
                 x_proj = x_proj * step.grad_scale
         output.register_hook(partial(self._backward, step, x_proj))
+        if step.outputs is not None:
+            step.outputs.append(output)
         return output if replaced else None
 
     def _apply_mask(self, step: StepState, x_proj: torch.Tensor) -> torch.Tensor:

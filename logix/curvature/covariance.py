@@ -279,3 +279,26 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
         except OSError:
             pass  # a read-only store still answers queries; it recomputes next time
     return stats
+
+
+def true_fisher_statistics(store: Any, kind: str = "raw") -> Statistics:
+    """The true-Fisher statistics `<kind>.true` of the store's segment, summed over ranks.
+
+    They come only from a statistics pass with the model (`run.fit_curvature(fisher="true")`),
+    never from the stored rows, so they may cover a subset of the training data: F = S / N with
+    N the examples of that pass.
+    """
+    name = f"{kind}.true"
+    directory = Path(store.curvature_dir)
+    stats = load_statistics(directory, name)
+    if stats is None or stats.rows == 0:
+        raise StoreError(
+            f"segment {store.segment!r} of {store.path} has no true-Fisher {kind!r} statistics "
+            f"({directory}/{name}-r*.safetensors). They need the model: reopen the store with "
+            f"run = logix.init(run_dir, resume=True); run.watch(model) at this segment's "
+            f"checkpoint, then `with run.fit_curvature(fisher=\"true\") as fit:` over training "
+            f"batches (`with fit(data_id=ids): fit.backward(model(x))`)")
+    if stats.modules != list(store.modules):
+        raise StoreError(f"{stats.sources[0]} was computed for another module table than the "
+                         f"store's; run the fit_curvature pass again")
+    return stats

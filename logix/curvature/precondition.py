@@ -2,13 +2,16 @@
 
 - `identity`: F = 0 and no damping, so Q' = Q (plain gradient dot products, TracIn-style).
 - `raw`: F_m = S_m / N from `covariance.py`, inverted through its eigendecomposition
-  F_m = V diag(e) Vᵀ: (F_m + λ_m I)⁻¹ = V diag(1 / (e + λ_m)) Vᵀ.
+  F_m = V diag(e) Vᵀ: (F_m + λ_m I)⁻¹ = V diag(1 / (e + λ_m)) Vᵀ. With `fisher="empirical"`
+  S_m sums the stored rows; with `fisher="true"` it sums the pseudo-gradients of a
+  `run.fit_curvature(fisher="true")` pass (labels drawn from the model: Gauss–Newton).
 
 Damping is `λ_m = damping · mean eigenvalue of F_m` (= trace / w), or `λ_m = damping` when
 `absolute=True`. The eigendecomposition (float64: F's spectrum spans many decades) costs
 seconds for w = 4096 on a small CPU, so it is cached in the segment's curvature dir as
-`eigen-<kind>.safetensors`, keyed by a content digest of the statistics it came from:
-changing the damping costs nothing, changed statistics invalidate the entry.
+`eigen-<kind>.safetensors` (`eigen-raw.true.safetensors` for the true Fisher), keyed by a
+content digest of the statistics it came from: changing the damping costs nothing, changed
+statistics invalidate the entry.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from logix.curvature.covariance import ProgressFn, Statistics, statistics_for
+from logix.curvature.covariance import ProgressFn, Statistics, statistics_for, true_fisher_statistics
 from logix.store.format import ModuleInfo, StoreError, total_width, write_atomic
 
 PRECONDITIONERS = ("identity", "raw")
+FISHERS = ("empirical", "true")  # the curvature's label distribution: the data's or the model's
 PLANNED = ("kfac", "ekfac")
 EIGEN_FORMAT = "logix-eigen"
 
@@ -63,8 +67,9 @@ class Preconditioner:
     """
 
     def __init__(self, kind: str, modules: list[ModuleInfo], selected: list[str],
-                 blocks: dict[str, Block] | None) -> None:
+                 blocks: dict[str, Block] | None, fisher: str = "empirical") -> None:
         self.kind = kind
+        self.fisher = fisher
         self.modules = list(modules)
         self.selected = [m for m in modules if m.name in set(selected)]
         self.blocks = blocks
@@ -173,25 +178,34 @@ def eigendecompose(stats: Statistics, names: list[str], cache_path: Path | None,
 def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                          absolute: bool = False, modules: list[str] | None = None,
                          device: torch.device | str = "cpu", chunk_rows: int = 4096,
-                         progress: ProgressFn | None = None) -> Preconditioner:
-    """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None)."""
+                         progress: ProgressFn | None = None,
+                         fisher: str = "empirical") -> Preconditioner:
+    """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
+
+    fisher: "empirical" (statistics of the stored rows, recomputed if missing) or "true" (the
+    `<kind>.true` statistics of a `run.fit_curvature(fisher="true")` pass; an error if absent).
+    """
     if kind in PLANNED:
         raise ValueError(f"preconditioner {kind!r} is not available yet; use 'raw' or 'identity'")
     check_choice(kind, PRECONDITIONERS, "preconditioner")
+    check_choice(fisher, FISHERS, "fisher")
     table = list(store.modules)
     selected = [m.name for m in table] if modules is None else list(modules)
     if kind == "identity":
-        return Preconditioner(kind, table, selected, None)
+        return Preconditioner(kind, table, selected, None, fisher)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 for the {kind!r} preconditioner, got {damping}")
-    stats = statistics_for(store, kind, chunk_rows=chunk_rows, progress=progress)
+    if fisher == "true":
+        stats = true_fisher_statistics(store, kind)
+    else:
+        stats = statistics_for(store, kind, chunk_rows=chunk_rows, progress=progress)
     if stats.rows == 0:
         raise StoreError("the curvature statistics cover no rows; the store segment is empty")
-    cache = Path(store.curvature_dir) / f"eigen-{kind}.safetensors"
+    cache = Path(store.curvature_dir) / f"eigen-{stats.kind}.safetensors"
     eig = eigendecompose(stats, selected, cache, device)
     blocks = {}
     for m in table:
         if m.name in eig:
             e, v = eig[m.name]
             blocks[m.name] = Block(m, e, v, damping_value(e, damping, absolute))
-    return Preconditioner(kind, table, selected, blocks)
+    return Preconditioner(kind, table, selected, blocks, fisher)

@@ -35,15 +35,18 @@ class InfluenceEngine:
     """Influence of a store's training rows on query gradients.
 
     store: a `Store` or a run directory; preconditioner: "raw" | "identity"; damping: relative
-    to the mean eigenvalue of each F_m, or absolute with `damping_absolute=True`; modules: names
-    to include (default all); device: default CUDA when available; chunk_rows: train rows per
-    matrix product; progress: optional `fn(phase, rows_done, rows_total)`.
+    to the mean eigenvalue of each F_m, or absolute with `damping_absolute=True`; fisher:
+    "empirical" (curvature of the stored rows) or "true" (under the model's own predictions,
+    from a `run.fit_curvature(fisher="true")` pass); modules: names to include (default all);
+    device: default CUDA when available; chunk_rows: train rows per matrix product; progress:
+    optional `fn(phase, rows_done, rows_total)`.
     """
 
     def __init__(self, store: Store | str | os.PathLike, preconditioner: str = "raw",
                  damping: float = 0.1, *, damping_absolute: bool = False,
                  modules: list[str] | str | None = None, device: str | torch.device | None = None,
-                 chunk_rows: int = 4096, progress: ProgressFn | None = None) -> None:
+                 chunk_rows: int = 4096, progress: ProgressFn | None = None,
+                 fisher: str = "empirical") -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
         if int(chunk_rows) < 1:
@@ -60,7 +63,7 @@ class InfluenceEngine:
         self.modules = self._select(modules)
         self.preconditioner = build_preconditioner(
             store, preconditioner, damping, absolute=damping_absolute, modules=self.modules,
-            device=self.device, chunk_rows=self.chunk_rows, progress=progress)
+            device=self.device, chunk_rows=self.chunk_rows, progress=progress, fisher=fisher)
         self._selected = self.preconditioner.selected
 
     def _select(self, modules: list[str] | str | None) -> list[str]:
@@ -209,7 +212,8 @@ class InfluenceEngine:
                              [m.name for m in self._selected] if per_module else None, self._meta())
 
     def _meta(self) -> dict[str, Any]:
-        return {"preconditioner": self.preconditioner.kind, "segment": self.store.segment,
+        return {"preconditioner": self.preconditioner.kind, "fisher": self.preconditioner.fisher,
+                "segment": self.store.segment,
                 "modules": self.modules, "damping": self.preconditioner.dampings}
 
 

@@ -265,6 +265,10 @@ class StoreWriter:
             names = [s["name"] for s in self._index["segments"]]
         return names + [s["name"] for idx in self._others for s in idx.get("segments", [])]
 
+    def segment_names(self) -> list[str]:
+        """Every segment of the store known to this writer (all ranks'), first seen first."""
+        return list(dict.fromkeys(self._all_segment_names()))
+
     def start_segment(self, name: str | None = None, meta: dict | None = None) -> str:
         """Flush the current segment's rows and make `name` current (default: next number)."""
         self._check_usable()
