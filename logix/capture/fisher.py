@@ -21,7 +21,7 @@ trace(diag p − ppᵀ) that is lost, which is the larger of the two for confide
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -65,21 +65,17 @@ class FisherLogitGrads:
             self.keep = (below + 1).clamp(max=classes)
         active = weight != 0
         self.keep = torch.where(active, self.keep, torch.zeros_like(self.keep))
-        kept = self._kept(self.probs)
-        p2 = (self.probs * self.probs).sum(-1)
-        full_trace = 1.0 - p2  # trace(diag p − ppᵀ)
-        kept_trace = (kept * (1.0 - 2.0 * kept + p2.unsqueeze(-1))).sum(-1)  # Σ_kept p_c ‖e_c − p‖²
+        # What is left out, summed over the dropped classes (exactly 0 when none is dropped).
+        slots = torch.arange(classes, device=z.device)
+        p_sorted = self.probs.gather(-1, self.order)
+        dropped = torch.where(slots >= self.keep.unsqueeze(-1), p_sorted, torch.zeros_like(p_sorted))
+        p2 = (self.probs * self.probs).sum(-1, keepdim=True)
+        full_trace = 1.0 - p2.squeeze(-1)  # trace(diag p − ppᵀ) = Σ_c p_c ‖e_c − p‖²
+        dropped_trace = (dropped * (1.0 - 2.0 * dropped + p2)).sum(-1)
         zero = torch.zeros_like(full_trace)
-        self.dropped_mass = torch.where(active, (1.0 - kept.sum(-1)).clamp(min=0), zero)  # [B, T]
-        self.dropped_trace = torch.where(active & (full_trace > 0),
-                                         (1.0 - kept_trace / full_trace).clamp(min=0), zero)
+        self.dropped_mass = torch.where(active, dropped.sum(-1), zero)  # [B, T]
+        self.dropped_trace = torch.where(active & (full_trace > 0), dropped_trace / full_trace, zero)
         self.positions = int(active.sum())
-
-    def _kept(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` [B, T, C] at the kept classes (in slot order), zero at the dropped ones."""
-        slots = torch.arange(values.shape[-1], device=values.device)
-        gathered = values.gather(-1, self.order)
-        return torch.where(slots < self.keep.unsqueeze(-1), gathered, torch.zeros_like(gathered))
 
     def __len__(self) -> int:
         """The number of backward passes: Σ_t max_n K_{n,t}."""

@@ -24,14 +24,20 @@ touched (`autograd.grad` to the layer outputs computes no weight gradient). Put 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from logix.capture.fisher import fisher_logit_grads
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState
-from logix.curvature.covariance import ACCUMULATORS, Statistics, check_kinds, save_statistics
+from logix.curvature.covariance import (
+    ACCUMULATORS,
+    Statistics,
+    check_kinds,
+    save_statistics,
+)
 from logix.store.format import ModuleInfo, curvature_dir
 from logix.store.writer import normalise_ids
 
@@ -47,7 +53,7 @@ def true_kind(kind: str) -> str:
 class _Batch:
     """`with fit(data_id=ids, mask=...)`: the capture hooks of one forward pass."""
 
-    def __init__(self, fit: "CurvatureFit", ids: list, mask: torch.Tensor | None):
+    def __init__(self, fit: CurvatureFit, ids: list, mask: torch.Tensor | None):
         self.fit = fit
         self.ids = ids
         self.state = StepState(batch_size=len(ids), width=fit.width, grad_scale=1.0, mask=mask,
@@ -55,7 +61,7 @@ class _Batch:
         self.handles: list = []
         self.backwards = 0
 
-    def __enter__(self) -> "_Batch":
+    def __enter__(self) -> _Batch:
         fit = self.fit
         if fit.run._active is not None:
             raise CaptureError("`with fit(...)` blocks cannot be nested or used inside `with run(...)`")
@@ -112,7 +118,7 @@ class CurvatureFit:
         """The mean probability mass left out per target position (0 for mass = 1)."""
         return self.dropped_mass_sum / max(self.positions, 1)
 
-    def __enter__(self) -> "CurvatureFit":
+    def __enter__(self) -> CurvatureFit:
         self._open = True
         return self
 
