@@ -245,7 +245,7 @@ class Run:
 
     def fit_curvature(self, fisher: str = "true", *, statistics: list[str] | tuple[str, ...] = ("raw",),
                       mass: float = 1.0, segment: str | None = None,
-                      on_rows: Callable[[torch.Tensor], None] | None = None) -> "CurvatureFit":
+                      on_rows: Callable[[list, torch.Tensor], None] | None = None) -> "CurvatureFit":
         """A statistics pass for curvature under the model's own predictive distribution:
 
             with run.fit_curvature(fisher="true") as fit:
@@ -258,8 +258,9 @@ class Run:
         `InfluenceEngine(..., fisher="true")`. Nothing is written to the store's rows; the
         model, its parameters and their .grad are unchanged. mass < 1 keeps, per position,
         the most probable classes up to that probability mass (see `logix.capture.fisher`).
-        on_rows(rows [n, D]) receives every batch of pseudo-gradient rows (e.g. for an exact
-        reference on a small model); `statistics=()` then skips the accumulators.
+        on_rows(ids, rows [n, D]) receives every pass's pseudo-gradient rows with the data id of
+        each (e.g. for an exact reference on a small model); `statistics=()` then skips the
+        accumulators.
         """
         from logix.curvature.fit import FISHER_KINDS, CurvatureFit
 

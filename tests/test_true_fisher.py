@@ -294,11 +294,18 @@ def _quiet():
 
 def test_on_rows_sees_the_pseudo_gradients(tmp_path):
     model, x, _ = classifier()
-    seen = []
-    run, fit = fitted(tmp_path / "r", model, classifier_batches(x), statistics=(), on_rows=seen.append)
+    seen, owners = [], []
+
+    def collect(ids, rows):
+        owners.extend(ids)
+        seen.append(rows)
+
+    run, fit = fitted(tmp_path / "r", model, classifier_batches(x, ids=[f"x{i}" for i in range(10)]),
+                      statistics=(), on_rows=collect)
     run.finalize()
     rows = torch.cat(seen).double()
     assert rows.shape == (40, run.width) and fit.paths == []
+    assert owners == [f"x{i}" for i in range(4)] * 4 + [f"x{i}" for i in range(4, 10)] * 4
     fitted(tmp_path / "s", model, classifier_batches(x))
     stats = load_statistics(tmp_path / "s" / "curvature" / "0", "raw.true")
     m = run.modules[1]

@@ -42,7 +42,7 @@ from logix.store.format import ModuleInfo, curvature_dir
 from logix.store.writer import normalise_ids
 
 FISHER_KINDS = ("true",)
-RowsFn = Callable[[torch.Tensor], None]
+RowsFn = Callable[[list, torch.Tensor], None]  # (data ids, pseudo-gradient rows [n, D])
 
 
 def true_kind(kind: str) -> str:
@@ -172,20 +172,19 @@ class CurvatureFit:
             for i, m in enumerate(self.modules):
                 if i not in state.written:  # a module this pass never reached: zero gradient
                     rows[:, m.columns].zero_()
-            rows = rows[active]
-            self._add(rows)
+            self._add([batch.ids[i] for i in active.nonzero().flatten().tolist()], rows[active])
             self.passes += 1
         self.positions += grads.positions
         self.dropped_mass_sum += float(grads.dropped_mass.sum())
         batch.backwards += 1
 
-    def _add(self, rows: torch.Tensor) -> None:
+    def _add(self, ids: list, rows: torch.Tensor) -> None:
         if not bool(torch.isfinite(rows).all()):
             raise CaptureError("non-finite pseudo-gradients (NaN/inf): check the model's logits")
         for acc in self.accumulators.values():
             acc.update(rows.cpu())
         if self.on_rows is not None:
-            self.on_rows(rows)
+            self.on_rows(ids, rows)
         self.pseudo_rows += rows.shape[0]
 
     def _count(self, ids: list) -> None:
