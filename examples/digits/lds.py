@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/digits/lds.py                 # M=100 subsets × 2 seeds, 100 test images
     .venv/bin/python examples/digits/lds.py --subsets 300   # more subsets (the first 100 are reused)
+    .venv/bin/python examples/digits/lds.py --true-ranks    # no true-Fisher rows but the exact one
 
 1. Train the MLP on all 1,397 training images; log every training example's gradient at the
    final checkpoint in one attribution pass (`capture.attribution_only`, sum-reduced loss), once
@@ -11,6 +12,10 @@
    several dampings. For the identity projection, the exact raw reference (a 16,640-wide Fisher
    block for fc1, too big for an eigendecomposition) is computed here through the N×N Gram
    matrix, with logix's damping definition; it is checked against the engine on a small store.
+   True Fisher (Gauss–Newton: labels drawn from the model, `run.fit_curvature(fisher="true")`
+   over the training set after logging): `raw` with `fisher="true"` for the random and PCA
+   stores of `--true-ranks`, and the exact full-parameter reference from the identity store's
+   pseudo-gradients (`exact_true_fisher.py`, checked against the engine on an fc2-only store).
 3. Ground truth: retrain on M random half subsets (each with a few seeds, averaged), measure the
    test losses, cache them under out/lds/retrain-*/ (resumable), and report the LDS: the mean
    Spearman correlation between the summed scores of a subset and the negated test loss.
@@ -30,6 +35,7 @@ from torch import nn
 
 import logix
 from common import HERE, accuracy, load_digits, train_mlp
+from exact_true_fisher import PseudoGradients, check_outer_products, exact_true_scores, layer_inputs
 from logix.eval import bootstrap_ci, lds, retrain_outputs, sample_subsets
 
 console = Console()
@@ -38,13 +44,13 @@ if not console.is_terminal:  # a log file: wide enough for the table on one line
 
 
 def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, projection: dict,
-              batch_size: int = 256):
+              batch_size: int = 256, include: tuple[str, ...] = ("*",)):
     """One attribution pass over (x, y) at the model's current weights into a store at `path`."""
     # The identity projection's raw statistics would be a 16,640² float64 block (2.2 GB) for fc1:
     # skip them; the exact reference is computed from the rows instead.
     statistics = [] if projection["kind"] == "identity" else ["raw"]
     config = {"projection": projection, "curvature": {"statistics": statistics},
-              "capture": {"attribution_only": True, "loss_reduction": "sum"}}
+              "capture": {"attribution_only": True, "loss_reduction": "sum", "include": list(include)}}
     run = logix.init(path, config=config, overwrite=True)
     run.watch(model)
 
@@ -60,6 +66,20 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
     one_pass()
     run.finalize()
     return logix.open_store(path)
+
+
+def true_fisher_pass(path: Path, model: nn.Module, x: torch.Tensor, statistics=("raw",), on_rows=None,
+                     batch_size: int = 256) -> None:
+    """Add true-Fisher statistics to the store at `path`: labels drawn from the model, one
+    backward pass per class and batch; no rows are stored. `on_rows` sees the pseudo-gradients."""
+    run = logix.init(path, resume=True)
+    run.watch(model)
+    with run.fit_curvature(fisher="true", statistics=statistics, on_rows=on_rows) as fit:
+        for start in range(0, len(x), batch_size):
+            ids = list(range(start, min(start + batch_size, len(x))))
+            with fit(data_id=ids):
+                fit.backward(model(x[ids]))
+    run.finalize()
 
 
 def query_gradients(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -99,6 +119,26 @@ def exact_raw_scores(store, queries: torch.Tensor, dampings: list[float]) -> dic
     return out
 
 
+def check_true_fisher(path: Path, model: nn.Module, data, x_test: torch.Tensor, y_test: torch.Tensor,
+                      n_fit: int = 400) -> None:
+    """Both solves of `exact_true_scores` against InfluenceEngine(fisher="true") on a store
+    of fc2 alone (identity projection, 2,570 wide: narrow enough for logix's raw statistics),
+    its true Fisher taken over the first `n_fit` training images (a subset, as allowed)."""
+    store = log_store(path, model, data.x_train, data.y_train, {"kind": "identity"}, include=("fc2",))
+    pseudo = PseudoGradients(store.modules)
+    true_fisher_pass(path, model, data.x_train[:n_fit], on_rows=pseudo)
+    q = query_gradients(path, model, x_test, y_test)
+    theirs = logix.InfluenceEngine(store, "raw", damping=0.1, fisher="true").scores(q).values.double()
+    for gram in (False, True):
+        mine = exact_true_scores(store.modules, store.load(), q.values, layer_inputs(model, data.x_train),
+                                 layer_inputs(model, x_test), pseudo, store.data_ids, n_fit, [0.1],
+                                 gram=gram)[0.1]
+        rel = float((mine - theirs).abs().max() / theirs.abs().max())
+        console.print(f"check: exact true-Fisher scores ({'Gram' if gram else 'eigen'} solve) vs "
+                      f"InfluenceEngine(fisher='true') on an fc2-only store, damping 0.1: "
+                      f"max |diff| / max |score| = {rel:.1e}")
+
+
 def lds_cell(result) -> str:
     return f"{result.mean:+.3f} [{result.ci_low:+.3f}, {result.ci_high:+.3f}]"
 
@@ -111,6 +151,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--true-ranks", type=int, nargs="*", default=[64],
+                   help="ranks whose random and PCA stores also get true-Fisher rows")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the MLP is tiny)")
     p.add_argument("--out", type=Path, default=HERE / "out" / "lds")
     args = p.parse_args()
@@ -133,10 +175,17 @@ def main() -> None:
     projections["exact"] = {"kind": "identity"}
     scores: dict[str, dict[str, torch.Tensor]] = {}
     stores = {}
+    true_rows = [f"{kind}r={r}" for r in args.true_ranks for kind in ("", "pca ")]
+    pseudo = None
     t = time.perf_counter()
     for name, proj in projections.items():
         path = args.out / "stores" / name.replace("=", "").replace(" ", "-")
         store = log_store(path, model, data.x_train, data.y_train, proj)
+        if name in true_rows:
+            true_fisher_pass(path, model, data.x_train)
+        elif name == "exact":  # fc1's true Fisher is too wide to keep: keep the pseudo-gradients
+            pseudo = PseudoGradients(store.modules)
+            true_fisher_pass(path, model, data.x_train, statistics=(), on_rows=pseudo)
         q = query_gradients(path, model, x_test, y_test)
         stores[name] = (store, q)
         widths = ", ".join(f"{m.name} {m.r_out}×{m.r_in}" for m in store.modules)
@@ -144,6 +193,8 @@ def main() -> None:
     timings["log stores + query gradients"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    train_inputs, query_inputs = layer_inputs(model, data.x_train), layer_inputs(model, x_test)
+    store_of = {name: name for name in stores}
     for name, (store, q) in stores.items():
         row = {"identity": logix.InfluenceEngine(store, preconditioner="identity").scores(q).values}
         if name == "exact":
@@ -153,9 +204,23 @@ def main() -> None:
             for d in args.dampings:
                 row[f"raw λ={d:g}"] = logix.InfluenceEngine(store, preconditioner="raw", damping=d).scores(q).values
         scores[name] = row
+        if name in true_rows:
+            scores[f"{name} · true F"] = {"identity": row["identity"], **{
+                f"raw λ={d:g}": logix.InfluenceEngine(store, "raw", damping=d, fisher="true").scores(q).values
+                for d in args.dampings}}
+            store_of[f"{name} · true F"] = name
+    store, q = stores["exact"]
+    train_rows = store.load()
+    console.print(f"check: exact store rows are outer products δ x̄ᵀ: max deviation "
+                  f"{check_outer_products(train_rows, train_inputs, store.modules):.1e} of max |G|")
+    exact_true = exact_true_scores(store.modules, train_rows, q.values, train_inputs, query_inputs,
+                                   pseudo, store.data_ids, len(data.y_train), args.dampings)
+    scores["exact · true F"] = {"identity": scores["exact"]["identity"],
+                                **{f"raw λ={d:g}": s for d, s in exact_true.items()}}
+    store_of["exact · true F"] = "exact"
     timings["scores"] = time.perf_counter() - t
 
-    # The exact reference shares logix's damping definition: check it on the largest random store.
+    # The exact references share logix's damping definition: check them against the engine.
     check = f"r={max(args.ranks)}"
     store, q = stores[check]
     mine = exact_raw_scores(store, q.values, [0.1])[0.1]
@@ -163,6 +228,9 @@ def main() -> None:
     rel = float((mine - theirs).abs().max() / theirs.abs().max())
     console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping 0.1: "
                   f"max |diff| / max |score| = {rel:.1e}")
+    t = time.perf_counter()
+    check_true_fisher(args.out / "stores" / "check-fc2", model, data, x_test, y_test)
+    timings["true-Fisher check"] = time.perf_counter() - t
 
     # 2. ground truth ------------------------------------------------------------------------------
     subsets = sample_subsets(len(data.y_train), args.subsets, alpha=0.5, seed=0)
@@ -188,7 +256,7 @@ def main() -> None:
     for c in columns:
         table.add_column(c, justify="right")
     for name, row in results.items():
-        table.add_row(name, str(stores[name][0].width), *[lds_cell(row[c]) for c in columns])
+        table.add_row(name, str(stores[store_of[name]][0].width), *[lds_cell(row[c]) for c in columns])
     console.print(table)
 
     # Damping is a hyperparameter: choose it on one half of the test images, report the other.
@@ -209,6 +277,16 @@ def main() -> None:
             label = ours if ours == ref else f"{ours} (chosen) vs exact {ref} (chosen)"
             console.print(f"projection gap {check} − exact, {label}: {float(gap.nanmean()):+.3f} "
                           f"[{low:+.3f}, {high:+.3f}] (paired over all {args.n_test} test images)")
+
+    # The target: PCA at the largest true-Fisher rank, with the best preconditioner, against
+    # exact full-parameter true-Fisher influence (dampings chosen on the first half as above).
+    exact = "exact · true F"
+    for name in [n for r in args.true_ranks[-1:] for n in (f"pca r={r}", f"pca r={r} · true F")]:
+        gap = results[name][chosen[name]].per_test - results[exact][chosen[exact]].per_test
+        low, high = bootstrap_ci(gap[half:])
+        console.print(f"target {name} ({chosen[name]}) − {exact} ({chosen[exact]}): "
+                      f"{float(gap[half:].nanmean()):+.3f} [{low:+.3f}, {high:+.3f}] on images "
+                      f"{half}..{args.n_test - 1}; {float(gap.nanmean()):+.3f} over all (paired)")
 
     timings["total"] = time.perf_counter() - t_all
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
