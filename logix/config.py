@@ -60,7 +60,8 @@ class StoreConfig:
 class CurvatureConfig:
     """Which curvature statistics are accumulated while logging."""
 
-    statistics: list[str] = field(default_factory=lambda: ["raw"], metadata={"each_of": ("raw",)})
+    statistics: list[str] = field(default_factory=lambda: ["raw"],
+                                  metadata={"each_of": ("raw", "kfac", "ekfac")})
     during_logging: bool = False
 
 
@@ -68,8 +69,9 @@ class CurvatureConfig:
 class QueryConfig:
     """Defaults for the query engine."""
 
-    preconditioner: str = field(default="raw", metadata=_choices("identity", "raw"))
+    preconditioner: str = field(default="raw", metadata=_choices("identity", "raw", "kfac", "ekfac"))
     damping: float = field(default=0.1, metadata={"min": 0.0})
+    refine: int = field(default=0, metadata={"min": 0})
     fisher: str = field(default="empirical", metadata=_choices("empirical", "true"))
     mode: str = field(default="dot", metadata=_choices("dot", "cosine", "relative"))
 

@@ -9,6 +9,11 @@
 In `mode="log"` rows go to a store on disk through a background writer; in `mode="query"` the
 run reopens an existing store's projections and keeps gradients in memory (`run.gradients()`).
 A Run holds all of its state: two runs in one process are independent.
+
+K-FAC factors (`curvature.statistics` with kfac / ekfac) are summed by the capture hooks in
+log mode, per segment, and saved with the rows at flush / finalize / start_segment as
+`curvature/<segment>/kfac-rNNNNN.safetensors`; `run.fit_curvature()` computes them for a store
+logged without them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
 from logix.capture.pca import CovarianceCollector
 from logix.capture.per_sample import has_bias, layer_dims, layer_type
@@ -51,10 +57,11 @@ from logix.store.gradients import DataId, Gradients
 from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
 
 if TYPE_CHECKING:
-    from logix.curvature.fit import CurvatureFit
+    from logix.curvature.fit import TrueFisherFit
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
+FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
 
 
 def _rank() -> tuple[int, int]:
@@ -89,13 +96,17 @@ class Step:
         if run._active is not None:
             raise CaptureError("`with run(...)` blocks cannot be nested")
         cfg = run.config.capture
+        fitting_curvature = run._curvature_fit is not None
         self.state = StepState(
             batch_size=len(self.ids),
             width=run.width,
             grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
             mask=self.mask,
             attribution_only=cfg.attribution_only,
-            destination=run._writer.reserve(len(self.ids)) if run._writer is not None else None,
+            destination=(run._writer.reserve(len(self.ids))
+                         if run._writer is not None and not fitting_curvature else None),
+            factors=run._factor_step if run._collect_factors or fitting_curvature else None,
+            rows_wanted=not fitting_curvature,
         )
         if run._fitting:
             self.handles = run._collector.attach(self.state.grad_scale, self.mask, cfg.attribution_only)
@@ -114,8 +125,14 @@ class Step:
         run._active = None
         if run.config.capture.attribution_only:
             run._restore_parameters()
-        if exc_type is None and not run._fitting:
-            run._submit(self.ids, self.state)
+        try:
+            if exc_type is None and run._curvature_fit is not None:
+                run._commit_factors(run._curvature_fit, self.ids, self.state)
+            elif exc_type is None and not run._fitting:
+                run._submit(self.ids, self.state)
+        finally:
+            if self.state.factors is not None:
+                self.state.factors.reset()  # a failed step adds nothing
         return False
 
 
@@ -133,6 +150,30 @@ class ProjectionFit:
         self.run._fitting = False
         if exc_type is None:
             self.run._finish_fit()
+        return False
+
+
+class CurvatureFit:
+    """`with run.fit_curvature():` — see `Run.fit_curvature`."""
+
+    def __init__(self, run: "Run", segment: str):
+        self.run = run
+        self.segment = segment
+
+    def __enter__(self) -> "CurvatureFit":
+        run = self.run
+        run._factor_sums[self.segment] = KroneckerSums(run._factor_dims)  # replaces, see fit_curvature
+        run._curvature_fit = self.segment
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        run = self.run
+        run._curvature_fit = None
+        if exc_type is None:
+            run._factors_changed.add(self.segment)
+            run._save_factors()
+        else:
+            run._factor_sums.pop(self.segment, None)  # the files on disk stay as they were
         return False
 
 
@@ -184,6 +225,13 @@ class Run:
         self._active: Step | None = None
         self._writer = None
         self._statistics = None
+        # K-FAC factors: the step's float32 sums, then float64 sums per segment (log mode).
+        self._collect_factors = False
+        self._curvature_fit: str | None = None  # the segment of a running fit_curvature pass
+        self._factor_dims: dict[str, tuple[int, int]] = {}
+        self._factor_step: KroneckerSums | None = None
+        self._factor_sums: dict[str, KroneckerSums] = {}
+        self._factors_changed: set[str] = set()
         self._query_rows: list[torch.Tensor] = []
         self._query_ids: list[DataId] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
@@ -199,6 +247,8 @@ class Run:
         selected = select_modules(model, cfg.capture)
         self.modules = self._module_table(selected)
         self.width = total_width(self.modules)  # D
+        if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
+            self._check_factor_dims()  # before anything is written
         self._model = model
         self._selected = selected
         if self._manifest is not None:
@@ -230,7 +280,116 @@ class Run:
             for i, ((name, module), info) in enumerate(zip(self._selected, self.modules))
         ]
         if self.mode == "log":
+            self._factor_dims = {m.name: (m.r_in, m.r_out) for m in self.modules}
+            self._factor_step = KroneckerSums(self._factor_dims, dtype=torch.float32)
+            self._collect_factors = any(k in FACTOR_STATISTICS for k in self.config.curvature.statistics)
             self._open_writer()
+
+    def _check_factor_dims(self) -> None:
+        for m in self.modules:
+            if max(m.r_in, m.r_out) > MAX_FACTOR_DIM:
+                side = "r_in" if m.r_in > MAX_FACTOR_DIM else "r_out"
+                raise CaptureError(
+                    f"module {m.name!r} has {side} = {max(m.r_in, m.r_out)}: its K-FAC factor would "
+                    f"be a {max(m.r_in, m.r_out)}² float64 matrix; K-FAC factors are for sides of at "
+                    f"most {MAX_FACTOR_DIM}. Project that module (projection.kind random/pca with a "
+                    "smaller rank) or add it to capture.exclude")
+
+    def fit_curvature(self, segment: str | None = None, *, fisher: str = "empirical",
+                      statistics: list[str] | tuple[str, ...] | None = None, mass: float = 1.0,
+                      on_rows: Callable[[list, torch.Tensor], None] | None = None,
+                      ) -> CurvatureFit | TrueFisherFit:
+        """A pass over training data that computes curvature statistics needing the model, for
+        a segment (default: the current one), without writing rows. The files are saved on exit,
+        replacing this rank's previous ones of that segment. For an existing store: open it with
+        `logix.init(path, resume=True)`, `run.watch(model)` (the model at that segment's
+        checkpoint), run the pass, `run.finalize()`. The model is not changed.
+
+        fisher="empirical": the K-FAC factors (`curvature/<segment>/kfac-r<rank>.safetensors`)
+        of a store logged without them; inside `with run.fit_curvature():`, run `with
+        run(data_id=ids): loss.backward()` blocks over the training data.
+
+        fisher="true": the Fisher under the model's own predictions (Gauss–Newton), read by
+        `InfluenceEngine(..., fisher="true")`; statistics: any of raw (default), kfac, ekfac
+        (ekfac in a second pass after kfac), saved as `<kind>.true-r<rank>.safetensors`:
+
+            with run.fit_curvature(fisher="true") as fit:
+                for ids, x in batches:
+                    with fit(data_id=ids):           # mask=: the padding mask, as in run(...)
+                        fit.backward(model(x))       # logits [B, C] or [B, T, V] (+ label_mask=)
+
+        mass < 1 keeps, per position, the most probable classes up to that probability mass
+        (`logix.capture.fisher`); on_rows(ids, rows [n, D]) receives every pass's pseudo-
+        gradient rows with the data id of each (e.g. for an exact reference on a small model).
+        Cost: one backward per class (and target position) per batch; see `curvature/fit.py`.
+        """
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if fisher == "empirical" and (statistics is not None or mass != 1.0 or on_rows is not None):
+            raise ValueError("statistics, mass and on_rows are options of fisher='true'; the "
+                             "empirical pass computes the K-FAC factors")
+        if self.mode != "log":
+            raise CaptureError("fit_curvature writes statistics into the store: open it with "
+                               "logix.init(run_dir, resume=True), not mode='query'")
+        if self._collector is not None:
+            raise CaptureError("projection.kind 'pca' needs `with run.fit_projections():` and some "
+                               "logged rows before fit_curvature")
+        self._check_log_mode("fit_curvature")
+        self._check_no_step("fit_curvature")
+        self._check_open()
+        if self._curvature_fit is not None:
+            raise CaptureError("fit_curvature() passes cannot be nested")
+        names = self._writer.segment_names()
+        if segment is None:
+            if self._writer.segment is None:
+                raise CaptureError("the store has no segment yet: log some rows first, or pass "
+                                   "fit_curvature(segment=NAME) of an existing segment")
+            segment = self._writer.segment
+        elif segment not in names:
+            raise CaptureError(f"segment {segment!r} does not exist in {self.run_dir}; its segments: {names}")
+        kinds = tuple(statistics) if statistics is not None else ("raw",)
+        if fisher == "empirical" or "kfac" in kinds:
+            self._check_factor_dims()
+        if fisher == "empirical":
+            return CurvatureFit(self, segment)
+        from logix.curvature.fit import TrueFisherFit
+
+        return TrueFisherFit(self, segment, statistics=kinds, mass=mass, on_rows=on_rows)
+
+    def _segment_factors(self, segment: str) -> KroneckerSums:
+        """The float64 factor sums of `segment`; a resumed run continues its own rank's file."""
+        sums = self._factor_sums.get(segment)
+        if sums is None:
+            from logix.curvature.kfac import factor_path, read_factors
+
+            sums = self._factor_sums[segment] = KroneckerSums(self._factor_dims)
+            saved = read_factors(factor_path(self.run_dir, segment, self.rank))
+            if saved is not None and saved.modules == self.modules:
+                sums.load(saved.tensors, saved.positions, saved.rows)
+        return sums
+
+    def _commit_factors(self, segment: str, ids: list, state: StepState) -> None:
+        """Add a step's factor sums to `segment` (after its rows were accepted)."""
+        if not state.written:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=...)`: call "
+                "loss.backward() inside the block (with gradients enabled)")
+        sums = self._factor_sums[segment] if self._curvature_fit else self._segment_factors(segment)
+        state.factors.commit(sums, len(ids))
+        self._factors_changed.add(segment)
+
+    def _save_factors(self) -> None:
+        """Write the factors of every segment that changed since the last save."""
+        if not self._factors_changed:
+            return
+        from logix.curvature.kfac import factor_path, save_factors
+
+        for segment in sorted(self._factors_changed):
+            sums = self._factor_sums[segment]
+            save_factors(factor_path(self.run_dir, segment, self.rank), self.modules, sums.tensors(),
+                         sums.position_counts(), sums.examples,
+                         extra={"segment": segment, "rank": str(self.rank)})
+        self._factors_changed.clear()
 
     def fit_projections(self) -> "ProjectionFit":
         """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
@@ -242,46 +401,6 @@ class Run:
                 "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
             )
         return ProjectionFit(self)
-
-    def fit_curvature(self, fisher: str = "true", *, statistics: list[str] | tuple[str, ...] = ("raw",),
-                      mass: float = 1.0, segment: str | None = None,
-                      on_rows: Callable[[list, torch.Tensor], None] | None = None) -> "CurvatureFit":
-        """A statistics pass for curvature under the model's own predictive distribution:
-
-            with run.fit_curvature(fisher="true") as fit:
-                for ids, x in batches:
-                    with fit(data_id=ids):
-                        fit.backward(model(x))   # logits [B, C] or [B, T, V] (+ label_mask=)
-
-        The true-Fisher statistics of `statistics` kinds are saved for `segment` (default: the
-        current one) on exit as `curvature/<segment>/<kind>.true-rNNNNN.safetensors`, read by
-        `InfluenceEngine(..., fisher="true")`. Nothing is written to the store's rows; the
-        model, its parameters and their .grad are unchanged. mass < 1 keeps, per position,
-        the most probable classes up to that probability mass (see `logix.capture.fisher`).
-        on_rows(ids, rows [n, D]) receives every pass's pseudo-gradient rows with the data id of
-        each (e.g. for an exact reference on a small model); `statistics=()` then skips the
-        accumulators.
-        """
-        from logix.curvature.fit import FISHER_KINDS, CurvatureFit
-
-        if fisher not in FISHER_KINDS:
-            raise ValueError(f"fisher must be one of {FISHER_KINDS} for fit_curvature, got {fisher!r}"
-                             " (the empirical Fisher comes from the logged rows themselves)")
-        if self.mode != "log":
-            raise CaptureError("fit_curvature writes statistics into the store: open it with "
-                               "logix.init(run_dir, resume=True), not mode='query'")
-        if self._collector is not None:
-            raise CaptureError("projection.kind 'pca' needs `with run.fit_projections():` before "
-                               "fit_curvature")
-        self._check_log_mode("fit_curvature")
-        self._check_no_step("fit_curvature")
-        if segment is None:
-            segment = self.segment
-        elif segment not in self._writer.segment_names():
-            raise StoreError(f"{self.run_dir} has no segment {segment!r}; its segments are "
-                             f"{self._writer.segment_names()}")
-        return CurvatureFit(self, self._captures, self.modules, self.width, segment,
-                            statistics=tuple(statistics), mass=mass, on_rows=on_rows)
 
     def _finish_fit(self) -> None:
         collector, self._collector = self._collector, None
@@ -369,11 +488,12 @@ class Run:
     def _open_writer(self) -> None:
         observers = []
         curvature = self.config.curvature
-        if curvature.statistics and curvature.during_logging:
+        row_kinds = [k for k in curvature.statistics if k not in FACTOR_STATISTICS]
+        if row_kinds and curvature.during_logging:
             from logix.curvature.covariance import CurvatureStatistics
 
             self._statistics = CurvatureStatistics(
-                self.run_dir, self.modules, rank=self.rank, kinds=tuple(curvature.statistics)
+                self.run_dir, self.modules, rank=self.rank, kinds=tuple(row_kinds)
             )
             observers.append(self._statistics)
         self._writer = StoreWriter(
@@ -421,6 +541,8 @@ class Run:
             self._query_ids.extend(ids)
         else:
             self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
+            if state.factors is not None:
+                self._commit_factors(self._writer.segment, ids, state)
 
     def _freeze_parameters(self) -> None:
         self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]
@@ -441,6 +563,7 @@ class Run:
         if self._statistics is not None:
             self._writer.flush()
             self._statistics.save()
+        self._save_factors()
         return self._writer.start_segment(name, meta or None)
 
     def set_segment_meta(self, **meta: Any) -> None:
@@ -470,6 +593,7 @@ class Run:
             self._writer.flush()
             if self._statistics is not None:
                 self._statistics.save()
+            self._save_factors()
 
     def finalize(self) -> None:
         """Flush and close the store; save curvature statistics. Safe to call twice."""
@@ -481,6 +605,7 @@ class Run:
             self._writer.close()
             if self._statistics is not None:
                 self._statistics.save()
+            self._save_factors()
 
     def __enter__(self) -> "Run":
         return self

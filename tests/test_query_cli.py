@@ -65,6 +65,8 @@ def test_query_identity_subset_and_show(run):
     (["--queries", "{q}", "--fisher", "emprical"], "did you mean 'empirical'"),
     (["--queries", "{q}", "--top-k", "0"], "--top-k must be at least 1"),
     (["--queries", "{q}", "--output", "x.csv"], ".json, .safetensors or .npz"),
+    (["--queries", "{q}", "--preconditioner", "ekfac"], "fit_curvature"),
+    (["--queries", "{q}", "--preconditioner", "raw", "--refine", "2"], "needs preconditioner='ekfac'"),
 ])
 def test_query_errors_are_one_red_line(run, argv, message):
     argv = [a.format(q=run / "q.safetensors", other=run / "other.safetensors") for a in argv]
@@ -72,3 +74,24 @@ def test_query_errors_are_one_red_line(run, argv, message):
     assert code == 2
     assert text.startswith("error:") and message in text
     assert len(text.strip().splitlines()) <= 3  # one line, soft-wrapped at most
+
+
+def test_query_ekfac_with_refinement(tmp_path):
+    import torch
+
+    import logix
+    from kfac_helpers import SeqNet, log_model, make_batches
+
+    torch.manual_seed(0)
+    log_model(tmp_path / "run", SeqNet(), make_batches(torch.Generator().manual_seed(1)))
+    store = logix.open_store(tmp_path / "run")
+    queries(store.load()[:2], list(store.modules), store.fingerprint).save(tmp_path / "q.safetensors")
+    code, text = call([str(tmp_path / "run"), "--queries", str(tmp_path / "q.safetensors"),
+                       "--top-k", "3", "--preconditioner", "ekfac", "--refine", "2",
+                       "--output", str(tmp_path / "top.safetensors")])
+    assert code == 0, text
+    assert "top-3 influence (dot, ekfac, refine 2)" in " ".join(text.split())
+    top = load_result(tmp_path / "top.safetensors")
+    reference = logix.InfluenceEngine(store, "ekfac", 0.1, refine=2).top_k(
+        queries(store.load()[:2], list(store.modules), store.fingerprint), k=3)
+    assert top.indices.tolist() == reference.indices.tolist()

@@ -106,10 +106,15 @@ def sequence_batch():
     return model, tokens, pad, labels
 
 
-def fitted(path, model, batches, *, config=None, mass=1.0, statistics=("raw",), on_rows=None):
-    """A store with a true-Fisher pass over `batches` [(ids, inputs, label_mask, pad_mask)]."""
-    run = logix.init(path, config=config or {"projection": PROJ}, overwrite=True)
+def fitted(path, model, batches, *, mass=1.0, statistics=("raw",), on_rows=None):
+    """A store of `batches` [(ids, inputs, label_mask, pad_mask)] (rows logged in attribution-only
+    mode, which leaves .grad alone), then a true-Fisher pass over them."""
+    run = logix.init(path, config={"projection": PROJ, "capture": {"attribution_only": True}},
+                     overwrite=True)
     run.watch(model)
+    for ids, inputs, _, pad_mask in batches:
+        with run(data_id=ids, mask=pad_mask):
+            model(inputs).logsumexp(-1).sum().backward()
     with run.fit_curvature(fisher="true", mass=mass, statistics=statistics, on_rows=on_rows) as fit:
         for ids, inputs, label_mask, pad_mask in batches:
             with fit(data_id=ids, mask=pad_mask):
@@ -246,7 +251,7 @@ def test_true_fisher_scores_equal_a_dense_solve(tmp_path):
     run.watch(model)
     with run(data_id=list(range(10))):
         F.cross_entropy(model(x), y, reduction="sum").backward()
-    with run.fit_curvature() as fit:
+    with run.fit_curvature(fisher="true") as fit:
         for ids, inputs, _, _ in classifier_batches(x[:8]):  # a subset of the data is allowed
             with fit(data_id=ids):
                 fit.backward(model(inputs))
@@ -318,7 +323,7 @@ def test_missing_true_statistics_name_the_pass(tmp_path):
         run.watch(model)
         with run(data_id=list(range(10))):
             F.cross_entropy(model(x), y).backward()
-    with pytest.raises(StoreError, match=r'run.fit_curvature\(fisher="true"\)'):
+    with pytest.raises(StoreError, match=r'run.fit_curvature\(fisher="true", statistics=\[.raw.\]\)'):
         logix.InfluenceEngine(tmp_path / "r", fisher="true")
     with pytest.raises(ValueError, match="did you mean 'true'"):
         logix.InfluenceEngine(tmp_path / "r", fisher="ture")
@@ -328,12 +333,20 @@ def test_pass_errors_name_the_fix(tmp_path):
     model, x, _ = classifier()
     run = logix.init(tmp_path / "r", config={"projection": PROJ})
     run.watch(model)
-    with pytest.raises(ValueError, match="fisher must be one of"):
-        run.fit_curvature(fisher="empirical")
+    with pytest.raises(CaptureError, match="no segment yet"):
+        run.fit_curvature(fisher="true")
+    with run(data_id=list(range(10))):
+        F.cross_entropy(model(x), torch.zeros(10, dtype=torch.long)).backward()
+    with pytest.raises(ValueError, match="fisher must be"):
+        run.fit_curvature(fisher="ture")
+    with pytest.raises(ValueError, match="options of fisher='true'"):
+        run.fit_curvature(mass=0.5)
+    with pytest.raises(ValueError, match="unknown true-Fisher statistics"):
+        run.fit_curvature(fisher="true", statistics=["rwa"])
     with pytest.raises(CaptureError, match="no batch"):
-        with run.fit_curvature():
+        with run.fit_curvature(fisher="true"):
             pass
-    with run.fit_curvature() as fit:
+    with run.fit_curvature(fisher="true") as fit:
         with pytest.raises(CaptureError, match="inside a `with fit"):
             fit.backward(model(x))
         logits = model(x)
@@ -352,11 +365,11 @@ def test_pass_errors_name_the_fix(tmp_path):
     query = logix.init(tmp_path / "r", mode="query")
     query.watch(model)
     with pytest.raises(CaptureError, match="resume=True"):
-        query.fit_curvature()
+        query.fit_curvature(fisher="true")
     pca = logix.init(tmp_path / "p", config={"projection": {"kind": "pca"}})
     pca.watch(model)
     with pytest.raises(CaptureError, match="fit_projections"):
-        pca.fit_curvature()
+        pca.fit_curvature(fisher="true")
 
 
 def test_resumed_store_gets_true_statistics_for_a_chosen_segment(tmp_path):
@@ -369,13 +382,13 @@ def test_resumed_store_gets_true_statistics_for_a_chosen_segment(tmp_path):
                 F.cross_entropy(model(x), y).backward()
     run = logix.init(tmp_path / "r", resume=True)
     run.watch(model)
-    with pytest.raises(StoreError, match="no segment 'c'"):
-        run.fit_curvature(segment="c")
-    with run.fit_curvature(segment="a") as fit:
+    with pytest.raises(CaptureError, match="segment 'c' does not exist"):
+        run.fit_curvature("c", fisher="true")
+    with run.fit_curvature("a", fisher="true") as fit:
         with fit(data_id=list(range(10))):
             fit.backward(model(x))
     run.finalize()
     store = logix.open_store(tmp_path / "r", segment="a")
-    assert logix.InfluenceEngine(store, fisher="true").preconditioner.fisher == "true"
+    assert logix.InfluenceEngine(store, fisher="true").preconditioner.statistics == "raw.true"
     with pytest.raises(StoreError, match="no true-Fisher"):
         logix.InfluenceEngine(store.select("b"), fisher="true")

@@ -2,7 +2,8 @@
 
 A forward hook projects each watched layer's input (x̃ [B, T, r_in]) and registers a tensor hook
 on the layer's output; when backward reaches that output, the hook projects ∂ℓ/∂y and adds the
-example's G̃ [B, r_out, r_in] to the step's accumulator. Hooks return nothing, so parameter
+example's G̃ [B, r_out, r_in] to the step's accumulator (and, when K-FAC factors are collected,
+x̃x̃ᵀ and g̃g̃ᵀ to the step's factor sums, see `factors.py`). Hooks return nothing, so parameter
 gradients, outputs and optimizer steps are bit-identical with and without logix. Forward hooks
 exist only inside a `with run(...)` block.
 """
@@ -16,6 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from logix.capture.factors import KroneckerSums
 from logix.capture.per_sample import (
     check_supported,
     layer_type,
@@ -81,6 +83,9 @@ class StepState:
     attribution_only: bool
     destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
     outputs: list[torch.Tensor] | None = None  # if a list: each watched output, for autograd.grad
+    factors: KroneckerSums | None = None  # the step's K-FAC factor sums, when they are collected
+    rows_wanted: bool = True  # False in a curvature-only pass: no G̃ is formed
+    factor_inputs: bool = True  # False: add only g̃g̃ᵀ (a repeated backward of one forward pass)
     rows: torch.Tensor | None = None
     written: set[int] = field(default_factory=set)
     open: bool = True
@@ -154,7 +159,12 @@ class ModuleCapture:
         with torch.no_grad():
             g = output_grads(self.module, grad.detach()).float()
             g_proj = self.projection.p_out.apply(g)
-            block = step.block(self, g_proj)
-            projected_gradient(x_proj, g_proj, out=block, accumulate=self.index in step.written)
+            if step.factors is not None:
+                mask = position_mask(step.mask, self.module, self.name, g_proj)
+                step.factors.add_positions(self.name, x_proj, g_proj, mask, step.grad_scale,
+                                           inputs=step.factor_inputs)
+            if step.rows_wanted:
+                block = step.block(self, g_proj)
+                projected_gradient(x_proj, g_proj, out=block, accumulate=self.index in step.written)
             step.written.add(self.index)
         return None

@@ -1,8 +1,8 @@
 """`logix query RUN_DIR --queries FILE --top-k K`: the most influential training examples.
 
 Queries are a gradients file from a query-mode run (`run.gradients().save(FILE)`). Defaults for
-the preconditioner, damping, Fisher and mode come from the store's config (`query:` section), then
-from logix's defaults (raw, 0.1, empirical, dot).
+the preconditioner, damping, refine, Fisher and mode come from the store's config (`query:`
+section), then from logix's defaults (raw, 0.1, 0, empirical, dot).
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10, metavar="K",
                         help="training examples per query (default 10)")
     parser.add_argument("--mode", help="dot | cosine | relative (default: config, else dot)")
-    parser.add_argument("--preconditioner", help="raw | identity (default: config, else raw)")
+    parser.add_argument("--preconditioner",
+                        help="identity | raw | kfac | ekfac (default: config, else raw)")
+    parser.add_argument("--refine", type=int, metavar="K",
+                        help="ekfac only: K passes over the store refining the queries towards "
+                             "the exact raw solve (default: config, else 0)")
     parser.add_argument("--damping", type=float,
                         help="damping, relative to each module's mean curvature eigenvalue "
                              "(default: config, else 0.1)")
@@ -79,6 +83,7 @@ def _run(args: argparse.Namespace, console: Console):
     defaults = (store.config or {}).get("query", {}) or {}
     preconditioner = args.preconditioner or defaults.get("preconditioner", "raw")
     damping = args.damping if args.damping is not None else float(defaults.get("damping", 0.1))
+    refine = args.refine if args.refine is not None else int(defaults.get("refine", 0))
     mode = check_choice(args.mode or defaults.get("mode", "dot"), MODES, "mode")
     fisher = args.fisher or defaults.get("fisher", "empirical")
     if args.top_k < 1:
@@ -92,12 +97,13 @@ def _run(args: argparse.Namespace, console: Console):
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
-                label = "curvature statistics" if phase == "curvature" else "scoring"
+                label = {"curvature": "curvature statistics", "ekfac": "EK-FAC eigenvalues",
+                         "refine": "refining queries"}.get(phase, "scoring")
                 tasks[phase] = bar.add_task(label, total=total)
             bar.update(tasks[phase], completed=done)
 
         engine = InfluenceEngine(store, preconditioner, damping,
-                                 damping_absolute=args.absolute_damping, modules=modules,
+                                 damping_absolute=args.absolute_damping, refine=refine, modules=modules,
                                  device=args.device, chunk_rows=args.chunk_rows, progress=progress,
                                  fisher=fisher)
         top = engine.top_k(queries, k=args.top_k, mode=mode)
@@ -108,8 +114,9 @@ def _run(args: argparse.Namespace, console: Console):
 
 def _table(top, engine, show: int) -> Table:
     store = engine.store
-    pre = engine.preconditioner
-    kind = pre.kind if pre.kind == "identity" or pre.fisher == "empirical" else f"{pre.kind}, true Fisher"
+    kind = engine.preconditioner.kind + (f", refine {engine.refine}" if engine.refine else "")
+    if engine.fisher == "true" and engine.preconditioner.kind != "identity":
+        kind += ", true Fisher"
     title = f"top-{top.values.shape[1]} influence ({top.mode}, {kind})"
     caption = f"segment {store.segment} · {len(store)} train rows · {len(top.query_ids)} queries"
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")

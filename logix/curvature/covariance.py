@@ -1,4 +1,4 @@
-"""Curvature statistics in projected space, accumulated from stored rows.
+"""Curvature statistics in projected space: the file format, and the `raw` kind from stored rows.
 
 The `raw` statistic of module m is the empirical Fisher sum in projected space
 
@@ -11,11 +11,13 @@ On disk (one file per kind, rank and segment; never pickled):
 
     curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save`
     curvature/<segment>/raw-stream.safetensors    a streaming recompute over the whole store
+    curvature/<segment>/kfac-r00000.safetensors   K-FAC factors from the capture hooks (kfac.py)
 
-Each file holds one float64 tensor per module (keyed by module name) and metadata with the
-kind, the row count and the module table. Row-derived kinds register an accumulator in
-`ACCUMULATORS`; `kfac`/`ekfac` will add theirs (their activation-side factors come from the
-capture stage, but the file layout and the loader below are kind-agnostic).
+Each file holds float64 tensors keyed by module name (`raw`) or `<module>.A` / `<module>.S`
+(`kfac`), and metadata with the kind, the row count, the module table and, for factor kinds,
+the positions per module. Row-derived kinds register an accumulator in `ACCUMULATORS`; factor
+kinds (`FACTOR_KINDS`) come from the capture stage. Loading is keyed by the kind string only, so
+variants such as `kfac.true` load with the same code.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from logix.store.format import ModuleInfo, StoreError, curvature_dir, write_atom
 
 FORMAT = "logix-curvature"
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
-PLANNED_KINDS = ("kfac", "ekfac")  # named in the config, implemented elsewhere later
+FACTOR_KINDS = ("kfac", "ekfac")  # from the capture hooks (both log the same K-FAC factors)
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total)
 
 
@@ -83,43 +85,46 @@ ACCUMULATORS: dict[str, Callable[[list[ModuleInfo]], Accumulator]] = {"raw": Raw
 
 
 def check_kinds(kinds: Iterable[str]) -> list[str]:
-    """The statistics kinds to accumulate from rows; `identity` needs none."""
+    """The statistics kinds to accumulate from rows; `identity` needs none and the factor kinds
+    (`kfac`, `ekfac`) are collected by the capture hooks instead."""
     out = []
     for kind in kinds:
-        if kind == "identity":
+        if kind == "identity" or kind in FACTOR_KINDS:
             continue
-        if kind in PLANNED_KINDS:
-            raise ValueError(f"curvature statistics {kind!r} are not available yet; use 'raw'")
         if kind not in ACCUMULATORS:
-            raise ValueError(f"unknown curvature statistics {kind!r}; choose from {list(ACCUMULATORS)}")
+            raise ValueError(f"unknown curvature statistics {kind!r}; choose from "
+                             f"{list(ACCUMULATORS) + list(FACTOR_KINDS)}")
         out.append(kind)
     return out
 
 
 @dataclass
 class Statistics:
-    """Summed statistics of one kind for one segment: `tensors[name]` float64, over `rows` rows."""
+    """Summed statistics of one kind for one segment: `tensors[key]` float64, over `rows` rows
+    (examples); factor kinds also count `positions[module]` (the positions summed into A)."""
 
     kind: str
     modules: list[ModuleInfo]
     rows: int
     tensors: dict[str, torch.Tensor]
     sources: list[str] = field(default_factory=list)
+    positions: dict[str, int] = field(default_factory=dict)
     _digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     def fisher(self, name: str) -> torch.Tensor:
-        """F_m = S_m / N, [w, w] float64."""
+        """F_m = S_m / N, [w, w] float64 (`raw`)."""
         return self.tensors[name] / max(self.rows, 1)
 
-    def digest(self, name: str) -> str:
-        """A content key of one module's statistics (for caches derived from them)."""
-        if name not in self._digests:
-            t = self.tensors[name].contiguous()
+    def digest(self, key: str) -> str:
+        """A content key of one tensor (with the counts it is normalised by), for caches."""
+        if key not in self._digests:
+            t = self.tensors[key].contiguous()
             h = hashlib.blake2b(digest_size=16)
-            h.update(f"{self.kind}:{self.rows}:{tuple(t.shape)}:".encode())
+            module = key.rsplit(".", 1)[0] if key not in {m.name for m in self.modules} else key
+            h.update(f"{self.kind}:{self.rows}:{self.positions.get(module, '')}:{tuple(t.shape)}:".encode())
             h.update(t.numpy().data)
-            self._digests[name] = h.hexdigest()
-        return self._digests[name]
+            self._digests[key] = h.hexdigest()
+        return self._digests[key]
 
 
 def _modules_json(modules: list[ModuleInfo]) -> str:
@@ -132,6 +137,8 @@ def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
                 "modules": _modules_json(stats.modules), **(extra or {})}
+    if stats.positions:
+        metadata["positions"] = json.dumps(stats.positions)
     tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return path
@@ -150,7 +157,8 @@ def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
     except Exception as e:  # safetensors raises several types for damaged files
         raise StoreError(f"{path} cannot be read ({e}); delete it to recompute") from e
     modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
-    stats = Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(path)])
+    positions = {k: int(v) for k, v in json.loads(md.get("positions", "{}")).items()}
+    stats = Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(path)], positions)
     return stats, md
 
 
@@ -226,8 +234,13 @@ def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | No
             continue
         if stats.modules != total.modules:
             raise StoreError(f"{path} has a different module table than {total.sources[0]}")
+        if stats.tensors.keys() != total.tensors.keys():
+            raise StoreError(f"{path} holds other tensors than {total.sources[0]}; delete the "
+                             "stale one and recompute it")
         for name, t in stats.tensors.items():
             total.tensors[name] += t
+        for name, count in stats.positions.items():
+            total.positions[name] = total.positions.get(name, 0) + count
         total.rows += stats.rows
         total.sources.append(str(path))
     return total
@@ -263,6 +276,9 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
     directory = Path(store.curvature_dir)
     modules = list(store.modules)
     n = len(store)
+    if kind not in ACCUMULATORS:
+        raise ValueError(f"{kind!r} statistics are not computed from stored rows; load them with "
+                         "logix.curvature.kfac.load_factors (kfac) or log them")
     logged = load_statistics(directory, kind)
     if logged is not None and logged.rows == n and logged.modules == modules:
         return logged
@@ -280,25 +296,3 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
             pass  # a read-only store still answers queries; it recomputes next time
     return stats
 
-
-def true_fisher_statistics(store: Any, kind: str = "raw") -> Statistics:
-    """The true-Fisher statistics `<kind>.true` of the store's segment, summed over ranks.
-
-    They come only from a statistics pass with the model (`run.fit_curvature(fisher="true")`),
-    never from the stored rows, so they may cover a subset of the training data: F = S / N with
-    N the examples of that pass.
-    """
-    name = f"{kind}.true"
-    directory = Path(store.curvature_dir)
-    stats = load_statistics(directory, name)
-    if stats is None or stats.rows == 0:
-        raise StoreError(
-            f"segment {store.segment!r} of {store.path} has no true-Fisher {kind!r} statistics "
-            f"({directory}/{name}-r*.safetensors). They need the model: reopen the store with "
-            f"run = logix.init(run_dir, resume=True); run.watch(model) at this segment's "
-            f"checkpoint, then `with run.fit_curvature(fisher=\"true\") as fit:` over training "
-            f"batches (`with fit(data_id=ids): fit.backward(model(x))`)")
-    if stats.modules != list(store.modules):
-        raise StoreError(f"{stats.sources[0]} was computed for another module table than the "
-                         f"store's; run the fit_curvature pass again")
-    return stats

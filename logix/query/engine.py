@@ -9,6 +9,10 @@ A positive score means the training example helps the query (up-weighting it low
 query's loss). Modes: `dot`; `cosine` (both sides normalised in the (F + λI)⁻¹ metric);
 `relative` (RelatIF: divided by √I(z, z)). Per-module scores of cosine / relative use the
 total norms, so per-module scores always sum to the total.
+
+With `refine=k` (EK-FAC only) the queries are refined towards (F_raw + λI)⁻¹q by k more passes
+over the store (`curvature/refine.py`); the train-side norms of cosine / relative scores and
+self-influence stay in the EK-FAC metric.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from logix.curvature.covariance import ProgressFn
 from logix.curvature.precondition import build_preconditioner, check_choice
+from logix.curvature.refine import RefinedPreconditioner
 from logix.query.results import Scores, SelfInfluence, TopK
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
@@ -34,19 +39,22 @@ _INDEX_BITS = 32  # top-k packs (score, train index) into one int64 key
 class InfluenceEngine:
     """Influence of a store's training rows on query gradients.
 
-    store: a `Store` or a run directory; preconditioner: "raw" | "identity"; damping: relative
-    to the mean eigenvalue of each F_m, or absolute with `damping_absolute=True`; fisher:
-    "empirical" (curvature of the stored rows) or "true" (under the model's own predictions,
-    from a `run.fit_curvature(fisher="true")` pass); modules: names to include (default all);
-    device: default CUDA when available; chunk_rows: train rows per matrix product; progress:
-    optional `fn(phase, rows_done, rows_total)`.
+    store: a `Store` or a run directory; preconditioner: "identity" | "raw" | "kfac" | "ekfac";
+    damping: relative to the mean eigenvalue of each F_m, or absolute with
+    `damping_absolute=True`; refine: EK-FAC-preconditioned passes towards the exact (raw)
+    solve, `refine_method` "cg" | "richardson" (see `logix.curvature.refine`), residuals in
+    `refinement_residuals`; fisher: "empirical" (curvature of the stored rows) or "true"
+    (under the model's own predictions, from a `run.fit_curvature(fisher="true")` pass);
+    modules: names to include (default all); device: default CUDA when available;
+    chunk_rows: train rows per matrix product; progress: optional
+    `fn(phase, rows_done, rows_total)`.
     """
 
     def __init__(self, store: Store | str | os.PathLike, preconditioner: str = "raw",
-                 damping: float = 0.1, *, damping_absolute: bool = False,
-                 modules: list[str] | str | None = None, device: str | torch.device | None = None,
-                 chunk_rows: int = 4096, progress: ProgressFn | None = None,
-                 fisher: str = "empirical") -> None:
+                 damping: float = 0.1, *, damping_absolute: bool = False, refine: int = 0,
+                 refine_method: str = "cg", modules: list[str] | str | None = None,
+                 device: str | torch.device | None = None, chunk_rows: int = 4096,
+                 progress: ProgressFn | None = None, fisher: str = "empirical") -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
         if int(chunk_rows) < 1:
@@ -60,11 +68,31 @@ class InfluenceEngine:
             raise StoreError(
                 f"store {store.path}, segment {store.segment!r} has no rows: log training data "
                 f"into it first, or pick another segment (segments: {store.segments})")
+        if isinstance(refine, bool) or int(refine) != refine or refine < 0:
+            raise ValueError(f"refine must be a whole number of passes >= 0, got {refine!r}")
+        if refine and preconditioner != "ekfac":
+            raise ValueError(f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
+                             "the refinement is preconditioned by EK-FAC")
+        if refine and fisher == "true":
+            raise ValueError("refine streams the stored rows, i.e. it converges to the empirical "
+                             "Fisher's solve; it cannot refine a fisher='true' preconditioner")
         self.modules = self._select(modules)
         self.preconditioner = build_preconditioner(
             store, preconditioner, damping, absolute=damping_absolute, modules=self.modules,
             device=self.device, chunk_rows=self.chunk_rows, progress=progress, fisher=fisher)
+        self.fisher = fisher
+        self.refine = int(refine)
+        if self.refine:
+            self.preconditioner = RefinedPreconditioner(
+                self.preconditioner, store, self.refine, method=refine_method,
+                chunk_rows=self.chunk_rows, device=self.device, progress=progress)
         self._selected = self.preconditioner.selected
+
+    @property
+    def refinement_residuals(self) -> torch.Tensor | None:
+        """Relative residuals ‖q − (F + λI)x‖/‖q‖ of the last query batch, [passes, n_query]
+        (row i: after i corrections, row 0 plain EK-FAC); None without refinement."""
+        return self.preconditioner.residuals if self.refine else None
 
     def _select(self, modules: list[str] | str | None) -> list[str]:
         names = [m.name for m in self.store.modules]
@@ -212,9 +240,12 @@ class InfluenceEngine:
                              [m.name for m in self._selected] if per_module else None, self._meta())
 
     def _meta(self) -> dict[str, Any]:
-        return {"preconditioner": self.preconditioner.kind, "fisher": self.preconditioner.fisher,
+        meta = {"preconditioner": self.preconditioner.kind, "fisher": self.fisher,
                 "segment": self.store.segment,
                 "modules": self.modules, "damping": self.preconditioner.dampings}
+        if self.refine:
+            meta["refine"] = self.refine
+        return meta
 
 
 def _table_difference(a: list, b: list) -> str:

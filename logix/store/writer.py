@@ -260,14 +260,14 @@ class StoreWriter:
         """The segment that `add` appends to (None until the first segment exists)."""
         return self._segment
 
+    def segment_names(self) -> list[str]:
+        """The names of every segment of the store (this rank's and the others')."""
+        return list(dict.fromkeys(self._all_segment_names()))
+
     def _all_segment_names(self) -> list[str]:
         with self._lock:
             names = [s["name"] for s in self._index["segments"]]
         return names + [s["name"] for idx in self._others for s in idx.get("segments", [])]
-
-    def segment_names(self) -> list[str]:
-        """Every segment of the store known to this writer (all ranks'), first seen first."""
-        return list(dict.fromkeys(self._all_segment_names()))
 
     def start_segment(self, name: str | None = None, meta: dict | None = None) -> str:
         """Flush the current segment's rows and make `name` current (default: next number)."""
