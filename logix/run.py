@@ -564,6 +564,8 @@ class Run:
             self._writer.flush()
             self._statistics.save()
         self._save_factors()
+        # Saved sums need no memory: a segment logged into again continues from its file.
+        self._factor_sums = {k: v for k, v in self._factor_sums.items() if k == self._curvature_fit}
         return self._writer.start_segment(name, meta or None)
 
     def set_segment_meta(self, **meta: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,6 +60,10 @@ def log_model(path: Path, model: nn.Module, batches, *, reduction: str = "mean",
             model.zero_grad()
 
 
+def _keep(inputs: dict, outputs: dict, name: str, module, args, output) -> None:
+    inputs[name], outputs[name] = args[0], output
+
+
 def reference_factors(model: nn.Module, batches, projections: dict, reduction: str = "mean"):
     """Dense A, S sums, positions per module and the example count, by hand: layer inputs from
     forward hooks, per-example output gradients from torch.autograd.grad (× B for a mean)."""
@@ -66,12 +71,9 @@ def reference_factors(model: nn.Module, batches, projections: dict, reduction: s
     sums = {n: [0, 0, 0] for n in names}
     examples = 0
     for _, x, y, mask in batches:
-        inputs, outputs = {}, {}
-
-        def keep(module, args, output, name):
-            inputs[name], outputs[name] = args[0], output
-
-        handles = [getattr(model, n).register_forward_hook(lambda m, a, o, n=n: keep(m, a, o, n))
+        inputs: dict = {}
+        outputs: dict = {}
+        handles = [getattr(model, n).register_forward_hook(partial(_keep, inputs, outputs, n))
                    for n in names]
         loss = seq_loss(model(x), y, mask, reduction)
         for h in handles:
@@ -80,7 +82,7 @@ def reference_factors(model: nn.Module, batches, projections: dict, reduction: s
         scale = x.shape[0] if reduction == "mean" else 1
         m = mask.double().unsqueeze(-1)
         for n, g in zip(names, grads):
-            xin = torch.cat([inputs[n], torch.ones_like(inputs[n][..., :1])], dim=-1).double()
+            xin = torch.cat([inputs[n], torch.ones_like(inputs[n][..., :1])], dim=-1).detach().double()
             p = projections[n]
             xt = xin @ p.p_in.matrix.double().T if p.p_in.matrix is not None else xin
             gt = g.double() * scale

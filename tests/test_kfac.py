@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import logix
 from kfac_helpers import (
     SeqNet,
     dense_scores,
@@ -17,6 +15,9 @@ from kfac_helpers import (
     rel_err,
     seq_loss,
 )
+from query_helpers import build_store, queries
+
+import logix
 from logix.capture.factors import MAX_FACTOR_DIM
 from logix.capture.hooks import CaptureError
 from logix.capture.projection import load_projections
@@ -24,7 +25,6 @@ from logix.curvature.kfac import factor_path, load_factors, save_factors
 from logix.curvature.precondition import build_preconditioner
 from logix.query.engine import InfluenceEngine
 from logix.store.format import ModuleInfo, StoreError
-from query_helpers import build_store, queries
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,6 +86,14 @@ def test_per_rank_factor_files_are_summed(tmp_path, logged):
     for key, t in stats.tensors.items():
         torch.testing.assert_close(total.tensors[key], 2 * t)
     assert total.positions == {k: 2 * v for k, v in stats.positions.items()}
+    # Variant kinds (e.g. true-Fisher factors) load by their kind string, separately.
+    save_factors(factor_path(run_dir, "0", 0, kind="kfac.true"), list(store.modules),
+                 stats.tensors, stats.positions, stats.rows, kind="kfac.true")
+    variant = load_factors(logix.open_store(run_dir), "kfac.true")
+    assert variant.kind == "kfac.true" and variant.rows == stats.rows == len(variant.sources) * 9
+    pre = build_preconditioner(logix.open_store(run_dir), "kfac", 0.1, statistics="kfac.true")
+    assert pre.statistics == "kfac.true"
+    assert (run_dir / "curvature" / "0" / "eigen-kfac.true.safetensors").exists()
 
 
 def test_kfac_scores_equal_dense_kron_solve(logged):
@@ -217,7 +225,7 @@ def test_wide_identity_layer_never_builds_a_full_block(tmp_path, monkeypatch):
 def test_ekfac_eigenvalues_are_cached_and_keyed(tmp_path, logged, monkeypatch):
     _, _, store = logged
     first = build_preconditioner(store, "ekfac", 0.1)
-    import logix.curvature.kfac as kfac
+    from logix.curvature import kfac
 
     def fail(*a, **k):
         raise AssertionError("the cached eigenvalues must be reused")
@@ -248,9 +256,8 @@ def test_fit_curvature_pass_equals_logged_factors(tmp_path, logged):
     rows = before.load()
     run = logix.init(tmp_path / "run", resume=True)
     run.watch(model)
-    with pytest.raises(RuntimeError, match="boom"):  # a failed pass leaves nothing behind
-        with run.fit_curvature():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), run.fit_curvature():  # leaves nothing behind
+        raise RuntimeError("boom")
     assert not factor_path(tmp_path / "run", "0", 0).exists()
     with run.fit_curvature():
         for ids, x, y, mask in batches:
@@ -290,9 +297,8 @@ def test_failed_step_adds_nothing_to_the_factors(tmp_path, logged):
             with run(data_id=ids, mask=mask):
                 seq_loss(model(x), y, mask, "mean").backward()
             if i == 0:  # the same ids again: the writer refuses the batch
-                with pytest.raises(StoreError, match="duplicate"):
-                    with run(data_id=ids, mask=mask):
-                        seq_loss(model(x), y, mask, "mean").backward()
+                with pytest.raises(StoreError, match="duplicate"), run(data_id=ids, mask=mask):
+                    seq_loss(model(x), y, mask, "mean").backward()
             model.zero_grad()
     mine, theirs = load_factors(logix.open_store(tmp_path / "run")), load_factors(logged_store)
     assert mine.rows == theirs.rows and mine.positions == theirs.positions
@@ -323,3 +329,24 @@ def test_factor_side_guard(tmp_path):
     with pytest.raises(CaptureError, match="capture.exclude"):
         logix.init(tmp_path / "run", config=config).watch(model)
     assert not (tmp_path / "run" / "manifest.json").exists()  # refused before anything was written
+
+
+def test_segments_have_their_own_factors(tmp_path, logged):
+    model, batches, logged_store = logged
+    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+              "curvature": {"statistics": ["kfac"]}, "store": {"shard_rows": 4}}
+    with logix.init(tmp_path / "run", config=config) as run:
+        run.watch(model)
+        # Logging into "a" again (after "b" released its sums) continues a's factors.
+        for segment, part in (("a", batches[:2]), ("b", batches[:1]), ("a", batches[2:])):
+            run.start_segment(segment)
+            for ids, x, y, mask in part:
+                with run(data_id=ids, mask=mask):
+                    seq_loss(model(x), y, mask, "mean").backward()
+                model.zero_grad()
+    store = logix.open_store(tmp_path / "run", segment="a")
+    mine, theirs = load_factors(store), load_factors(logged_store)
+    assert mine.rows == theirs.rows == len(store) == 9
+    for key, t in theirs.tensors.items():
+        torch.testing.assert_close(mine.tensors[key], t, rtol=1e-6, atol=1e-9)
+    assert load_factors(store.select("b")).rows == 3

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kfac_helpers import SeqNet, dense_scores, log_model, make_batches, rel_err
+from query_helpers import queries
 
 import logix
-from kfac_helpers import SeqNet, dense_scores, log_model, make_batches, rel_err
 from logix.curvature.precondition import build_preconditioner
 from logix.curvature.refine import RefinedPreconditioner
 from logix.query.engine import InfluenceEngine
-from query_helpers import queries
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,7 +57,7 @@ def solve_error(engine, q, hinv) -> float:
 
 
 def test_fisher_product_is_exact(setup):
-    store, x, q, fishers = setup
+    store, _, q, fishers = setup
     refined = RefinedPreconditioner(build_preconditioner(store, "ekfac", 0.1), store, 1, chunk_rows=5)
     fv = refined.fisher_product(q)
     for m in store.modules:
@@ -100,7 +100,7 @@ def test_cg_on_narrow_blocks_reaches_the_solve_in_ten_passes(narrow):
 
 
 def test_refined_raw_damping_and_residual_definition(setup):
-    store, x, q, fishers = setup
+    store, _, q, fishers = setup
     engine = InfluenceEngine(store, "ekfac", 0.1, refine=3)
     raw = build_preconditioner(store, "raw", 0.1)
     for name, lam in engine.preconditioner.dampings.items():
@@ -132,8 +132,12 @@ def test_richardson_converges_inside_its_spectrum_and_not_outside(narrow, setup)
     # fc1 of the identity store has an eigenvalue 2.84 > 2: Richardson diverges, CG does not.
     store, x, q, fishers = setup
     diverging = InfluenceEngine(store, "ekfac", 0.1, refine=12, refine_method="richardson")
-    diverging.preconditioner.apply(q)
+    with pytest.warns(RuntimeWarning, match="residual grew"):
+        diverging.preconditioner.apply(q)
     assert bool((diverging.refinement_residuals[-1] > diverging.refinement_residuals[0]).all())
+    far = InfluenceEngine(store, "ekfac", 0.1, refine=2000, refine_method="richardson", chunk_rows=100)
+    with pytest.raises(ValueError, match="diverged to NaN/inf.*refine_method='cg'"):
+        far.preconditioner.apply(q)
 
 
 def test_modes_and_module_subset_with_refinement(setup):
@@ -152,7 +156,7 @@ def test_modes_and_module_subset_with_refinement(setup):
 
 
 def test_refine_needs_ekfac(setup):
-    store, *_ = setup
+    store = setup[0]
     with pytest.raises(ValueError, match="needs preconditioner='ekfac'"):
         InfluenceEngine(store, "kfac", 0.1, refine=2)
     with pytest.raises(ValueError, match="refine must be"):

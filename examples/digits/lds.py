@@ -9,7 +9,8 @@
    per projection: random ranks 16, 32, 64 and `identity` (exact full per-example gradients).
 2. Capture the test gradients of the measurement, the test example's loss; score with the
    `identity` preconditioner (gradient dot products) and `raw` (projected empirical Fisher) at
-   several dampings. For the identity projection, the exact raw reference (a 16,640-wide Fisher
+   several dampings, and (unless --no-kfac) `kfac`, `ekfac` and `ekfac` refined by --refine
+   conjugate-gradient passes towards the raw solve (K-FAC factors are logged with the rows). For the identity projection, the exact raw reference (a 16,640-wide Fisher
    block for fc1, too big for an eigendecomposition) is computed here through the N×N Gram
    matrix, with logix's damping definition; it is checked against the engine on a small store.
    True Fisher (Gauss–Newton: labels drawn from the model, `run.fit_curvature(fisher="true")`
@@ -47,8 +48,9 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
               batch_size: int = 256, include: tuple[str, ...] = ("*",)):
     """One attribution pass over (x, y) at the model's current weights into a store at `path`."""
     # The identity projection's raw statistics would be a 16,640² float64 block (2.2 GB) for fc1:
-    # skip them; the exact reference is computed from the rows instead.
-    statistics = [] if projection["kind"] == "identity" else ["raw"]
+    # skip them; the exact reference is computed from the rows instead. K-FAC factors are small
+    # for every projection ([r_in, r_in] and [r_out, r_out]).
+    statistics = ["kfac"] + ([] if projection["kind"] == "identity" else ["raw"])
     config = {"projection": projection, "curvature": {"statistics": statistics},
               "capture": {"attribution_only": True, "loss_reduction": "sum", "include": list(include)}}
     run = logix.init(path, config=config, overwrite=True)
@@ -153,6 +155,10 @@ def main() -> None:
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--true-ranks", type=int, nargs="*", default=[64],
                    help="ranks whose random and PCA stores also get true-Fisher rows")
+    p.add_argument("--kfac", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score with kfac, ekfac and refined ekfac (default: on)")
+    p.add_argument("--refine", type=int, default=3, help="refinement passes of the ekfac+refine column")
+    p.add_argument("--projections", nargs="+", help="only these stores (e.g. r=64 exact)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the MLP is tiny)")
     p.add_argument("--out", type=Path, default=HERE / "out" / "lds")
     args = p.parse_args()
@@ -173,7 +179,10 @@ def main() -> None:
     projections = {f"r={r}": {"kind": "random", "rank_in": r, "rank_out": r, "seed": 0} for r in args.ranks}
     projections.update({f"pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.ranks})
     projections["exact"] = {"kind": "identity"}
+    if args.projections:
+        projections = {k: v for k, v in projections.items() if k in args.projections}
     scores: dict[str, dict[str, torch.Tensor]] = {}
+    refinement: dict[tuple[str, float], tuple[float, float]] = {}
     stores = {}
     true_rows = [f"{kind}r={r}" for r in args.true_ranks for kind in ("", "pca ")]
     pseudo = None
@@ -181,11 +190,13 @@ def main() -> None:
     for name, proj in projections.items():
         path = args.out / "stores" / name.replace("=", "").replace(" ", "-")
         store = log_store(path, model, data.x_train, data.y_train, proj)
-        if name in true_rows:
-            true_fisher_pass(path, model, data.x_train)
-        elif name == "exact":  # fc1's true Fisher is too wide to keep: keep the pseudo-gradients
+        if name in true_rows:  # EK-FAC's true-Fisher eigenvalues follow from raw
+            true_fisher_pass(path, model, data.x_train, statistics=("raw", "kfac"))
+        elif name == "exact":  # fc1's raw block is too wide to keep: keep the pseudo-gradients
             pseudo = PseudoGradients(store.modules)
-            true_fisher_pass(path, model, data.x_train, statistics=(), on_rows=pseudo)
+            true_fisher_pass(path, model, data.x_train, statistics=("kfac",), on_rows=pseudo)
+            if args.kfac:  # EK-FAC eigenvalues: a second pass in the K-FAC eigenbases
+                true_fisher_pass(path, model, data.x_train, statistics=("ekfac",))
         q = query_gradients(path, model, x_test, y_test)
         stores[name] = (store, q)
         widths = ", ".join(f"{m.name} {m.r_out}×{m.r_in}" for m in store.modules)
@@ -203,31 +214,51 @@ def main() -> None:
         else:
             for d in args.dampings:
                 row[f"raw λ={d:g}"] = logix.InfluenceEngine(store, preconditioner="raw", damping=d).scores(q).values
+        if args.kfac:
+            refined = f"ekfac+r{args.refine}"
+            for d in args.dampings:
+                for label, kind, refine in (("kfac", "kfac", 0), ("ekfac", "ekfac", 0), (refined, "ekfac", args.refine)):
+                    engine = logix.InfluenceEngine(store, preconditioner=kind, damping=d, refine=refine)
+                    row[f"{label} λ={d:g}"] = engine.scores(q).values
+                    if refine:
+                        res = engine.refinement_residuals
+                        refinement[(name, d)] = (float(res[0].median()), float(res[-1].median()))
         scores[name] = row
-        if name in true_rows:
-            scores[f"{name} · true F"] = {"identity": row["identity"], **{
-                f"raw λ={d:g}": logix.InfluenceEngine(store, "raw", damping=d, fisher="true").scores(q).values
-                for d in args.dampings}}
+        if name in true_rows or name == "exact":
+            true_row = {"identity": row["identity"]}
+            if name == "exact":
+                train_rows = store.load()
+                console.print(f"check: exact store rows are outer products δ x̄ᵀ: max deviation "
+                              f"{check_outer_products(train_rows, train_inputs, store.modules):.1e} of max |G|")
+                exact_true = exact_true_scores(store.modules, train_rows, q.values, train_inputs, query_inputs,
+                                               pseudo, store.data_ids, len(data.y_train), args.dampings)
+                true_row.update({f"raw λ={d:g}": s for d, s in exact_true.items()})
+            for kind in ["raw"] * (name != "exact") + ["kfac", "ekfac"] * args.kfac:
+                for d in args.dampings:
+                    engine = logix.InfluenceEngine(store, kind, damping=d, fisher="true")
+                    true_row[f"{kind} λ={d:g}"] = engine.scores(q).values
+            scores[f"{name} · true F"] = true_row
             store_of[f"{name} · true F"] = name
-    store, q = stores["exact"]
-    train_rows = store.load()
-    console.print(f"check: exact store rows are outer products δ x̄ᵀ: max deviation "
-                  f"{check_outer_products(train_rows, train_inputs, store.modules):.1e} of max |G|")
-    exact_true = exact_true_scores(store.modules, train_rows, q.values, train_inputs, query_inputs,
-                                   pseudo, store.data_ids, len(data.y_train), args.dampings)
-    scores["exact · true F"] = {"identity": scores["exact"]["identity"],
-                                **{f"raw λ={d:g}": s for d, s in exact_true.items()}}
-    store_of["exact · true F"] = "exact"
     timings["scores"] = time.perf_counter() - t
+    for (name, d), (first, last) in refinement.items():
+        console.print(f"refinement {name} λ={d:g}: median relative residual ‖q − (F+λI)x‖/‖q‖ "
+                      f"{first:.2e} (plain EK-FAC) → {last:.2e} after {args.refine} CG passes")
+    if args.kfac and "exact" in scores:  # refined EK-FAC approaches the exact raw solve
+        for d in args.dampings:
+            exact, mine = scores["exact"][f"raw λ={d:g}"], scores["exact"]
+            for label in ("ekfac", f"ekfac+r{args.refine}"):
+                gap = float((mine[f"{label} λ={d:g}"].double() - exact).norm() / exact.norm())
+                console.print(f"exact store, λ={d:g}: ‖{label} − raw‖ / ‖raw‖ = {gap:.2e}")
 
     # The exact references share logix's damping definition: check them against the engine.
     check = f"r={max(args.ranks)}"
-    store, q = stores[check]
-    mine = exact_raw_scores(store, q.values, [0.1])[0.1]
-    theirs = scores[check]["raw λ=0.1"].to(torch.float64)
-    rel = float((mine - theirs).abs().max() / theirs.abs().max())
-    console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping 0.1: "
-                  f"max |diff| / max |score| = {rel:.1e}")
+    if check in stores and 0.1 in args.dampings:
+        store, q = stores[check]
+        mine = exact_raw_scores(store, q.values, [0.1])[0.1]
+        theirs = scores[check]["raw λ=0.1"].to(torch.float64)
+        rel = float((mine - theirs).abs().max() / theirs.abs().max())
+        console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping "
+                      f"0.1: max |diff| / max |score| = {rel:.1e}")
     t = time.perf_counter()
     check_true_fisher(args.out / "stores" / "check-fc2", model, data, x_test, y_test)
     timings["true-Fisher check"] = time.perf_counter() - t
@@ -249,28 +280,43 @@ def main() -> None:
     columns = list(next(iter(scores.values())).keys())
     results = {name: {c: lds(s, subsets, outputs, output="loss") for c, s in row.items()}
                for name, row in scores.items()}
-    table = Table(title=f"LDS on digits: {args.n_test} test images, M={args.subsets} half subsets × "
-                        f"{args.seeds} seeds, measurement = test loss (mean Spearman [95% bootstrap CI])")
-    table.add_column("projection")
-    table.add_column("D", justify="right")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for name, row in results.items():
-        table.add_row(name, str(stores[store_of[name]][0].width), *[lds_cell(row[c]) for c in columns])
-    console.print(table)
+    family = {c: c.split(" λ=")[0] for c in columns}  # identity, raw, kfac, ekfac, ekfac+r3
+    groups = [["identity"] + [c for c in columns if family[c] == "raw"],
+              [c for c in columns if family[c] not in ("identity", "raw")]]
+    for i, group in enumerate(g for g in groups if g):
+        wide = i > 0  # many columns: means only (the damping-chosen lines below give CIs)
+        what = "mean Spearman" if wide else "mean Spearman [95% bootstrap CI]"
+        table = Table(title=f"LDS on digits: {args.n_test} test images, M={args.subsets} half subsets × "
+                            f"{args.seeds} seeds, measurement = test loss ({what})")
+        table.add_column("projection")
+        table.add_column("D", justify="right")
+        for c in group:
+            table.add_column(c, justify="right")
+        for name, row in results.items():
+            cells = ["—" if c not in row else f"{row[c].mean:+.3f}" if wide else lds_cell(row[c])
+                     for c in group]
+            table.add_row(name, str(stores[store_of[name]][0].width), *cells)
+        console.print(table)
 
     # Damping is a hyperparameter: choose it on one half of the test images, report the other.
-    raw_cols = [c for c in columns if c.startswith("raw")]
     half = args.n_test // 2
-    chosen = {}
-    for name in results:
-        chosen[name] = max(raw_cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
-        held = results[name][chosen[name]].per_test[half:]
-        low, high = bootstrap_ci(held)
-        console.print(f"{name}: damping chosen on test images 0..{half - 1}: {chosen[name]}; its LDS on "
-                      f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
-    if check in results:
-        pairs = [(c, c) for c in raw_cols] + [(chosen[check], chosen["exact"])]
+    chosen: dict[tuple[str, str], str] = {}
+    for kind in dict.fromkeys(f for f in family.values() if f != "identity"):
+        cols = [c for c in columns if family[c] == kind]
+        for name in results:
+            present = [c for c in cols if c in results[name]]
+            if not present:
+                continue
+            best = chosen[(name, kind)] = max(present, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+            held = results[name][best].per_test[half:]
+            low, high = bootstrap_ci(held)
+            console.print(f"{name}: {kind} damping chosen on test images 0..{half - 1}: {best}; its LDS on "
+                          f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
+    raw_cols = [c for c in columns if family[c] == "raw"]
+    if check in results and "exact" in results:
+        pairs = [(c, c) for c in raw_cols]
+        if chosen[(check, "raw")] != chosen[("exact", "raw")]:
+            pairs.append((chosen[(check, "raw")], chosen[("exact", "raw")]))
         for ours, ref in pairs:
             gap = results[check][ours].per_test - results["exact"][ref].per_test
             low, high = bootstrap_ci(gap)
@@ -278,15 +324,19 @@ def main() -> None:
             console.print(f"projection gap {check} − exact, {label}: {float(gap.nanmean()):+.3f} "
                           f"[{low:+.3f}, {high:+.3f}] (paired over all {args.n_test} test images)")
 
-    # The target: PCA at the largest true-Fisher rank, with the best preconditioner, against
-    # exact full-parameter true-Fisher influence (dampings chosen on the first half as above).
+    # The target: PCA at the largest true-Fisher rank with the best preconditioner (chosen with
+    # its damping on the first half) against exact full-parameter true-Fisher influence (raw).
     exact = "exact · true F"
-    for name in [n for r in args.true_ranks[-1:] for n in (f"pca r={r}", f"pca r={r} · true F")]:
-        gap = results[name][chosen[name]].per_test - results[exact][chosen[exact]].per_test
+    targets = [n for r in args.true_ranks[-1:] for n in (f"pca r={r}", f"pca r={r} · true F")]
+    for name in [n for n in targets if n in results and exact in results]:
+        cols = [c for c in results[name] if family[c] != "identity"]
+        best = max(cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+        ref = chosen[(exact, "raw")]
+        gap = results[name][best].per_test - results[exact][ref].per_test
         low, high = bootstrap_ci(gap[half:])
-        console.print(f"target {name} ({chosen[name]}) − {exact} ({chosen[exact]}): "
-                      f"{float(gap[half:].nanmean()):+.3f} [{low:+.3f}, {high:+.3f}] on images "
-                      f"{half}..{args.n_test - 1}; {float(gap.nanmean()):+.3f} over all (paired)")
+        console.print(f"target {name} ({best}) − {exact} ({ref}): {float(gap[half:].nanmean()):+.3f} "
+                      f"[{low:+.3f}, {high:+.3f}] on images {half}..{args.n_test - 1}; "
+                      f"{float(gap.nanmean()):+.3f} over all (paired)")
 
     timings["total"] = time.perf_counter() - t_all
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))

@@ -95,7 +95,7 @@ class KroneckerSums:
         return out
 
     def position_counts(self) -> dict[str, int]:
-        return {name: int(round(float(self.positions[name]))) if name in self.positions else 0
+        return {name: round(float(self.positions[name])) if name in self.positions else 0
                 for name in self.dims}
 
     def load(self, tensors: dict[str, torch.Tensor], positions: dict[str, int], examples: int) -> None:

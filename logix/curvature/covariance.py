@@ -234,7 +234,7 @@ def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | No
             continue
         if stats.modules != total.modules:
             raise StoreError(f"{path} has a different module table than {total.sources[0]}")
-        if stats.tensors.keys() != total.tensors.keys():
+        if set(stats.tensors) != set(total.tensors):
             raise StoreError(f"{path} holds other tensors than {total.sources[0]}; delete the "
                              "stale one and recompute it")
         for name, t in stats.tensors.items():

@@ -9,8 +9,9 @@ from: changing the damping costs nothing, changed statistics invalidate only the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open

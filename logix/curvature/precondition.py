@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -84,7 +84,7 @@ class Block:
         return x @ self._w
 
 
-AnyBlock = Union[Block, KroneckerBlock]
+AnyBlock = Block | KroneckerBlock
 
 
 class Preconditioner:
@@ -161,11 +161,14 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                          absolute: bool = False, modules: list[str] | None = None,
                          device: torch.device | str = "cpu", chunk_rows: int = 4096,
                          progress: ProgressFn | None = None,
-                         statistics: str | None = None, fisher: str = "empirical") -> Preconditioner:
+                         statistics: str | None = None, rows: Any | None = None,
+                         fisher: str = "empirical") -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
     statistics: the statistics kind it reads (default `DEFAULT_STATISTICS[kind]`: `raw` for raw,
     `kfac` for kfac / ekfac, with `.true` appended for `fisher="true"`).
+    rows: what empirical EK-FAC refits its eigenvalues to (anything with `iter_chunks`,
+    `data_ids`, `modules` and `len`); default the store itself.
     fisher: "empirical" (statistics of the stored rows, recomputed if missing) or "true" (from a
     `run.fit_curvature(fisher="true")` pass; an error naming it if absent).
     """
@@ -197,7 +200,8 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     if kind == "ekfac" and true:
         values = true_ekfac_eigenvalues(store, stats, bases, selected)
     elif kind == "ekfac":
-        values = ekfac_eigenvalues(store, stats, bases, selected, chunk_rows=chunk_rows, device=device,
+        values = ekfac_eigenvalues(store if rows is None else rows, stats, bases, selected,
+                                   chunk_rows=chunk_rows, device=device,
                                    progress=progress, cache_path=directory / f"e{statistics}-stream.safetensors")
     else:
         values = {n: b.kfac_eigenvalues() for n, b in bases.items()}

@@ -12,7 +12,9 @@ Methods (one streaming pass per iteration either way; `iterations = 0` is plain 
   per query and module block. The error in the (F + λI) norm never grows and the first iterate
   is already at least as good as plain EK-FAC (it is the best multiple of P⁻¹q).
 - `richardson`: x ← x + P⁻¹(q − (F + λI)x) from x = P⁻¹q. Converges only while the spectrum of
-  P⁻¹(F + λI) stays inside (0, 2), which EK-FAC does not guarantee (it does on small MLPs).
+  P⁻¹(F + λI) stays inside (0, 2), which EK-FAC does not guarantee: on the digits MLP with exact
+  gradients it diverges (median residual 5 → 2·10³ after 3 passes), while cg converges. A
+  growing residual gives a warning, a non-finite result an error.
 
 `residuals[i, j]` = ‖q_j − (F + λI) x_j‖ / ‖q_j‖ (over the selected modules) of the iterate after
 i corrections (i = 0: plain EK-FAC): i = 0..k for cg; 0..k−1 for richardson, whose last
@@ -21,6 +23,7 @@ correction is applied without the extra pass that measuring it would cost.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -137,14 +140,22 @@ class RefinedPreconditioner:
         solve = self._cg if self.method == "cg" else self._richardson
         x, residuals = solve(q, x, qnorm)
         self.residuals = torch.stack(residuals).cpu()
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"the {self.method} refinement diverged to NaN/inf after "
+                             f"{self.iterations} passes; use refine_method='cg' (it cannot diverge), "
+                             "fewer passes or more damping")
+        if self.method == "richardson" and bool((self.residuals[-1] > self.residuals[0]).any()):
+            warnings.warn("the Richardson refinement's residual grew (the spectrum of P⁻¹(F + λI) "
+                          "leaves (0, 2)): its result is worse than plain EK-FAC; use "
+                          "refine_method='cg'", RuntimeWarning, stacklevel=3)
         return x
 
     def _richardson(self, q: torch.Tensor, x: torch.Tensor, qnorm: torch.Tensor):
         residuals = []
-        r = q - self.damped_product(x)
-        for i in range(self.iterations):
-            if i > 0:  # r follows x: r ← r − (F + λI) z, the product of this pass
-                r = r - self.damped_product(z)
+        z = x  # the first pass measures x itself: r = q − (F + λI) x
+        r = q
+        for _ in range(self.iterations):
+            r = r - self.damped_product(z)  # r follows x: r ← r − (F + λI) z, one pass
             residuals.append(self._relative(r, qnorm))
             z = self.base.apply(r)
             x = x + z
