@@ -72,6 +72,7 @@ class QueryConfig:
     preconditioner: str = field(default="raw", metadata=_choices("identity", "raw", "kfac", "ekfac"))
     damping: float = field(default=0.1, metadata={"min": 0.0})
     refine: int = field(default=0, metadata={"min": 0})
+    fisher: str = field(default="empirical", metadata=_choices("empirical", "true"))
     mode: str = field(default="dot", metadata=_choices("dot", "cosine", "relative"))
 
 

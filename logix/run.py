@@ -24,7 +24,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -58,6 +58,9 @@ from logix.store.format import (
 )
 from logix.store.gradients import DataId, Gradients
 from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
+
+if TYPE_CHECKING:
+    from logix.curvature.fit import TrueFisherFit
 
 MODES = ("log", "query")
 CONFIG_COPY = "config.yaml"
@@ -324,14 +327,45 @@ class Run:
                     f"most {MAX_FACTOR_DIM}. Project that module (projection.kind random/pca with a "
                     "smaller rank) or add it to capture.exclude")
 
-    def fit_curvature(self, segment: str | None = None) -> CurvatureFit:
-        """A pass that computes the K-FAC factors of a segment (default: the current one)
-        without writing rows: inside `with run.fit_curvature():`, `with run(data_id=ids):
-        loss.backward()` blocks over the training data add to the factors, which are saved on
-        exit as `curvature/<segment>/kfac-r<rank>.safetensors`, replacing this rank's factors of
-        that segment. For a store logged without `curvature.statistics: [kfac]`: open it with
+    def fit_curvature(self, segment: str | None = None, *, fisher: str = "empirical",
+                      statistics: list[str] | tuple[str, ...] | None = None, mass: float = 1.0,
+                      on_rows: Callable[[list, torch.Tensor], None] | None = None,
+                      ) -> CurvatureFit | TrueFisherFit:
+        """A pass over training data that computes curvature statistics needing the model, for
+        a segment (default: the current one), without writing rows. The files are saved on exit,
+        replacing this rank's previous ones of that segment. For an existing store: open it with
         `logix.init(path, resume=True)`, `run.watch(model)` (the model at that segment's
-        checkpoint), run the pass, `run.finalize()`. The model is not changed."""
+        checkpoint), run the pass, `run.finalize()`. The model is not changed.
+
+        fisher="empirical": the K-FAC factors (`curvature/<segment>/kfac-r<rank>.safetensors`)
+        of a store logged without them; inside `with run.fit_curvature():`, run `with
+        run(data_id=ids): loss.backward()` blocks over the training data.
+
+        fisher="true": the Fisher under the model's own predictions (Gauss–Newton), read by
+        `InfluenceEngine(..., fisher="true")`; statistics: any of raw (default), kfac, ekfac
+        (ekfac in a second pass after kfac), saved as `<kind>.true-r<rank>.safetensors`:
+
+            with run.fit_curvature(fisher="true") as fit:
+                for ids, x in batches:
+                    with fit(data_id=ids):           # mask=: the padding mask, as in run(...)
+                        fit.backward(model(x))       # logits [B, C] or [B, T, V] (+ label_mask=)
+
+        mass < 1 keeps, per position, the most probable classes up to that probability mass
+        (`logix.capture.fisher`); on_rows(ids, rows [n, D]) receives every pass's pseudo-
+        gradient rows with the data id of each (e.g. for an exact reference on a small model).
+        Cost: one backward per class (and target position) per batch; see `curvature/fit.py`.
+        """
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if fisher == "empirical" and (statistics is not None or mass != 1.0 or on_rows is not None):
+            raise ValueError("statistics, mass and on_rows are options of fisher='true'; the "
+                             "empirical pass computes the K-FAC factors")
+        if self.mode != "log":
+            raise CaptureError("fit_curvature writes statistics into the store: open it with "
+                               "logix.init(run_dir, resume=True), not mode='query'")
+        if self._collector is not None:
+            raise CaptureError("projection.kind 'pca' needs `with run.fit_projections():` and some "
+                               "logged rows before fit_curvature")
         self._check_log_mode("fit_curvature")
         self._check_no_step("fit_curvature")
         self._check_open()
@@ -345,8 +379,14 @@ class Run:
             segment = self._writer.segment
         elif segment not in names:
             raise CaptureError(f"segment {segment!r} does not exist in {self.run_dir}; its segments: {names}")
-        self._check_factor_dims()
-        return CurvatureFit(self, segment)
+        kinds = tuple(statistics) if statistics is not None else ("raw",)
+        if fisher == "empirical" or "kfac" in kinds:
+            self._check_factor_dims()
+        if fisher == "empirical":
+            return CurvatureFit(self, segment)
+        from logix.curvature.fit import TrueFisherFit
+
+        return TrueFisherFit(self, segment, statistics=kinds, mass=mass, on_rows=on_rows)
 
     def _segment_factors(self, segment: str) -> KroneckerSums:
         """The float64 factor sums of `segment`; a resumed run continues its own rank's file."""

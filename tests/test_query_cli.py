@@ -61,6 +61,8 @@ def test_query_identity_subset_and_show(run):
     (["--queries", "{q}", "--mode", "cosin"], "did you mean 'cosine'"),
     (["--queries", "{q}", "--preconditioner", "rwa"], "did you mean 'raw'"),
     (["--queries", "{q}", "--segment", "7"], "no segment '7'"),
+    (["--queries", "{q}", "--fisher", "true"], "run.fit_curvature"),
+    (["--queries", "{q}", "--fisher", "emprical"], "did you mean 'empirical'"),
     (["--queries", "{q}", "--top-k", "0"], "--top-k must be at least 1"),
     (["--queries", "{q}", "--output", "x.csv"], ".json, .safetensors or .npz"),
     (["--queries", "{q}", "--preconditioner", "ekfac"], "fit_curvature"),

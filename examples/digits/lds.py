@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/digits/lds.py                 # M=100 subsets × 2 seeds, 100 test images
     .venv/bin/python examples/digits/lds.py --subsets 300   # more subsets (the first 100 are reused)
+    .venv/bin/python examples/digits/lds.py --true-ranks    # no true-Fisher rows but the exact one
 
 1. Train the MLP on all 1,397 training images; log every training example's gradient at the
    final checkpoint in one attribution pass (`capture.attribution_only`, sum-reduced loss), once
@@ -12,6 +13,10 @@
    conjugate-gradient passes towards the raw solve (K-FAC factors are logged with the rows). For the identity projection, the exact raw reference (a 16,640-wide Fisher
    block for fc1, too big for an eigendecomposition) is computed here through the N×N Gram
    matrix, with logix's damping definition; it is checked against the engine on a small store.
+   True Fisher (Gauss–Newton: labels drawn from the model, `run.fit_curvature(fisher="true")`
+   over the training set after logging): `raw` with `fisher="true"` for the random and PCA
+   stores of `--true-ranks`, and the exact full-parameter reference from the identity store's
+   pseudo-gradients (`exact_true_fisher.py`, checked against the engine on an fc2-only store).
 3. Ground truth: retrain on M random half subsets (each with a few seeds, averaged), measure the
    test losses, cache them under out/lds/retrain-*/ (resumable), and report the LDS: the mean
    Spearman correlation between the summed scores of a subset and the negated test loss.
@@ -31,6 +36,7 @@ from torch import nn
 
 import logix
 from common import HERE, accuracy, load_digits, train_mlp
+from exact_true_fisher import PseudoGradients, check_outer_products, exact_true_scores, layer_inputs
 from logix.eval import bootstrap_ci, lds, retrain_outputs, sample_subsets
 
 console = Console()
@@ -39,14 +45,14 @@ if not console.is_terminal:  # a log file: wide enough for the table on one line
 
 
 def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, projection: dict,
-              batch_size: int = 256):
+              batch_size: int = 256, include: tuple[str, ...] = ("*",)):
     """One attribution pass over (x, y) at the model's current weights into a store at `path`."""
     # The identity projection's raw statistics would be a 16,640² float64 block (2.2 GB) for fc1:
     # skip them; the exact reference is computed from the rows instead. K-FAC factors are small
     # for every projection ([r_in, r_in] and [r_out, r_out]).
     statistics = ["kfac"] + ([] if projection["kind"] == "identity" else ["raw"])
     config = {"projection": projection, "curvature": {"statistics": statistics},
-              "capture": {"attribution_only": True, "loss_reduction": "sum"}}
+              "capture": {"attribution_only": True, "loss_reduction": "sum", "include": list(include)}}
     run = logix.init(path, config=config, overwrite=True)
     run.watch(model)
 
@@ -62,6 +68,20 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
     one_pass()
     run.finalize()
     return logix.open_store(path)
+
+
+def true_fisher_pass(path: Path, model: nn.Module, x: torch.Tensor, statistics=("raw",), on_rows=None,
+                     batch_size: int = 256) -> None:
+    """Add true-Fisher statistics to the store at `path`: labels drawn from the model, one
+    backward pass per class and batch; no rows are stored. `on_rows` sees the pseudo-gradients."""
+    run = logix.init(path, resume=True)
+    run.watch(model)
+    with run.fit_curvature(fisher="true", statistics=statistics, on_rows=on_rows) as fit:
+        for start in range(0, len(x), batch_size):
+            ids = list(range(start, min(start + batch_size, len(x))))
+            with fit(data_id=ids):
+                fit.backward(model(x[ids]))
+    run.finalize()
 
 
 def query_gradients(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -101,6 +121,26 @@ def exact_raw_scores(store, queries: torch.Tensor, dampings: list[float]) -> dic
     return out
 
 
+def check_true_fisher(path: Path, model: nn.Module, data, x_test: torch.Tensor, y_test: torch.Tensor,
+                      n_fit: int = 400) -> None:
+    """Both solves of `exact_true_scores` against InfluenceEngine(fisher="true") on a store
+    of fc2 alone (identity projection, 2,570 wide: narrow enough for logix's raw statistics),
+    its true Fisher taken over the first `n_fit` training images (a subset, as allowed)."""
+    store = log_store(path, model, data.x_train, data.y_train, {"kind": "identity"}, include=("fc2",))
+    pseudo = PseudoGradients(store.modules)
+    true_fisher_pass(path, model, data.x_train[:n_fit], on_rows=pseudo)
+    q = query_gradients(path, model, x_test, y_test)
+    theirs = logix.InfluenceEngine(store, "raw", damping=0.1, fisher="true").scores(q).values.double()
+    for gram in (False, True):
+        mine = exact_true_scores(store.modules, store.load(), q.values, layer_inputs(model, data.x_train),
+                                 layer_inputs(model, x_test), pseudo, store.data_ids, n_fit, [0.1],
+                                 gram=gram)[0.1]
+        rel = float((mine - theirs).abs().max() / theirs.abs().max())
+        console.print(f"check: exact true-Fisher scores ({'Gram' if gram else 'eigen'} solve) vs "
+                      f"InfluenceEngine(fisher='true') on an fc2-only store, damping 0.1: "
+                      f"max |diff| / max |score| = {rel:.1e}")
+
+
 def lds_cell(result) -> str:
     return f"{result.mean:+.3f} [{result.ci_low:+.3f}, {result.ci_high:+.3f}]"
 
@@ -113,6 +153,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--true-ranks", type=int, nargs="*", default=[64],
+                   help="ranks whose random and PCA stores also get true-Fisher rows")
     p.add_argument("--kfac", action=argparse.BooleanOptionalAction, default=True,
                    help="also score with kfac, ekfac and refined ekfac (default: on)")
     p.add_argument("--refine", type=int, default=3, help="refinement passes of the ekfac+refine column")
@@ -142,10 +184,19 @@ def main() -> None:
     scores: dict[str, dict[str, torch.Tensor]] = {}
     refinement: dict[tuple[str, float], tuple[float, float]] = {}
     stores = {}
+    true_rows = [f"{kind}r={r}" for r in args.true_ranks for kind in ("", "pca ")]
+    pseudo = None
     t = time.perf_counter()
     for name, proj in projections.items():
         path = args.out / "stores" / name.replace("=", "").replace(" ", "-")
         store = log_store(path, model, data.x_train, data.y_train, proj)
+        if name in true_rows:  # EK-FAC's true-Fisher eigenvalues follow from raw
+            true_fisher_pass(path, model, data.x_train, statistics=("raw", "kfac"))
+        elif name == "exact":  # fc1's raw block is too wide to keep: keep the pseudo-gradients
+            pseudo = PseudoGradients(store.modules)
+            true_fisher_pass(path, model, data.x_train, statistics=("kfac",), on_rows=pseudo)
+            if args.kfac:  # EK-FAC eigenvalues: a second pass in the K-FAC eigenbases
+                true_fisher_pass(path, model, data.x_train, statistics=("ekfac",))
         q = query_gradients(path, model, x_test, y_test)
         stores[name] = (store, q)
         widths = ", ".join(f"{m.name} {m.r_out}×{m.r_in}" for m in store.modules)
@@ -153,6 +204,8 @@ def main() -> None:
     timings["log stores + query gradients"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    train_inputs, query_inputs = layer_inputs(model, data.x_train), layer_inputs(model, x_test)
+    store_of = {name: name for name in stores}
     for name, (store, q) in stores.items():
         row = {"identity": logix.InfluenceEngine(store, preconditioner="identity").scores(q).values}
         if name == "exact":
@@ -171,6 +224,21 @@ def main() -> None:
                         res = engine.refinement_residuals
                         refinement[(name, d)] = (float(res[0].median()), float(res[-1].median()))
         scores[name] = row
+        if name in true_rows or name == "exact":
+            true_row = {"identity": row["identity"]}
+            if name == "exact":
+                train_rows = store.load()
+                console.print(f"check: exact store rows are outer products δ x̄ᵀ: max deviation "
+                              f"{check_outer_products(train_rows, train_inputs, store.modules):.1e} of max |G|")
+                exact_true = exact_true_scores(store.modules, train_rows, q.values, train_inputs, query_inputs,
+                                               pseudo, store.data_ids, len(data.y_train), args.dampings)
+                true_row.update({f"raw λ={d:g}": s for d, s in exact_true.items()})
+            for kind in ["raw"] * (name != "exact") + ["kfac", "ekfac"] * args.kfac:
+                for d in args.dampings:
+                    engine = logix.InfluenceEngine(store, kind, damping=d, fisher="true")
+                    true_row[f"{kind} λ={d:g}"] = engine.scores(q).values
+            scores[f"{name} · true F"] = true_row
+            store_of[f"{name} · true F"] = name
     timings["scores"] = time.perf_counter() - t
     for (name, d), (first, last) in refinement.items():
         console.print(f"refinement {name} λ={d:g}: median relative residual ‖q − (F+λI)x‖/‖q‖ "
@@ -182,7 +250,7 @@ def main() -> None:
                 gap = float((mine[f"{label} λ={d:g}"].double() - exact).norm() / exact.norm())
                 console.print(f"exact store, λ={d:g}: ‖{label} − raw‖ / ‖raw‖ = {gap:.2e}")
 
-    # The exact reference shares logix's damping definition: check it on the largest random store.
+    # The exact references share logix's damping definition: check them against the engine.
     check = f"r={max(args.ranks)}"
     if check in stores and 0.1 in args.dampings:
         store, q = stores[check]
@@ -191,6 +259,9 @@ def main() -> None:
         rel = float((mine - theirs).abs().max() / theirs.abs().max())
         console.print(f"check: Gram-form raw scores vs InfluenceEngine on the {check} store, damping "
                       f"0.1: max |diff| / max |score| = {rel:.1e}")
+    t = time.perf_counter()
+    check_true_fisher(args.out / "stores" / "check-fc2", model, data, x_test, y_test)
+    timings["true-Fisher check"] = time.perf_counter() - t
 
     # 2. ground truth ------------------------------------------------------------------------------
     subsets = sample_subsets(len(data.y_train), args.subsets, alpha=0.5, seed=0)
@@ -222,8 +293,9 @@ def main() -> None:
         for c in group:
             table.add_column(c, justify="right")
         for name, row in results.items():
-            cells = [f"{row[c].mean:+.3f}" if wide else lds_cell(row[c]) for c in group]
-            table.add_row(name, str(stores[name][0].width), *cells)
+            cells = ["—" if c not in row else f"{row[c].mean:+.3f}" if wide else lds_cell(row[c])
+                     for c in group]
+            table.add_row(name, str(stores[store_of[name]][0].width), *cells)
         console.print(table)
 
     # Damping is a hyperparameter: choose it on one half of the test images, report the other.
@@ -232,7 +304,10 @@ def main() -> None:
     for kind in dict.fromkeys(f for f in family.values() if f != "identity"):
         cols = [c for c in columns if family[c] == kind]
         for name in results:
-            best = chosen[(name, kind)] = max(cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+            present = [c for c in cols if c in results[name]]
+            if not present:
+                continue
+            best = chosen[(name, kind)] = max(present, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
             held = results[name][best].per_test[half:]
             low, high = bootstrap_ci(held)
             console.print(f"{name}: {kind} damping chosen on test images 0..{half - 1}: {best}; its LDS on "
@@ -248,6 +323,20 @@ def main() -> None:
             label = ours if ours == ref else f"{ours} (chosen) vs exact {ref} (chosen)"
             console.print(f"projection gap {check} − exact, {label}: {float(gap.nanmean()):+.3f} "
                           f"[{low:+.3f}, {high:+.3f}] (paired over all {args.n_test} test images)")
+
+    # The target: PCA at the largest true-Fisher rank with the best preconditioner (chosen with
+    # its damping on the first half) against exact full-parameter true-Fisher influence (raw).
+    exact = "exact · true F"
+    targets = [n for r in args.true_ranks[-1:] for n in (f"pca r={r}", f"pca r={r} · true F")]
+    for name in [n for n in targets if n in results and exact in results]:
+        cols = [c for c in results[name] if family[c] != "identity"]
+        best = max(cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+        ref = chosen[(exact, "raw")]
+        gap = results[name][best].per_test - results[exact][ref].per_test
+        low, high = bootstrap_ci(gap[half:])
+        console.print(f"target {name} ({best}) − {exact} ({ref}): {float(gap[half:].nanmean()):+.3f} "
+                      f"[{low:+.3f}, {high:+.3f}] on images {half}..{args.n_test - 1}; "
+                      f"{float(gap.nanmean()):+.3f} over all (paired)")
 
     timings["total"] = time.perf_counter() - t_all
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))

@@ -40,23 +40,25 @@ class KroneckerSums:
         self.positions[name] = torch.zeros((), dtype=torch.float64, device=device)
 
     def add_positions(self, name: str, x_proj: torch.Tensor, g_proj: torch.Tensor,
-                      mask: torch.Tensor | None, scale: float) -> None:
+                      mask: torch.Tensor | None, scale: float, inputs: bool = True) -> None:
         """Add one backward call of module `name`.
 
         x_proj [B, T, r_in]: projected inputs as the capture holds them (padded positions
         already zero, multiplied by `scale`); g_proj [B, T, r_out]: projected output gradients
         of the loss as reduced by the loop; mask [B, T] (1 = real position) or None;
-        scale: B for a mean-reduced loss (undone here: A gets 1/scale², S gets scale²).
+        scale: B for a mean-reduced loss (undone here: A gets 1/scale², S gets scale²);
+        inputs=False adds S only (A and the positions were added by an earlier backward of the
+        same forward pass, as in the true-Fisher pass's one backward per class).
         """
         if name not in self.activations:
             self._zeros(name, x_proj.device)
-        x = x_proj.reshape(-1, x_proj.shape[-1])
         g = g_proj if mask is None else g_proj * mask.unsqueeze(-1)
         g = g.reshape(-1, g.shape[-1])
-        self.activations[name].addmm_(x.T, x, alpha=1.0 / scale**2)
         self.gradients[name].addmm_(g.T, g, alpha=scale**2)
-        count = mask.sum() if mask is not None else x.shape[0]
-        self.positions[name] += count
+        if inputs:
+            x = x_proj.reshape(-1, x_proj.shape[-1])
+            self.activations[name].addmm_(x.T, x, alpha=1.0 / scale**2)
+            self.positions[name] += mask.sum() if mask is not None else x.shape[0]
 
     def commit(self, into: "KroneckerSums", examples: int, gradient_scale: float = 1.0) -> None:
         """Add these sums (a step's) to `into` (a segment's) with `examples` rows; the S sums

@@ -87,9 +87,11 @@ class StepState:
     mask: torch.Tensor | None
     attribution_only: bool
     destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
+    outputs: list[torch.Tensor] | None = None  # if a list: each watched output, for autograd.grad
     factors: KroneckerSums | None = None  # the step's K-FAC factor sums, when they are collected
     rows_wanted: bool = True  # False in a curvature-only pass: no G̃ is formed
     tokens: Any = None  # a capture.tokens.TokenRecorder in a per-token block: factors, no rows
+    factor_inputs: bool = True  # False: add only g̃g̃ᵀ (a repeated backward of one forward pass)
     rows: torch.Tensor | None = None
     written: set[int] = field(default_factory=set)
     open: bool = True
@@ -146,6 +148,8 @@ class ModuleCapture:
             if step.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
                 x_proj = x_proj * step.grad_scale
         output.register_hook(partial(self._backward, step, x_proj))
+        if step.outputs is not None:
+            step.outputs.append(output)
         return output if replaced else None
 
     def _apply_mask(self, step: StepState, x_proj: torch.Tensor) -> torch.Tensor:
@@ -166,7 +170,8 @@ class ModuleCapture:
                 return None
             if step.factors is not None:
                 mask = position_mask(step.mask, self.module, self.name, g_proj)
-                step.factors.add_positions(self.name, x_proj, g_proj, mask, step.grad_scale)
+                step.factors.add_positions(self.name, x_proj, g_proj, mask, step.grad_scale,
+                                           inputs=step.factor_inputs)
             if step.rows_wanted:
                 block = step.block(self, g_proj)
                 projected_gradient(x_proj, g_proj, out=block, accumulate=self.index in step.written)

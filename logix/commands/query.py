@@ -1,8 +1,8 @@
 """`logix query RUN_DIR --queries FILE --top-k K`: the most influential training examples.
 
 Queries are a gradients file from a query-mode run (`run.gradients().save(FILE)`). Defaults for
-the preconditioner, damping, refine and mode come from the store's config (`query:` section),
-then from logix's defaults (raw, 0.1, 0, dot).
+the preconditioner, damping, refine, Fisher and mode come from the store's config (`query:`
+section), then from logix's defaults (raw, 0.1, 0, empirical, dot).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--damping", type=float,
                         help="damping, relative to each module's mean curvature eigenvalue "
                              "(default: config, else 0.1)")
+    parser.add_argument("--fisher", help="empirical | true: the curvature's labels, the data's "
+                        "or the model's (true needs a run.fit_curvature pass; default: config, "
+                        "else empirical)")
     parser.add_argument("--absolute-damping", action="store_true",
                         help="use --damping as an absolute λ instead of a relative one")
     parser.add_argument("--segment", help="store segment to query (default: the last one)")
@@ -82,6 +85,7 @@ def _run(args: argparse.Namespace, console: Console):
     damping = args.damping if args.damping is not None else float(defaults.get("damping", 0.1))
     refine = args.refine if args.refine is not None else int(defaults.get("refine", 0))
     mode = check_choice(args.mode or defaults.get("mode", "dot"), MODES, "mode")
+    fisher = args.fisher or defaults.get("fisher", "empirical")
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
@@ -100,7 +104,8 @@ def _run(args: argparse.Namespace, console: Console):
 
         engine = InfluenceEngine(store, preconditioner, damping,
                                  damping_absolute=args.absolute_damping, refine=refine, modules=modules,
-                                 device=args.device, chunk_rows=args.chunk_rows, progress=progress)
+                                 device=args.device, chunk_rows=args.chunk_rows, progress=progress,
+                                 fisher=fisher)
         top = engine.top_k(queries, k=args.top_k, mode=mode)
     if args.output:
         top.save(args.output)
@@ -110,6 +115,8 @@ def _run(args: argparse.Namespace, console: Console):
 def _table(top, engine, show: int) -> Table:
     store = engine.store
     kind = engine.preconditioner.kind + (f", refine {engine.refine}" if engine.refine else "")
+    if engine.fisher == "true" and engine.preconditioner.kind != "identity":
+        kind += ", true Fisher"
     title = f"top-{top.values.shape[1]} influence ({top.mode}, {kind})"
     caption = f"segment {store.segment} · {len(store)} train rows · {len(top.query_ids)} queries"
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left")

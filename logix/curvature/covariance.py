@@ -317,3 +317,4 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
     if save:
         save_recomputed(store, stats)
     return stats
+

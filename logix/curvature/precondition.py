@@ -6,6 +6,10 @@
 - `kfac` / `ekfac`: F_m = (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ from the K-FAC factors (`kfac.py`),
   applied without ever forming a [w, w] matrix; Λ = e_S e_Aᵀ (kfac) or refitted to the rows (ekfac).
 
+`fisher="empirical"` reads the statistics of the stored rows (the training labels);
+`fisher="true"` reads the `.true` statistics of a `run.fit_curvature(fisher="true")` pass (labels
+drawn from the model: the Gauss–Newton matrix), see `true_fisher.py`.
+
 Damping is `λ_m = damping · mean eigenvalue of F_m`, or `λ_m = damping` when `absolute=True`.
 Mean eigenvalues: raw and ekfac trace(F_raw)/w (the same number), kfac mean(e_S)·mean(e_A).
 Eigendecompositions are cached on disk (`eigen.py`): changing the damping costs nothing.
@@ -29,9 +33,16 @@ from logix.curvature.kfac import (
     factor_eigenbases,
     load_factors,
 )
+from logix.curvature.true_fisher import (
+    true_ekfac_eigenvalues,
+    true_factors,
+    true_kind,
+    true_raw_statistics,
+)
 from logix.store.format import ModuleInfo, StoreError, total_width
 
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
+FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the data's, the model's
 # The statistics each preconditioner reads by default (variants like "kfac.true" plug in here).
 DEFAULT_STATISTICS = {"raw": "raw", "kfac": FACTOR_KIND, "ekfac": FACTOR_KIND}
 
@@ -150,26 +161,32 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                          absolute: bool = False, modules: list[str] | None = None,
                          device: torch.device | str = "cpu", chunk_rows: int = 4096,
                          progress: ProgressFn | None = None,
-                         statistics: str | None = None, rows: Any | None = None) -> Preconditioner:
+                         statistics: str | None = None, rows: Any | None = None,
+                         fisher: str = "empirical") -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
     statistics: the statistics kind it reads (default `DEFAULT_STATISTICS[kind]`: `raw` for raw,
-    `kfac` for kfac / ekfac); a variant such as `kfac.true` loads with the same code.
-    rows: what EK-FAC refits its eigenvalues to (anything with `iter_chunks`, `data_ids`,
-    `modules` and `len`, e.g. another store of pseudo-gradient rows); default the store itself.
+    `kfac` for kfac / ekfac, with `.true` appended for `fisher="true"`).
+    rows: what empirical EK-FAC refits its eigenvalues to (anything with `iter_chunks`,
+    `data_ids`, `modules` and `len`); default the store itself.
+    fisher: "empirical" (statistics of the stored rows, recomputed if missing) or "true" (from a
+    `run.fit_curvature(fisher="true")` pass; an error naming it if absent).
     """
     check_choice(kind, PRECONDITIONERS, "preconditioner")
+    check_choice(fisher, FISHERS, "fisher")
+    true = fisher == "true"
     table = list(store.modules)
     selected = [m.name for m in table] if modules is None else list(modules)
     if kind == "identity":
         return Preconditioner(kind, table, selected, None)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 for the {kind!r} preconditioner, got {damping}")
-    statistics = statistics or DEFAULT_STATISTICS[kind]
+    statistics = statistics or (true_kind(DEFAULT_STATISTICS[kind]) if true else DEFAULT_STATISTICS[kind])
     directory = Path(store.curvature_dir)
     blocks: dict[str, AnyBlock] = {}
     if kind == "raw":
-        stats = statistics_for(store, statistics, chunk_rows=chunk_rows, progress=progress)
+        stats = (true_raw_statistics(store) if true
+                 else statistics_for(store, statistics, chunk_rows=chunk_rows, progress=progress))
         if stats.rows == 0:
             raise StoreError("the curvature statistics cover no rows; the store segment is empty")
         eig = eigendecompose(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
@@ -178,9 +195,11 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                 e, v = eig[m.name]
                 blocks[m.name] = Block(m, e, v, damping_value(e, damping, absolute))
         return Preconditioner(kind, table, selected, blocks, statistics)
-    stats = load_factors(store, statistics)
+    stats = true_factors(store) if true else load_factors(store, statistics)
     bases = factor_eigenbases(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
-    if kind == "ekfac":
+    if kind == "ekfac" and true:
+        values = true_ekfac_eigenvalues(store, stats, bases, selected)
+    elif kind == "ekfac":
         values = ekfac_eigenvalues(store if rows is None else rows, stats, bases, selected,
                                    chunk_rows=chunk_rows, device=device,
                                    progress=progress, cache_path=directory / f"e{statistics}-stream.safetensors")

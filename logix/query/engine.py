@@ -48,8 +48,10 @@ class InfluenceEngine:
     damping: relative to the mean eigenvalue of each F_m, or absolute with
     `damping_absolute=True`; refine: EK-FAC-preconditioned passes towards the exact (raw)
     solve, `refine_method` "cg" | "richardson" (see `logix.curvature.refine`), residuals in
-    `refinement_residuals`; modules: names to include (default all); device: default CUDA when
-    available; chunk_rows: train rows per matrix product; progress: optional
+    `refinement_residuals`; fisher: "empirical" (curvature of the stored rows) or "true"
+    (under the model's own predictions, from a `run.fit_curvature(fisher="true")` pass);
+    modules: names to include (default all); device: default CUDA when available;
+    chunk_rows: train rows per matrix product; progress: optional
     `fn(phase, rows_done, rows_total)`.
 
     distributed=True: every rank of the torch.distributed group builds the engine on the same
@@ -62,7 +64,8 @@ class InfluenceEngine:
                  damping: float = 0.1, *, damping_absolute: bool = False, refine: int = 0,
                  refine_method: str = "cg", modules: list[str] | str | None = None,
                  device: str | torch.device | None = None, chunk_rows: int = 4096,
-                 progress: ProgressFn | None = None, distributed: bool = False) -> None:
+                 progress: ProgressFn | None = None, distributed: bool = False,
+                 fisher: str = "empirical") -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
         if int(chunk_rows) < 1:
@@ -81,6 +84,9 @@ class InfluenceEngine:
         if refine and preconditioner != "ekfac":
             raise ValueError(f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
                              "the refinement is preconditioned by EK-FAC")
+        if refine and fisher == "true":
+            raise ValueError("refine streams the stored rows, i.e. it converges to the empirical "
+                             "Fisher's solve; it cannot refine a fisher='true' preconditioner")
         self.modules = self._select(modules)
         self.distributed = bool(distributed)
         # The rows this process streams: its share of the shards, or all of them.
@@ -89,14 +95,17 @@ class InfluenceEngine:
         def build():
             return build_preconditioner(
                 store, preconditioner, damping, absolute=damping_absolute, modules=self.modules,
-                device=self.device, chunk_rows=self.chunk_rows, progress=progress)
+                device=self.device, chunk_rows=self.chunk_rows, progress=progress,
+                fisher=fisher)
 
         if self.distributed:  # statistics from a split pass; one preconditioner, sent to all
-            dist.share_statistics(store, self._rows, preconditioner, chunk_rows=self.chunk_rows,
-                                  progress=progress)
+            if fisher != "true":  # true-Fisher statistics come from a model pass, not the rows
+                dist.share_statistics(store, self._rows, preconditioner,
+                                      chunk_rows=self.chunk_rows, progress=progress)
             self.preconditioner = dist.on_rank0(build)
         else:
             self.preconditioner = build()
+        self.fisher = fisher
         self.refine = int(refine)
         if self.refine:
             # Distributed: every rank runs the same iterations, each F V pass streaming its own
@@ -338,7 +347,8 @@ class InfluenceEngine:
                              [m.name for m in self._selected] if per_module else None, self._meta())
 
     def _meta(self) -> dict[str, Any]:
-        meta = {"preconditioner": self.preconditioner.kind, "segment": self.store.segment,
+        meta = {"preconditioner": self.preconditioner.kind, "fisher": self.fisher,
+                "segment": self.store.segment,
                 "modules": self.modules, "damping": self.preconditioner.dampings}
         if self.refine:
             meta["refine"] = self.refine
