@@ -18,10 +18,6 @@ logged without them.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,32 +25,28 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
 from logix.capture.pca import CovarianceCollector
-from logix.capture.per_sample import has_bias, layer_dims, layer_type
+from logix.capture.per_sample import has_bias
 from logix.capture.projection import (
     ModuleProjection,
     load_projections,
     make_side,
-    save_projections,
 )
-from logix.capture.tokens import TokenGradients, TokenRecorder, check_token_request
+from logix.capture.tokens import TokenGradients, check_token_request
 from logix.config import LogixConfig
 from logix.distributed import all_reduce_sum, barrier, finish_logging, rank_and_world
+from logix.run_factors import FACTOR_STATISTICS, FactorLog, check_factor_dims
+from logix.run_store import check_model, create_store, module_table, remove_store
+from logix.step import CurvatureFit, ProjectionFit, Step
 from logix.store.format import (
-    CURVATURE_DIR,
     FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_DIR,
     MANIFEST,
     PROJECTIONS,
-    SHARD_DIR,
     ModuleInfo,
     StoreError,
     read_json,
     total_width,
-    write_json_atomic,
 )
 from logix.store.gradients import DataId, Gradients
 from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
@@ -63,146 +55,9 @@ if TYPE_CHECKING:
     from logix.curvature.fit import TrueFisherFit
 
 MODES = ("log", "query")
-CONFIG_COPY = "config.yaml"
-FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
 
 
-def _fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
-    table = json.dumps([m.to_dict() for m in modules], sort_keys=True)
-    return hashlib.sha256(f"{table}\n{projections_sha}".encode()).hexdigest()
 
-
-class Step:
-    """The context of one logged batch: `with run(data_id=ids, mask=attention_mask): ...`."""
-
-    def __init__(self, run: "Run", ids: list[DataId], mask: torch.Tensor | None,
-                 per_token: bool = False, token_ids: torch.Tensor | None = None):
-        self.run = run
-        self.ids = ids
-        self.mask = mask
-        self.per_token = per_token
-        self.token_ids = token_ids
-        self.state: StepState | None = None
-        self.handles: list = []
-        self.row_scale: torch.Tensor | float = 1.0
-        self.discarded = False
-        self.nonfinite = "raise"
-
-    def __enter__(self) -> "Step":
-        run = self.run
-        if run._captures is None and not run._fitting:
-            if run._collector is not None:
-                raise CaptureError(
-                    "projection.kind 'pca' needs its statistics pass first: run some training "
-                    "batches inside `with run.fit_projections():`, then log")
-            raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
-        if run._active is not None:
-            raise CaptureError("`with run(...)` blocks cannot be nested")
-        cfg = run.config.capture
-        fitting_curvature = run._curvature_fit is not None
-        self.state = StepState(
-            batch_size=len(self.ids),
-            width=run.width,
-            grad_scale=float(len(self.ids)) if cfg.loss_reduction == "mean" else 1.0,
-            mask=self.mask,
-            attribution_only=cfg.attribution_only,
-            destination=(run._writer.reserve(len(self.ids))
-                         if run._writer is not None and not fitting_curvature else None),
-            factors=run._factor_step if run._collect_factors or fitting_curvature else None,
-            rows_wanted=not fitting_curvature,
-            tokens=TokenRecorder() if self.per_token else None,
-        )
-        if run._fitting:
-            self.handles = run._collector.attach(self.state.grad_scale, self.mask, cfg.attribution_only)
-        else:
-            self.handles = [c.attach(self.state) for c in run._captures]
-        if cfg.attribution_only:
-            run._freeze_parameters()
-        run._active = self
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        run = self.run
-        for h in self.handles:
-            h.remove()
-        self.state.open = False
-        run._active = None
-        if run.config.capture.attribution_only:
-            run._restore_parameters()
-        try:
-            if exc_type is None and run._curvature_fit is not None:
-                run._commit_factors(run._curvature_fit, self.ids, self.state)
-            elif exc_type is None and self.per_token:
-                run._submit_tokens(self)
-            elif exc_type is None and not run._fitting and not self.discarded:
-                run._submit(self.ids, self.state, self.row_scale, self.nonfinite)
-        finally:
-            if self.state.factors is not None:
-                self.state.factors.reset()  # a failed or discarded step adds nothing
-        return False
-
-    def scale_rows(self, factor: float | torch.Tensor) -> None:
-        """Multiply the block's rows by `factor` (a number, or one per example [B]) when they are
-        stored: for a loss scale known only after backward, e.g. a GradScaler's (pass
-        1 / scaler.get_scale()) or an integration's loss normalisation. Calls multiply."""
-        if isinstance(factor, torch.Tensor) and factor.numel() != 1:
-            if factor.shape != (len(self.ids),):
-                raise ValueError(f"factor must be a number or [batch={len(self.ids)}], "
-                                 f"got {tuple(factor.shape)}")
-            factor = factor.detach().double()
-        else:
-            factor = float(factor)
-        self.row_scale = self.row_scale * factor
-
-    def discard(self) -> None:
-        """Store nothing of this block (e.g. an fp16 step whose gradients overflowed)."""
-        self.discarded = True
-
-    def skip_if_nonfinite(self) -> None:
-        """Store nothing, with a warning, if a row holds NaN/inf (instead of raising): for fp16
-        loss scaling, whose optimizer skips an overflowed step too."""
-        self.nonfinite = "skip"
-
-
-class ProjectionFit:
-    """`with run.fit_projections():` — see `Run.fit_projections`."""
-
-    def __init__(self, run: "Run"):
-        self.run = run
-
-    def __enter__(self) -> "ProjectionFit":
-        self.run._fitting = True
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self.run._fitting = False
-        if exc_type is None:
-            self.run._finish_fit()
-        return False
-
-
-class CurvatureFit:
-    """`with run.fit_curvature():` — see `Run.fit_curvature`."""
-
-    def __init__(self, run: "Run", segment: str):
-        self.run = run
-        self.segment = segment
-
-    def __enter__(self) -> "CurvatureFit":
-        run = self.run
-        run._factor_sums[self.segment] = KroneckerSums(run._factor_dims)  # replaces, see fit_curvature
-        run._curvature_fit = self.segment
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        run = self.run
-        run._curvature_fit = None
-        if exc_type is None:
-            run._factors_changed.add(self.segment)
-            run._save_factors()
-        else:
-            run._factor_sums.pop(self.segment, None)  # the files on disk stay as they were
-        return False
 
 
 class Run:
@@ -255,13 +110,7 @@ class Run:
         self._active: Step | None = None
         self._writer = None
         self._statistics = None
-        # K-FAC factors: the step's float32 sums, then float64 sums per segment (log mode).
-        self._collect_factors = False
-        self._curvature_fit: str | None = None  # the segment of a running fit_curvature pass
-        self._factor_dims: dict[str, tuple[int, int]] = {}
-        self._factor_step: KroneckerSums | None = None
-        self._factor_sums: dict[str, KroneckerSums] = {}
-        self._factors_changed: set[str] = set()
+        self._factors = FactorLog(self.run_dir, self.rank)  # K-FAC factor sums (log mode)
         self._query_rows: list[torch.Tensor] = []
         self._query_ids: list[DataId] = []
         self._pending_batches: dict[str, int] = {}  # segment -> batches logged, not yet in its meta
@@ -277,14 +126,14 @@ class Run:
             raise CaptureError("this run already watches a model; use one run per model")
         cfg = self.config
         selected = select_modules(model, cfg.capture)
-        self.modules = self._module_table(selected)
+        self.modules = module_table(selected, self.config)
         self.width = total_width(self.modules)  # D
         if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
-            self._check_factor_dims()  # before anything is written
+            check_factor_dims(self.modules)  # before anything is written
         self._model = model
         self._selected = selected
         if self._manifest is not None:
-            self._check_model(self.modules)
+            check_model(self._manifest, self.modules, self.run_dir)
             dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in self.modules}
             self.fingerprint = self._manifest["fingerprint"]
             self._start(load_projections(self.run_dir / PROJECTIONS, dims))
@@ -312,20 +161,8 @@ class Run:
             for i, ((name, module), info) in enumerate(zip(self._selected, self.modules))
         ]
         if self.mode == "log":
-            self._factor_dims = {m.name: (m.r_in, m.r_out) for m in self.modules}
-            self._factor_step = KroneckerSums(self._factor_dims, dtype=torch.float32)
-            self._collect_factors = any(k in FACTOR_STATISTICS for k in self.config.curvature.statistics)
+            self._factors.start(self.modules, self.config.curvature.statistics)
             self._open_writer()
-
-    def _check_factor_dims(self) -> None:
-        for m in self.modules:
-            if max(m.r_in, m.r_out) > MAX_FACTOR_DIM:
-                side = "r_in" if m.r_in > MAX_FACTOR_DIM else "r_out"
-                raise CaptureError(
-                    f"module {m.name!r} has {side} = {max(m.r_in, m.r_out)}: its K-FAC factor would "
-                    f"be a {max(m.r_in, m.r_out)}² float64 matrix; K-FAC factors are for sides of at "
-                    f"most {MAX_FACTOR_DIM}. Project that module (projection.kind random/pca with a "
-                    "smaller rank) or add it to capture.exclude")
 
     def fit_curvature(self, segment: str | None = None, *, fisher: str = "empirical",
                       statistics: list[str] | tuple[str, ...] | None = None, mass: float = 1.0,
@@ -369,7 +206,7 @@ class Run:
         self._check_log_mode("fit_curvature")
         self._check_no_step("fit_curvature")
         self._check_open()
-        if self._curvature_fit is not None:
+        if self._factors.fit_segment is not None:
             raise CaptureError("fit_curvature() passes cannot be nested")
         names = self._writer.segment_names()
         if segment is None:
@@ -381,56 +218,14 @@ class Run:
             raise CaptureError(f"segment {segment!r} does not exist in {self.run_dir}; its segments: {names}")
         kinds = tuple(statistics) if statistics is not None else ("raw",)
         if fisher == "empirical" or "kfac" in kinds:
-            self._check_factor_dims()
+            check_factor_dims(self.modules)
         if fisher == "empirical":
             return CurvatureFit(self, segment)
         from logix.curvature.fit import TrueFisherFit
 
         return TrueFisherFit(self, segment, statistics=kinds, mass=mass, on_rows=on_rows)
 
-    def _segment_factors(self, segment: str) -> KroneckerSums:
-        """The float64 factor sums of `segment`; a resumed run continues its own rank's file."""
-        sums = self._factor_sums.get(segment)
-        if sums is None:
-            from logix.curvature.kfac import factor_path, read_factors
-
-            sums = self._factor_sums[segment] = KroneckerSums(self._factor_dims)
-            saved = read_factors(factor_path(self.run_dir, segment, self.rank))
-            if saved is not None and saved.modules == self.modules:
-                sums.load(saved.tensors, saved.positions, saved.rows)
-        return sums
-
-    def _commit_factors(self, segment: str, ids: list, state: StepState,
-                        row_scale: torch.Tensor | float = 1.0) -> None:
-        """Add a step's factor sums to `segment` (after its rows were accepted). Rows scaled by a
-        number c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
-        if isinstance(row_scale, torch.Tensor):
-            raise CaptureError(
-                "per-example scale_rows cannot be folded into K-FAC factors summed over the batch; "
-                "log without 'kfac'/'ekfac' in curvature.statistics and compute the factors "
-                "afterwards with run.fit_curvature()")
-        if not state.written:
-            raise CaptureError(
-                "no gradient reached any watched module inside `with run(data_id=...)`: call "
-                "loss.backward() inside the block (with gradients enabled)")
-        sums = self._factor_sums[segment] if self._curvature_fit else self._segment_factors(segment)
-        state.factors.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
-        self._factors_changed.add(segment)
-
-    def _save_factors(self) -> None:
-        """Write the factors of every segment that changed since the last save."""
-        if not self._factors_changed:
-            return
-        from logix.curvature.kfac import factor_path, save_factors
-
-        for segment in sorted(self._factors_changed):
-            sums = self._factor_sums[segment]
-            save_factors(factor_path(self.run_dir, segment, self.rank), self.modules, sums.tensors(),
-                         sums.position_counts(), sums.examples,
-                         extra={"segment": segment, "rank": str(self.rank)})
-        self._factors_changed.clear()
-
-    def fit_projections(self) -> "ProjectionFit":
+    def fit_projections(self) -> ProjectionFit:
         """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
         `with run(data_id=ids): loss.backward()` blocks accumulate each module's activation and
         output-gradient covariances; on exit P_in, P_out become their top eigenvectors and the
@@ -453,76 +248,15 @@ class Run:
                        for m in self.modules}
         self._start(self._create_store(self.modules, projections, notes))
 
-    def _module_table(self, selected: list[tuple[str, nn.Module]]) -> list[ModuleInfo]:
-        cfg = self.config
-        table, offset = [], 0
-        for name, module in selected:
-            d_in, d_out = layer_dims(module, cfg.capture.bias)
-            if cfg.projection.kind == "identity":
-                r_in, r_out = d_in, d_out
-            else:
-                r_in, r_out = min(cfg.projection.rank_in, d_in), min(cfg.projection.rank_out, d_out)
-            info = ModuleInfo(name, layer_type(module), d_in, d_out, r_in, r_out,
-                              has_bias(module, cfg.capture.bias), offset)
-            table.append(info)
-            offset += info.width
-        return table
 
-    def _check_model(self, modules: list[ModuleInfo]) -> None:
-        """The model must have exactly the modules (and shapes) the store was logged with."""
-        stored = [ModuleInfo.from_dict(d) for d in self._manifest["modules"]]
-        if stored == modules:
-            return
-        have = {m.name: m for m in modules}
-        want = {m.name: m for m in stored}
-        problems = [f"missing module {n!r}" for n in want if n not in have]
-        problems += [f"extra module {n!r}" for n in have if n not in want]
-        for n in want.keys() & have.keys():
-            a, b = want[n], have[n]
-            for key in ("type", "d_in", "d_out", "r_in", "r_out", "bias"):
-                if getattr(a, key) != getattr(b, key):
-                    problems.append(f"{n}.{key} is {getattr(a, key)} in the store, {getattr(b, key)} in the model")
-        if not problems:
-            problems.append("modules are in a different order")
-        raise StoreError(
-            f"the model does not match the store at {self.run_dir}: " + "; ".join(problems[:6])
-            + ". Use the model the store was logged with (same architecture and capture config)."
-        )
+
 
     def _create_store(self, modules: list[ModuleInfo], projections: dict[str, ModuleProjection],
                       notes: list[str]) -> dict[str, ModuleProjection]:
-        """Write projections, config copy and manifest (last: the commit point); returns the
-        projections every rank uses (rank 0's, read back by the others)."""
-        cfg = self.config.projection
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            sha = save_projections(self.run_dir / PROJECTIONS, projections)
-            self.fingerprint = _fingerprint(modules, sha)
-            self.config.to_yaml(self.run_dir / CONFIG_COPY)
-            from logix import __version__
-
-            manifest = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "config": self.config.to_dict(),
-                "modules": [m.to_dict() for m in modules],
-                "width": total_width(modules),
-                "dtype": self.config.store.dtype,
-                "fingerprint": self.fingerprint,
-                "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes},
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "logix_version": __version__,
-                "ranks": list(range(self.world_size)),  # the ranks that log into this store
-            }
-            write_json_atomic(self.run_dir / MANIFEST, manifest)  # the commit point
-            self._manifest = manifest
-        if self.world_size > 1:
-            torch.distributed.barrier()
-            if self.rank != 0:
-                self._manifest = read_json(self.run_dir / MANIFEST)
-                self.fingerprint = self._manifest["fingerprint"]
-                dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in modules}
-                projections = load_projections(self.run_dir / PROJECTIONS, dims)
+        """Create the store (rank 0) and return the projections every rank captures with."""
+        self._manifest, projections = create_store(self.run_dir, self.config, modules, projections,
+                                                   notes, self.rank, self.world_size)
+        self.fingerprint = self._manifest["fingerprint"]
         return projections
 
     def _open_writer(self) -> None:
@@ -595,7 +329,7 @@ class Run:
         else:
             self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
             if state.factors is not None:
-                self._commit_factors(self._writer.segment, ids, state, row_scale)
+                self._factors.commit(self._writer.segment, ids, state, row_scale)
             segment = self._writer.segment
             self._pending_batches[segment] = self._pending_batches.get(segment, 0) + 1
 
@@ -650,9 +384,8 @@ class Run:
         if self._statistics is not None:
             self._writer.flush()
             self._statistics.save()
-        self._save_factors()
-        # Saved sums need no memory: a segment logged into again continues from its file.
-        self._factor_sums = {k: v for k, v in self._factor_sums.items() if k == self._curvature_fit}
+        self._factors.save()
+        self._factors.release_saved()
         return self._writer.start_segment(name, meta or None)
 
     def set_segment_meta(self, **meta: Any) -> None:
@@ -683,7 +416,7 @@ class Run:
             self._writer.flush()
             if self._statistics is not None:
                 self._statistics.save()
-            self._save_factors()
+            self._factors.save()
 
     def finalize(self) -> None:
         """Flush and close the store; save curvature statistics. Safe to call twice.
@@ -701,7 +434,7 @@ class Run:
                 self._writer.close()
                 if self._statistics is not None and self.world_size == 1:
                     self._statistics.save()
-                self._save_factors()  # K-FAC factors stay one file per rank (summed on load)
+                self._factors.save()  # K-FAC factors stay one file per rank (summed on load)
             except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
                 error = e
             # Under torch.distributed: checks, and the statistics summed over ranks into one file.
@@ -735,13 +468,6 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.run_dir)!r}, mode={self.mode!r}, modules={len(self.modules)})"
 
-
-def remove_store(run_dir: Path) -> None:
-    """Delete the logix files of a store (and nothing else in the directory)."""
-    for name in (MANIFEST, PROJECTIONS, CONFIG_COPY):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in (INDEX_DIR, SHARD_DIR, CURVATURE_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def init(run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None, *,

@@ -41,7 +41,12 @@ import torch
 from logix.capture.factors import KroneckerSums
 from logix.capture.fisher import fisher_logit_grads
 from logix.capture.hooks import CaptureError, StepState
-from logix.curvature.covariance import ACCUMULATORS, Statistics, load_statistics, save_statistics
+from logix.curvature.covariance import (
+    ACCUMULATORS,
+    Statistics,
+    load_statistics,
+    save_statistics,
+)
 from logix.curvature.kfac import factor_eigenbases, factor_path, save_factors
 from logix.curvature.true_fisher import EigenvalueSums, bases_key, true_kind
 from logix.store.format import StoreError, curvature_dir
@@ -123,8 +128,8 @@ class TrueFisherFit:
         self._bases: dict[str, str] = {}
         if "ekfac" in kinds:
             self.accumulators["ekfac"] = self._eigenvalue_sums()
-        self.factors = KroneckerSums(run._factor_dims) if "kfac" in kinds else None
-        self.pending = KroneckerSums(run._factor_dims, dtype=torch.float32) if "kfac" in kinds else None
+        self.factors = KroneckerSums(run._factors.dims) if "kfac" in kinds else None
+        self.pending = KroneckerSums(run._factors.dims, dtype=torch.float32) if "kfac" in kinds else None
         self.rows_wanted = bool(self.accumulators) or on_rows is not None
         self.examples = 0
         self.pseudo_rows = 0

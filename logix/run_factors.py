@@ -1,0 +1,116 @@
+"""The K-FAC factor sums a log-mode `Run` keeps, and their files.
+
+A step's sums (float32, `StepState.factors`) are added to its segment's float64 sums only once
+the step's rows were accepted; each segment is saved as `curvature/<segment>/kfac-r<rank>` at
+flush / finalize / start_segment, and a resumed run continues from its rank's file. During an
+empirical `run.fit_curvature()` pass (`fit_segment`), the pass's sums replace the segment's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
+from logix.capture.hooks import CaptureError, StepState
+from logix.store.format import ModuleInfo
+
+FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
+
+
+def check_factor_dims(modules: list[ModuleInfo]) -> None:
+    """K-FAC factors are [r, r] float64 per side: refuse sides too wide for them, clearly."""
+    for m in modules:
+        if max(m.r_in, m.r_out) > MAX_FACTOR_DIM:
+            side = "r_in" if m.r_in > MAX_FACTOR_DIM else "r_out"
+            raise CaptureError(
+                f"module {m.name!r} has {side} = {max(m.r_in, m.r_out)}: its K-FAC factor would "
+                f"be a {max(m.r_in, m.r_out)}² float64 matrix; K-FAC factors are for sides of at "
+                f"most {MAX_FACTOR_DIM}. Project that module (projection.kind random/pca with a "
+                "smaller rank) or add it to capture.exclude")
+
+
+class FactorLog:
+    """Per-segment K-FAC factor sums of one rank of a log-mode run."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank = int(rank)
+        self.modules: list[ModuleInfo] = []
+        self.dims: dict[str, tuple[int, int]] = {}  # module -> (r_in, r_out)
+        self.step: KroneckerSums | None = None  # the current step's float32 sums
+        self.collect = False  # summed during logging (curvature.statistics has kfac / ekfac)
+        self.fit_segment: str | None = None  # the segment of a running fit_curvature pass
+        self.sums: dict[str, KroneckerSums] = {}  # segment -> float64 sums
+        self.changed: set[str] = set()
+
+    def start(self, modules: list[ModuleInfo], statistics: list[str] | tuple[str, ...]) -> None:
+        """Set up for the watched modules; `statistics` is the config's curvature.statistics."""
+        self.modules = list(modules)
+        self.dims = {m.name: (m.r_in, m.r_out) for m in modules}
+        self.step = KroneckerSums(self.dims, dtype=torch.float32)
+        self.collect = any(k in FACTOR_STATISTICS for k in statistics)
+
+    def step_sums(self) -> KroneckerSums | None:
+        """The sums a new step adds to (None when no factors are wanted)."""
+        return self.step if self.collect or self.fit_segment is not None else None
+
+    def segment_sums(self, segment: str) -> KroneckerSums:
+        """The float64 sums of `segment`; a resumed run continues its own rank's file."""
+        sums = self.sums.get(segment)
+        if sums is None:
+            from logix.curvature.kfac import factor_path, read_factors
+
+            sums = self.sums[segment] = KroneckerSums(self.dims)
+            saved = read_factors(factor_path(self.run_dir, segment, self.rank))
+            if saved is not None and saved.modules == self.modules:
+                sums.load(saved.tensors, saved.positions, saved.rows)
+        return sums
+
+    def commit(self, segment: str, ids: list, state: StepState,
+               row_scale: torch.Tensor | float = 1.0) -> None:
+        """Add a step's sums to `segment` (after its rows were accepted). Rows scaled by a number
+        c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
+        if isinstance(row_scale, torch.Tensor):
+            raise CaptureError(
+                "per-example scale_rows cannot be folded into K-FAC factors summed over the batch; "
+                "log without 'kfac'/'ekfac' in curvature.statistics and compute the factors "
+                "afterwards with run.fit_curvature()")
+        if not state.written:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=...)`: call "
+                "loss.backward() inside the block (with gradients enabled)")
+        sums = self.sums[segment] if self.fit_segment else self.segment_sums(segment)
+        state.factors.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
+        self.changed.add(segment)
+
+    def save(self) -> None:
+        """Write the factors of every segment that changed since the last save."""
+        if not self.changed:
+            return
+        from logix.curvature.kfac import factor_path, save_factors
+
+        for segment in sorted(self.changed):
+            sums = self.sums[segment]
+            save_factors(factor_path(self.run_dir, segment, self.rank), self.modules, sums.tensors(),
+                         sums.position_counts(), sums.examples,
+                         extra={"segment": segment, "rank": str(self.rank)})
+        self.changed.clear()
+
+    def release_saved(self) -> None:
+        """Drop the sums of finished segments (logging into one again continues from its file)."""
+        self.sums = {k: v for k, v in self.sums.items() if k == self.fit_segment}
+
+    def begin_fit(self, segment: str) -> None:
+        """A fit_curvature pass over `segment`: its sums start from zero and replace the file."""
+        self.sums[segment] = KroneckerSums(self.dims)
+        self.fit_segment = segment
+
+    def end_fit(self, ok: bool) -> None:
+        segment, self.fit_segment = self.fit_segment, None
+        if ok:
+            self.changed.add(segment)
+            self.save()
+        else:
+            self.sums.pop(segment, None)  # the files on disk stay as they were
