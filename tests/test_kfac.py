@@ -26,15 +26,7 @@ from logix.curvature.precondition import build_preconditioner
 from logix.query.engine import InfluenceEngine
 from logix.store.format import ModuleInfo, StoreError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread (several threads spin for microsecond products on a
-    shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def projections_of(store):

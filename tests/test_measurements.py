@@ -4,25 +4,22 @@ gradients, and the sign convention (a log-probability query is a loss query nega
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_helpers import (
+    C,
+    TinyDecoder,
+    log_documents,
+    question_batch,
+    sequence_losses,
+)
 from reference import per_example_grads, projected_rows
 from torch import nn
 
 import logix
 from logix import measurements as M
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "examples" / "tiny_lm"))
-
-import corpus as C  # noqa: E402
-from fact_tracing import document_batch, question_batch, sequence_losses  # noqa: E402
-from models import TinyDecoder  # noqa: E402
 
 
 class TinyLM(nn.Module):
@@ -120,14 +117,7 @@ def test_logprob_query_is_the_answer_loss_query_negated(tmp_path):
     model = TinyDecoder(len(c.vocab), d_model=16, n_layers=1, n_heads=2, max_len=64)
     config = {"capture": {"types": ["Linear"], "attribution_only": True},
               "projection": {"kind": "random", "rank_in": 8, "rank_out": 8, "seed": 1}}
-    run = logix.init(tmp_path / "r", config=config)
-    run.watch(model)
-    for start in range(0, len(c.documents), 8):
-        chunk = c.documents[start:start + 8]
-        b = document_batch(c, [d.text for d in chunk])
-        with run(data_id=[d.doc_id for d in chunk], mask=b.pad_mask):
-            sequence_losses(model, b).mean().backward()
-    run.finalize()
+    log_documents(model, c, tmp_path / "r", config)
     qb = question_batch(c, c.test_questions[:4])
     rows = {}
     measures = {

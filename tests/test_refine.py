@@ -12,15 +12,7 @@ from logix.curvature.precondition import build_preconditioner
 from logix.curvature.refine import RefinedPreconditioner
 from logix.query.engine import InfluenceEngine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread (several threads spin for microsecond products on a
-    shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logged_store(path, projection):

@@ -4,26 +4,23 @@ position)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_helpers import (
+    C,
+    TinyDecoder,
+    document_batch,
+    log_documents,
+    question_batch,
+    sequence_losses,
+)
 from torch import nn
 from torch.func import grad
 
 import logix
 from logix.capture.hooks import CaptureError
 from logix.store.format import StoreError
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "examples" / "tiny_lm"))
-
-import corpus as C
-from fact_tracing import document_batch, question_batch, sequence_losses
-from models import TinyDecoder
 
 DAMPING = 0.1
 
@@ -42,14 +39,7 @@ def setup_lm(tmp_path_factory, rank_in: int):
         config = {"capture": {"types": ["Linear", "Embedding"], "attribution_only": True},
                   "projection": {"kind": "random", "rank_in": rank_in, "rank_out": 5, "seed": 1}}
         run_dir = tmp_path_factory.mktemp(f"lm{rank_in}") / "r"
-        run = logix.init(run_dir, config=config)
-        run.watch(model)
-        for start in range(0, len(c.documents), 8):
-            chunk = c.documents[start:start + 8]
-            b = document_batch(c, [d.text for d in chunk])
-            with run(data_id=[d.doc_id for d in chunk], mask=b.pad_mask):
-                sequence_losses(model, b).mean().backward()
-        run.finalize()
+        log_documents(model, c, run_dir, config)
         _STORES[rank_in] = (c, model, run_dir)
     c, model, run_dir = _STORES[rank_in]
     query = logix.init(run_dir, mode="query")

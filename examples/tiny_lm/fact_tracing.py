@@ -210,26 +210,31 @@ def rank_metrics(scores: torch.Tensor, relevant: list[list[int]], k: int = 10) -
     return {f"recall@{k}": sum(recall) / n, f"hit@{k}": sum(hit) / n, "mrr": sum(rr) / n}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--entities", type=int, default=80, help="made-up people (4 facts each)")
+def add_model_arguments(p: argparse.ArgumentParser, entities: int, epochs: int) -> None:
+    """The corpus, model, training and projection options shared by the tiny-LM scripts."""
+    p.add_argument("--entities", type=int, default=entities, help="made-up people (4 facts each)")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rank", type=int, default=32, help="LoGra rank per side (rank_in = rank_out)")
     p.add_argument("--damping", type=float, default=0.1, help="relative damping of `raw`")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=HERE / "out")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p, entities=80, epochs=60)
     p.add_argument("--embedding", action="store_true", help="watch the token embedding too")
     p.add_argument("--include", nargs="+", default=["*"],
                    help="module-name patterns to watch, e.g. 'blocks.*.fc*' (default all)")
     p.add_argument("--checkpoints", type=int, default=4,
                    help="checkpoints (evenly spaced epochs, the last the final model) for TracIn-CP")
     p.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=HERE / "out")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from corpus import generate  # noqa: E402
 from fact_tracing import (  # noqa: E402
+    add_model_arguments,
     answer_accuracy,
     document_batch,
     load_checkpoints,
@@ -50,21 +51,10 @@ from models import TinyDecoder  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--entities", type=int, default=40, help="made-up people (4 facts each)")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rank", type=int, default=32, help="LoGra rank per side")
-    p.add_argument("--damping", type=float, default=0.1)
+    add_model_arguments(p, entities=40, epochs=40)
     p.add_argument("--mode", default="relative", choices=["dot", "cosine", "relative"],
                    help="score mode of the ranking and of the position terms")
     p.add_argument("--show", type=int, default=6, help="questions whose top document is printed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=HERE / "out")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
