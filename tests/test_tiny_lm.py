@@ -144,3 +144,21 @@ def test_generate_sizes(seed):
     c = C.generate(n_entities=15, seed=seed)
     assert len(c.train_questions) + len(c.test_questions) == len(c.facts)
     assert len(c.test_questions) == 15 * (len(C.RELATIONS) - len(C.RELATIONS) // 2)
+
+
+def test_fact_tracing_script_runs_end_to_end(tmp_path):
+    """The example on a tiny setting: every ranking is reported, with metrics in range, and the
+    document-loss shares add up to one per checkpoint."""
+    import fact_tracing
+
+    result = fact_tracing.main(["--entities", "8", "--epochs", "2", "--d-model", "16",
+                                "--checkpoints", "2", "--threads", "1", "--out", str(tmp_path)])
+    names = list(result["rankings"])
+    assert "logix raw / cosine" in names and "word overlap (question)" in names
+    assert sum("TracIn-CP" in n for n in names) == 6  # 2 preconditioners × 3 modes
+    assert any("epoch 1 alone" in n for n in names)
+    for metrics in result["rankings"].values():
+        assert all(0.0 <= v <= 1.0 for v in metrics["all"].values())
+    for shares in result["document_loss_shares"].values():
+        assert abs(sum(shares.values()) - 1.0) < 1e-6
+    assert (tmp_path / "fact_tracing.json").exists()

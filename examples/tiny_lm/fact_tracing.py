@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
                     run_dir, {segment_name(c): grads[c.epoch] for c in checkpoints}, mode=mode,
                     preconditioner=preconditioner, damping=args.damping)
                 assert combined.train_ids == [d.doc_id for d in corpus.documents]
-                add(f"  … TracIn-CP, {len(checkpoints)} ckpts", combined.values)
+                add(f"logix {preconditioner} / {mode}, TracIn-CP {len(checkpoints)} ckpts", combined.values)
     engine = logix.InfluenceEngine(store, preconditioner="raw", damping=args.damping)
     top = engine.top_k(grads[final.epoch], k=10, mode="cosine")  # streaming top-k = full scores
     full = engine.scores(grads[final.epoch], mode="cosine").values
@@ -378,7 +378,7 @@ def loss_shares(model: torch.nn.Module, corpus: Corpus) -> dict[str, float]:
     """Which tokens carry the documents' loss: the fractions on attribute values (the facts),
     on entity names (unpredictable: a document's subject is not known in advance) and on the
     rest. Once the values are memorised, a document's gradient is mostly its names'."""
-    values = {corpus.index[v] for vs in VALUES.values() for v in vs}
+    values = {corpus.index[v] for vs in VALUES.values() for v in vs if v in corpus.index}
     names = {corpus.index[e] for e in corpus.entities}
     batch = document_batch(corpus, [d.text for d in corpus.documents])
     logits = model(batch.tokens, batch.pad_mask)
