@@ -327,6 +327,8 @@ class Run:
             self._query_rows.append(rows.to("cpu"))
             self._query_ids.extend(ids)
         else:
+            if state.factors is not None:
+                self._factors.check_scale(row_scale)  # before the rows are stored
             self._writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
             if state.factors is not None:
                 self._factors.commit(self._writer.segment, ids, state, row_scale)

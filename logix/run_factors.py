@@ -8,12 +8,14 @@ empirical `run.fit_curvature()` pass (`fit_segment`), the pass's sums replace th
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import CaptureError, StepState
+from logix.distributed import barrier
 from logix.store.format import ModuleInfo
 
 FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
@@ -68,15 +70,35 @@ class FactorLog:
                 sums.load(saved.tensors, saved.positions, saved.rows)
         return sums
 
-    def commit(self, segment: str, ids: list, state: StepState,
-               row_scale: torch.Tensor | float = 1.0) -> None:
-        """Add a step's sums to `segment` (after its rows were accepted). Rows scaled by a number
-        c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
+    @staticmethod
+    def check_scale(row_scale: torch.Tensor | float) -> None:
+        """Refuse a per-example row scale (before anything of the step is stored): K-FAC sums
+        over the batch cannot take one weight per example."""
         if isinstance(row_scale, torch.Tensor):
             raise CaptureError(
                 "per-example scale_rows cannot be folded into K-FAC factors summed over the batch; "
                 "log without 'kfac'/'ekfac' in curvature.statistics and compute the factors "
                 "afterwards with run.fit_curvature()")
+
+    def commit_fit_step(self, ids: list, state: StepState, row_scale: torch.Tensor | float,
+                        nonfinite: str) -> None:
+        """A step of a fit_curvature pass: its sums join the pass's, unless they are not finite
+        (an error, or a warning and nothing added with `Step.skip_if_nonfinite()`)."""
+        self.check_scale(row_scale)
+        if state.factors is not None and not state.factors.is_finite():
+            if nonfinite == "skip":
+                warnings.warn(f"skipped a batch of {len(ids)} examples whose K-FAC factors are not "
+                              f"finite (first ids {ids[:5]})", stacklevel=4)
+                return
+            raise CaptureError(f"non-finite K-FAC factors for data ids {ids[:10]}: is the loss "
+                               "NaN? Nothing of this batch was added")
+        self.commit(self.fit_segment, ids, state, row_scale)
+
+    def commit(self, segment: str, ids: list, state: StepState,
+               row_scale: torch.Tensor | float = 1.0) -> None:
+        """Add a step's sums to `segment` (after its rows were accepted). Rows scaled by a number
+        c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
+        self.check_scale(row_scale)
         if not state.written:
             raise CaptureError(
                 "no gradient reached any watched module inside `with run(data_id=...)`: call "
@@ -107,10 +129,17 @@ class FactorLog:
         self.sums[segment] = KroneckerSums(self.dims)
         self.fit_segment = segment
 
-    def end_fit(self, ok: bool) -> None:
+    def end_fit(self, ok: bool, world_size: int = 1) -> None:
+        """Save the pass's sums (this rank's file replaced; files of ranks beyond this pass's
+        world deleted by rank 0 once all have written), or drop them after an error."""
         segment, self.fit_segment = self.fit_segment, None
         if ok:
+            from logix.curvature.kfac import FACTOR_KIND, retire_other_ranks
+
             self.changed.add(segment)
             self.save()
+            barrier()
+            if self.rank == 0:
+                retire_other_ranks(self.run_dir, segment, FACTOR_KIND, world_size)
         else:
             self.sums.pop(segment, None)  # the files on disk stay as they were

@@ -77,7 +77,9 @@ class Step:
             run._restore_parameters()
         try:
             if exc_type is None and run._factors.fit_segment is not None:
-                run._factors.commit(run._factors.fit_segment, self.ids, self.state)
+                if not self.discarded:
+                    run._factors.commit_fit_step(self.ids, self.state, self.row_scale,
+                                                 self.nonfinite)
             elif exc_type is None and self.per_token:
                 run._submit_tokens(self)
             elif exc_type is None and not run._fitting and not self.discarded:
@@ -139,5 +141,5 @@ class CurvatureFit:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.run._factors.end_fit(ok=exc_type is None)
+        self.run._factors.end_fit(ok=exc_type is None, world_size=self.run.world_size)
         return False

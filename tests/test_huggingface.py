@@ -107,6 +107,8 @@ def test_trainer_rows_are_exact_per_example_gradients(tmp_path, per_example_loss
         store = logix.open_store(tmp_path / "run", segment=f"epoch-{epoch}")
         assert sorted(store.data_ids) == list(range(100, 112))
         assert store.segment_meta["epoch"] == epoch and "lr" in store.segment_meta
+        # 2 optimizer steps of 2 accumulated micro-batches: steps counts optimizer steps
+        assert store.segment_meta["steps"] == 2 and store.segment_meta["logged_batches"] == 4
         rows = store.load().double()
         for j, data_id in enumerate(store.data_ids):
             params = snaps.states[2 * epoch + j // 6]  # 6 examples per optimizer step
@@ -187,9 +189,15 @@ def test_log_dataset_attribution_pass(tmp_path, per_example_loss):
     model = tiny_gpt2(dropout=0.1)  # log_dataset switches dropout off (eval mode) for the pass
     data = TokenDataset()
     cfg = {**CONFIG, "capture": {**CONFIG["capture"], "attribution_only": True}}
+    pending = {k: torch.randn_like(p) for k, p in model.named_parameters()}
+    for k, p in model.named_parameters():  # a caller's pending gradients stay as they were
+        p.grad = pending[k].clone()
     with logix.init(tmp_path / "run", config=cfg) as run:
         assert log_dataset(model, data, run, batch_size=5, per_example_loss=per_example_loss) == N
-    assert model.training and all(p.grad is None for p in model.parameters())
+    assert model.training
+    assert all(torch.equal(p.grad, pending[k]) for k, p in model.named_parameters())
+    for p in model.parameters():
+        p.grad = None
     store = logix.open_store(tmp_path / "run")
     assert store.data_ids == list(range(100, 112))
     rows = store.load().double()
@@ -220,6 +228,18 @@ def test_missing_id_column_and_label_smoothing_are_clear_errors(tmp_path):
     trainer = trainer_for(tiny_gpt2(), tmp_path / "b", max_steps=1, label_smoothing_factor=0.1)
     with pytest.raises(CaptureError, match="label_smoothing_factor=0"):
         attach(trainer, logix.init(tmp_path / "b" / "run", config=CONFIG))
+
+
+def test_settings_that_would_break_training_are_refused(tmp_path):
+    """attribution_only would freeze the parameters during training; per-example 'mean' scaling
+    cannot be folded into K-FAC factors: both refused before anything runs."""
+    trainer = trainer_for(tiny_gpt2(), tmp_path / "a", max_steps=1)
+    frozen = {**CONFIG, "capture": {**CONFIG["capture"], "attribution_only": True}}
+    with pytest.raises(CaptureError, match="attribution_only"):
+        attach(trainer, logix.init(tmp_path / "a" / "run", config=frozen))
+    factors = {**CONFIG, "curvature": {"statistics": ["kfac"]}}
+    with pytest.raises(CaptureError, match="per_example_loss='sum'"):
+        attach(trainer, logix.init(tmp_path / "b" / "run", config=factors), per_example_loss="mean")
 
 
 def test_detach_restores_the_trainer(tmp_path):

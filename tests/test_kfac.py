@@ -342,3 +342,56 @@ def test_segments_have_their_own_factors(tmp_path, logged):
     for key, t in theirs.tensors.items():
         torch.testing.assert_close(mine.tensors[key], t, rtol=1e-6, atol=1e-9)
     assert load_factors(store.select("b")).rows == 3
+
+
+def test_fit_pass_replaces_every_rank_file_and_honours_discard(tmp_path):
+    """A one-process fit_curvature pass over a store whose factors were logged by two ranks
+    leaves one file covering the store (a stale rank file would be summed in), and a step the
+    user discards (an overflowed fp16 step) or that is not finite adds nothing."""
+    model = SeqNet()
+    batches = make_batches(torch.Generator().manual_seed(0))
+    path = tmp_path / "s"
+    log_model(path, model, batches)
+    directory = factor_path(path, "0", 0).parent
+    (directory / "kfac-r00001.safetensors").write_bytes(factor_path(path, "0", 0).read_bytes())
+    run = logix.init(path, resume=True)
+    run.watch(model)
+    with run.fit_curvature():
+        for i, (ids, x, y, mask) in enumerate(batches):
+            with run(data_id=ids, mask=mask) as step:
+                loss = seq_loss(model(x), y, mask, "mean")
+                if i == 1:
+                    loss = loss * float("nan")
+                    step.discard()
+                loss.backward()
+    run.finalize()
+    assert sorted(p.name for p in directory.glob("kfac-r*")) == ["kfac-r00000.safetensors"]
+    stats = load_factors(logix.open_store(path))
+    assert stats.rows == sum(len(b[0]) for i, b in enumerate(batches) if i != 1)
+    assert all(bool(t.isfinite().all()) for t in stats.tensors.values())
+    run = logix.init(path, resume=True)
+    run.watch(model)
+    with pytest.raises(CaptureError, match="non-finite K-FAC factors"):
+        with run.fit_curvature():
+            ids, x, y, mask = batches[0]
+            with run(data_id=ids, mask=mask):
+                (seq_loss(model(x), y, mask, "mean") * float("nan")).backward()
+
+
+def test_per_example_row_scale_with_factors_is_refused_before_storing(tmp_path):
+    model = SeqNet()
+    batches = make_batches(torch.Generator().manual_seed(0))
+    cfg = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2},
+           "curvature": {"statistics": ["kfac"]}}
+    run = logix.init(tmp_path / "s", config=cfg)
+    run.watch(model)
+    ids, x, y, mask = batches[0]
+    with pytest.raises(CaptureError, match="per-example scale_rows"):
+        with run(data_id=ids, mask=mask) as step:
+            seq_loss(model(x), y, mask, "mean").backward()
+            step.scale_rows(torch.arange(1.0, len(ids) + 1))
+    with run(data_id=ids, mask=mask):  # nothing was stored: the same ids log fine
+        seq_loss(model(x), y, mask, "mean").backward()
+    run.finalize()
+    store = logix.open_store(tmp_path / "s")
+    assert store.data_ids == list(ids) and load_factors(store).rows == len(ids)

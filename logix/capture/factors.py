@@ -75,6 +75,11 @@ class KroneckerSums:
             into.positions[name] += self.positions[name]
         into.examples += int(examples)
 
+    def is_finite(self) -> bool:
+        """Whether every sum is free of NaN/inf (one device sync)."""
+        parts = [t.isfinite().all() for t in (*self.activations.values(), *self.gradients.values())]
+        return bool(torch.stack(parts).all()) if parts else True
+
     def reset(self) -> None:
         for name in self.activations:
             self.activations[name].zero_()

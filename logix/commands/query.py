@@ -83,7 +83,9 @@ def _run(args: argparse.Namespace, console: Console):
     defaults = (store.config or {}).get("query", {}) or {}
     preconditioner = args.preconditioner or defaults.get("preconditioner", "raw")
     damping = args.damping if args.damping is not None else float(defaults.get("damping", 0.1))
-    refine = args.refine if args.refine is not None else int(defaults.get("refine", 0))
+    # The config's refine belongs to its own preconditioner: refinement needs ekfac.
+    configured = int(defaults.get("refine", 0)) if preconditioner == "ekfac" else 0
+    refine = args.refine if args.refine is not None else configured
     mode = check_choice(args.mode or defaults.get("mode", "dot"), MODES, "mode")
     fisher = args.fisher or defaults.get("fisher", "empirical")
     if args.top_k < 1:

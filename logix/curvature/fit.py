@@ -47,8 +47,14 @@ from logix.curvature.covariance import (
     load_statistics,
     save_statistics,
 )
-from logix.curvature.kfac import factor_eigenbases, factor_path, save_factors
+from logix.curvature.kfac import (
+    factor_eigenbases,
+    factor_path,
+    retire_other_ranks,
+    save_factors,
+)
 from logix.curvature.true_fisher import EigenvalueSums, bases_key, true_kind
+from logix.distributed import barrier
 from logix.store.format import StoreError, curvature_dir
 from logix.store.writer import normalise_ids
 
@@ -207,7 +213,17 @@ class TrueFisherFit:
             active = ell.detach().flatten(1).abs().amax(dim=1) > 0
             state.rows, state.written = None, set()
             state.factor_inputs = batch.passes == 0  # A once per forward position
-            torch.autograd.grad([logits], state.outputs, [ell], retain_graph=True, allow_unused=True)
+            try:
+                torch.autograd.grad([logits], state.outputs, [ell], retain_graph=True,
+                                    allow_unused=True)
+            except RuntimeError as e:
+                if ".grad()" not in str(e):
+                    raise
+                raise CaptureError(
+                    "the true-Fisher pass backpropagates with torch.autograd.grad, which "
+                    "reentrant activation checkpointing does not support: use "
+                    "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (or none) for "
+                    "this pass") from e
             if not state.written:
                 raise CaptureError("the backward pass reached no watched module")
             self.passes += 1
@@ -270,4 +286,11 @@ class TrueFisherFit:
             else:
                 more = {"bases": json.dumps(self._bases)} if kind == "ekfac" else {}
                 self.paths.append(save_statistics(path, stats, {**extra, **more}))
+        # Every rank has written before any reads (the ekfac pass reads all kfac.true files)
+        # or a stale file of a rank beyond this pass is deleted.
+        barrier()
+        if rank == 0:
+            for kind in self.kinds:
+                retire_other_ranks(self.run.run_dir, self.segment, true_kind(kind),
+                                   self.run.world_size)
         return self.paths

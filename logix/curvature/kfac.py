@@ -59,6 +59,18 @@ def factor_path(run_dir: str | Path, segment: str, rank: int, kind: str = FACTOR
     return curvature_dir(Path(run_dir), segment) / f"{kind}-r{rank:05d}.safetensors"
 
 
+def retire_other_ranks(run_dir: str | Path, segment: str, kind: str, world_size: int) -> None:
+    """After a pass in which ranks 0..world_size-1 each replaced their own `<kind>-rNNNNN` file
+    of `segment`, delete the files of higher ranks (left by an earlier run with more processes):
+    the loader sums every rank's file, so a stale one would be counted twice. Call on one rank,
+    after all ranks have written."""
+    directory = curvature_dir(Path(run_dir), segment)
+    for path in directory.glob(f"{kind}-r*.safetensors"):
+        number = path.name[len(kind) + 2:-len(".safetensors")]
+        if number.isdigit() and int(number) >= world_size:
+            path.unlink(missing_ok=True)
+
+
 def save_factors(path: Path, modules: list[ModuleInfo], tensors: dict[str, torch.Tensor],
                  positions: dict[str, int], examples: int, kind: str = FACTOR_KIND,
                  extra: dict[str, str] | None = None) -> Path:

@@ -128,6 +128,13 @@ class LogixCallback(TrainerCallback):
                 meta["lr"] = float(scheduler.get_last_lr()[0])  # at the epoch's first step
             self.run.start_segment(f"epoch-{epoch}", **meta)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.segment_per_epoch:
+            # Optimizer steps of the epoch: the horizon K of `stagewise_scores` (the segment's
+            # logged_batches count micro-batches, k times too many with gradient accumulation).
+            first = int(self.run._writer.segment_meta(self.run.segment).get("first_step", 0))
+            self.run.set_segment_meta(steps=state.global_step - first)
+
     def on_train_end(self, args, state, control, **kwargs):
         self.run.flush()
 
@@ -142,6 +149,16 @@ class TrainerLogging:
         if "_logix" in trainer.__dict__:
             raise CaptureError("this Trainer already logs to a logix run; detach() that one first")
         _check_supported(trainer, run)
+        if run.config.capture.attribution_only:
+            raise CaptureError("capture.attribution_only freezes the parameters inside each logged "
+                               "block, which would stop the Trainer's training; it is for "
+                               "log_dataset() passes over a trained model. Log during training "
+                               "with attribution_only: false")
+        if per_example_loss == "mean" and {"kfac", "ekfac"} & set(run.config.curvature.statistics):
+            raise CaptureError("per_example_loss='mean' weights each example's rows by 1/tokens, "
+                               "which K-FAC sums over the batch cannot take: log without "
+                               "kfac/ekfac in curvature.statistics (compute the factors later "
+                               "with run.fit_curvature()), or use per_example_loss='sum'")
         self.trainer, self.run = trainer, run
         self.id_column, self.per_example_loss = id_column, per_example_loss
         self.mask_column = mask_column
@@ -327,6 +344,8 @@ def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "i
     reduction = run.config.capture.loss_reduction
     params = list(model.parameters())
     grads = [p.grad for p in params]
+    for p in params:  # backward must not add into the caller's pending gradients
+        p.grad = None
     was_training = model.training
     model.eval()
     logged = 0

@@ -86,7 +86,7 @@ def token_scores(engine: Any, q: Any, tokens: TokenGradients, mode: str = "dot",
         raise StoreError("the token gradients were captured with other projections or another "
                          f"model than the store {store.path}: capture them with "
                          f"logix.init({str(store.path)!r}, mode='query') on this run's model")
-    qp, qnorm, qids = engine._queries(q)  # Q' [n_query, D] float32, norms [n_query]
+    qp, qnorm, qids = engine._shared_queries(q)  # Q' [n_query, D] float32, norms [n_query]
     selected = [m for m in engine._selected if m.name in tokens.factors]
     if not selected:
         raise ValueError("no selected module was reached in the per-token capture")
