@@ -392,3 +392,45 @@ def test_resumed_store_gets_true_statistics_for_a_chosen_segment(tmp_path):
     assert logix.InfluenceEngine(store, fisher="true").preconditioner.statistics == "raw.true"
     with pytest.raises(StoreError, match="no true-Fisher"):
         logix.InfluenceEngine(store.select("b"), fisher="true")
+
+
+def test_activation_checkpointing_in_the_true_fisher_pass(tmp_path):
+    """Non-reentrant checkpointing gives the statistics of the plain model; reentrant
+    checkpointing (which torch.autograd.grad cannot go through) is a clear error."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.fc0, self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 6), nn.Linear(6, 3)
+            self.mode = mode
+
+        def forward(self, x):
+            h = self.fc0(x)
+            block = lambda z: torch.tanh(self.fc1(z))  # noqa: E731
+            h = block(h) if self.mode is None else checkpoint(block, h, use_reentrant=self.mode)
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    state = Net(None).state_dict()
+    traces = {}
+    for name, mode in (("plain", None), ("non-reentrant", False), ("reentrant", True)):
+        model = Net(mode)
+        model.load_state_dict(state)
+        with logix.init(tmp_path / name, config={"projection": {"kind": "identity"}}) as run:
+            run.watch(model)
+            with run(data_id=list(range(5))):
+                F.cross_entropy(model(x), y).backward()
+            if mode is True:
+                with pytest.raises(CaptureError, match="use_reentrant=False"):
+                    with run.fit_curvature(fisher="true") as fit:
+                        with fit(data_id=list(range(5))):
+                            fit.backward(model(x))
+                continue
+            with run.fit_curvature(fisher="true") as fit:
+                with fit(data_id=list(range(5))):
+                    fit.backward(model(x))
+        stats = load_statistics(tmp_path / name / "curvature" / "0", "raw.true")
+        traces[name] = stats.tensors["fc1"]
+    torch.testing.assert_close(traces["non-reentrant"], traces["plain"], rtol=1e-6, atol=1e-9)
