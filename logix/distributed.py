@@ -321,7 +321,9 @@ def share_statistics(store: Any, local: Any, kind: str, *, chunk_rows: int = 409
     """Make sure row-derived curvature statistics of `kind` for `store` are on disk before the
     preconditioner is built: when neither the logged per-rank files nor a saved recompute cover
     the store, each rank streams only its `local` share, the float64 sums are all-reduced and
-    rank 0 saves the result (`covariance.save_recomputed`). No rank streams the whole store."""
+    rank 0 saves the result (`covariance.save_recomputed`). No rank streams the whole store for
+    them. (EK-FAC's refitted eigenvalues are not split yet: rank 0 computes them in one pass over
+    the whole store, once, then they are cached on disk.)"""
     from logix.curvature.covariance import (
         ACCUMULATORS,
         compute_statistics,

@@ -110,7 +110,9 @@ def true_ekfac_eigenvalues(store: Any, factors: Statistics, bases: dict[str, Kro
 
 def eigenvalues_from_raw(fisher: torch.Tensor, bases: KroneckerBases, m: ModuleInfo) -> torch.Tensor:
     """Λ_oi = (q_S,o ⊗ q_A,i)ᵀ F (q_S,o ⊗ q_A,i): the diagonal of F [w, w] in the Kronecker
-    eigenbasis, [r_out, r_in] float64; two rotations of F's rows, never a [w, w] product."""
+    eigenbasis, [r_out, r_in] float64. F R is two rotations of F's rows (no [w, w] × [w, w]
+    product), but R = Q_S ⊗ Q_A and F R are [w, w] float64 each: 1 GiB at w = 8192, the widest
+    raw block."""
     w = m.width
     f_r = rotate(fisher.reshape(w, m.r_out, m.r_in), bases.q_out, bases.q_in).reshape(w, w)  # F R
     r = torch.kron(bases.q_out, bases.q_in)  # R = Q_S ⊗ Q_A, columns (o, i) row-major
