@@ -32,6 +32,7 @@ from torch import nn
 from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
 from logix.capture.pca import CovarianceCollector
+from logix.capture.pca_fisher import TrueFisherProjectionFit
 from logix.capture.per_sample import has_bias, layer_dims, layer_type
 from logix.capture.projection import (
     ModuleProjection,
@@ -430,16 +431,20 @@ class Run:
                          extra={"segment": segment, "rank": str(self.rank)})
         self._factors_changed.clear()
 
-    def fit_projections(self) -> "ProjectionFit":
+    def fit_projections(self, fisher: str = "empirical") -> "ProjectionFit | TrueFisherProjectionFit":
         """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
         `with run(data_id=ids): loss.backward()` blocks accumulate each module's activation and
         output-gradient covariances; on exit P_in, P_out become their top eigenvectors and the
-        store is created. Nothing is written during the pass; the model is not changed."""
+        store is created. Nothing is written during the pass; the model is not changed.
+        fisher="true": the output side under the model's own predictions (Gauss–Newton), with
+        `with run.fit_projections(fisher="true") as fit:` / `with fit(data_id=ids):
+        fit.backward(model(x))`; see `logix.capture.pca_fisher`."""
         if self._collector is None:
             raise CaptureError(
                 "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
             )
-        return ProjectionFit(self)
+        self._collector.begin(fisher)
+        return TrueFisherProjectionFit(self) if fisher == "true" else ProjectionFit(self)
 
     def _finish_fit(self) -> None:
         collector, self._collector = self._collector, None
@@ -451,7 +456,7 @@ class Run:
         notes: list[str] = []
         projections = {m.name: ModuleProjection(*collector.sides(m.name, p.rank_in, p.rank_out, notes))
                        for m in self.modules}
-        self._start(self._create_store(self.modules, projections, notes))
+        self._start(self._create_store(self.modules, projections, notes, {"pca_fisher": collector.fisher}))
 
     def _module_table(self, selected: list[tuple[str, nn.Module]]) -> list[ModuleInfo]:
         cfg = self.config
@@ -490,7 +495,7 @@ class Run:
         )
 
     def _create_store(self, modules: list[ModuleInfo], projections: dict[str, ModuleProjection],
-                      notes: list[str]) -> dict[str, ModuleProjection]:
+                      notes: list[str], info: dict | None = None) -> dict[str, ModuleProjection]:
         """Write projections, config copy and manifest (last: the commit point); returns the
         projections every rank uses (rank 0's, read back by the others)."""
         cfg = self.config.projection
@@ -509,7 +514,7 @@ class Run:
                 "width": total_width(modules),
                 "dtype": self.config.store.dtype,
                 "fingerprint": self.fingerprint,
-                "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes},
+                "projection": {"kind": cfg.kind, "seed": cfg.seed, "notes": notes, **(info or {})},
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "logix_version": __version__,
                 "ranks": list(range(self.world_size)),  # the ranks that log into this store
