@@ -20,8 +20,9 @@
    pseudo-gradients (`exact_true_fisher.py`, checked against the engine on an fc2-only store).
    True-Fisher PCA stores (`tf-pca r=…`, ranks of `--true-ranks`): P_out from the output-gradient
    covariance under the model's own predictions (`run.fit_projections(fisher="true")`), P_in as
-   for PCA. True-Fisher rows are scored at the dampings of `--true-dampings` (a wider grid: the
-   exact reference's best damping was the largest of `--dampings`).
+   for PCA. True-Fisher rows are scored at the dampings of `--true-dampings`: half-decade steps
+   from 0.01 to 10 (on `--dampings` alone the exact reference's best was the largest, λ=1, and
+   PCA r=64's optimum fell between two grid points).
 3. Ground truth: retrain on M random half subsets (each with a few seeds, averaged), measure the
    test losses, cache them under out/lds/retrain-*/ (resumable), and report the LDS: the mean
    Spearman correlation between the summed scores of a subset and the negated test loss.
@@ -168,8 +169,9 @@ def main() -> None:
     p.add_argument("--true-ranks", type=int, nargs="*", default=[64],
                    help="ranks whose random and PCA stores also get true-Fisher rows, and that get "
                         "true-Fisher PCA stores (tf-pca); the last one is the target's rank")
-    p.add_argument("--true-dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0, 3.0, 10.0],
-                   help="dampings of the true-Fisher rows (raw, kfac, ekfac and the exact reference)")
+    p.add_argument("--true-dampings", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+                   help="dampings of the true-Fisher rows (raw, kfac, ekfac and the exact reference): "
+                        "half-decade steps, up to 10 (the exact reference's best is λ=1)")
     p.add_argument("--kfac", action=argparse.BooleanOptionalAction, default=True,
                    help="also score with kfac, ekfac and refined ekfac (default: on)")
     p.add_argument("--refine", type=int, default=3, help="refinement passes of the ekfac+refine column")
@@ -295,11 +297,13 @@ def main() -> None:
 
     # 3. LDS --------------------------------------------------------------------------------------
     columns = list(dict.fromkeys(c for row in scores.values() for c in row))  # true-Fisher rows: more λ
+    kinds = list(dict.fromkeys(c.split(" λ=")[0] for c in columns))
+    columns.sort(key=lambda c: (float(c.split("λ=")[1]) if "λ=" in c else -1.0, kinds.index(c.split(" λ=")[0])))
     results = {name: {c: lds(s, subsets, outputs, output="loss") for c, s in row.items()}
                for name, row in scores.items()}
     family = {c: c.split(" λ=")[0] for c in columns}  # identity, raw, kfac, ekfac, ekfac+r3
-    groups = [["identity"] + [c for c in columns if family[c] == "raw"],
-              [c for c in columns if family[c] not in ("identity", "raw")]]
+    groups = [["identity"] + [c for c in columns if family[c] == "raw"]]
+    groups += [[c for c in columns if family[c] == kind] for kind in kinds if kind not in ("identity", "raw")]
     for i, group in enumerate(g for g in groups if g):
         wide = i > 0  # many columns: means only (the damping-chosen lines below give CIs)
         what = "mean Spearman" if wide else "mean Spearman [95% bootstrap CI]"
@@ -331,7 +335,7 @@ def main() -> None:
                           f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
     raw_cols = [c for c in columns if family[c] == "raw"]
     if check in results and "exact" in results:
-        pairs = [(c, c) for c in raw_cols]
+        pairs = [(c, c) for c in raw_cols if c in results[check] and c in results["exact"]]
         if chosen[(check, "raw")] != chosen[("exact", "raw")]:
             pairs.append((chosen[(check, "raw")], chosen[("exact", "raw")]))
         for ours, ref in pairs:
@@ -342,29 +346,27 @@ def main() -> None:
                           f"[{low:+.3f}, {high:+.3f}] (paired over all {args.n_test} test images)")
 
     # The target: PCA at the largest true-Fisher rank with the best preconditioner (chosen with
-    # its damping on the first half) against exact full-parameter true-Fisher influence (raw).
+    # its damping on the first half) against exact full-parameter true-Fisher influence (raw, its
+    # damping chosen on the first half too); reported on the second half. Smaller ranks: the same.
     exact = "exact · true F"
-    targets = [n for r in args.true_ranks[-1:] for n in (f"pca r={r}", f"pca r={r} · true F",
-                                                          f"tf-pca r={r}", f"tf-pca r={r} · true F")]
-    targets = [n for n in targets if n in results and exact in results]
-    for name in targets:
-        cols = [c for c in results[name] if family[c] != "identity"]
-        best = max(cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+
+    def target_line(label: str, candidates: list[tuple[str, str]]) -> None:
+        name, best = max(candidates, key=lambda nc: float(results[nc[0]][nc[1]].per_test[:half].nanmean()))
         ref = chosen[(exact, "raw")]
         gap = results[name][best].per_test - results[exact][ref].per_test
         low, high = bootstrap_ci(gap[half:])
-        console.print(f"target {name} ({best}) − {exact} ({ref}): {float(gap[half:].nanmean()):+.3f} "
+        console.print(f"target{label} {name} ({best}) − {exact} ({ref}): {float(gap[half:].nanmean()):+.3f} "
                       f"[{low:+.3f}, {high:+.3f}] on images {half}..{args.n_test - 1}; "
                       f"{float(gap.nanmean()):+.3f} over all (paired)")
-    if len(targets) > 1:  # the PCA variant, preconditioner and damping all chosen on the first half
-        cands = [(n, c) for n in targets for c in results[n] if family[c] != "identity"]
-        name, best = max(cands, key=lambda nc: float(results[nc[0]][nc[1]].per_test[:half].nanmean()))
-        ref = chosen[(exact, "raw")]
-        gap = results[name][best].per_test - results[exact][ref].per_test
-        low, high = bootstrap_ci(gap[half:])
-        console.print(f"target, best PCA r={args.true_ranks[-1]} variant: {name} ({best}) − {exact} ({ref}): "
-                      f"{float(gap[half:].nanmean()):+.3f} [{low:+.3f}, {high:+.3f}] on images "
-                      f"{half}..{args.n_test - 1}; {float(gap.nanmean()):+.3f} over all (paired)")
+
+    for r in args.true_ranks[::-1]:
+        targets = [n for n in (f"pca r={r}", f"pca r={r} · true F", f"tf-pca r={r}", f"tf-pca r={r} · true F")
+                   if n in results and exact in results]
+        for name in targets:
+            target_line("", [(name, c) for c in results[name] if family[c] != "identity"])
+        if len(targets) > 1:  # the PCA variant, preconditioner and damping all chosen on the first half
+            target_line(f", best PCA r={r} variant:",
+                        [(n, c) for n in targets for c in results[n] if family[c] != "identity"])
 
     timings["total"] = time.perf_counter() - t_all
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
