@@ -27,6 +27,7 @@ from torch import nn
 
 from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
 from logix.capture.pca import CovarianceCollector
+from logix.capture.pca_fisher import TrueFisherProjectionFit
 from logix.capture.per_sample import has_bias
 from logix.capture.projection import (
     ModuleProjection,
@@ -225,16 +226,20 @@ class Run:
 
         return TrueFisherFit(self, segment, statistics=kinds, mass=mass, on_rows=on_rows)
 
-    def fit_projections(self) -> ProjectionFit:
+    def fit_projections(self, fisher: str = "empirical") -> ProjectionFit | TrueFisherProjectionFit:
         """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
         `with run(data_id=ids): loss.backward()` blocks accumulate each module's activation and
         output-gradient covariances; on exit P_in, P_out become their top eigenvectors and the
-        store is created. Nothing is written during the pass; the model is not changed."""
+        store is created. Nothing is written during the pass; the model is not changed.
+        fisher="true": the output side under the model's own predictions (Gauss–Newton), with
+        `with run.fit_projections(fisher="true") as fit:` / `with fit(data_id=ids):
+        fit.backward(model(x))`; see `logix.capture.pca_fisher`."""
         if self._collector is None:
             raise CaptureError(
                 "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
             )
-        return ProjectionFit(self)
+        self._collector.begin(fisher)
+        return TrueFisherProjectionFit(self) if fisher == "true" else ProjectionFit(self)
 
     def _finish_fit(self) -> None:
         collector, self._collector = self._collector, None
@@ -246,16 +251,18 @@ class Run:
         notes: list[str] = []
         projections = {m.name: ModuleProjection(*collector.sides(m.name, p.rank_in, p.rank_out, notes))
                        for m in self.modules}
-        self._start(self._create_store(self.modules, projections, notes))
+        self._start(self._create_store(self.modules, projections, notes,
+                                       {"pca_fisher": collector.fisher}))
 
 
 
 
     def _create_store(self, modules: list[ModuleInfo], projections: dict[str, ModuleProjection],
-                      notes: list[str]) -> dict[str, ModuleProjection]:
-        """Create the store (rank 0) and return the projections every rank captures with."""
+                      notes: list[str], info: dict | None = None) -> dict[str, ModuleProjection]:
+        """Create the store (rank 0) and return the projections every rank captures with;
+        `info` joins the manifest's projection entry."""
         self._manifest, projections = create_store(self.run_dir, self.config, modules, projections,
-                                                   notes, self.rank, self.world_size)
+                                                   notes, self.rank, self.world_size, info)
         self.fingerprint = self._manifest["fingerprint"]
         return projections
 

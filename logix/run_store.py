@@ -82,7 +82,7 @@ def check_model(manifest: dict, modules: list[ModuleInfo], run_dir: Path) -> Non
 
 def create_store(run_dir: Path, config: LogixConfig, modules: list[ModuleInfo],
                  projections: dict[str, ModuleProjection], notes: list[str], rank: int,
-                 world_size: int) -> tuple[dict, dict[str, ModuleProjection]]:
+                 world_size: int, info: dict | None = None) -> tuple[dict, dict[str, ModuleProjection]]:
     """Write projections, config copy and manifest (last: the commit point). Returns the
     manifest and the projections every rank uses (rank 0's, read back by the others)."""
     if rank == 0:
@@ -100,7 +100,7 @@ def create_store(run_dir: Path, config: LogixConfig, modules: list[ModuleInfo],
             "width": total_width(modules),
             "dtype": config.store.dtype,
             "fingerprint": fingerprint(modules, sha),
-            "projection": {"kind": p.kind, "seed": p.seed, "notes": notes},
+            "projection": {"kind": p.kind, "seed": p.seed, "notes": notes, **(info or {})},
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "logix_version": __version__,
             "ranks": list(range(world_size)),  # the ranks that log into this store

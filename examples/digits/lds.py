@@ -3,6 +3,7 @@
     .venv/bin/python examples/digits/lds.py                 # M=100 subsets × 2 seeds, 100 test images
     .venv/bin/python examples/digits/lds.py --subsets 300   # more subsets (the first 100 are reused)
     .venv/bin/python examples/digits/lds.py --true-ranks    # no true-Fisher rows but the exact one
+    .venv/bin/python examples/digits/lds.py --true-ranks 32 64   # true-Fisher rows at r=32 too
 
 1. Train the MLP on all 1,397 training images; log every training example's gradient at the
    final checkpoint in one attribution pass (`capture.attribution_only`, sum-reduced loss), once
@@ -17,6 +18,11 @@
    over the training set after logging): `raw` with `fisher="true"` for the random and PCA
    stores of `--true-ranks`, and the exact full-parameter reference from the identity store's
    pseudo-gradients (`exact_true_fisher.py`, checked against the engine on an fc2-only store).
+   True-Fisher PCA stores (`tf-pca r=…`, ranks of `--true-ranks`): P_out from the output-gradient
+   covariance under the model's own predictions (`run.fit_projections(fisher="true")`), P_in as
+   for PCA. True-Fisher rows are scored at the dampings of `--true-dampings`: half-decade steps
+   from 0.01 to 10 (on `--dampings` alone the exact reference's best was the largest, λ=1, and
+   PCA r=64's optimum fell between two grid points).
 3. Ground truth: retrain on M random half subsets (each with a few seeds, averaged), measure the
    test losses, cache them under out/lds/retrain-*/ (resumable), and report the LDS: the mean
    Spearman correlation between the summed scores of a subset and the negated test loss.
@@ -45,8 +51,9 @@ if not console.is_terminal:  # a log file: wide enough for the table on one line
 
 
 def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, projection: dict,
-              batch_size: int = 256, include: tuple[str, ...] = ("*",)):
-    """One attribution pass over (x, y) at the model's current weights into a store at `path`."""
+              batch_size: int = 256, include: tuple[str, ...] = ("*",), pca_fisher: str = "empirical"):
+    """One attribution pass over (x, y) at the model's current weights into a store at `path`;
+    for PCA, first a statistics pass with the empirical Fisher (the labels y) or the true one."""
     # The identity projection's raw statistics would be a 16,640² float64 block (2.2 GB) for fc1:
     # skip them; the exact reference is computed from the rows instead. K-FAC factors are small
     # for every projection ([r_in, r_in] and [r_out, r_out]).
@@ -62,7 +69,13 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
             with run(data_id=ids):
                 F.cross_entropy(model(x[ids]), y[ids], reduction="sum").backward()
 
-    if projection["kind"] == "pca":  # the statistics pass that sets the projections
+    if projection["kind"] == "pca" and pca_fisher == "true":  # labels drawn from the model
+        with run.fit_projections(fisher="true") as fit:
+            for start in range(0, len(y), batch_size):
+                ids = list(range(start, min(start + batch_size, len(y))))
+                with fit(data_id=ids):
+                    fit.backward(model(x[ids]))
+    elif projection["kind"] == "pca":  # the statistics pass that sets the projections
         with run.fit_projections():
             one_pass()
     one_pass()
@@ -154,7 +167,11 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--true-ranks", type=int, nargs="*", default=[64],
-                   help="ranks whose random and PCA stores also get true-Fisher rows")
+                   help="ranks whose random and PCA stores also get true-Fisher rows, and that get "
+                        "true-Fisher PCA stores (tf-pca); the last one is the target's rank")
+    p.add_argument("--true-dampings", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+                   help="dampings of the true-Fisher rows (raw, kfac, ekfac and the exact reference): "
+                        "half-decade steps, up to 10 (the exact reference's best is λ=1)")
     p.add_argument("--kfac", action=argparse.BooleanOptionalAction, default=True,
                    help="also score with kfac, ekfac and refined ekfac (default: on)")
     p.add_argument("--refine", type=int, default=3, help="refinement passes of the ekfac+refine column")
@@ -178,18 +195,20 @@ def main() -> None:
 
     projections = {f"r={r}": {"kind": "random", "rank_in": r, "rank_out": r, "seed": 0} for r in args.ranks}
     projections.update({f"pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.ranks})
+    projections.update({f"tf-pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.true_ranks})
     projections["exact"] = {"kind": "identity"}
     if args.projections:
         projections = {k: v for k, v in projections.items() if k in args.projections}
     scores: dict[str, dict[str, torch.Tensor]] = {}
     refinement: dict[tuple[str, float], tuple[float, float]] = {}
     stores = {}
-    true_rows = [f"{kind}r={r}" for r in args.true_ranks for kind in ("", "pca ")]
+    true_rows = [f"{kind}r={r}" for r in args.true_ranks for kind in ("", "pca ", "tf-pca ")]
     pseudo = None
     t = time.perf_counter()
     for name, proj in projections.items():
         path = args.out / "stores" / name.replace("=", "").replace(" ", "-")
-        store = log_store(path, model, data.x_train, data.y_train, proj)
+        pca_fisher = "true" if name.startswith("tf-pca") else "empirical"
+        store = log_store(path, model, data.x_train, data.y_train, proj, pca_fisher=pca_fisher)
         if name in true_rows:  # EK-FAC's true-Fisher eigenvalues follow from raw
             true_fisher_pass(path, model, data.x_train, statistics=("raw", "kfac"))
         elif name == "exact":  # fc1's raw block is too wide to keep: keep the pseudo-gradients
@@ -200,7 +219,7 @@ def main() -> None:
         q = query_gradients(path, model, x_test, y_test)
         stores[name] = (store, q)
         widths = ", ".join(f"{m.name} {m.r_out}×{m.r_in}" for m in store.modules)
-        console.print(f"store {name:6s} D={store.width:6d} ({widths})")
+        console.print(f"store {name:10s} D={store.width:6d} ({widths})")
     timings["log stores + query gradients"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -231,10 +250,10 @@ def main() -> None:
                 console.print(f"check: exact store rows are outer products δ x̄ᵀ: max deviation "
                               f"{check_outer_products(train_rows, train_inputs, store.modules):.1e} of max |G|")
                 exact_true = exact_true_scores(store.modules, train_rows, q.values, train_inputs, query_inputs,
-                                               pseudo, store.data_ids, len(data.y_train), args.dampings)
+                                               pseudo, store.data_ids, len(data.y_train), args.true_dampings)
                 true_row.update({f"raw λ={d:g}": s for d, s in exact_true.items()})
             for kind in ["raw"] * (name != "exact") + ["kfac", "ekfac"] * args.kfac:
-                for d in args.dampings:
+                for d in args.true_dampings:
                     engine = logix.InfluenceEngine(store, kind, damping=d, fisher="true")
                     true_row[f"{kind} λ={d:g}"] = engine.scores(q).values
             scores[f"{name} · true F"] = true_row
@@ -277,12 +296,14 @@ def main() -> None:
     timings[f"retrain {args.subsets}×{args.seeds} (cached ones skipped)"] = time.perf_counter() - t
 
     # 3. LDS --------------------------------------------------------------------------------------
-    columns = list(next(iter(scores.values())).keys())
+    columns = list(dict.fromkeys(c for row in scores.values() for c in row))  # true-Fisher rows: more λ
+    kinds = list(dict.fromkeys(c.split(" λ=")[0] for c in columns))
+    columns.sort(key=lambda c: (float(c.split("λ=")[1]) if "λ=" in c else -1.0, kinds.index(c.split(" λ=")[0])))
     results = {name: {c: lds(s, subsets, outputs, output="loss") for c, s in row.items()}
                for name, row in scores.items()}
     family = {c: c.split(" λ=")[0] for c in columns}  # identity, raw, kfac, ekfac, ekfac+r3
-    groups = [["identity"] + [c for c in columns if family[c] == "raw"],
-              [c for c in columns if family[c] not in ("identity", "raw")]]
+    groups = [["identity"] + [c for c in columns if family[c] == "raw"]]
+    groups += [[c for c in columns if family[c] == kind] for kind in kinds if kind not in ("identity", "raw")]
     for i, group in enumerate(g for g in groups if g):
         wide = i > 0  # many columns: means only (the damping-chosen lines below give CIs)
         what = "mean Spearman" if wide else "mean Spearman [95% bootstrap CI]"
@@ -314,7 +335,7 @@ def main() -> None:
                           f"images {half}..{args.n_test - 1}: {float(held.nanmean()):+.3f} [{low:+.3f}, {high:+.3f}]")
     raw_cols = [c for c in columns if family[c] == "raw"]
     if check in results and "exact" in results:
-        pairs = [(c, c) for c in raw_cols]
+        pairs = [(c, c) for c in raw_cols if c in results[check] and c in results["exact"]]
         if chosen[(check, "raw")] != chosen[("exact", "raw")]:
             pairs.append((chosen[(check, "raw")], chosen[("exact", "raw")]))
         for ours, ref in pairs:
@@ -325,18 +346,27 @@ def main() -> None:
                           f"[{low:+.3f}, {high:+.3f}] (paired over all {args.n_test} test images)")
 
     # The target: PCA at the largest true-Fisher rank with the best preconditioner (chosen with
-    # its damping on the first half) against exact full-parameter true-Fisher influence (raw).
+    # its damping on the first half) against exact full-parameter true-Fisher influence (raw, its
+    # damping chosen on the first half too); reported on the second half. Smaller ranks: the same.
     exact = "exact · true F"
-    targets = [n for r in args.true_ranks[-1:] for n in (f"pca r={r}", f"pca r={r} · true F")]
-    for name in [n for n in targets if n in results and exact in results]:
-        cols = [c for c in results[name] if family[c] != "identity"]
-        best = max(cols, key=lambda c: float(results[name][c].per_test[:half].nanmean()))
+
+    def target_line(label: str, candidates: list[tuple[str, str]]) -> None:
+        name, best = max(candidates, key=lambda nc: float(results[nc[0]][nc[1]].per_test[:half].nanmean()))
         ref = chosen[(exact, "raw")]
         gap = results[name][best].per_test - results[exact][ref].per_test
         low, high = bootstrap_ci(gap[half:])
-        console.print(f"target {name} ({best}) − {exact} ({ref}): {float(gap[half:].nanmean()):+.3f} "
+        console.print(f"target{label} {name} ({best}) − {exact} ({ref}): {float(gap[half:].nanmean()):+.3f} "
                       f"[{low:+.3f}, {high:+.3f}] on images {half}..{args.n_test - 1}; "
                       f"{float(gap.nanmean()):+.3f} over all (paired)")
+
+    for r in args.true_ranks[::-1]:
+        targets = [n for n in (f"pca r={r}", f"pca r={r} · true F", f"tf-pca r={r}", f"tf-pca r={r} · true F")
+                   if n in results and exact in results]
+        for name in targets:
+            target_line("", [(name, c) for c in results[name] if family[c] != "identity"])
+        if len(targets) > 1:  # the PCA variant, preconditioner and damping all chosen on the first half
+            target_line(f", best PCA r={r} variant:",
+                        [(n, c) for n in targets for c in results[n] if family[c] != "identity"])
 
     timings["total"] = time.perf_counter() - t_all
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))

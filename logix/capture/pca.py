@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logix.capture.hooks import position_mask
+from logix.capture.hooks import CaptureError, position_mask
 from logix.capture.per_sample import (
     full_precision,
     layer_dims,
@@ -23,25 +23,46 @@ from logix.capture.per_sample import (
 )
 from logix.capture.projection import SideProjection, whole_side
 
+FISHERS = ("empirical", "true")
+
 
 class CovarianceCollector:
     """Sums of x xᵀ [d_in, d_in] and g gᵀ [d_out, d_out] per module over every position.
 
     x carries the appended 1 of the bias; g is ∂(per-example loss)/∂y (the batch mean undone);
     padded positions (mask 0) are left out. Embedding inputs are one-hot, so only the token
-    counts (the diagonal of E[x xᵀ]) are kept.
+    counts (the diagonal of E[x xᵀ]) are kept. x xᵀ is added once per forward pass, g gᵀ once
+    per backward pass that reaches the module: with fisher="true" (`pca_fisher.py`) the several
+    pseudo-gradient passes of one forward sum to E_{y~p}[g gᵀ].
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module, bool]]):
         self.modules = modules  # (name, module, bias)
         self.xx: dict[str, torch.Tensor] = {}
         self.gg: dict[str, torch.Tensor] = {}
+        self.fisher = "empirical"  # which loss's gradients g are: see `begin`
 
-    def attach(self, scale: float, mask: torch.Tensor | None, attribution_only: bool = False) -> list:
-        return [m.register_forward_hook(partial(self._forward, name, bias, scale, mask, attribution_only))
+    def begin(self, fisher: str) -> None:
+        """Start (or continue) a statistics pass whose g are gradients of the user's loss
+        ("empirical") or the true Fisher's pseudo-gradients ("true"); the two never mix."""
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {list(FISHERS)}, got {fisher!r}")
+        if self.gg and fisher != self.fisher:
+            raise CaptureError(f"this run's statistics pass already holds {self.fisher!r}-Fisher "
+                               f"covariances; finish it with fisher={self.fisher!r} or start a new run")
+        self.fisher = fisher
+
+    def attach(self, scale: float, mask: torch.Tensor | None, attribution_only: bool = False,
+               outputs: list[torch.Tensor] | None = None) -> list:
+        """Hooks on every module for one block; `outputs` (a list) receives each watched output,
+        for `torch.autograd.grad` (the true-Fisher pass)."""
+        if self.fisher == "true" and outputs is None:
+            raise CaptureError("inside run.fit_projections(fisher='true') use `with fit(data_id=ids): "
+                               "fit.backward(model(x))`, not `with run(...)` and loss.backward()")
+        return [m.register_forward_hook(partial(self._forward, name, bias, scale, mask, attribution_only, outputs))
                 for name, m, bias in self.modules]
 
-    def _forward(self, name, bias, scale, mask, attribution_only, module, inputs, output):
+    def _forward(self, name, bias, scale, mask, attribution_only, outputs, module, inputs, output):
         if not torch.is_grad_enabled():
             return None
         replaced = False
@@ -67,6 +88,8 @@ class CovarianceCollector:
                 xw = x if w is None else x * w.unsqueeze(-1)
                 self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
         output.register_hook(partial(self._backward, name, module, scale, mask))
+        if outputs is not None:
+            outputs.append(output)
         return output if replaced else None
 
     def _backward(self, name, module, scale, mask, grad):
