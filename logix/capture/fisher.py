@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 
+from logix.capture.hooks import CaptureError
+
 
 class FisherLogitGrads:
     """The logit-gradients ℓ of one batch, one tensor shaped like `logits` per backward pass.
@@ -106,3 +108,30 @@ def fisher_logit_grads(logits: torch.Tensor, mask: torch.Tensor | None = None,
     cross-entropy (exactly for mass=1). `.dropped_mass`/`.dropped_trace` [B, T] report what a
     mass below 1 leaves out; see `FisherLogitGrads`."""
     return FisherLogitGrads(logits, mask, mass)
+
+
+def check_pass_logits(logits: torch.Tensor, batch_size: int, outputs: list) -> None:
+    """The logits of a Fisher pass's block: one row per data id, computed from watched modules
+    (whose outputs the block collected) with gradients enabled."""
+    if logits.shape[0] != batch_size:
+        raise CaptureError(f"logits have {logits.shape[0]} examples but data_id has {batch_size} ids")
+    if not logits.requires_grad or not outputs:
+        raise CaptureError(
+            "no watched module took part in computing these logits: run the model's forward "
+            "pass inside `with fit(data_id=...)`, with gradients enabled")
+
+
+def backpropagate_to(outputs: list, logits: torch.Tensor, logit_grad: torch.Tensor) -> tuple:
+    """torch.autograd.grad of `logits` weighted by `logit_grad` to the watched layers' outputs
+    only: the capture hooks on those outputs see the pseudo output-gradients, and no weight
+    gradient is computed (parameters and their .grad stay untouched)."""
+    try:
+        return torch.autograd.grad([logits], outputs, [logit_grad], retain_graph=True,
+                                   allow_unused=True)
+    except RuntimeError as e:
+        if ".grad()" not in str(e):
+            raise
+        raise CaptureError(
+            "a Fisher pass backpropagates with torch.autograd.grad, which reentrant activation "
+            "checkpointing does not support: use torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=False) (or none) for this pass") from e

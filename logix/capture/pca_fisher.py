@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from logix.capture.fisher import fisher_logit_grads
+from logix.capture.fisher import backpropagate_to, check_pass_logits, fisher_logit_grads
 from logix.capture.hooks import CaptureError
 
 
@@ -100,16 +100,9 @@ class TrueFisherProjectionFit:
         block = self._block
         if block is None:
             raise CaptureError("call fit.backward(logits) inside a `with fit(data_id=...)` block")
-        if logits.shape[0] != block.batch_size:
-            raise CaptureError(f"logits have {logits.shape[0]} examples but data_id has "
-                               f"{block.batch_size} ids")
-        if not logits.requires_grad or not block.outputs:
-            raise CaptureError(
-                "no watched module took part in computing these logits: run the model's forward "
-                "pass inside `with fit(data_id=...)`, with gradients enabled")
+        check_pass_logits(logits, block.batch_size, block.outputs)
         for ell in fisher_logit_grads(logits, label_mask):
-            reached = torch.autograd.grad([logits], block.outputs, [ell], retain_graph=True,
-                                          allow_unused=True)
+            reached = backpropagate_to(block.outputs, logits, ell)
             if all(g is None for g in reached):
                 raise CaptureError("the backward pass reached no watched module")
             self.passes += 1

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from logix.capture.factors import KroneckerSums
-from logix.capture.fisher import fisher_logit_grads
+from logix.capture.fisher import backpropagate_to, check_pass_logits, fisher_logit_grads
 from logix.capture.hooks import CaptureError, StepState
 from logix.curvature.covariance import (
     ACCUMULATORS,
@@ -199,13 +199,7 @@ class TrueFisherFit:
         if batch is None:
             raise CaptureError("call fit.backward(logits) inside a `with fit(data_id=...)` block")
         state = batch.state
-        if logits.shape[0] != state.batch_size:
-            raise CaptureError(f"logits have {logits.shape[0]} examples but data_id has "
-                               f"{state.batch_size} ids")
-        if not logits.requires_grad or not state.outputs:
-            raise CaptureError(
-                "no watched module took part in computing these logits: run the model's forward "
-                "pass inside `with fit(data_id=...)`, with gradients enabled")
+        check_pass_logits(logits, state.batch_size, state.outputs)
         grads = fisher_logit_grads(logits, label_mask, self.mass)
         if self.rows_wanted and (state.destination is None or state.destination.device != logits.device):
             state.destination = torch.empty(state.batch_size, self.width, device=logits.device)
@@ -213,17 +207,7 @@ class TrueFisherFit:
             active = ell.detach().flatten(1).abs().amax(dim=1) > 0
             state.rows, state.written = None, set()
             state.factor_inputs = batch.passes == 0  # A once per forward position
-            try:
-                torch.autograd.grad([logits], state.outputs, [ell], retain_graph=True,
-                                    allow_unused=True)
-            except RuntimeError as e:
-                if ".grad()" not in str(e):
-                    raise
-                raise CaptureError(
-                    "the true-Fisher pass backpropagates with torch.autograd.grad, which "
-                    "reentrant activation checkpointing does not support: use "
-                    "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (or none) for "
-                    "this pass") from e
+            backpropagate_to(state.outputs, logits, ell)
             if not state.written:
                 raise CaptureError("the backward pass reached no watched module")
             self.passes += 1
