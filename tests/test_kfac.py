@@ -366,7 +366,8 @@ def test_fit_pass_replaces_every_rank_file_and_honours_discard(tmp_path):
                 loss.backward()
     run.finalize()
     assert sorted(p.name for p in directory.glob("kfac-r*")) == ["kfac-r00000.safetensors"]
-    stats = load_factors(logix.open_store(path))
+    with pytest.warns(UserWarning, match="used as an estimate"):  # the discarded batch is missing
+        stats = load_factors(logix.open_store(path))
     assert stats.rows == sum(len(b[0]) for i, b in enumerate(batches) if i != 1)
     assert all(bool(t.isfinite().all()) for t in stats.tensors.values())
     run = logix.init(path, resume=True)
