@@ -79,6 +79,17 @@ def classifier():
     return model.double(), x.double(), y
 
 
+def logged_classifier(run_dir):
+    """The classifier with its 10 examples' rows logged (sum-reduced) into an open log run:
+    (model, x, y, run)."""
+    model, x, y = classifier()
+    run = logix.init(run_dir, config={"projection": PROJ, "capture": {"loss_reduction": "sum"}})
+    run.watch(model)
+    with run(data_id=list(range(10))):
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    return model, x, y, run
+
+
 class TinyLM(nn.Module):
     """Embedding → Linear → causal running mean → tanh → Linear: logits [B, T, V]."""
 
@@ -245,12 +256,7 @@ def test_pass_is_deterministic_and_leaves_the_model_untouched(tmp_path):
 
 
 def test_true_fisher_scores_equal_a_dense_solve(tmp_path):
-    model, x, y = classifier()
-    cfg = {"projection": PROJ, "capture": {"loss_reduction": "sum"}}
-    run = logix.init(tmp_path / "r", config=cfg)
-    run.watch(model)
-    with run(data_id=list(range(10))):
-        F.cross_entropy(model(x), y, reduction="sum").backward()
+    model, x, y, run = logged_classifier(tmp_path / "r")
     with run.fit_curvature(fisher="true") as fit:
         for ids, inputs, _, _ in classifier_batches(x[:8]):  # a subset of the data is allowed
             with fit(data_id=ids):

@@ -20,6 +20,7 @@ from test_true_fisher import (
     classifier,
     classifier_batches,
     fitted,
+    logged_classifier,
     dense_fisher,
     logit_covariance,
     projected_jacobian,
@@ -90,12 +91,7 @@ def test_true_kfac_factors_equal_dense_sums(tmp_path):
 @pytest.fixture()
 def classifier_store(tmp_path):
     """A classifier store (sum-reduced rows), query gradients, and the dense true-Fisher pieces."""
-    model, x, y = classifier()
-    cfg = {"projection": PROJ, "capture": {"loss_reduction": "sum"}}
-    run = logix.init(tmp_path / "r", config=cfg)
-    run.watch(model)
-    with run(data_id=list(range(10))):
-        F.cross_entropy(model(x), y, reduction="sum").backward()
+    model, x, y, run = logged_classifier(tmp_path / "r")
     run.finalize()
     xq = torch.randn(3, 5, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     q = logix.init(tmp_path / "r", mode="query")
