@@ -77,3 +77,23 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, seed: int =
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def retrained_test_losses(data: Digits, n_test: int, *, subsets: int, seeds: int, epochs: int,
+                          out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LDS ground truth of the digits examples: `subsets` random halves of the training set
+    (seed 0), an MLP retrained on each with every seed, and the loss of each of the first
+    `n_test` test images. Cached under `out_dir` (resumable; shared by lds.py and proxy.py).
+    Returns (membership [M, n_train] bool, losses [M, n_test] averaged over the seeds)."""
+    from logix.eval import retrain_outputs, sample_subsets
+
+    x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
+    halves = sample_subsets(len(data.y_train), subsets, alpha=0.5, seed=0)
+
+    def train_fn(members: torch.Tensor, seed: int) -> torch.Tensor:
+        m = train_mlp(data.x_train[members], data.y_train[members], epochs=epochs, seed=seed)
+        with torch.no_grad():
+            return F.cross_entropy(m(x_test), y_test, reduction="none")
+
+    cache = Path(out_dir) / f"retrain-epochs{epochs}-test{n_test}"
+    return halves, retrain_outputs(train_fn, halves, out_dir=cache, seeds=range(seeds))

@@ -41,9 +41,9 @@ from rich.table import Table
 from torch import nn
 
 import logix
-from common import HERE, accuracy, load_digits, train_mlp
+from common import HERE, accuracy, load_digits, retrained_test_losses, train_mlp
 from exact_true_fisher import PseudoGradients, check_outer_products, exact_true_scores, layer_inputs
-from logix.eval import bootstrap_ci, lds, retrain_outputs, sample_subsets
+from logix.eval import bootstrap_ci, lds
 
 console = Console()
 if not console.is_terminal:  # a log file: wide enough for the table on one line per row
@@ -283,16 +283,9 @@ def main() -> None:
     timings["true-Fisher check"] = time.perf_counter() - t
 
     # 2. ground truth ------------------------------------------------------------------------------
-    subsets = sample_subsets(len(data.y_train), args.subsets, alpha=0.5, seed=0)
-
-    def train_fn(members: torch.Tensor, seed: int) -> torch.Tensor:
-        m = train_mlp(data.x_train[members], data.y_train[members], epochs=args.epochs, seed=seed)
-        with torch.no_grad():
-            return F.cross_entropy(m(x_test), y_test, reduction="none")
-
-    cache = args.out / f"retrain-epochs{args.epochs}-test{args.n_test}"
     t = time.perf_counter()
-    outputs = retrain_outputs(train_fn, subsets, out_dir=cache, seeds=range(args.seeds))
+    subsets, outputs = retrained_test_losses(data, args.n_test, subsets=args.subsets,
+                                             seeds=args.seeds, epochs=args.epochs, out_dir=args.out)
     timings[f"retrain {args.subsets}×{args.seeds} (cached ones skipped)"] = time.perf_counter() - t
 
     # 3. LDS --------------------------------------------------------------------------------------

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import lds as lds_example
 import torch
-import torch.nn.functional as F
-from common import HERE, accuracy, load_digits, train_mlp
+from common import HERE, accuracy, load_digits, retrained_test_losses, train_mlp
 from rich.console import Console
 from rich.table import Table
 
 import logix
-from logix.eval import bootstrap_ci, lds, retrain_outputs, sample_subsets, spearman
+from logix.eval import bootstrap_ci, lds, spearman
 
 console = Console()
 if not console.is_terminal:
@@ -100,16 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     timings["log + score"] = time.perf_counter() - t
 
     # 2. ground truth: retrained full models (lds.py's subsets, seeds and cache) -----------------
-    subsets = sample_subsets(len(data.y_train), args.subsets, alpha=0.5, seed=0)
-
-    def train_fn(members: torch.Tensor, seed: int) -> torch.Tensor:
-        m = train_mlp(data.x_train[members], data.y_train[members], epochs=args.epochs, seed=seed)
-        with torch.no_grad():
-            return F.cross_entropy(m(x_test), y_test, reduction="none")
-
     t = time.perf_counter()
-    outputs = retrain_outputs(train_fn, subsets, out_dir=args.out / f"retrain-epochs{args.epochs}-test{args.n_test}",
-                              seeds=range(args.seeds))
+    subsets, outputs = retrained_test_losses(data, args.n_test, subsets=args.subsets,
+                                             seeds=args.seeds, epochs=args.epochs, out_dir=args.out)
     timings[f"retrain {args.subsets}×{args.seeds} (cached ones skipped)"] = time.perf_counter() - t
 
     # 3. the table --------------------------------------------------------------------------
