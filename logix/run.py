@@ -36,8 +36,9 @@ from logix.capture.projection import (
 )
 from logix.capture.tokens import TokenGradients, check_token_request
 from logix.config import LogixConfig
+from logix.curvature.covariance import FACTOR_KINDS
 from logix.distributed import all_reduce_sum, barrier, finish_logging, rank_and_world
-from logix.run_factors import FACTOR_STATISTICS, FactorLog, check_factor_dims
+from logix.run_factors import FactorLog, check_factor_dims
 from logix.run_store import check_model, create_store, module_table, remove_store
 from logix.step import CurvatureFit, ProjectionFit, Step
 from logix.store.format import (
@@ -129,7 +130,7 @@ class Run:
         selected = select_modules(model, cfg.capture)
         self.modules = module_table(selected, self.config)
         self.width = total_width(self.modules)  # D
-        if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
+        if self.mode == "log" and any(k in FACTOR_KINDS for k in cfg.curvature.statistics):
             check_factor_dims(self.modules)  # before anything is written
         self._model = model
         self._selected = selected
@@ -269,7 +270,7 @@ class Run:
     def _open_writer(self) -> None:
         observers = []
         curvature = self.config.curvature
-        row_kinds = [k for k in curvature.statistics if k not in FACTOR_STATISTICS]
+        row_kinds = [k for k in curvature.statistics if k not in FACTOR_KINDS]
         if row_kinds and curvature.during_logging:
             from logix.curvature.covariance import CurvatureStatistics
 

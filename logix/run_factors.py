@@ -15,10 +15,11 @@ import torch
 
 from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import CaptureError, StepState
+from logix.curvature.covariance import (
+    FACTOR_KINDS,  # config kinds needing the hooks' factors
+)
 from logix.distributed import barrier
 from logix.store.format import ModuleInfo
-
-FACTOR_STATISTICS = ("kfac", "ekfac")  # config kinds that need the hooks' K-FAC factors
 
 
 def check_factor_dims(modules: list[ModuleInfo]) -> None:
@@ -52,7 +53,7 @@ class FactorLog:
         self.modules = list(modules)
         self.dims = {m.name: (m.r_in, m.r_out) for m in modules}
         self.step = KroneckerSums(self.dims, dtype=torch.float32)
-        self.collect = any(k in FACTOR_STATISTICS for k in statistics)
+        self.collect = any(k in FACTOR_KINDS for k in statistics)
 
     def step_sums(self) -> KroneckerSums | None:
         """The sums a new step adds to (None when no factors are wanted)."""

@@ -38,6 +38,7 @@ from torch import nn
 
 from logix.capture.hooks import CaptureError
 from logix.capture.per_sample import full_precision
+from logix.curvature.covariance import FACTOR_KINDS
 from logix.run import Run, Step
 
 try:
@@ -154,7 +155,7 @@ class TrainerLogging:
                                "block, which would stop the Trainer's training; it is for "
                                "log_dataset() passes over a trained model. Log during training "
                                "with attribution_only: false")
-        if per_example_loss == "mean" and {"kfac", "ekfac"} & set(run.config.curvature.statistics):
+        if per_example_loss == "mean" and set(FACTOR_KINDS) & set(run.config.curvature.statistics):
             raise CaptureError("per_example_loss='mean' weights each example's rows by 1/tokens, "
                                "which K-FAC sums over the batch cannot take: log without "
                                "kfac/ekfac in curvature.statistics (compute the factors later "
