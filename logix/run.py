@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from logix.capture.hooks import CaptureError, ModuleCapture, StepState, select_modules
+from logix.capture.hooks import (
+    CaptureError,
+    ModuleCapture,
+    StepState,
+    check_batch_mask,
+    select_modules,
+)
 from logix.capture.pca import CovarianceCollector
 from logix.capture.pca_fisher import TrueFisherProjectionFit
 from logix.capture.per_sample import has_bias
@@ -51,7 +57,7 @@ from logix.store.format import (
     total_width,
 )
 from logix.store.gradients import DataId, Gradients
-from logix.store.writer import StoreWriter, nonfinite_rows, normalise_ids
+from logix.store.writer import StoreWriter, batch_ids, nonfinite_rows
 
 if TYPE_CHECKING:
     from logix.curvature.fit import TrueFisherFit
@@ -295,14 +301,8 @@ class Run:
         position's factors for `token_gradients()` instead of summing them into `gradients()`
         rows; `token_ids` [B, T] are kept with them for display."""
         self._check_open()
-        if isinstance(data_id, (int, str)) and not isinstance(data_id, bool):
-            data_id = [data_id]
-        ids = normalise_ids(data_id)
-        if not ids:
-            raise ValueError("data_id is empty: pass one id per example of the batch")
-        if mask is not None:
-            if mask.ndim != 2 or mask.shape[0] != len(ids):
-                raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
+        ids = batch_ids(data_id)
+        check_batch_mask(mask, len(ids))
         check_token_request(self.mode, len(ids), mask, per_token, token_ids)
         return Step(self, ids, mask, per_token, token_ids)
 

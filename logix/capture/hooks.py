@@ -62,6 +62,12 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
     return chosen
 
 
+def check_batch_mask(mask: torch.Tensor | None, batch_size: int) -> None:
+    """A padding mask given with a block must be [batch, seq] (1 = real position)."""
+    if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch_size):
+        raise ValueError(f"mask must be [batch={batch_size}, seq], got {tuple(mask.shape)}")
+
+
 def position_mask(mask: torch.Tensor | None, module: nn.Module, name: str,
                   values: torch.Tensor) -> torch.Tensor | None:
     """The [B, T] padding mask that applies to a layer's per-position `values` [B, T, ...], in

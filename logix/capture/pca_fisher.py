@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from logix.capture.fisher import backpropagate_to, check_pass_logits, fisher_logit_grads
-from logix.capture.hooks import CaptureError
+from logix.capture.hooks import CaptureError, check_batch_mask
 
 
 class _Block:
@@ -87,8 +87,7 @@ class TrueFisherProjectionFit:
         batch_size = 1 if isinstance(data_id, (int, str)) else len(data_id)
         if batch_size == 0:
             raise ValueError("data_id is empty: pass one id per example of the batch")
-        if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch_size):
-            raise ValueError(f"mask must be [batch={batch_size}, seq], got {tuple(mask.shape)}")
+        check_batch_mask(mask, batch_size)
         return _Block(self, batch_size, mask)
 
     def backward(self, logits: torch.Tensor, label_mask: torch.Tensor | None = None) -> None:

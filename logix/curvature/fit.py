@@ -40,7 +40,7 @@ import torch
 
 from logix.capture.factors import KroneckerSums
 from logix.capture.fisher import backpropagate_to, check_pass_logits, fisher_logit_grads
-from logix.capture.hooks import CaptureError, StepState
+from logix.capture.hooks import CaptureError, StepState, check_batch_mask
 from logix.curvature.covariance import (
     ACCUMULATORS,
     Statistics,
@@ -56,7 +56,7 @@ from logix.curvature.kfac import (
 from logix.curvature.true_fisher import EigenvalueSums, bases_key, true_kind
 from logix.distributed import barrier
 from logix.store.format import StoreError, curvature_dir
-from logix.store.writer import normalise_ids
+from logix.store.writer import batch_ids
 
 KINDS = ("raw", "kfac", "ekfac")
 RowsFn = Callable[[list, torch.Tensor], None]  # (data ids, pseudo-gradient rows [n, D])
@@ -180,13 +180,8 @@ class TrueFisherFit:
         padded (0) input positions, exactly as in `with run(data_id=..., mask=...)`."""
         if not self._open:
             raise CaptureError("use the pass as `with run.fit_curvature(fisher='true') as fit:`")
-        if isinstance(data_id, (int, str)) and not isinstance(data_id, bool):
-            data_id = [data_id]
-        ids = normalise_ids(data_id)
-        if not ids:
-            raise ValueError("data_id is empty: pass one id per example of the batch")
-        if mask is not None and (mask.ndim != 2 or mask.shape[0] != len(ids)):
-            raise ValueError(f"mask must be [batch={len(ids)}, seq], got {tuple(mask.shape)}")
+        ids = batch_ids(data_id)
+        check_batch_mask(mask, len(ids))
         return _Batch(self, ids, mask)
 
     def backward(self, logits: torch.Tensor, label_mask: torch.Tensor | None = None) -> None:

@@ -24,9 +24,9 @@ import torch
 from logix.store.format import (
     FORMAT_NAME,
     MANIFEST,
+    SAFETENSORS_DTYPES,
     SHARD_DIR,
     SHARD_FORMAT,
-    SAFETENSORS_DTYPES,
     STORAGE_DTYPES,
     StoreError,
     check_segment_name,
@@ -69,6 +69,16 @@ def normalise_ids(ids: Sequence[Any]) -> list[DataId]:
             )
         out.append(i)
     return out
+
+
+def batch_ids(data_id: Any) -> list[DataId]:
+    """The ids of one batch: a single int or str is a batch of one; never empty."""
+    if isinstance(data_id, (int, str)) and not isinstance(data_id, bool):
+        data_id = [data_id]
+    ids = normalise_ids(data_id)
+    if not ids:
+        raise ValueError("data_id is empty: pass one id per example of the batch")
+    return ids
 
 
 def nonfinite_rows(rows: torch.Tensor) -> list[int]:
