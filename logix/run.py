@@ -30,6 +30,7 @@ from logix.capture.hooks import (
     ModuleCapture,
     StepState,
     check_batch_mask,
+    check_gradient_reached,
     select_modules,
 )
 from logix.capture.pca import CovarianceCollector
@@ -308,11 +309,7 @@ class Run:
 
     def _submit(self, ids: list[DataId], state: StepState, row_scale: torch.Tensor | float = 1.0,
                 nonfinite: str = "raise") -> None:
-        if state.rows is None:
-            raise CaptureError(
-                "no gradient reached any watched module inside `with run(data_id=...)`: call "
-                "loss.backward() inside the block (with gradients enabled)"
-            )
+        check_gradient_reached(state)
         rows = state.rows
         for i, m in enumerate(self.modules):
             if i not in state.written:  # a module this step never used: its gradient is zero

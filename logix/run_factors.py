@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
-from logix.capture.hooks import CaptureError, StepState
+from logix.capture.hooks import CaptureError, StepState, check_gradient_reached
 from logix.curvature.covariance import (
     FACTOR_KINDS,  # config kinds needing the hooks' factors
 )
@@ -100,10 +100,7 @@ class FactorLog:
         """Add a step's sums to `segment` (after its rows were accepted). Rows scaled by a number
         c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
         self.check_scale(row_scale)
-        if not state.written:
-            raise CaptureError(
-                "no gradient reached any watched module inside `with run(data_id=...)`: call "
-                "loss.backward() inside the block (with gradients enabled)")
+        check_gradient_reached(state)
         sums = self.sums[segment] if self.fit_segment else self.segment_sums(segment)
         state.factors.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
         self.changed.add(segment)

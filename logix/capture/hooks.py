@@ -62,6 +62,14 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
     return chosen
 
 
+def check_gradient_reached(state: "StepState") -> None:
+    """A block whose backward reached no watched module is a mistake in the loop: say which."""
+    if not state.written:
+        raise CaptureError(
+            "no gradient reached any watched module inside `with run(data_id=...)`: call "
+            "loss.backward() inside the block (with gradients enabled)")
+
+
 def check_batch_mask(mask: torch.Tensor | None, batch_size: int) -> None:
     """A padding mask given with a block must be [batch, seq] (1 = real position)."""
     if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch_size):
