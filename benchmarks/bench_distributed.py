@@ -51,7 +51,7 @@ def launch(world: int, threads: int, args: list[str], out: Path) -> dict:
 # ---------------------------------------------------------------------------------- workers
 def query_worker(a: argparse.Namespace) -> dict:
     import logix
-    from logix import distributed as dist
+    from logix import comm as dist
     from logix.store.gradients import Gradients
 
     store = logix.open_store(a.store)
@@ -79,7 +79,7 @@ def logging_worker(a: argparse.Namespace) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     import logix
-    from logix import distributed as dist
+    from logix import comm as dist
 
     rank, _ = dist.rank_and_world()
     torch.manual_seed(0)

@@ -7,9 +7,10 @@ training examples made the model behave as it does (`open_store`, `InfluenceEngi
 __version__ = "0.1.0"
 
 from logix.capture.tokens import TokenGradients
-from logix.config import ConfigError, LogixConfig
+from logix.config import LogixConfig
+from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, StoreError
 from logix.run import Run, init
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
 
 
@@ -36,7 +37,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CaptureError",
+    "ChoiceError",
     "ConfigError",
+    "LogixError",
     "Gradients",
     "InfluenceEngine",
     "LogixConfig",

@@ -15,8 +15,19 @@ from typing import Any, get_type_hints
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is not valid."""
+from logix.errors import ConfigError
+from logix.vocabulary import (
+    FISHERS,
+    LAYER_TYPES,
+    LOSS_REDUCTIONS,
+    PRECONDITIONERS,
+    PROJECTION_KINDS,
+    SCORE_MODES,
+    STATISTICS,
+    STORAGE_DTYPES,
+)
+
+__all__ = ["ConfigError", "LogixConfig"]
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -28,13 +39,12 @@ class CaptureConfig:
     """Which modules are watched and how their gradients are read."""
 
     types: list[str] = field(
-        default_factory=lambda: ["Linear", "Conv1D", "Conv2d", "Embedding"],
-        metadata={"each_of": ("Linear", "Conv1D", "Conv2d", "Embedding")},
+        default_factory=lambda: list(LAYER_TYPES), metadata={"each_of": LAYER_TYPES},
     )
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     bias: bool = True
-    loss_reduction: str = field(default="mean", metadata=_choices("mean", "sum"))
+    loss_reduction: str = field(default="mean", metadata=_choices(*LOSS_REDUCTIONS))
     attribution_only: bool = False
 
 
@@ -42,7 +52,7 @@ class CaptureConfig:
 class ProjectionConfig:
     """The LoGra projections P_in [rank_in, d_in] and P_out [rank_out, d_out]."""
 
-    kind: str = field(default="random", metadata=_choices("identity", "random", "pca"))
+    kind: str = field(default="random", metadata=_choices(*PROJECTION_KINDS))
     rank_in: int = field(default=64, metadata={"min": 1})
     rank_out: int = field(default=64, metadata={"min": 1})
     seed: int = 0
@@ -52,7 +62,7 @@ class ProjectionConfig:
 class StoreConfig:
     """How rows are written to disk."""
 
-    dtype: str = field(default="float32", metadata=_choices("float32", "float16", "bfloat16"))
+    dtype: str = field(default="float32", metadata=_choices(*STORAGE_DTYPES))
     shard_rows: int = field(default=4096, metadata={"min": 1})
 
 
@@ -61,7 +71,7 @@ class CurvatureConfig:
     """Which curvature statistics are accumulated while logging."""
 
     statistics: list[str] = field(default_factory=lambda: ["raw"],
-                                  metadata={"each_of": ("raw", "kfac", "ekfac")})
+                                  metadata={"each_of": STATISTICS})
     during_logging: bool = False
 
 
@@ -69,11 +79,11 @@ class CurvatureConfig:
 class QueryConfig:
     """Defaults for the query engine."""
 
-    preconditioner: str = field(default="raw", metadata=_choices("identity", "raw", "kfac", "ekfac"))
+    preconditioner: str = field(default="raw", metadata=_choices(*PRECONDITIONERS))
     damping: float = field(default=0.1, metadata={"min": 0.0})
     refine: int = field(default=0, metadata={"min": 0})
-    fisher: str = field(default="empirical", metadata=_choices("empirical", "true"))
-    mode: str = field(default="dot", metadata=_choices("dot", "cosine", "relative"))
+    fisher: str = field(default="empirical", metadata=_choices(*FISHERS))
+    mode: str = field(default="dot", metadata=_choices(*SCORE_MODES))
 
 
 @dataclass

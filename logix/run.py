@@ -44,7 +44,9 @@ from logix.capture.projection import (
 from logix.capture.tokens import TokenGradients, check_token_request
 from logix.config import LogixConfig
 from logix.curvature.covariance import FACTOR_KINDS
-from logix.distributed import all_reduce_sum, barrier, finish_logging, rank_and_world
+from logix.comm import all_reduce_sum, barrier, rank_and_world
+from logix.curvature.reduce import finish_statistics
+from logix.store.finalize import finish_logging, record_ranks
 from logix.run_factors import FactorLog, check_factor_dims
 from logix.run_store import check_model, create_store, module_table, remove_store
 from logix.step import CurvatureFit, ProjectionFit, Step
@@ -439,13 +441,19 @@ class Run:
             error: Exception | None = None
             try:
                 self._writer.close()
-                if self._statistics is not None and self.world_size == 1:
-                    self._statistics.save()
                 self._factors.save()  # K-FAC factors stay one file per rank (summed on load)
             except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
                 error = e
-            # Under torch.distributed: checks, and the statistics summed over ranks into one file.
-            finish_logging(self.run_dir, ok=error is None, statistics=self._statistics)
+            ok = error is None
+            try:
+                failed = finish_logging(self.run_dir, ok=ok)  # collective under torch.distributed
+            except Exception:
+                if self._statistics is not None and ok:
+                    self._statistics.save()  # this rank's own file: its rows are complete
+                raise
+            if self._statistics is not None:
+                finish_statistics(self._statistics, ok, failed)
+            record_ranks(self.run_dir)
             if error is not None:
                 raise error
 

@@ -18,7 +18,7 @@ from logix.capture.hooks import CaptureError, StepState, check_gradient_reached
 from logix.curvature.covariance import (
     FACTOR_KINDS,  # config kinds needing the hooks' factors
 )
-from logix.distributed import barrier
+from logix.comm import barrier
 from logix.store.format import ModuleInfo
 
 

@@ -25,7 +25,8 @@ from store_helpers import WIDTH, make_store, rows_for
 from torch import nn
 
 import logix
-from logix import distributed as dist
+from logix.capture import wrappers
+from logix.query import distributed as query_dist
 from logix.commands import inspect as inspect_cmd
 from logix.curvature.covariance import load_statistics, read_statistics
 from logix.curvature.kfac import load_factors
@@ -245,12 +246,12 @@ def test_one_process_runs_the_distributed_code_path(tmp_path):
 
 
 def test_split_shards_is_contiguous_and_balanced():
-    assert dist.split_shards([5, 5, 5, 5], 2) == [(0, 2), (2, 4)]
-    assert dist.split_shards([10, 1, 1, 1, 1, 6], 2) == [(0, 1), (1, 6)]
-    assert dist.split_shards([3, 3], 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]  # some ranks idle
-    assert dist.split_shards([], 3) == [(0, 0)] * 3
+    assert query_dist.split_shards([5, 5, 5, 5], 2) == [(0, 2), (2, 4)]
+    assert query_dist.split_shards([10, 1, 1, 1, 1, 6], 2) == [(0, 1), (1, 6)]
+    assert query_dist.split_shards([3, 3], 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]  # some ranks idle
+    assert query_dist.split_shards([], 3) == [(0, 0)] * 3
     sizes = [7, 7, 7, 7, 7, 7, 2]
-    parts = dist.split_shards(sizes, 3)
+    parts = query_dist.split_shards(sizes, 3)
     assert parts[0][0] == 0 and parts[-1][1] == len(sizes)
     assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
     assert [sum(sizes[a:b]) for a, b in parts] == [14, 14, 16]
@@ -262,7 +263,7 @@ def test_merged_top_k_of_column_blocks_breaks_ties_like_one_process():
     k = 7
     blocks = [(0, 13), (13, 13), (13, 29), (29, 40)]  # one rank holds nothing
     parts = [_candidates(scores[:, a:b], a, min(k, b - a)) for a, b in blocks if b > a]
-    values, index = _unpack(dist.merge_keys(parts, k))
+    values, index = _unpack(query_dist.merge_keys(parts, k))
     order = np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :k]
     assert np.array_equal(index.numpy(), order)
     assert torch.equal(values, torch.gather(scores, 1, index))
@@ -277,12 +278,12 @@ def test_wrapper_names_are_stripped():
     inner = nn.Sequential(OrderedDict(fc1=nn.Linear(2, 3),
                                       block=Wrapper(nn.Linear(3, 3), "_checkpoint_wrapped_module")))
     wrapped = Wrapper(inner, "_fsdp_wrapped_module")
-    names = [n for n, _ in dist.named_modules(wrapped)]
+    names = [n for n, _ in wrappers.named_modules(wrapped)]
     assert names == ["", "fc1", "block"]  # the wrapper modules give way to what they wrap
-    assert dist.named_modules(wrapped)[2][1] is inner.block._checkpoint_wrapped_module
-    assert dist.canonical_name("a._fsdp_wrapped_module.b") == "a.b"
-    assert dist.canonical_name("module.fc1") == "module.fc1"  # only a DDP wrapper is unwrapped
-    assert dist.unwrap_model(nn.DataParallel(inner)) is inner
+    assert wrappers.named_modules(wrapped)[2][1] is inner.block._checkpoint_wrapped_module
+    assert wrappers.canonical_name("a._fsdp_wrapped_module.b") == "a.b"
+    assert wrappers.canonical_name("module.fc1") == "module.fc1"  # only a DDP wrapper is unwrapped
+    assert wrappers.unwrap_model(nn.DataParallel(inner)) is inner
 
 
 def test_rank_status_and_missing_ids(tmp_path):

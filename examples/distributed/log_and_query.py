@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digits"))
 import logix  # noqa: E402
 from common import accuracy, load_digits, make_mlp  # noqa: E402
-from logix.distributed import rank_and_world  # noqa: E402
+from logix.comm import rank_and_world  # noqa: E402
 
 CONFIG = {
     "projection": {"kind": "random", "rank_in": 64, "rank_out": 64, "seed": 0},

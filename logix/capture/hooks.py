@@ -30,11 +30,10 @@ from logix.capture.per_sample import (
 )
 from logix.capture.projection import ModuleProjection
 from logix.config import CaptureConfig
-from logix.distributed import named_modules
+from logix.capture.wrappers import named_modules
+from logix.errors import CaptureError
 
 
-class CaptureError(RuntimeError):
-    """The training step is not one logix can read per example (it names the fix)."""
 
 
 def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.Module]]:

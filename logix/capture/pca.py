@@ -22,8 +22,8 @@ from logix.capture.per_sample import (
     projected_inputs,
 )
 from logix.capture.projection import SideProjection, whole_side
+from logix.vocabulary import FISHERS
 
-FISHERS = ("empirical", "true")
 
 
 class CovarianceCollector:

@@ -11,7 +11,7 @@ On disk (one file per kind, rank and segment; never pickled):
 
     curvature/<segment>/raw-r00000.safetensors    written by `CurvatureStatistics.save` (under
                                                   torch.distributed: all ranks' sums, reduced
-                                                  at finalize by `distributed.finish_logging`)
+                                                  at finalize by `curvature.reduce.finish_statistics`)
     curvature/<segment>/raw-stream.safetensors    a streaming recompute over the whole store
     curvature/<segment>/kfac-r00000.safetensors   K-FAC factors from the capture hooks (kfac.py)
 

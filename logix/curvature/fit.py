@@ -54,7 +54,7 @@ from logix.curvature.kfac import (
     save_factors,
 )
 from logix.curvature.true_fisher import EigenvalueSums, bases_key, true_kind
-from logix.distributed import barrier
+from logix.comm import barrier
 from logix.store.format import StoreError, curvature_dir
 from logix.store.writer import batch_ids
 

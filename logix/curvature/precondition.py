@@ -17,7 +17,6 @@ Eigendecompositions are cached on disk (`eigen.py`): changing the damping costs 
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,20 +39,10 @@ from logix.curvature.true_fisher import (
     true_raw_statistics,
 )
 from logix.store.format import ModuleInfo, StoreError, total_width
+from logix.vocabulary import FISHERS, PRECONDITIONERS, check_choice
 
-PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
-FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the data's, the model's
 # The statistics each preconditioner reads by default (variants like "kfac.true" plug in here).
 DEFAULT_STATISTICS = {"raw": "raw", "kfac": FACTOR_KIND, "ekfac": FACTOR_KIND}
-
-
-def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
-    """`value` if it is one of `choices`, else a ValueError naming the closest valid one."""
-    if value in choices:
-        return value
-    close = difflib.get_close_matches(str(value), choices, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown {what} {value!r}; {hint}choose from {', '.join(choices)}")
 
 
 @dataclass

@@ -45,7 +45,7 @@ class RefinedPreconditioner:
                  progress: ProgressFn | None = None,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """`rows`: the store (or, in a distributed engine, this process's share of it); `reduce`:
-        sums a tensor over processes (e.g. `logix.distributed.all_reduce_sum`), so that each
+        sums a tensor over processes (e.g. `logix.comm.all_reduce_sum`), so that each
         F V pass streams every row exactly once across all of them."""
         if base.kind != "ekfac" or base.blocks is None:
             raise ValueError(f"refine needs preconditioner='ekfac' (got {base.kind!r}): the "

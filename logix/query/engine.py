@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from logix import distributed as dist
+from logix import comm
+from logix.curvature.reduce import share_statistics
+from logix.query.distributed import local_share, merge_top_k
 from logix.curvature.covariance import ProgressFn
 from logix.curvature.precondition import build_preconditioner, check_choice
 from logix.curvature.refine import RefinedPreconditioner
@@ -90,7 +92,7 @@ class InfluenceEngine:
         self.modules = self._select(modules)
         self.distributed = bool(distributed)
         # The rows this process streams: its share of the shards, or all of them.
-        self._rows = dist.local_share(store) if self.distributed else store
+        self._rows = local_share(store) if self.distributed else store
 
         def build():
             return build_preconditioner(
@@ -100,9 +102,9 @@ class InfluenceEngine:
 
         if self.distributed:  # statistics from a split pass; one preconditioner, sent to all
             if fisher != "true":  # true-Fisher statistics come from a model pass, not the rows
-                dist.share_statistics(store, self._rows, preconditioner,
+                share_statistics(store, self._rows, preconditioner,
                                       chunk_rows=self.chunk_rows, progress=progress)
-            self.preconditioner = dist.on_rank0(build)
+            self.preconditioner = comm.on_rank0(build)
         else:
             self.preconditioner = build()
         self.fisher = fisher
@@ -113,7 +115,7 @@ class InfluenceEngine:
             self.preconditioner = RefinedPreconditioner(
                 self.preconditioner, self._rows, self.refine, method=refine_method,
                 chunk_rows=self.chunk_rows, device=self.device, progress=progress,
-                reduce=dist.all_reduce_sum if self.distributed else None)
+                reduce=comm.all_reduce_sum if self.distributed else None)
         self._selected = self.preconditioner.selected
 
     @property
@@ -171,11 +173,11 @@ class InfluenceEngine:
             return self._queries(q)
         # Refinement passes are collective (every rank streams its share), so then all ranks
         # precondition; otherwise rank 0 alone does.
-        precondition = dist.rank_and_world()[0] == 0 or self.refine > 0
-        qp, qnorm, ids = dist.together(lambda: self._queries(q, precondition=precondition))
-        dist.check_same("the queries", (tuple(qp.shape), ids),
+        precondition = comm.rank_and_world()[0] == 0 or self.refine > 0
+        qp, qnorm, ids = comm.together(lambda: self._queries(q, precondition=precondition))
+        comm.check_same("the queries", (tuple(qp.shape), ids),
                         "pass the same query gradients (same ids, same order) on every rank")
-        return dist.broadcast(qp), dist.broadcast(qnorm), ids
+        return comm.broadcast(qp), comm.broadcast(qnorm), ids
 
     # ------------------------------------------------------------------------------ streaming
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
@@ -225,7 +227,7 @@ class InfluenceEngine:
         """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module)."""
         out, qids = self._local_scores(q, mode, per_module)
         if self.distributed:
-            out = dist.all_gather_columns(out)
+            out = comm.all_gather_columns(out)
         return Scores(out, qids, list(self.store.data_ids), mode,
                       [m.name for m in self._selected] if per_module else None, self._meta())
 
@@ -241,7 +243,7 @@ class InfluenceEngine:
         out, qids = self._local_scores(q, mode, per_module)
         rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
         step = max(1, int(block_bytes) // (4 * len(self.store)))
-        blocks = ((dist.gather_columns_to(rows[b:b + step]) if self.distributed
+        blocks = ((comm.gather_columns_to(rows[b:b + step]) if self.distributed
                    else rows[b:b + step]) for b in range(0, rows.shape[0], step))
         result = Scores(torch.empty(0), qids, list(self.store.data_ids), mode,
                         [m.name for m in self._selected] if per_module else None, self._meta())
@@ -254,10 +256,10 @@ class InfluenceEngine:
                 for _ in blocks:  # other ranks wait in the gather until every block is taken
                     pass
 
-        if dist.rank_and_world()[0] == 0 or not self.distributed:
-            dist.together(write)
+        if comm.rank_and_world()[0] == 0 or not self.distributed:
+            comm.together(write)
         else:
-            dist.together(lambda: [None for _ in blocks])
+            comm.together(lambda: [None for _ in blocks])
         return path
 
     def _local_scores(self, q: Gradients | torch.Tensor, mode: str,
@@ -278,7 +280,7 @@ class InfluenceEngine:
             self._check_finite(flags)
             return out
 
-        return (dist.together(compute) if self.distributed else compute()), qids
+        return (comm.together(compute) if self.distributed else compute()), qids
 
     def top_k(self, q: Gradients | torch.Tensor, k: int = 10, mode: str = "dot") -> TopK:
         """The k highest-scoring train rows per query, best first; `.values`/`.indices` [n_query, k].
@@ -306,7 +308,7 @@ class InfluenceEngine:
             return best
 
         if self.distributed:  # keys carry global train indices: the merge is one more top-k
-            best = dist.merge_top_k(dist.together(compute), k)
+            best = merge_top_k(comm.together(compute), k)
         else:
             best = compute()
         best_v, best_i = _unpack(best.cpu())
@@ -342,7 +344,7 @@ class InfluenceEngine:
                                  f"`logix inspect {self.store.path}`")
             return values
 
-        values = dist.all_gather_columns(dist.together(compute)) if self.distributed else compute()
+        values = comm.all_gather_columns(comm.together(compute)) if self.distributed else compute()
         return SelfInfluence(values, list(self.store.data_ids), mode,
                              [m.name for m in self._selected] if per_module else None, self._meta())
 

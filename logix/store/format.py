@@ -24,6 +24,8 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+from logix.errors import StoreError
+from logix.vocabulary import STORAGE_DTYPES
 
 FORMAT_NAME = "logix-store"
 FORMAT_VERSION = 1
@@ -32,12 +34,9 @@ PROJECTIONS = "projections.safetensors"
 INDEX_DIR = "index"
 SHARD_DIR = "shards"
 CURVATURE_DIR = "curvature"
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 _SEGMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
-class StoreError(RuntimeError):
-    """A store is missing, damaged, or does not match what it is used with."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,30 @@
+"""Every named choice logix offers, defined once: config validation, the Python API and the CLI
+all read these tuples, so a new kind is added in one place."""
+
+from __future__ import annotations
+
+import difflib
+
+from logix.errors import ChoiceError
+
+RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
+LAYER_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding")
+LOSS_REDUCTIONS = ("mean", "sum")  # how the loop reduces its loss over the batch
+PROJECTION_KINDS = ("identity", "random", "pca")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+STATISTICS = ("raw", "kfac", "ekfac")  # curvature statistics a store can hold
+FACTOR_STATISTICS = ("kfac", "ekfac")  # the ones read from the capture hooks' K-FAC factors
+PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
+FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the data's, the model's
+SCORE_MODES = ("dot", "cosine", "relative")
+SELF_INFLUENCE_MODES = ("dot", "relative")
+VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    """`value` if it is one of `choices`, else a ChoiceError naming the closest valid one."""
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ChoiceError(f"unknown {what} {value!r}; {hint}choose from {', '.join(choices)}")
