@@ -4,7 +4,7 @@ Log in three lines (`init`, `watch`, `with run(data_id=ids):`), then open the st
 training examples made the model behave as it does (`open_store`, `InfluenceEngine`).
 """
 
-__version__ = "0.1.0"
+from logix.version import __version__
 
 from logix.capture.tokens import TokenGradients
 from logix.config import LogixConfig

@@ -89,7 +89,7 @@ def create_store(run_dir: Path, config: LogixConfig, modules: list[ModuleInfo],
         run_dir.mkdir(parents=True, exist_ok=True)
         sha = save_projections(run_dir / PROJECTIONS, projections)
         config.to_yaml(run_dir / CONFIG_COPY)
-        from logix import __version__
+        from logix.version import __version__
 
         p = config.projection
         manifest = {
