@@ -31,8 +31,8 @@ from logix.capture.hooks import (
     StepState,
     check_batch_mask,
     check_gradient_reached,
-    select_modules,
 )
+from logix.capture.modules import check_model, module_table, select_modules
 from logix.capture.pca import CovarianceCollector
 from logix.capture.pca_fisher import TrueFisherProjectionFit
 from logix.capture.per_sample import has_bias
@@ -40,6 +40,7 @@ from logix.capture.projection import (
     ModuleProjection,
     load_projections,
     make_side,
+    projections_bytes,
 )
 from logix.capture.tokens import TokenGradients, check_token_request
 from logix.config import LogixConfig
@@ -48,7 +49,7 @@ from logix.comm import all_reduce_sum, barrier, rank_and_world
 from logix.curvature.reduce import finish_statistics
 from logix.store.finalize import finish_logging, record_ranks
 from logix.run_factors import FactorLog, check_factor_dims
-from logix.run_store import check_model, create_store, module_table, remove_store
+from logix.store.create import create_store, remove_store
 from logix.step import CurvatureFit, ProjectionFit, Step
 from logix.store.format import (
     FORMAT_NAME,
@@ -271,8 +272,18 @@ class Run:
                       notes: list[str], info: dict | None = None) -> dict[str, ModuleProjection]:
         """Create the store (rank 0) and return the projections every rank captures with;
         `info` joins the manifest's projection entry."""
-        self._manifest, projections = create_store(self.run_dir, self.config, modules, projections,
-                                                   notes, self.rank, self.world_size, info)
+        if self.rank == 0:
+            p = self.config.projection
+            self._manifest = create_store(
+                self.run_dir, self.config.to_dict(), self.config.to_yaml(), modules,
+                projections_bytes(projections),
+                {"kind": p.kind, "seed": p.seed, "notes": notes, **(info or {})}, self.world_size)
+        if self.world_size > 1:  # every rank captures with rank 0's projections
+            barrier()
+            if self.rank != 0:
+                self._manifest = read_json(self.run_dir / MANIFEST)
+                dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in modules}
+                projections = load_projections(self.run_dir / PROJECTIONS, dims)
         self.fingerprint = self._manifest["fingerprint"]
         return projections
 

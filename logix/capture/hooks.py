@@ -11,7 +11,6 @@ project in float32 with autocast off (`full_precision`).
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -21,44 +20,15 @@ from torch import nn
 
 from logix.capture.factors import KroneckerSums
 from logix.capture.per_sample import (
-    check_supported,
     full_precision,
-    layer_type,
     output_grads,
     projected_gradient,
     projected_inputs,
 )
 from logix.capture.projection import ModuleProjection
-from logix.config import CaptureConfig
-from logix.capture.wrappers import named_modules
 from logix.errors import CaptureError
 
 
-
-
-def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.Module]]:
-    """Watched modules in `model.named_modules()` order: type in cfg.types, name matching an
-    `include` pattern and no `exclude` pattern (fnmatch, e.g. 'encoder.*.fc1'). Names are those
-    of the unwrapped model (no DDP 'module.' or FSDP '_fsdp_wrapped_module.' parts)."""
-    chosen = []
-    for name, module in named_modules(model):
-        kind = layer_type(module)
-        if kind is None or kind not in cfg.types or not name:
-            continue
-        if not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
-            continue
-        check_supported(name, module)
-        chosen.append((name, module))
-    if not chosen:
-        candidates = [n for n, m in named_modules(model) if n and layer_type(m)]
-        raise CaptureError(
-            f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
-            f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "
-            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv2d and Embedding layers)'}"
-        )
-    return chosen
 
 
 def check_gradient_reached(state: "StepState") -> None:

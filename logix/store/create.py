@@ -1,0 +1,66 @@
+"""Creating and removing a store's files: projections, config copy, then the manifest (the
+commit point: a directory without it holds no store). Rank 0 writes; `Run` shares the result."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from logix.store.format import (
+    CURVATURE_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_DIR,
+    MANIFEST,
+    PROJECTIONS,
+    SHARD_DIR,
+    ModuleInfo,
+    total_width,
+    write_atomic,
+    write_json_atomic,
+)
+from logix.version import __version__
+
+CONFIG_COPY = "config.yaml"
+
+
+def create_store(run_dir: Path, config: dict[str, Any], config_yaml: str, modules: list[ModuleInfo],
+                 projections: bytes, projection_info: dict[str, Any], world_size: int) -> dict:
+    """Write the projections file (safetensors bytes), the config copy and the manifest, in
+    that order; returns the manifest. `config` is the resolved config as a dict."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / PROJECTIONS, lambda tmp: tmp.write_bytes(projections))
+    write_atomic(run_dir / CONFIG_COPY, lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config": config,
+        "modules": [m.to_dict() for m in modules],
+        "width": total_width(modules),
+        "dtype": config["store"]["dtype"],
+        "fingerprint": fingerprint(modules, hashlib.sha256(projections).hexdigest()),
+        "projection": projection_info,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "logix_version": __version__,
+        "ranks": list(range(world_size)),  # the ranks that log into this store
+    }
+    write_json_atomic(run_dir / MANIFEST, manifest)  # the commit point
+    return manifest
+
+
+def remove_store(run_dir: Path) -> None:
+    """Delete the logix files of a store (and nothing else in the directory)."""
+    for name in (MANIFEST, PROJECTIONS, CONFIG_COPY):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (INDEX_DIR, SHARD_DIR, CURVATURE_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:
+    """A key of the module table and the projection matrices: queries must match it."""
+    table = json.dumps([m.to_dict() for m in modules], sort_keys=True)
+    return hashlib.sha256(f"{table}\n{projections_sha}".encode()).hexdigest()
