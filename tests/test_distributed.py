@@ -30,7 +30,7 @@ from logix.query import distributed as query_dist
 from logix.commands import inspect as inspect_cmd
 from logix.curvature.covariance import load_statistics, read_statistics
 from logix.curvature.kfac import load_factors
-from logix.query.engine import _candidates, _unpack
+from logix.query.topk import candidates as _candidates, unpack as _unpack
 from logix.query.results import load_result
 from logix.store.format import index_path, read_json
 from logix.store.gradients import Gradients

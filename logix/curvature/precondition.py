@@ -2,7 +2,9 @@
 
 - `identity`: F = 0 and no damping, so Q' = Q (plain gradient dot products, TracIn-style).
 - `raw`: F_m = S_m / N from `covariance.py`, inverted through its eigendecomposition
-  F_m = V diag(e) Vᵀ: (F_m + λ_m I)⁻¹ = V diag(1 / (e + λ_m)) Vᵀ.
+  F_m = V diag(e) Vᵀ: (F_m + λ_m I)⁻¹ = V diag(1 / (e + λ_m)) Vᵀ; or, for a block wider than
+  the store is long (N < w, chosen automatically), exactly through the N×N Gram matrix of its
+  rows (`gram.py`), which also holds the train rows preconditioned.
 - `kfac` / `ekfac`: F_m = (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ from the K-FAC factors (`kfac.py`),
   applied without ever forming a [w, w] matrix; Λ = e_S e_Aᵀ (kfac) or refitted to the rows (ekfac).
 
@@ -10,7 +12,7 @@
 `fisher="true"` reads the `.true` statistics of a `run.fit_curvature(fisher="true")` pass (labels
 drawn from the model: the Gauss–Newton matrix), see `true_fisher.py`.
 
-Damping is `λ_m = damping · mean eigenvalue of F_m`, or `λ_m = damping` when `absolute=True`.
+Damping is `λ_m = damping · mean eigenvalue of F_m`, or `λ_m = damping` when `absolute_damping=True`.
 Mean eigenvalues: raw and ekfac trace(F_raw)/w (the same number), kfac mean(e_S)·mean(e_A).
 Eigendecompositions are cached on disk (`eigen.py`): changing the damping costs nothing.
 """
@@ -23,8 +25,16 @@ from typing import Any
 
 import torch
 
-from logix.curvature.covariance import ProgressFn, statistics_for
+from logix.curvature.covariance import (
+    MAX_RAW_WIDTH,
+    ProgressFn,
+    RawAccumulator,
+    Statistics,
+    saved_statistics,
+    statistics_for,
+)
 from logix.curvature.eigen import eigendecompose
+from logix.curvature.gram import GramBlock
 from logix.curvature.kfac import (
     FACTOR_KIND,
     KroneckerBlock,
@@ -39,7 +49,7 @@ from logix.curvature.true_fisher import (
     true_raw_statistics,
 )
 from logix.store.format import ModuleInfo, StoreError, total_width
-from logix.vocabulary import FISHERS, PRECONDITIONERS, check_choice
+from logix.vocabulary import FISHERS, PRECONDITIONERS, RAW_FORMS, check_choice, renamed
 
 # The statistics each preconditioner reads by default (variants like "kfac.true" plug in here).
 DEFAULT_STATISTICS = {"raw": "raw", "kfac": FACTOR_KIND, "ekfac": FACTOR_KIND}
@@ -58,7 +68,7 @@ class Block:
         """W = V diag((e + λ)^-1/2), [w, w], so that W Wᵀ = (F + λI)⁻¹."""
         return self.eigenvectors * (self.eigenvalues + self.damping).rsqrt()
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Block":
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Block:
         return Block(self.module, self.eigenvalues.to(device, dtype),
                      self.eigenvectors.to(device, dtype), self.damping)
 
@@ -73,7 +83,7 @@ class Block:
         return x @ self._w
 
 
-AnyBlock = Block | KroneckerBlock
+AnyBlock = Block | KroneckerBlock | GramBlock
 
 
 class Preconditioner:
@@ -109,20 +119,64 @@ class Preconditioner:
             out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
         return out
 
-    def quadratic(self, x: torch.Tensor, per_module: bool = False) -> torch.Tensor:
+    def query_side(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_s [n, D] float64, qᵀ(F + λI)⁻¹q [n]) with scores = Q_s · `train_side(x)`ᵀ: Q_s is
+        Q' except in Gram blocks, whose train side carries the preconditioning (Q_s = Q there)."""
+        q = q.to(torch.float64)
+        out = torch.zeros_like(q)
+        quad = q.new_zeros(q.shape[0])
+        blocks = self._blocks_on(q.device, q.dtype)
+        for m in self.selected:
+            block = q[:, m.columns]
+            b = None if blocks is None else blocks[m.name]
+            if isinstance(b, GramBlock):
+                out[:, m.columns] = block
+                quad += b.quadratic(block)
+            else:
+                out[:, m.columns] = block if b is None else b.apply(block)
+                quad += (block * out[:, m.columns]).sum(dim=1)
+        return out, quad.clamp(min=0)
+
+    @property
+    def has_gram(self) -> bool:
+        """Whether some selected block is in Gram form (its train side is preconditioned)."""
+        return any(isinstance((self.blocks or {}).get(m.name), GramBlock) for m in self.selected)
+
+    def train_side(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The store's rows start.. as scored against `query_side`: x itself, or a copy whose
+        Gram blocks hold the preconditioned rows X̃ (`gram.py`)."""
+        if not self.has_gram:
+            return x
+        blocks = self._blocks_on(x.device, x.dtype)
+        out = x.clone()
+        for m in self.selected:
+            b = blocks[m.name]
+            if isinstance(b, GramBlock):
+                out[:, m.columns] = b.train_rows(start, start + x.shape[0]).to(x.dtype)
+        return out
+
+    def quadratic(self, x: torch.Tensor, per_module: bool = False,
+                  start: int | None = None) -> torch.Tensor:
         """xᵀ (F + λI)⁻¹ x for every row: [n] (or [n_modules, n] per selected module).
 
         Computed as the squared norm of the whitened block in x's floating dtype (float32 for
         train chunks), so it is never negative: one [n, w] × [w, w] product per module for raw,
-        two rotations by the factor eigenbases for kfac / ekfac.
+        two rotations by the factor eigenbases for kfac / ekfac. Gram blocks: ⟨x, x̃⟩ for the
+        store's own rows `start`.. (exact, no cancellation), else the float64 Woodbury form.
         """
         blocks = self._blocks_on(x.device, x.dtype)
         parts = []
         for m in self.selected:
             block = x[:, m.columns]
-            if blocks is not None:
-                block = blocks[m.name].whiten(block)
-            parts.append((block * block).sum(dim=1))
+            b = None if blocks is None else blocks[m.name]
+            if isinstance(b, GramBlock) and start is not None:
+                parts.append((block * b.train_rows(start, start + x.shape[0])).sum(dim=1).clamp(min=0))
+            elif isinstance(b, GramBlock):
+                parts.append(b.quadratic(block))
+            else:
+                if b is not None:
+                    block = b.whiten(block)
+                parts.append((block * block).sum(dim=1))
         if not parts:
             parts = [x.new_zeros(x.shape[0])]
         stacked = torch.stack(parts)
@@ -147,22 +201,26 @@ def damping_value(eigenvalues: torch.Tensor, damping: float, absolute: bool) -> 
 
 
 def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
-                         absolute: bool = False, modules: list[str] | None = None,
+                         absolute_damping: bool = False, modules: list[str] | None = None,
                          device: torch.device | str = "cpu", chunk_rows: int = 4096,
-                         progress: ProgressFn | None = None,
-                         statistics: str | None = None, rows: Any | None = None,
-                         fisher: str = "empirical") -> Preconditioner:
+                         progress: ProgressFn | None = None, statistics: str | None = None,
+                         fisher: str = "empirical", form: str = "auto",
+                         absolute: bool | None = None) -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
     statistics: the statistics kind it reads (default `DEFAULT_STATISTICS[kind]`: `raw` for raw,
     `kfac` for kfac / ekfac, with `.true` appended for `fisher="true"`).
-    rows: what empirical EK-FAC refits its eigenvalues to (anything with `iter_chunks`,
-    `data_ids`, `modules` and `len`); default the store itself.
     fisher: "empirical" (statistics of the stored rows, recomputed if missing) or "true" (from a
     `run.fit_curvature(fisher="true")` pass; an error naming it if absent).
+    form (raw only): "eigen" (eigendecompose F_m), "gram" (Woodbury through the N×N Gram
+    matrix of the rows, `gram.py`) or "auto": gram for the blocks wider than the store is long.
+    absolute: the old name of absolute_damping (warns once).
     """
+    absolute = bool(renamed("absolute", "absolute_damping", absolute, absolute_damping,
+                            "build_preconditioner"))
     check_choice(kind, PRECONDITIONERS, "preconditioner")
     check_choice(fisher, FISHERS, "fisher")
+    check_choice(form, RAW_FORMS, "raw preconditioner form")
     true = fisher == "true"
     table = list(store.modules)
     selected = [m.name for m in table] if modules is None else list(modules)
@@ -174,24 +232,39 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     directory = Path(store.curvature_dir)
     blocks: dict[str, AnyBlock] = {}
     if kind == "raw":
-        stats = (true_raw_statistics(store) if true
-                 else statistics_for(store, statistics, chunk_rows=chunk_rows, progress=progress))
-        if stats.rows == 0:
-            raise StoreError("the curvature statistics cover no rows; the store segment is empty")
-        eig = eigendecompose(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
-        for m in table:
-            if m.name in eig:
-                e, v = eig[m.name]
-                blocks[m.name] = Block(m, e, v, damping_value(e, damping, absolute))
+        if true and form == "gram":
+            raise ValueError("form='gram' works from the stored rows (the empirical Fisher); the "
+                             "true Fisher's statistics come from a model pass: use form='eigen'")
+        n = len(store)
+        widths = {m.name: m.width for m in table}
+        # auto: Gram where N < w; above MAX_RAW_WIDTH only when asked (form="gram"): the
+        # eigen path's guard then names the limit, as a [w, w] block would.
+        gram = [] if true else [s for s in selected if form == "gram" or (
+            form == "auto" and n < widths[s] <= MAX_RAW_WIDTH)]
+        if gram:
+            blocks.update(gram_blocks(store, gram, damping, absolute, chunk_rows, progress))
+        eigen = [s for s in selected if s not in gram]
+        if eigen:
+            stats = (true_raw_statistics(store) if true else
+                     raw_statistics(store, statistics, eigen, full=not gram, chunk_rows=chunk_rows,
+                                    progress=progress))
+            if stats.rows == 0:
+                raise StoreError("the curvature statistics cover no rows; the store segment is empty")
+            eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device)
+            for m in table:
+                if m.name in eig:
+                    e, v = eig[m.name]
+                    blocks[m.name] = Block(m, e, v, damping_value(e, damping, absolute))
         return Preconditioner(kind, table, selected, blocks, statistics)
     stats = true_factors(store) if true else load_factors(store, statistics)
     bases = factor_eigenbases(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
     if kind == "ekfac" and true:
         values = true_ekfac_eigenvalues(store, stats, bases, selected)
     elif kind == "ekfac":
-        values = ekfac_eigenvalues(store if rows is None else rows, stats, bases, selected,
+        values = ekfac_eigenvalues(store, stats, bases, selected,
                                    chunk_rows=chunk_rows, device=device,
-                                   progress=progress, cache_path=directory / f"e{statistics}-stream.safetensors")
+                                   progress=progress,
+                                   cache_path=directory / f"e{statistics}-stream.safetensors")
     else:
         values = {n: b.kfac_eigenvalues() for n, b in bases.items()}
     for m in table:
@@ -200,3 +273,37 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
             blocks[m.name] = KroneckerBlock(m, bases[m.name].q_in, bases[m.name].q_out, lam,
                                             damping_value(lam.flatten(), damping, absolute))
     return Preconditioner(kind, table, selected, blocks, statistics)
+
+
+def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk_rows: int,
+                   progress: ProgressFn | None) -> Statistics:
+    """`raw` statistics covering at least the modules `names`: the saved ones, else (full) a
+    recompute of every module that is kept for next time, else one pass over `names` only (the
+    other blocks are in Gram form and need no [w, w] sums)."""
+    if full or kind != "raw":
+        return statistics_for(store, kind, chunk_rows=chunk_rows, progress=progress)
+    saved = saved_statistics(store, kind)
+    if saved is not None:
+        return saved
+    modules = [m for m in store.modules if m.name in set(names)]
+    acc = RawAccumulator(modules)
+    for _, rows in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
+        acc.update(rows)
+        if progress is not None:
+            progress("curvature", acc.rows, len(store))
+    return Statistics(kind, list(store.modules), acc.rows, dict(acc.tensors()), ["stream"])
+
+
+def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, chunk_rows: int,
+                progress: ProgressFn | None) -> dict[str, GramBlock]:
+    """The Gram-form blocks of modules `names`, from one read of their columns (float64)."""
+    modules = [m for m in store.modules if m.name in set(names)]
+    rows = {m.name: torch.empty(len(store), m.width, dtype=torch.float64) for m in modules}
+    done = 0
+    for _, x in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
+        for m in modules:
+            rows[m.name][done:done + x.shape[0]] = x[:, m.columns]
+        done += x.shape[0]
+        if progress is not None:
+            progress("gram", done, len(store))
+    return {m.name: GramBlock.build(m, rows[m.name], damping, absolute) for m in modules}

@@ -24,7 +24,8 @@ correction is applied without the extra pass that measuring it would cost.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -89,8 +90,17 @@ class RefinedPreconditioner:
     def dampings(self) -> dict[str, float]:
         return self.base.dampings
 
-    def quadratic(self, x: torch.Tensor, per_module: bool = False) -> torch.Tensor:
+    def quadratic(self, x: torch.Tensor, per_module: bool = False,
+                  start: int | None = None) -> torch.Tensor:
         return self.base.quadratic(x, per_module=per_module)
+
+    def query_side(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the refined Q' [n, D] float64, qᵀQ' [n]): the train side is the plain rows."""
+        qp = self.apply(q)
+        return qp, (q.to(qp.dtype) * qp).sum(dim=1).clamp(min=0)
+
+    def train_side(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        return x
 
     # -------------------------------------------------------------------------- the solve
     def fisher_product(self, v: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Streaming a store's rows onto the engine's device, a bounded number of bytes at a time.
+
+On CUDA the host chunks are copied through two pinned buffers on a side stream, so the copy of
+chunk i+1 overlaps the scoring of chunk i, and rows are upcast to float32 on the device (half
+the bytes cross the bus for bf16 / fp16 stores). On CPU the reader's two reused buffers are
+read straight as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from logix.store.reader import TORCH_DTYPES
+
+DEFAULT_CHUNK_BYTES = 64 << 20  # per float32 chunk: 4096 rows of a 4096-wide store
+
+
+def rows_per_chunk(chunk_bytes: int, width: int) -> int:
+    """Rows of a float32 chunk of at most `chunk_bytes` bytes (at least one row)."""
+    if int(chunk_bytes) < 1:
+        raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
+    return max(1, int(chunk_bytes) // (4 * max(1, int(width))))
+
+
+def device_chunks(store: Any, device: torch.device,
+                  chunk_rows: int) -> Iterator[tuple[list, torch.Tensor]]:
+    """(ids, rows [c, D] float32 on `device`) of a `Store` (or its share), in row order."""
+    cuda = device.type == "cuda"
+    dtype = TORCH_DTYPES[store.dtype] if cuda else torch.float32
+    # Two reused host buffers: a chunk is consumed before the next-but-one is read.
+    source = store.iter_chunks(rows=chunk_rows, dtype=dtype, buffers=2)
+    if not cuda:
+        yield from source
+        return
+    yield from pinned_copies(source, device, chunk_rows, store.width, dtype)
+
+
+def pinned_copies(items: Iterator[tuple[list, torch.Tensor]], device: torch.device, rows: int,
+                  width: int, dtype: torch.dtype) -> Iterator[tuple[list, torch.Tensor]]:
+    """Copy host chunks to the device through two pinned buffers on a side stream.
+
+    The compute stream waits for each copy; a pinned buffer is refilled only after its
+    previous copy has completed. Yields float32 tensors upcast on the device.
+    """
+    copy_stream = torch.cuda.Stream(device)
+    pinned = [torch.empty((rows, width), dtype=dtype, pin_memory=True) for _ in range(2)]
+    copied: list[torch.cuda.Event | None] = [None, None]
+    for n, (ids, x) in enumerate(items):
+        slot = n % 2
+        if copied[slot] is not None:
+            copied[slot].synchronize()
+        host = pinned[slot][: x.shape[0]]
+        host.copy_(x)
+        with torch.cuda.stream(copy_stream):
+            on_device = host.to(device, non_blocking=True)
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record(copy_stream)
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(copy_stream)
+        on_device.record_stream(compute)
+        yield ids, on_device.to(torch.float32)
