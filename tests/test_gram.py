@@ -59,7 +59,8 @@ def test_gram_form_equals_eigen_form(store, absolute):
     xd = x.double()
     # Scores through the preconditioned train side equal Q' Xᵀ.
     qs, quad = gram.query_side(q)
-    assert rel_err(qs @ gram.train_side(xd, 0).T, q @ hinv @ xd.T) < 1e-6  # X̃ is float32
+    assert rel_err(gram.score(qs, xd, 0), q @ hinv @ xd.T) < 1e-6  # X̃ is float32
+    assert rel_err(gram.score(qs[:, :], xd[5:9], 5), (q @ hinv @ xd.T)[:, 5:9]) < 1e-6
     assert rel_err(quad, torch.einsum("nd,de,ne->n", q, hinv, q)) < 1e-8
     self_ref = torch.einsum("nd,de,ne->n", xd, hinv, xd)
     assert rel_err(gram.quadratic(xd, start=0), self_ref) < 1e-6

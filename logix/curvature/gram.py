@@ -36,17 +36,23 @@ class GramBlock:
 
     @classmethod
     def build(cls, module: ModuleInfo, rows: torch.Tensor, damping: float, absolute: bool,
-              gram: torch.Tensor | None = None) -> GramBlock:
-        """The block of `rows` [N, w] (any float dtype; used in float64) with damping relative
-        to trace(F)/w unless `absolute`; `gram` = G Gᵀ when the caller has it."""
+              products: torch.dtype = torch.float64) -> GramBlock:
+        """The block of `rows` [N, w] with damping relative to trace(F)/w unless `absolute`.
+
+        The two large products (K = G Gᵀ and X̃ = N (NλI + K)⁻¹ G, N²w multiply-adds each) run
+        in `products`; the factor and inverse of the [N, N] matrix always in float64. float32
+        products changed the digits store's scores by ~1e-5 relative (`benchmarks/
+        bench_first_query.py`), float64 ones are exact (the tests)."""
         g = rows.to(torch.float64)
         n, w = g.shape
-        k = g @ g.T if gram is None else gram.to(torch.float64)
+        low = rows.to(products)
+        k = (low @ low.T).to(torch.float64)
         mean = float(torch.diagonal(k).sum()) / (n * w)  # trace(F) / w
         lam = float(damping) if absolute or not mean > 0 else float(damping) * mean
         shifted = k + (n * lam) * torch.eye(n, dtype=torch.float64, device=k.device)
         factor = torch.linalg.cholesky(shifted)
-        x_tilde = n * torch.cholesky_solve(g, factor)
+        inverse = torch.cholesky_inverse(factor)  # (NλI + K)⁻¹, [N, N]
+        x_tilde = n * (inverse.to(products) @ low)
         return cls(module, g, factor, lam, x_tilde.to(torch.float32))
 
     @property

@@ -119,10 +119,12 @@ class Preconditioner:
             out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
         return out
 
-    def query_side(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q_s [n, D] float64, qᵀ(F + λI)⁻¹q [n]) with scores = Q_s · `train_side(x)`ᵀ: Q_s is
-        Q' except in Gram blocks, whose train side carries the preconditioning (Q_s = Q there)."""
-        q = q.to(torch.float64)
+    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_s [n, D], qᵀ(F + λI)⁻¹q [n]) with scores = Q_s · `train_side(x)`ᵀ: Q_s is
+        Q' except in Gram blocks, whose train side carries the preconditioning (Q_s = Q there).
+        norms=False skips the Gram blocks' quadratic forms (zeros come back; only cosine
+        scores use them). In q's dtype (the engine passes float64: float32 changed digits
+        scores by up to 5e-6 relative, K-FAC's more, and costs a small share of a query)."""
         out = torch.zeros_like(q)
         quad = q.new_zeros(q.shape[0])
         blocks = self._blocks_on(q.device, q.dtype)
@@ -131,7 +133,8 @@ class Preconditioner:
             b = None if blocks is None else blocks[m.name]
             if isinstance(b, GramBlock):
                 out[:, m.columns] = block
-                quad += b.quadratic(block)
+                if norms:
+                    quad += b.quadratic(block)
             else:
                 out[:, m.columns] = block if b is None else b.apply(block)
                 quad += (block * out[:, m.columns]).sum(dim=1)
@@ -142,18 +145,29 @@ class Preconditioner:
         """Whether some selected block is in Gram form (its train side is preconditioned)."""
         return any(isinstance((self.blocks or {}).get(m.name), GramBlock) for m in self.selected)
 
-    def train_side(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """The store's rows start.. as scored against `query_side`: x itself, or a copy whose
-        Gram blocks hold the preconditioned rows X̃ (`gram.py`)."""
+    def train_block(self, x: torch.Tensor, module: ModuleInfo, start: int) -> torch.Tensor:
+        """The train side of `module` for the store's rows start.. (x [c, D]): its columns of
+        x, or for a Gram block the preconditioned rows X̃ (`gram.py`), [c, w]."""
+        b = (self.blocks or {}).get(module.name)
+        if isinstance(b, GramBlock):
+            b = self._blocks_on(x.device, x.dtype)[module.name]
+            return b.train_rows(start, start + x.shape[0]).to(x.dtype)
+        return x[:, module.columns]
+
+    def score(self, qs: torch.Tensor, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Scores [n, c] of `query_side` rows qs [n, D] against the store's rows start.. (x
+        [c, D]): one product over the plain columns (those of unselected modules are zero in
+        qs), plus one per Gram block against its X̃ rows, whose columns in qs are skipped."""
         if not self.has_gram:
-            return x
-        blocks = self._blocks_on(x.device, x.dtype)
-        out = x.clone()
-        for m in self.selected:
-            b = blocks[m.name]
-            if isinstance(b, GramBlock):
-                out[:, m.columns] = b.train_rows(start, start + x.shape[0]).to(x.dtype)
-        return out
+            return qs @ x.T
+        gram = [m for m in self.selected if isinstance(self.blocks[m.name], GramBlock)]
+        plain = [m for m in self.selected if m not in gram]
+        s = qs.new_zeros(qs.shape[0], x.shape[0])
+        for run in _runs(plain):
+            s += qs[:, run] @ x[:, run].T
+        for m in gram:
+            s += qs[:, m.columns] @ self.train_block(x, m, start).T
+        return s
 
     def quadratic(self, x: torch.Tensor, per_module: bool = False,
                   start: int | None = None) -> torch.Tensor:
@@ -192,6 +206,17 @@ class Preconditioner:
         return self._moved[key]
 
 
+def _runs(modules: list[ModuleInfo]) -> list[slice]:
+    """The columns of `modules` (in table order) as few contiguous slices."""
+    runs: list[slice] = []
+    for m in modules:
+        if runs and runs[-1].stop == m.offset:
+            runs[-1] = slice(runs[-1].start, m.offset + m.width)
+        else:
+            runs.append(m.columns)
+    return runs
+
+
 def damping_value(eigenvalues: torch.Tensor, damping: float, absolute: bool) -> float:
     """λ = damping (absolute) or damping · mean eigenvalue; `damping` where F is zero."""
     if absolute:
@@ -213,7 +238,8 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     fisher: "empirical" (statistics of the stored rows, recomputed if missing) or "true" (from a
     `run.fit_curvature(fisher="true")` pass; an error naming it if absent).
     form (raw only): "eigen" (eigendecompose F_m), "gram" (Woodbury through the N×N Gram
-    matrix of the rows, `gram.py`) or "auto": gram for the blocks wider than the store is long.
+    matrix of the rows, `gram.py`, all in float64) or "auto": gram for the blocks wider than
+    the store is long, its two N²w products in float32 (the [N, N] factor in float64).
     absolute: the old name of absolute_damping (warns once).
     """
     absolute = bool(renamed("absolute", "absolute_damping", absolute, absolute_damping,
@@ -242,7 +268,8 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
         gram = [] if true else [s for s in selected if form == "gram" or (
             form == "auto" and n < widths[s] <= MAX_RAW_WIDTH)]
         if gram:
-            blocks.update(gram_blocks(store, gram, damping, absolute, chunk_rows, progress))
+            products = torch.float64 if form == "gram" else torch.float32
+            blocks.update(gram_blocks(store, gram, damping, absolute, chunk_rows, progress, products))
         eigen = [s for s in selected if s not in gram]
         if eigen:
             stats = (true_raw_statistics(store) if true else
@@ -250,6 +277,10 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                                     progress=progress))
             if stats.rows == 0:
                 raise StoreError("the curvature statistics cover no rows; the store segment is empty")
+            try:  # the cache's folder (absent when no statistics were saved yet)
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass  # a read-only store: eigendecompose recomputes next time
             eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device)
             for m in table:
                 if m.name in eig:
@@ -295,7 +326,7 @@ def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk
 
 
 def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, chunk_rows: int,
-                progress: ProgressFn | None) -> dict[str, GramBlock]:
+                progress: ProgressFn | None, products: torch.dtype) -> dict[str, GramBlock]:
     """The Gram-form blocks of modules `names`, from one read of their columns (float64)."""
     modules = [m for m in store.modules if m.name in set(names)]
     rows = {m.name: torch.empty(len(store), m.width, dtype=torch.float64) for m in modules}
@@ -306,4 +337,4 @@ def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, ch
         done += x.shape[0]
         if progress is not None:
             progress("gram", done, len(store))
-    return {m.name: GramBlock.build(m, rows[m.name], damping, absolute) for m in modules}
+    return {m.name: GramBlock.build(m, rows[m.name], damping, absolute, products) for m in modules}

@@ -94,13 +94,19 @@ class RefinedPreconditioner:
                   start: int | None = None) -> torch.Tensor:
         return self.base.quadratic(x, per_module=per_module)
 
-    def query_side(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(the refined Q' [n, D] float64, qᵀQ' [n]): the train side is the plain rows."""
+        q = q.to(torch.float64)
         qp = self.apply(q)
-        return qp, (q.to(qp.dtype) * qp).sum(dim=1).clamp(min=0)
+        return qp, (q * qp).sum(dim=1).clamp(min=0)
 
-    def train_side(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        return x
+    has_gram = False
+
+    def train_block(self, x: torch.Tensor, module: Any, start: int) -> torch.Tensor:
+        return x[:, module.columns]
+
+    def score(self, qs: torch.Tensor, x: torch.Tensor, start: int) -> torch.Tensor:
+        return qs @ x.T
 
     # -------------------------------------------------------------------------- the solve
     def fisher_product(self, v: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,7 @@ class InfluenceEngine:
                 chunk_rows=self.chunk_rows, device=self.device, progress=progress,
                 reduce=comm.all_reduce_sum if self.distributed else None)
         self._selected = self.preconditioner.selected
+        self._resident: list[tuple[list, torch.Tensor]] | None = None  # a one-chunk store
 
     @property
     def refinement_residuals(self) -> torch.Tensor | None:
@@ -146,34 +147,42 @@ class InfluenceEngine:
         return self.preconditioner.residuals if self.refine else None
 
     # ------------------------------------------------------------------------------ queries
-    def _queries(self, q: Queries, precondition: bool = True,
-                 streamed: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def _queries(self, q: Queries, precondition: bool = True, streamed: bool = False,
+                 norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
         """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on the engine's device
         (streamed: the query side of `_score`, see `preconditioned_queries`)."""
         return preconditioned_queries(q, self.store, self.preconditioner, self.device,
-                                      precondition, streamed)
+                                      precondition, streamed, norms)
 
-    def _shared_queries(self, q: Queries,
-                        streamed: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def _shared_queries(self, q: Queries, streamed: bool = False,
+                        norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
         """`_queries`; in a distributed engine every rank checks its queries and rank 0's Q' and
         norms go to all (the ranks must pass the same query ids; values may differ in the last
         bits, e.g. captured on different GPUs)."""
         if not self.distributed:
-            return self._queries(q, streamed=streamed)
+            return self._queries(q, streamed=streamed, norms=norms)
         # Refinement passes are collective (every rank streams its share), so then all ranks
         # precondition; otherwise rank 0 alone does.
         precondition = comm.rank_and_world()[0] == 0 or self.refine > 0
-        qp, qnorm, ids = comm.together(lambda: self._queries(q, precondition, streamed))
+        qp, qnorm, ids = comm.together(lambda: self._queries(q, precondition, streamed, norms))
         comm.check_same("the queries", (tuple(qp.shape), ids),
                         "pass the same query gradients (same ids, same order) on every rank")
         return comm.broadcast(qp), comm.broadcast(qnorm), ids
 
     # ------------------------------------------------------------------------------ streaming
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
-        """(first row index, ids, rows [c, D] float32 on the device), in row order."""
+        """(first row index, ids, rows [c, D] float32 on the device), in row order. Rows that
+        fit in one chunk are read once and kept: the memory one streamed chunk would take."""
         total, done = len(self._rows), 0
         start = self._rows.row_offset  # global index of this process's first row
-        for ids, x in device_chunks(self._rows, self.device, self.chunk_rows):
+        if total <= self.chunk_rows:
+            if self._resident is None:
+                self._resident = [(ids, x.clone()) for ids, x in
+                                  device_chunks(self._rows, self.device, self.chunk_rows)]
+            source = iter(self._resident)
+        else:
+            source = device_chunks(self._rows, self.device, self.chunk_rows)
+        for ids, x in source:
             yield start, ids, x
             start += len(ids)
             done += len(ids)
@@ -184,11 +193,11 @@ class InfluenceEngine:
                mode: str, per_module: bool) -> torch.Tensor:
         """Scores of the chunk of rows start..: [n_query, c] (or [n_modules, n_query, c]);
         `qp` is the streamed query side (`_shared_queries(q, streamed=True)`)."""
-        xs = self.preconditioner.train_side(x, start)
+        pre = self.preconditioner
         if per_module:
-            s = torch.stack([qp[:, m.columns] @ xs[:, m.columns].T for m in self._selected])
+            s = torch.stack([qp[:, m.columns] @ pre.train_block(x, m, start).T for m in self._selected])
         else:
-            s = qp @ xs.T
+            s = pre.score(qp, x, start)
         if mode != "dot":
             denom = self.preconditioner.quadratic(x, start=start).sqrt()[None, :]
             if mode == "cosine":
@@ -254,7 +263,7 @@ class InfluenceEngine:
 
     def _local_scores(self, q: Queries, mode: str, per_module: bool) -> tuple[torch.Tensor, list]:
         """This process's columns of the score matrix ([..., n_query, n_local]) and query ids."""
-        qp, qnorm, qids = self._shared_queries(q, streamed=True)
+        qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
             n, offset = len(self._rows), self._rows.row_offset
@@ -282,7 +291,7 @@ class InfluenceEngine:
         k = min(int(k), len(self.store))
         if len(self.store) >= 1 << INDEX_BITS:
             raise ValueError("top_k handles segments of fewer than 2**32 rows; split the store")
-        qp, qnorm, qids = self._shared_queries(q, streamed=True)
+        qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
             best = new_best(qp.shape[0], self.device)

@@ -45,10 +45,11 @@ def checked_queries(q: Gradients | torch.Tensor, store: Store) -> tuple[torch.Te
 
 def preconditioned_queries(q: Gradients | torch.Tensor, store: Store, preconditioner: Any,
                            device: torch.device, precondition: bool = True, streamed: bool = False,
-                           ) -> tuple[torch.Tensor, torch.Tensor, list]:
+                           norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(Q' = Q (F + λI)⁻¹ [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on `device`, once
     per query batch. streamed: the query side of scores against the streamed train side
-    (`Preconditioner.query_side`: Gram blocks precondition the train rows instead).
+    (`Preconditioner.query_side`: Gram blocks precondition the train rows instead; norms=False
+    may leave the norms out, as zeros).
     precondition=False: the queries are only checked (two empty tensors come back: a
     distributed engine's other ranks receive rank 0's)."""
     values, ids = checked_queries(q, store)
@@ -57,7 +58,7 @@ def preconditioned_queries(q: Gradients | torch.Tensor, store: Store, preconditi
         return torch.empty(n, width, device=device), torch.empty(n, device=device), ids
     v = values.to(device, torch.float64)
     if streamed:
-        qp, quad = preconditioner.query_side(v)
+        qp, quad = preconditioner.query_side(v, norms)
     else:
         qp = preconditioner.apply(v)
         quad = (v * qp).sum(dim=1).clamp(min=0)
