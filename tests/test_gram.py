@@ -44,6 +44,7 @@ def test_gram_form_equals_eigen_form(store, absolute):
         assert rel_err(gram_block.apply(q), eigen_block.apply(q)) < 1e-8
         w = eigen_block.whiten(q)
         assert rel_err(gram_block.quadratic(q), (w * w).sum(1)) < 1e-8
+        assert rel_err(gram_block.row_scores(q), eigen_block.apply(q) @ g.T) < 1e-6  # float32 out
         assert rel_err(gram_block.train_rows(0, len(g)), eigen_block.apply(g)) < 1e-6  # kept float32
     # Whole preconditioners against the dense float64 solve (the eigen form's statistics are
     # accumulated from float32 products, so it is exact to float32 only).
@@ -57,12 +58,20 @@ def test_gram_form_equals_eigen_form(store, absolute):
     assert rel_err(gram.quadratic(q), torch.einsum("nd,de,ne->n", q, hinv, q)) < 1e-8
     assert rel_err(eigen.apply(q), q @ hinv) < 1e-5
     xd = x.double()
-    # Scores through the preconditioned train side equal Q' Xᵀ.
-    qs, quad = gram.query_side(q)
-    assert rel_err(gram.score(qs, xd, 0), q @ hinv @ xd.T) < 1e-6  # X̃ is float32
-    assert rel_err(gram.score(qs[:, :], xd[5:9], 5), (q @ hinv @ xd.T)[:, 5:9]) < 1e-6
+    # Scores against the store's own rows: the first batch as whole score rows, later ones
+    # through the kept preconditioned rows X̃; both equal Q' Xᵀ.
+    ref = q @ hinv @ xd.T
+    first, quad = gram.query_side(q)
+    assert set(first.rows) == {"fc1", "fc2"}
+    assert rel_err(gram.score(first, xd, 0), ref) < 1e-6  # float32 score rows
+    assert rel_err(gram.score(first, xd[5:9], 5), ref[:, 5:9]) < 1e-6
     assert rel_err(quad, torch.einsum("nd,de,ne->n", q, hinv, q)) < 1e-8
     self_ref = torch.einsum("nd,de,ne->n", xd, hinv, xd)
+    assert rel_err(gram.quadratic(xd, start=0), self_ref) < 1e-8  # no X̃ yet: float64 Woodbury
+    again, _ = gram.query_side(q)
+    assert again.rows == {} and all(b.preconditioned is not None for b in gram.blocks.values())
+    assert rel_err(gram.score(again, xd, 0), ref) < 1e-6  # X̃ is float32
+    assert rel_err(gram.score(again, xd[5:9], 5), ref[:, 5:9]) < 1e-6
     assert rel_err(gram.quadratic(xd, start=0), self_ref) < 1e-6
     assert rel_err(gram.quadratic(xd[3:7], start=3), self_ref[3:7]) < 1e-6
     assert rel_err(gram.quadratic(xd[3:7], start=3, per_module=True).sum(0), self_ref[3:7]) < 1e-6
@@ -76,6 +85,7 @@ def test_gram_block_against_woodbury_free_solve():
     v = torch.randn(4, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert rel_err(block.apply(v), v @ dense) < 1e-10
     assert rel_err(block.quadratic(v), torch.einsum("nd,de,ne->n", v, dense, v)) < 1e-10
+    assert rel_err(block.row_scores(v), v @ dense @ g.T) < 1e-6  # float32 out
     assert rel_err(block.train_rows(0, 7), g @ dense) < 1e-6
     assert block.to("cpu", torch.float32) is block  # stays float64 on its device
 

@@ -86,6 +86,18 @@ class Block:
 AnyBlock = Block | KroneckerBlock | GramBlock
 
 
+@dataclass
+class QuerySide:
+    """A query batch ready to score against a store's rows (`Preconditioner.score`)."""
+
+    dense: torch.Tensor               # [n, D]: multiplies the rows' columns (or a block's X̃)
+    rows: dict[str, torch.Tensor]     # Gram blocks without X̃: their scores [n, N] outright
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> QuerySide:
+        return QuerySide(self.dense.to(device, dtype),
+                         {k: v.to(device, dtype) for k, v in self.rows.items()})
+
+
 class Preconditioner:
     """Applies (F + λI)⁻¹ block by block to rows of width D.
 
@@ -103,6 +115,7 @@ class Preconditioner:
         self.blocks = blocks
         self.width = total_width(modules)
         self._moved: dict[Any, dict[str, AnyBlock]] = {}
+        self._batches = 0  # query batches prepared by `query_side`
 
     @property
     def dampings(self) -> dict[str, float]:
@@ -119,54 +132,65 @@ class Preconditioner:
             out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
         return out
 
-    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q_s [n, D], qᵀ(F + λI)⁻¹q [n]) with scores = Q_s · `train_side(x)`ᵀ: Q_s is
-        Q' except in Gram blocks, whose train side carries the preconditioning (Q_s = Q there).
-        norms=False skips the Gram blocks' quadratic forms (zeros come back; only cosine
-        scores use them). In q's dtype (the engine passes float64: float32 changed digits
-        scores by up to 5e-6 relative, K-FAC's more, and costs a small share of a query)."""
-        out = torch.zeros_like(q)
+    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[QuerySide, torch.Tensor]:
+        """(the queries q [n, D] ready for `score`, qᵀ(F + λI)⁻¹q [n]): Q' in the plain blocks;
+        in Gram blocks q itself once the preconditioned rows X̃ are kept (from the second batch
+        on), else whole score rows N (q Gᵀ)(NλI + K)⁻¹ [n, N]. norms=False skips the Gram
+        blocks' quadratic forms (zeros come back; only cosine scores use them). In q's dtype
+        (the engine passes float64: float32 changed digits scores by up to 5e-6 relative,
+        K-FAC's more, and costs a small share of a query)."""
+        dense = torch.zeros_like(q)
+        rows: dict[str, torch.Tensor] = {}
         quad = q.new_zeros(q.shape[0])
         blocks = self._blocks_on(q.device, q.dtype)
         for m in self.selected:
             block = q[:, m.columns]
             b = None if blocks is None else blocks[m.name]
             if isinstance(b, GramBlock):
-                out[:, m.columns] = block
+                if self._batches > 0:  # a repeat batch: X̃ pays for itself from here on
+                    b.precondition_rows()
+                if b.preconditioned is not None:
+                    dense[:, m.columns] = block
+                else:
+                    rows[m.name] = b.row_scores(block)
                 if norms:
                     quad += b.quadratic(block)
             else:
-                out[:, m.columns] = block if b is None else b.apply(block)
-                quad += (block * out[:, m.columns]).sum(dim=1)
-        return out, quad.clamp(min=0)
+                dense[:, m.columns] = block if b is None else b.apply(block)
+                quad += (block * dense[:, m.columns]).sum(dim=1)
+        self._batches += 1
+        return QuerySide(dense, rows), quad.clamp(min=0)
 
     @property
     def has_gram(self) -> bool:
         """Whether some selected block is in Gram form (its train side is preconditioned)."""
         return any(isinstance((self.blocks or {}).get(m.name), GramBlock) for m in self.selected)
 
-    def train_block(self, x: torch.Tensor, module: ModuleInfo, start: int) -> torch.Tensor:
-        """The train side of `module` for the store's rows start.. (x [c, D]): its columns of
-        x, or for a Gram block the preconditioned rows X̃ (`gram.py`), [c, w]."""
+    def score_module(self, side: QuerySide, x: torch.Tensor, module: ModuleInfo,
+                     start: int) -> torch.Tensor:
+        """Scores [n, c] of one module's block against the store's rows start.. (x [c, D])."""
+        if module.name in side.rows:
+            return side.rows[module.name][:, start:start + x.shape[0]].to(side.dense.dtype)
         b = (self.blocks or {}).get(module.name)
         if isinstance(b, GramBlock):
             b = self._blocks_on(x.device, x.dtype)[module.name]
-            return b.train_rows(start, start + x.shape[0]).to(x.dtype)
-        return x[:, module.columns]
+            rows = b.train_rows(start, start + x.shape[0]).to(side.dense.dtype)
+            return side.dense[:, module.columns] @ rows.T
+        return side.dense[:, module.columns] @ x[:, module.columns].T
 
-    def score(self, qs: torch.Tensor, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Scores [n, c] of `query_side` rows qs [n, D] against the store's rows start.. (x
-        [c, D]): one product over the plain columns (those of unselected modules are zero in
-        qs), plus one per Gram block against its X̃ rows, whose columns in qs are skipped."""
+    def score(self, side: QuerySide, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Scores [n, c] of a `query_side` against the store's rows start.. (x [c, D]): one
+        product over the plain columns (those of unselected modules are zero), plus one term
+        per Gram block."""
         if not self.has_gram:
-            return qs @ x.T
+            return side.dense @ x.T
         gram = [m for m in self.selected if isinstance(self.blocks[m.name], GramBlock)]
         plain = [m for m in self.selected if m not in gram]
-        s = qs.new_zeros(qs.shape[0], x.shape[0])
+        s = side.dense.new_zeros(side.dense.shape[0], x.shape[0])
         for run in _runs(plain):
-            s += qs[:, run] @ x[:, run].T
+            s += side.dense[:, run] @ x[:, run].T
         for m in gram:
-            s += qs[:, m.columns] @ self.train_block(x, m, start).T
+            s += self.score_module(side, x, m, start)
         return s
 
     def quadratic(self, x: torch.Tensor, per_module: bool = False,
@@ -176,14 +200,15 @@ class Preconditioner:
         Computed as the squared norm of the whitened block in x's floating dtype (float32 for
         train chunks), so it is never negative: one [n, w] × [w, w] product per module for raw,
         two rotations by the factor eigenbases for kfac / ekfac. Gram blocks: ⟨x, x̃⟩ for the
-        store's own rows `start`.. (exact, no cancellation), else the float64 Woodbury form.
+        store's own rows `start`.. once X̃ is kept (no cancellation), else the float64 Woodbury
+        form.
         """
         blocks = self._blocks_on(x.device, x.dtype)
         parts = []
         for m in self.selected:
             block = x[:, m.columns]
             b = None if blocks is None else blocks[m.name]
-            if isinstance(b, GramBlock) and start is not None:
+            if isinstance(b, GramBlock) and start is not None and b.preconditioned is not None:
                 parts.append((block * b.train_rows(start, start + x.shape[0])).sum(dim=1).clamp(min=0))
             elif isinstance(b, GramBlock):
                 parts.append(b.quadratic(block))

@@ -94,19 +94,21 @@ class RefinedPreconditioner:
                   start: int | None = None) -> torch.Tensor:
         return self.base.quadratic(x, per_module=per_module)
 
-    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the refined Q' [n, D] float64, qᵀQ' [n]): the train side is the plain rows."""
+    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[Any, torch.Tensor]:
+        """(the refined Q' as a `QuerySide`, qᵀQ' [n]): the train side is the plain rows."""
+        from logix.curvature.precondition import QuerySide
+
         q = q.to(torch.float64)
         qp = self.apply(q)
-        return qp, (q * qp).sum(dim=1).clamp(min=0)
+        return QuerySide(qp, {}), (q * qp).sum(dim=1).clamp(min=0)
 
     has_gram = False
 
-    def train_block(self, x: torch.Tensor, module: Any, start: int) -> torch.Tensor:
-        return x[:, module.columns]
+    def score_module(self, side: Any, x: torch.Tensor, module: Any, start: int) -> torch.Tensor:
+        return side.dense[:, module.columns] @ x[:, module.columns].T
 
-    def score(self, qs: torch.Tensor, x: torch.Tensor, start: int) -> torch.Tensor:
-        return qs @ x.T
+    def score(self, side: Any, x: torch.Tensor, start: int) -> torch.Tensor:
+        return side.dense @ x.T
 
     # -------------------------------------------------------------------------- the solve
     def fisher_product(self, v: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from logix import comm
 from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import build_preconditioner
+from logix.curvature.precondition import QuerySide, build_preconditioner
 from logix.curvature.reduce import share_statistics
 from logix.curvature.refine import RefinedPreconditioner
 from logix.errors import StoreError
@@ -155,7 +155,7 @@ class InfluenceEngine:
                                       precondition, streamed, norms)
 
     def _shared_queries(self, q: Queries, streamed: bool = False,
-                        norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+                        norms: bool = True) -> tuple[Any, torch.Tensor, list]:
         """`_queries`; in a distributed engine every rank checks its queries and rank 0's Q' and
         norms go to all (the ranks must pass the same query ids; values may differ in the last
         bits, e.g. captured on different GPUs)."""
@@ -165,9 +165,15 @@ class InfluenceEngine:
         # precondition; otherwise rank 0 alone does.
         precondition = comm.rank_and_world()[0] == 0 or self.refine > 0
         qp, qnorm, ids = comm.together(lambda: self._queries(q, precondition, streamed, norms))
-        comm.check_same("the queries", (tuple(qp.shape), ids),
+        dense = qp.dense if streamed else qp
+        comm.check_same("the queries", (tuple(dense.shape), ids),
                         "pass the same query gradients (same ids, same order) on every rank")
-        return comm.broadcast(qp), comm.broadcast(qnorm), ids
+        if not streamed:
+            return comm.broadcast(qp), comm.broadcast(qnorm), ids
+        # Rank 0's Gram score rows (if any) go along, through the CPU: tensors are pickled.
+        rows = comm.broadcast_object({k: v.cpu() for k, v in qp.rows.items()} if precondition else None)
+        side = QuerySide(comm.broadcast(dense), {k: v.to(self.device) for k, v in rows.items()})
+        return side, comm.broadcast(qnorm), ids
 
     # ------------------------------------------------------------------------------ streaming
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
@@ -195,7 +201,7 @@ class InfluenceEngine:
         `qp` is the streamed query side (`_shared_queries(q, streamed=True)`)."""
         pre = self.preconditioner
         if per_module:
-            s = torch.stack([qp[:, m.columns] @ pre.train_block(x, m, start).T for m in self._selected])
+            s = torch.stack([pre.score_module(qp, x, m, start) for m in self._selected])
         else:
             s = pre.score(qp, x, start)
         if mode != "dot":
@@ -267,7 +273,7 @@ class InfluenceEngine:
 
         def compute() -> torch.Tensor:
             n, offset = len(self._rows), self._rows.row_offset
-            shape = (len(self._selected), qp.shape[0], n) if per_module else (qp.shape[0], n)
+            shape = (len(self._selected), qnorm.shape[0], n) if per_module else (qnorm.shape[0], n)
             out = torch.empty(shape, dtype=torch.float32)
             flags = []
             for start, ids, x in self._chunks("scores"):
@@ -294,7 +300,7 @@ class InfluenceEngine:
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            best = new_best(qp.shape[0], self.device)
+            best = new_best(qnorm.shape[0], self.device)
             flags = []
             for start, ids, x in self._chunks("top_k"):
                 s = self._score(qp, qnorm, x, start, mode, False)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from logix.curvature.precondition import QuerySide
 from logix.errors import StoreError
 from logix.store.gradients import Gradients
 from logix.store.reader import Store
@@ -45,23 +46,23 @@ def checked_queries(q: Gradients | torch.Tensor, store: Store) -> tuple[torch.Te
 
 def preconditioned_queries(q: Gradients | torch.Tensor, store: Store, preconditioner: Any,
                            device: torch.device, precondition: bool = True, streamed: bool = False,
-                           norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+                           norms: bool = True) -> tuple[Any, torch.Tensor, list]:
     """(Q' = Q (F + λI)⁻¹ [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on `device`, once
-    per query batch. streamed: the query side of scores against the streamed train side
-    (`Preconditioner.query_side`: Gram blocks precondition the train rows instead; norms=False
-    may leave the norms out, as zeros).
-    precondition=False: the queries are only checked (two empty tensors come back: a
-    distributed engine's other ranks receive rank 0's)."""
+    per query batch. streamed: a `QuerySide` (float32) to score against the store's own rows
+    (`Preconditioner.query_side`; norms=False may leave the norms out, as zeros) instead of Q'.
+    precondition=False: the queries are only checked (empty tensors come back: a distributed
+    engine's other ranks receive rank 0's)."""
     values, ids = checked_queries(q, store)
     if not precondition:
         n, width = values.shape
-        return torch.empty(n, width, device=device), torch.empty(n, device=device), ids
+        empty = torch.empty(n, width, device=device)
+        return (QuerySide(empty, {}) if streamed else empty), torch.empty(n, device=device), ids
     v = values.to(device, torch.float64)
     if streamed:
-        qp, quad = preconditioner.query_side(v, norms)
-    else:
-        qp = preconditioner.apply(v)
-        quad = (v * qp).sum(dim=1).clamp(min=0)
+        side, quad = preconditioner.query_side(v, norms)
+        return side.to(device, torch.float32), quad.sqrt().to(torch.float32), ids
+    qp = preconditioner.apply(v)
+    quad = (v * qp).sum(dim=1).clamp(min=0)
     return qp.to(torch.float32), quad.sqrt().to(torch.float32), ids
 
 
