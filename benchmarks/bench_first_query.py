@@ -7,8 +7,8 @@ and a synthetic 65,536-row store (N ≫ w: the eigendecomposition form). Per sto
   of the queries; for comparison the eigendecomposition form of every block (today's path
   before the Gram form: all [w, w] statistics, float64 `eigh`) + the same scores;
 - repeat `raw` and `identity` scores on a built engine (best of --repeats), against one
-  `torch.matmul` of the scoring shapes [n_query, D] × [D, N] (rows in memory); the ratio is
-  matmul time / engine time, query preconditioning included in the engine's;
+  `torch.matmul` of the scoring shapes [n_query, D] × [D, N] (rows in memory), the calls taking
+  turns; the ratio is matmul time / engine time, query preconditioning included in the engine's;
 - the fraction of a repeat call spent preconditioning the queries vs scoring.
 
     python benchmarks/bench_first_query.py [--queries 100 --big-rows 65536 --skip-eigen]
@@ -77,13 +77,16 @@ def clear_caches(store) -> None:
             f.unlink()
 
 
-def best(fn, repeats: int) -> float:
-    times = []
+def interleaved(calls: dict, repeats: int) -> dict[str, float]:
+    """The best of `repeats` times of each call, the calls taking turns (so that a busy
+    machine's drift affects them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: bool) -> dict:
@@ -102,13 +105,15 @@ def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: b
         eig = torch.cat([qp @ x.T for _, x in store.iter_chunks(rows=engine.chunk_rows)], dim=1)
         out["first_eigen"] = time.perf_counter() - t
         out["eigen_vs_gram"] = float((eig - raw).norm() / raw.norm())
-    out["repeat"] = best(lambda: engine.scores(q), repeats)
-    out["precondition"] = best(lambda: engine._shared_queries(q, streamed=True, norms=False), repeats)
     identity = InfluenceEngine(store, "identity", device="cpu")
-    out["identity"] = best(lambda: identity.scores(q), repeats)
     rows = store.load()
     qm = torch.randn(len(q), store.width)
-    out["matmul"] = best(lambda: torch.matmul(qm, rows.T), repeats)
+    calls = {"repeat": lambda: engine.scores(q), "identity": lambda: identity.scores(q),
+             "matmul": lambda: torch.matmul(qm, rows.T),
+             "precondition": lambda: engine._shared_queries(q, streamed=True, norms=False)}
+    engine.scores(q)
+    identity.scores(q)  # both engines warm (resident rows, kept X̃)
+    out.update(interleaved(calls, repeats))
     out["logged_stats"] = logged_stats
     return out
 

@@ -119,3 +119,16 @@ def test_renamed_arguments_warn_once_and_work(setup, monkeypatch):
     by_bytes = InfluenceEngine(run_dir, "raw", chunk_bytes=7 * 4 * 39)
     assert by_bytes.chunk_rows == 7
     assert torch.equal(by_rows.scores(q).values, by_bytes.scores(q).values)
+
+
+def test_default_chunk_is_bounded_in_bytes(setup):
+    from logix.query.transfer import DEFAULT_CHUNK_BYTES, rows_per_chunk
+
+    run_dir, _, _, _, _ = setup
+    engine = InfluenceEngine(run_dir, "identity")
+    width = engine.store.width
+    assert engine.chunk_rows * 4 * width <= DEFAULT_CHUNK_BYTES < (engine.chunk_rows + 1) * 4 * width
+    assert rows_per_chunk(DEFAULT_CHUNK_BYTES, 1 << 20) == 16  # a 1M-wide row: 16 rows, 64 MiB
+    assert rows_per_chunk(10, 1 << 20) == 1
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        rows_per_chunk(0, 8)

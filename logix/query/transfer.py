@@ -1,20 +1,23 @@
 """Streaming a store's rows onto the engine's device, a bounded number of bytes at a time.
 
-On CUDA the host chunks are copied through two pinned buffers on a side stream, so the copy of
-chunk i+1 overlaps the scoring of chunk i, and rows are upcast to float32 on the device (half
-the bytes cross the bus for bf16 / fp16 stores). On CPU the reader's two reused buffers are
-read straight as float32.
+A reader thread reads chunk i+1 (into one of three reused host buffers) while chunk i is
+scored. On CUDA the host chunks are then copied through two pinned buffers on a side stream,
+so the copy of chunk i+1 overlaps the scoring of chunk i, and rows are upcast to float32 on the
+device (half the bytes cross the bus for bf16 / fp16 stores). On CPU rows are read as float32.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from logix.store.reader import TORCH_DTYPES
 
+T = TypeVar("T")
 DEFAULT_CHUNK_BYTES = 64 << 20  # per float32 chunk: 4096 rows of a 4096-wide store
 
 
@@ -30,12 +33,55 @@ def device_chunks(store: Any, device: torch.device,
     """(ids, rows [c, D] float32 on `device`) of a `Store` (or its share), in row order."""
     cuda = device.type == "cuda"
     dtype = TORCH_DTYPES[store.dtype] if cuda else torch.float32
-    # Two reused host buffers: a chunk is consumed before the next-but-one is read.
-    source = store.iter_chunks(rows=chunk_rows, dtype=dtype, buffers=2)
+    # A reader thread fills the next chunk while this one is scored; three reused host
+    # buffers: the one being scored, the one read ahead, and the one the reader fills.
+    source = read_ahead(store.iter_chunks(rows=chunk_rows, dtype=dtype, buffers=3))
     if not cuda:
         yield from source
         return
     yield from pinned_copies(source, device, chunk_rows, store.width, dtype)
+
+
+def read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, produced one ahead by a background thread (reads release the GIL, so they
+    overlap the consumer's matrix products). Errors are raised in the consumer."""
+    slots: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(("end", done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            slots.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="logix-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 def pinned_copies(items: Iterator[tuple[list, torch.Tensor]], device: torch.device, rows: int,
