@@ -89,11 +89,12 @@ def interleaved(calls: dict, repeats: int) -> dict[str, float]:
     return {name: min(ts) for name, ts in times.items()}
 
 
-def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: bool) -> dict:
+def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: bool,
+            device: str = "cpu") -> dict:
     out: dict = {"store": name, "rows": len(store), "width": store.width, "queries": len(q)}
     clear_caches(store)
     t = time.perf_counter()
-    engine = InfluenceEngine(store, "raw", 0.1, device="cpu")
+    engine = InfluenceEngine(store, "raw", 0.1, device=device)
     raw = engine.scores(q).values
     out["first"] = time.perf_counter() - t
     out["forms"] = sorted({type(b).__name__ for b in engine.preconditioner.blocks.values()})
@@ -105,11 +106,12 @@ def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: b
         eig = torch.cat([qp @ x.T for _, x in store.iter_chunks(rows=engine.chunk_rows)], dim=1)
         out["first_eigen"] = time.perf_counter() - t
         out["eigen_vs_gram"] = float((eig - raw).norm() / raw.norm())
-    identity = InfluenceEngine(store, "identity", device="cpu")
-    rows = store.load()
-    qm = torch.randn(len(q), store.width)
+    identity = InfluenceEngine(store, "identity", device=device)
+    rows = store.load().to(device)
+    qm = torch.randn(len(q), store.width, device=device)
+    sync = torch.cuda.synchronize if rows.device.type == "cuda" else (lambda: None)
     calls = {"repeat": lambda: engine.scores(q), "identity": lambda: identity.scores(q),
-             "matmul": lambda: torch.matmul(qm, rows.T),
+             "matmul": lambda: (torch.matmul(qm, rows.T), sync()),
              "precondition": lambda: engine._shared_queries(q, streamed=True, norms=False)}
     engine.scores(q)
     identity.scores(q)  # both engines warm (resident rows, kept X̃)
@@ -127,6 +129,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-eigen", action="store_true", help="skip the eigendecomposition-form run")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the engine and the matmul run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=150)
@@ -135,11 +138,12 @@ def main() -> None:
     try:
         results = []
         store, q = digits_store(root / "digits", args.queries, args.epochs)
-        results.append(measure("digits r=64", store, q, args.repeats, args.skip_eigen, False))
+        results.append(measure("digits r=64", store, q, args.repeats, args.skip_eigen, False,
+                               args.device))
         if args.big_rows:
             store, q = synthetic_store(root / "big", args.big_rows, args.big_width, args.queries)
             results.append(measure(f"synthetic {args.big_rows}", store, q, args.repeats,
-                                   args.skip_eigen, True))
+                                   args.skip_eigen, True, args.device))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
