@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from query_helpers import build_store, mlp_modules, mlp_rows, queries, reference_scores
 
 from logix.curvature.gram import GramBlock
-from logix.curvature.precondition import Block, build_preconditioner, damping_value
+from logix.curvature.precondition import build_preconditioner, damping_value
+from logix.curvature.preconditioner import Block
 from logix.query.engine import InfluenceEngine
 from logix.store.reader import open_store
-from query_helpers import build_store, mlp_modules, mlp_rows, queries, reference_scores
 
 # mlp_modules(): fc1 is 24 wide, fc2 15 wide; N = 10 < both, 24 = fc1 (> fc2), 40 > both.
 SIZES = [10, 24, 40]
@@ -110,7 +111,8 @@ def test_engine_picks_gram_where_rows_are_fewer_and_matches_dense(store):
     per = engine.scores(q, per_module=True).values
     torch.testing.assert_close(per.sum(0), engine.scores(q).values, rtol=1e-5, atol=1e-5)
     top = engine.top_k(q, k=4)
-    assert top.indices.tolist() == torch.sort(ref, dim=1, descending=True, stable=True).indices[:, :4].tolist()
+    order = torch.sort(ref, dim=1, descending=True, stable=True).indices
+    assert top.indices.tolist() == order[:, :4].tolist()
     fc1_only = InfluenceEngine(store, "raw", 0.1, modules=["fc1"]).scores(q).values
     ref_fc1 = qd[:, :24] @ hinv[:24, :24] @ xd[:, :24].T
     assert rel_err(fc1_only, ref_fc1) < 1e-4

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from logix.curvature.covariance import ProgressFn
+from logix.curvature.preconditioner import QuerySide
 
 METHODS = ("cg", "richardson")
 
@@ -94,10 +95,8 @@ class RefinedPreconditioner:
                   start: int | None = None) -> torch.Tensor:
         return self.base.quadratic(x, per_module=per_module)
 
-    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[Any, torch.Tensor]:
+    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[QuerySide, torch.Tensor]:
         """(the refined Q' as a `QuerySide`, qᵀQ' [n]): the train side is the plain rows."""
-        from logix.curvature.precondition import QuerySide
-
         q = q.to(torch.float64)
         qp = self.apply(q)
         return QuerySide(qp, {}), (q * qp).sum(dim=1).clamp(min=0)

@@ -2,8 +2,9 @@
 
     I(q, z) = Σ_m ⟨G̃_{q,m}, (F_m + λ_m I)⁻¹ G̃_{z,m}⟩
 
-The queries are preconditioned once per batch (Q' = Q (F + λI)⁻¹, then float32); each chunk X
-of train rows costs `scores[:, chunk] = Q' Xᵀ`. Memory is bounded by the chunk size in bytes,
+The queries are prepared once per batch (`Preconditioner.query_side`: Q' = Q (F + λI)⁻¹, or
+for Gram-form blocks the store's rows preconditioned instead); each chunk X of train rows
+costs one product, `scores[:, chunk] = Q' Xᵀ`. Memory is bounded by the chunk size in bytes,
 never by the store: full score matrices are as large as the caller asks for, top-k keeps k per
 query. A positive score means the training example helps the query (up-weighting it lowers the
 query's loss). Modes: `dot`; `cosine` (both sides normalised in the (F + λI)⁻¹ metric);
@@ -29,16 +30,21 @@ import torch
 
 from logix import comm
 from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import QuerySide, build_preconditioner
+from logix.curvature.precondition import build_preconditioner
 from logix.curvature.reduce import share_statistics
 from logix.curvature.refine import RefinedPreconditioner
 from logix.errors import StoreError
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
-from logix.query.queries import preconditioned_queries, selected_modules
-from logix.query.results import Scores, SelfInfluence, TopK, write_scores
+from logix.query.queries import selected_modules, shared_queries
+from logix.query.results import Scores, SelfInfluence, TopK, save_columns
 from logix.query.topk import INDEX_BITS, new_best, unpack, update_best
-from logix.query.transfer import DEFAULT_CHUNK_BYTES, device_chunks, rows_per_chunk
+from logix.query.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    check_finite_chunks,
+    device_chunks,
+    rows_per_chunk,
+)
 from logix.store.gradients import Gradients
 from logix.store.reader import Store, open_store
 from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice, renamed
@@ -147,33 +153,12 @@ class InfluenceEngine:
         return self.preconditioner.residuals if self.refine else None
 
     # ------------------------------------------------------------------------------ queries
-    def _queries(self, q: Queries, precondition: bool = True, streamed: bool = False,
-                 norms: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """(Q' [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on the engine's device
-        (streamed: the query side of `_score`, see `preconditioned_queries`)."""
-        return preconditioned_queries(q, self.store, self.preconditioner, self.device,
-                                      precondition, streamed, norms)
-
     def _shared_queries(self, q: Queries, streamed: bool = False,
                         norms: bool = True) -> tuple[Any, torch.Tensor, list]:
-        """`_queries`; in a distributed engine every rank checks its queries and rank 0's Q' and
-        norms go to all (the ranks must pass the same query ids; values may differ in the last
-        bits, e.g. captured on different GPUs)."""
-        if not self.distributed:
-            return self._queries(q, streamed=streamed, norms=norms)
-        # Refinement passes are collective (every rank streams its share), so then all ranks
-        # precondition; otherwise rank 0 alone does.
-        precondition = comm.rank_and_world()[0] == 0 or self.refine > 0
-        qp, qnorm, ids = comm.together(lambda: self._queries(q, precondition, streamed, norms))
-        dense = qp.dense if streamed else qp
-        comm.check_same("the queries", (tuple(dense.shape), ids),
-                        "pass the same query gradients (same ids, same order) on every rank")
-        if not streamed:
-            return comm.broadcast(qp), comm.broadcast(qnorm), ids
-        # Rank 0's Gram score rows (if any) go along, through the CPU: tensors are pickled.
-        rows = comm.broadcast_object({k: v.cpu() for k, v in qp.rows.items()} if precondition else None)
-        side = QuerySide(comm.broadcast(dense), {k: v.to(self.device) for k, v in rows.items()})
-        return side, comm.broadcast(qnorm), ids
+        """(Q' [n, D] float32 — or with `streamed` the `QuerySide` that `_score` takes —,
+        √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on the engine's device; see `shared_queries`."""
+        return shared_queries(q, self.store, self.preconditioner, self.device, streamed, norms,
+                              self.distributed, self.refine > 0)
 
     # ------------------------------------------------------------------------------ streaming
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
@@ -212,14 +197,7 @@ class InfluenceEngine:
         return s
 
     def _check_finite(self, flags: list[tuple[torch.Tensor, int, list]]) -> None:
-        """Raise if a chunk produced NaN/inf (one sync at the end, not one per chunk)."""
-        bad = torch.stack([f for f, _, _ in flags]).cpu() if flags else torch.zeros(0, dtype=torch.bool)
-        if bool(bad.any()):
-            _, start, ids = flags[int(bad.nonzero()[0])]
-            raise StoreError(
-                f"train rows {start}..{start + len(ids) - 1} (ids {ids[0]!r}..{ids[-1]!r}) give "
-                f"non-finite scores: the store holds NaN/inf values; check it with "
-                f"`logix inspect {self.store.path}` and log those examples again")
+        check_finite_chunks(flags, self.store)
 
     def _mode(self, mode: str | None, choices: tuple[str, ...] = SCORE_MODES,
               what: str = "mode") -> str:
@@ -246,26 +224,9 @@ class InfluenceEngine:
             raise ValueError(f"save_scores writes .safetensors files, got {path}")
         mode = self._mode(mode)
         out, qids = self._local_scores(q, mode, per_module)
-        rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
-        step = max(1, int(block_bytes) // (4 * len(self.store)))
-        blocks = ((comm.gather_columns_to(rows[b:b + step]) if self.distributed
-                   else rows[b:b + step]) for b in range(0, rows.shape[0], step))
-        result = Scores(torch.empty(0), qids, list(self.store.data_ids), mode,
-                        [m.name for m in self._selected] if per_module else None, self._meta())
-        shape = (*out.shape[:-1], len(self.store))
-
-        def write() -> None:
-            try:
-                write_scores(path, shape, blocks, result)
-            finally:
-                for _ in blocks:  # other ranks wait in the gather until every block is taken
-                    pass
-
-        if comm.rank_and_world()[0] == 0 or not self.distributed:
-            comm.together(write)
-        else:
-            comm.together(lambda: [None for _ in blocks])
-        return path
+        like = Scores(torch.empty(0), qids, list(self.store.data_ids), mode,
+                      [m.name for m in self._selected] if per_module else None, self._meta())
+        return save_columns(path, out, len(self.store), like, self.distributed, block_bytes)
 
     def _local_scores(self, q: Queries, mode: str, per_module: bool) -> tuple[torch.Tensor, list]:
         """This process's columns of the score matrix ([..., n_query, n_local]) and query ids."""

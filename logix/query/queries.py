@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from logix.curvature.precondition import QuerySide
+from logix import comm
+from logix.curvature.preconditioner import QuerySide
 from logix.errors import StoreError
 from logix.store.gradients import Gradients
 from logix.store.reader import Store
@@ -64,6 +65,29 @@ def preconditioned_queries(q: Gradients | torch.Tensor, store: Store, preconditi
     qp = preconditioner.apply(v)
     quad = (v * qp).sum(dim=1).clamp(min=0)
     return qp.to(torch.float32), quad.sqrt().to(torch.float32), ids
+
+
+def shared_queries(q: Gradients | torch.Tensor, store: Store, preconditioner: Any,
+                   device: torch.device, streamed: bool, norms: bool, distributed: bool,
+                   collective: bool) -> tuple[Any, torch.Tensor, list]:
+    """`preconditioned_queries`; in a distributed engine every rank checks its queries and rank
+    0's result goes to all (the ranks must pass the same query ids; values may differ in the
+    last bits, e.g. captured on different GPUs). collective: every rank preconditions
+    (refinement passes stream each rank's share), else rank 0 alone does."""
+    if not distributed:
+        return preconditioned_queries(q, store, preconditioner, device, True, streamed, norms)
+    precondition = comm.rank_and_world()[0] == 0 or collective
+    qp, qnorm, ids = comm.together(lambda: preconditioned_queries(
+        q, store, preconditioner, device, precondition, streamed, norms))
+    dense = qp.dense if streamed else qp
+    comm.check_same("the queries", (tuple(dense.shape), ids),
+                    "pass the same query gradients (same ids, same order) on every rank")
+    if not streamed:
+        return comm.broadcast(qp), comm.broadcast(qnorm), ids
+    # Rank 0's Gram score rows (if any) go along, through the CPU: tensors are pickled.
+    rows = comm.broadcast_object({k: v.cpu() for k, v in qp.rows.items()} if precondition else None)
+    side = QuerySide(comm.broadcast(dense), {k: v.to(device) for k, v in rows.items()})
+    return side, comm.broadcast(qnorm), ids
 
 
 def selected_modules(store: Store, modules: list[str] | str | None) -> list[str]:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from logix import comm
 from logix.store.format import write_atomic
 
 DataId = int | str
@@ -166,6 +167,31 @@ def write_scores(path: str | Path, shape: tuple[int, ...], blocks: Iterable[torc
 
     write_atomic(path, write)
     return path
+
+
+def save_columns(path: str | Path, out: torch.Tensor, n_train: int, like: Scores,
+                 distributed: bool, block_bytes: int) -> Path:
+    """Write a score matrix whose last dim this process holds a column block of (`out`
+    [..., n_local]; all of it in one process) as `write_scores` does: rank 0 gathers and
+    writes about `block_bytes` of matrix rows at a time, the other ranks send theirs."""
+    rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
+    step = max(1, int(block_bytes) // (4 * n_train))
+    blocks = ((comm.gather_columns_to(rows[b:b + step]) if distributed else rows[b:b + step])
+              for b in range(0, rows.shape[0], step))
+    shape = (*out.shape[:-1], n_train)
+
+    def write() -> None:
+        try:
+            write_scores(path, shape, blocks, like)
+        finally:
+            for _ in blocks:  # other ranks wait in the gather until every block is taken
+                pass
+
+    if comm.rank_and_world()[0] == 0 or not distributed:
+        comm.together(write)
+    else:
+        comm.together(lambda: [None for _ in blocks])
+    return Path(path)
 
 
 def _save_json(path: str | Path, obj: dict) -> Path:

@@ -50,10 +50,8 @@ from dataclasses import dataclass
 import torch
 
 from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import (
-    Preconditioner,
-    build_preconditioner,
-)
+from logix.curvature.precondition import build_preconditioner
+from logix.curvature.preconditioner import Preconditioner
 from logix.query.engine import InfluenceEngine
 from logix.query.queries import selected_modules
 from logix.query.results import Scores

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from logix.errors import StoreError
 from logix.store.reader import TORCH_DTYPES
 
 T = TypeVar("T")
@@ -26,6 +27,18 @@ def rows_per_chunk(chunk_bytes: int, width: int) -> int:
     if int(chunk_bytes) < 1:
         raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
     return max(1, int(chunk_bytes) // (4 * max(1, int(width))))
+
+
+def check_finite_chunks(flags: list[tuple[torch.Tensor, int, list]], store: Any) -> None:
+    """Raise if a chunk's scores held NaN/inf: `flags` are (non-finite flag on the device,
+    first row, ids) per chunk, read with one sync at the end rather than one per chunk."""
+    bad = torch.stack([f for f, _, _ in flags]).cpu() if flags else torch.zeros(0, dtype=torch.bool)
+    if bool(bad.any()):
+        _, start, ids = flags[int(bad.nonzero()[0])]
+        raise StoreError(
+            f"train rows {start}..{start + len(ids) - 1} (ids {ids[0]!r}..{ids[-1]!r}) give "
+            f"non-finite scores: the store holds NaN/inf values; check it with "
+            f"`logix inspect {store.path}` and log those examples again")
 
 
 def device_chunks(store: Any, device: torch.device,
