@@ -116,3 +116,17 @@ def test_engine_picks_gram_where_rows_are_fewer_and_matches_dense(store):
     fc1_only = InfluenceEngine(store, "raw", 0.1, modules=["fc1"]).scores(q).values
     ref_fc1 = qd[:, :24] @ hinv[:24, :24] @ xd[:, :24].T
     assert rel_err(fc1_only, ref_fc1) < 1e-4
+
+
+def test_progress_reports_rows_for_gram_and_blocks_for_eigendecompositions(tmp_path):
+    x = mlp_rows(20, seed=9).float()  # N = 20: fc1 (24 wide) Gram, fc2 (15 wide) eigen
+    store = open_store(build_store(tmp_path / "run", mlp_modules(), x, statistics=False))
+    seen = []
+    pre = build_preconditioner(store, "raw", 0.1, chunk_rows=8, progress=lambda *a: seen.append(a))
+    assert isinstance(pre.blocks["fc1"], GramBlock) and not isinstance(pre.blocks["fc2"], GramBlock)
+    assert [a for a in seen if a[0] == "gram"] == [("gram", 8, 20), ("gram", 16, 20), ("gram", 20, 20)]
+    assert [a for a in seen if a[0] == "eigen"] == [("eigen", 0, 1), ("eigen", 1, 1)]
+    assert [a for a in seen if a[0] == "curvature"][-1] == ("curvature", 20, 20)
+    seen.clear()
+    build_preconditioner(store, "raw", 0.5, chunk_rows=8, progress=lambda *a: seen.append(a))
+    assert [a for a in seen if a[0] == "eigen"] == [("eigen", 1, 1)]  # cached: no block starts

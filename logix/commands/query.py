@@ -95,7 +95,8 @@ def _run(args: argparse.Namespace, console: Console):
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
                 label = {"curvature": "curvature statistics", "ekfac": "EK-FAC eigenvalues",
-                         "refine": "refining queries"}.get(phase, "scoring")
+                         "refine": "refining queries", "gram": "reading rows (Gram form)",
+                         "eigen": "eigendecompositions (blocks)"}.get(phase, "scoring")
                 tasks[phase] = bar.add_task(label, total=total)
             bar.update(tasks[phase], completed=done)
 

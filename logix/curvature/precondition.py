@@ -119,7 +119,10 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError:
                 pass  # a read-only store: eigendecompose recomputes next time
-            eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device)
+            eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device,
+                                 matrix=_reporting(stats.fisher, len(eigen), progress))
+            if progress is not None:
+                progress("eigen", len(eigen), len(eigen))
             for m in table:
                 if m.name in eig:
                     e, v = eig[m.name]
@@ -142,6 +145,20 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
             blocks[m.name] = KroneckerBlock(m, bases[m.name].q_in, bases[m.name].q_out, lam,
                                             damping_value(lam.flatten(), damping, absolute))
     return Preconditioner(kind, table, selected, blocks, statistics)
+
+
+def _reporting(matrix: Any, total: int, progress: ProgressFn | None) -> Any:
+    """`matrix` (name -> [w, w]) that reports ("eigen", blocks started before, total) as each
+    uncached block's eigendecomposition begins (seconds to minutes each for w in the thousands)."""
+    started = [0]
+
+    def fetch(name: str) -> torch.Tensor:
+        if progress is not None:
+            progress("eigen", started[0], total)
+        started[0] += 1
+        return matrix(name)
+
+    return fetch
 
 
 def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk_rows: int,

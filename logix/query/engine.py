@@ -67,7 +67,8 @@ class InfluenceEngine:
     "empirical" (curvature of the stored rows) or "true" (under the model's own predictions,
     from a `run.fit_curvature(fisher="true")` pass); mode: the default score mode of the
     methods; modules: names to include (default all); device: default CUDA when available;
-    chunk_bytes: bytes of one float32 chunk of train rows (two are in flight); progress:
+    chunk_bytes: bytes of one float32 chunk of train rows (three host buffers: scored, read
+    ahead, being read; a store of one chunk is kept resident); progress:
     optional `fn(phase, rows_done, rows_total)`.
 
     distributed=True: every rank of the torch.distributed group builds the engine on the same
