@@ -112,6 +112,10 @@ class ModuleCapture:
         self.offset = offset
         self.r_in = projection.p_in.rank if projection is not None else 0
         self.r_out = projection.p_out.rank if projection is not None else 0
+        # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
+        # Linear side kept whole without bias, whose x̃ is a view of the layer's input.
+        self.fresh_inputs = (projection is not None and projection.p_in.matrix is not None) or bias \
+            or isinstance(module, (nn.Embedding, nn.Conv2d))
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
         return self.module.register_forward_hook(partial(self._forward, block))
@@ -139,10 +143,12 @@ class ModuleCapture:
             if block.projected:
                 x_proj = projected_inputs(module, x, self.projection.p_in, self.bias)
                 mask = position_mask(block.mask, module, self.name, x_proj)
+                if not self.fresh_inputs and (mask is not None or block.grad_scale != 1.0):
+                    x_proj = x_proj.clone()
                 if mask is not None:
-                    x_proj = x_proj * mask.unsqueeze(-1)
+                    x_proj.mul_(mask.unsqueeze(-1))
                 if block.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
-                    x_proj = x_proj * block.grad_scale
+                    x_proj.mul_(block.grad_scale)
             for sink in block.sinks:
                 sink.forward(self, block, x)
         output.register_hook(partial(self._backward, block, ForwardCall(x_proj)))

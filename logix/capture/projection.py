@@ -36,6 +36,17 @@ class SideProjection:
             self.matrix = self.matrix.to(v.device)
         return v @ self.matrix.T
 
+    def bias_split(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P[:, -1] [rank], P[:, :-1]ᵀ [dim - 1, rank]) on `device`: an input side whose last
+        column multiplies the bias's 1, as views made once rather than at every call."""
+        if self.matrix.device != device:
+            self.matrix = self.matrix.to(device)
+        split = self.__dict__.get("_split")
+        if split is None or split[0] is not self.matrix:
+            split = (self.matrix, self.matrix[:, -1], self.matrix[:, :-1].T)
+            self._split = split
+        return split[1], split[2]
+
 
 @dataclass
 class ModuleProjection:
