@@ -7,9 +7,10 @@ never pickle) and handed to `logix query RUN_DIR --queries FILE`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -52,7 +53,7 @@ class Gradients:
                 return self.values[:, m.columns].reshape(-1, m.r_out, m.r_in)
         raise KeyError(f"no module {name!r}; modules are {[m.name for m in self.modules]}")
 
-    def select(self, index: Sequence[int] | slice) -> "Gradients":
+    def select(self, index: Sequence[int] | slice) -> Gradients:
         """A subset of the rows (same modules and fingerprint)."""
         if isinstance(index, slice):
             ids = self.data_ids[index]
@@ -77,7 +78,7 @@ class Gradients:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Gradients":
+    def load(cls, path: str | Path) -> Gradients:
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
