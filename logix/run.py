@@ -48,6 +48,7 @@ from logix.curvature.covariance import FACTOR_KINDS
 from logix.comm import all_reduce_sum, barrier, rank_and_world
 from logix.curvature.reduce import finish_statistics
 from logix.store.finalize import finish_logging, record_ranks
+from logix.store.projections import check_projections
 from logix.run_factors import FactorLog, check_factor_dims
 from logix.store.create import create_store, remove_store
 from logix.step import CurvatureFit, ProjectionFit, Step
@@ -79,6 +80,9 @@ class Run:
                  *, mode: str = "log", resume: bool = False, overwrite: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other (resume appends "
+                             "to the store, overwrite deletes it): pass only one")
         self.run_dir = Path(run_dir)
         self.mode = mode
         self.rank, self.world_size = rank_and_world()
@@ -148,6 +152,7 @@ class Run:
             check_model(self._manifest, self.modules, self.run_dir)
             dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in self.modules}
             self.fingerprint = self._manifest["fingerprint"]
+            check_projections(self.run_dir, self._manifest, required=True)
             self._start(load_projections(self.run_dir / PROJECTIONS, dims))
         elif cfg.projection.kind == "pca":
             # The projections come from a statistics pass: `with run.fit_projections(): ...`.
@@ -283,6 +288,7 @@ class Run:
             if self.rank != 0:
                 self._manifest = read_json(self.run_dir / MANIFEST)
                 dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in modules}
+                check_projections(self.run_dir, self._manifest, required=True)
                 projections = load_projections(self.run_dir / PROJECTIONS, dims)
         self.fingerprint = self._manifest["fingerprint"]
         return projections
@@ -427,6 +433,12 @@ class Run:
             raise CaptureError("gradients() is for mode='query' runs; a logging run writes to its store")
         values = torch.cat(self._query_rows) if self._query_rows else torch.zeros(0, self.width)
         return Gradients(values, list(self._query_ids), list(self.modules), self.fingerprint or "")
+
+    def logged_ids(self) -> set[DataId]:
+        """The ids stored in the current segment (log mode, after `watch`): what to skip when
+        resuming after a crash, shards written just before it included."""
+        self._check_log_mode("logged_ids()")
+        return self._writer.logged_ids()
 
     def flush(self) -> None:
         """Write every pending row to disk now (waits for the writer)."""
