@@ -75,9 +75,10 @@ def check_unique_ids(store: Any) -> None:
         "One writer never stores an id twice in a segment, so the index or the shards were "
         "changed outside logix (e.g. a shard listed twice or copied under another number)."
     )
+    across = "across ranks" if len(ranks) > 1 else f"within rank {min(ranks)}"
     raise StoreError(
         f"store {store.path}, segment {store.segment!r}: {len(dups)} data id(s) were logged "
-        f"more than once: {listing}. {cause} "
+        f"more than once {across}: {listing}. {cause} "
         "open_store(path, verify='none') opens the store without this check."
     )
 
@@ -90,7 +91,7 @@ def verify_curvature(directory: Path) -> list[str]:
     if not directory.is_dir():
         return problems
     for path in sorted(directory.glob("*.safetensors")):
-        rel = f"{directory.parent.name}/{directory.name}/{path.name}"
+        rel = f"{directory.name}/{path.name}"
         try:
             tensors, md = read_tagged(path, CURVATURE_FORMATS, "a logix curvature file")
         except StoreError as e:
@@ -107,11 +108,11 @@ def verify_store(store: Any, full: bool) -> list[str]:
     problems = []
     if full:
         try:
-            check_projections(store.path, store.manifest, required=True)
+            check_projections(store.path, store.manifest)  # a missing file: see `inspect`
         except StoreError as e:
             problems.append(str(e))
-    for name in store.segments or [store.segment]:
-        view = store.select(name, verify="none")
+    views = [store.select(name, verify="none") for name in store.segments] or [store]
+    for view in views:
         try:
             view.verify(full=full)
             if full:

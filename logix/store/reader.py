@@ -144,6 +144,11 @@ class Store:
         "rows", "rank", "data_ids"): not part of this view; a resumed writer adopts them."""
         return [sh for sh in self._unindexed if sh["segment"] == self.segment]
 
+    @property
+    def all_unindexed_shards(self) -> list[dict]:
+        """`unindexed_shards` of every segment (also of segments that no index names)."""
+        return list(self._unindexed)
+
     def select(self, segment: str, verify: str | None = None) -> Store:
         """The same store viewed on another segment (checked with this store's verify mode)."""
         return Store(self.path, self.manifest, self._indexes, segment,
