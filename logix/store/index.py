@@ -78,3 +78,18 @@ def read_indexes(run_dir: Path) -> dict[int, dict]:
         rank = int(number)
         out[rank] = check_index(read_json(p), rank, p)
     return out
+
+
+def segment_entry(index: dict, name: str) -> dict:
+    """The entry of segment `name` in `index`, created if needed."""
+    for s in index["segments"]:
+        if s["name"] == name:
+            return s
+    entry = {"name": name, "meta": {}}
+    index["segments"].append(entry)
+    return entry
+
+
+def next_segment_name(names: list[str]) -> str:
+    """The next unused number among segment `names`."""
+    return str(max((int(n) for n in names if n.isdigit()), default=-1) + 1)

@@ -24,7 +24,7 @@ import torch
 from logix.errors import StoreError
 from logix.store.format import SHARD_DIR, check_segment_name, index_path, write_json_atomic
 from logix.store.ids import MAX_SHARD_ID_BYTES, DataId, batch_ids, id_json_bound, normalise_ids
-from logix.store.index import new_index, read_index, read_indexes
+from logix.store.index import new_index, next_segment_name, read_index, read_indexes, segment_entry
 from logix.store.lock import writer_lock
 from logix.store.manifest import read_manifest
 from logix.store.recovery import adopt_unindexed, remove_tmp_files
@@ -154,18 +154,10 @@ class StoreWriter:
         return {}
 
     def _segment_entry(self, name: str) -> dict:
-        """The index entry of segment `name`, created if needed (caller holds the lock)."""
-        for s in self._index["segments"]:
-            if s["name"] == name:
-                return s
-        entry = {"name": name, "meta": {}}
-        self._index["segments"].append(entry)
-        return entry
+        return segment_entry(self._index, name)  # caller holds the lock
 
     def _next_segment_name(self) -> str:
-        """The next unused number among all ranks' segment names."""
-        numbers = [int(n) for n in self._all_segment_names() if n.isdigit()]
-        return str(max(numbers, default=-1) + 1)
+        return next_segment_name(self._all_segment_names())
 
     # ----------------------------------------------------------------------------- adding rows
     def add(self, ids: Sequence[DataId], rows: torch.Tensor) -> None:
