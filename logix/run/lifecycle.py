@@ -54,6 +54,12 @@ class RunLifecycle:
         values = torch.cat(self._query_rows) if self._query_rows else torch.zeros(0, self.width)
         return Gradients(values, list(self._query_ids), list(self.modules), self.fingerprint or "")
 
+    def logged_ids(self) -> set[DataId]:
+        """The ids stored in the current segment (log mode, after `watch`): what to skip when
+        resuming after a crash, shards written just before it included."""
+        self._check_log_mode("logged_ids()")
+        return self._writer.logged_ids()
+
     # -- segments ---------------------------------------------------------------------------
     def start_segment(self, name: str | None = None, **meta: Any) -> str:
         """Start a new segment (an epoch, a checkpoint, a training stage); `meta` is stored with

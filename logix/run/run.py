@@ -44,6 +44,7 @@ from logix.run.passes import CurvaturePass, ProjectionPass, StatisticsPass, True
 from logix.run.setup import create_run_store, module_dims, open_run_dir, open_writer
 from logix.store.format import PROJECTIONS, ModuleInfo, total_width
 from logix.store.gradients import DataId
+from logix.store.projections import check_projections
 from logix.store.writer import batch_ids
 from logix.vocabulary import FACTOR_STATISTICS
 
@@ -96,6 +97,7 @@ class Run(RunLifecycle):
         if self._manifest is not None:
             check_model(self._manifest, self.modules, self.run_dir)
             self.fingerprint = self._manifest["fingerprint"]
+            check_projections(self.run_dir, self._manifest, required=True)
             self._start(load_projections(self.run_dir / PROJECTIONS, module_dims(self.modules)))
         elif cfg.projection.kind == "pca":
             self._covariances = CovarianceSink()  # projections come from `run.fit_projections()`

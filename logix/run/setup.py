@@ -12,6 +12,7 @@ from logix.curvature.covariance import CurvatureStatistics
 from logix.errors import ConfigError, StoreError
 from logix.store.create import create_store, remove_store
 from logix.store.format import FORMAT_NAME, MANIFEST, PROJECTIONS, ModuleInfo, read_json
+from logix.store.projections import check_projections
 from logix.store.writer import StoreWriter
 from logix.vocabulary import FACTOR_STATISTICS, RUN_MODES
 
@@ -24,6 +25,9 @@ def open_run_dir(run_dir: Path, config: LogixConfig | dict | str | Path | None, 
     refuses an existing store otherwise; a query-mode run needs a store and takes its config."""
     if mode not in RUN_MODES:
         raise ConfigError(f"mode must be one of {RUN_MODES}, got {mode!r}")
+    if resume and overwrite:
+        raise ConfigError("resume=True and overwrite=True contradict each other (resume appends "
+                          "to the store, overwrite deletes it): pass only one")
     exists = (run_dir / MANIFEST).exists()
     if mode == "log":
         barrier()  # under torchrun: every rank has looked before rank 0 creates or removes it
@@ -75,6 +79,7 @@ def create_run_store(run_dir: Path, config: LogixConfig, modules: list[ModuleInf
         barrier()
         if rank != 0:
             manifest = read_json(run_dir / MANIFEST)
+            check_projections(run_dir, manifest, required=True)
             projections = load_projections(run_dir / PROJECTIONS, module_dims(modules))
     return manifest, projections
 
