@@ -7,10 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev
+from unroll_helpers import (
+    OPTIMIZERS,
+    STEPS,
+    N,
+    data,
+    examples,
+    loss_fn,
+    make_model,
+    queries,
+    query_losses,
+    train,
+)
 
 import logix
 from logix.query.results import load_result
-from unroll_helpers import N, OPTIMIZERS, STEPS, data, examples, loss_fn, make_model, queries, query_losses, train
 
 
 def replay(tmp_path, kind, every=2, **kwargs):
@@ -50,8 +61,8 @@ def unrolled_query_losses(eps: torch.Tensor, model, kind: str, first_weighted_st
         w = eps if t >= first_weighted_step else torch.ones_like(eps)
 
         def step_loss(params, w=w, blocks=blocks):
-            return sum((w[b] * F.cross_entropy(functional_call(model, params, (x[b],)), y[b], reduction="none")).mean()
-                       for b in blocks)
+            return sum((w[b] * F.cross_entropy(functional_call(model, params, (x[b],)), y[b],
+                                               reduction="none")).mean() for b in blocks)
 
         g = grad(step_loss)(p)
         if kind == "sgd":
@@ -75,7 +86,8 @@ def unrolled_query_losses(eps: torch.Tensor, model, kind: str, first_weighted_st
 def test_metagradient_matches_torch_func_of_the_unrolled_loop(tmp_path, kind):
     scores = replay(tmp_path, kind, every=4)  # checkpoints at 0, 4 and the end (6)
     ones = torch.ones(N, dtype=torch.float64)
-    assert torch.allclose(unrolled_query_losses(ones, make_model(), kind), query_losses(train(kind)), rtol=1e-12, atol=0)
+    by_hand = unrolled_query_losses(ones, make_model(), kind)
+    assert torch.allclose(by_hand, query_losses(train(kind)), rtol=1e-12, atol=0)
     reference = jacrev(unrolled_query_losses)(ones, make_model(), kind)  # [Q, N]
     rel = float((-scores.values - reference).norm() / reference.norm())
     assert rel < 1e-10, rel
@@ -90,7 +102,8 @@ def test_segment_wise_replay_from_a_checkpoint(tmp_path):
     assert torch.allclose(-scores.values, reference[:, in_last], rtol=1e-9, atol=1e-14)
     assert scores.meta["from_step"] == 4 and scores.meta["steps"] == 2
     with pytest.raises(logix.StoreError, match="not a recorded checkpoint"):
-        logix.unroll(tmp_path / "sgd", make_model(), loss_fn, examples, queries(), from_step=3, progress=False)
+        logix.unroll(tmp_path / "sgd", make_model(), loss_fn, examples, queries(), from_step=3,
+                     progress=False)
 
 
 def test_many_queries_in_chunks_and_a_custom_measurement(tmp_path):

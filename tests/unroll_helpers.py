@@ -10,7 +10,8 @@ import logix
 
 N, Q = 12, 4
 # Blocks of each optimizer step: steps 1 and 4 accumulate two blocks.
-STEPS = [[[0, 1, 2, 3]], [[4, 5], [6, 7]], [[8, 9, 10, 11]], [[1, 3, 5, 7]], [[0, 2], [4, 6, 8]], [[9, 10, 11, 2]]]
+STEPS = [[[0, 1, 2, 3]], [[4, 5], [6, 7]], [[8, 9, 10, 11]], [[1, 3, 5, 7]], [[0, 2], [4, 6, 8]],
+         [[9, 10, 11, 2]]]
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.3, momentum=0.9, weight_decay=0.01),

@@ -26,11 +26,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import HERE, load_digits, make_mlp, retrained_test_losses
 from rich.console import Console
 from rich.table import Table
 
 import logix
-from common import HERE, load_digits, make_mlp, retrained_test_losses
 from logix.eval import lds, single_model_outputs
 
 console = Console(width=150)
@@ -136,7 +136,8 @@ def influence_scores(data, args) -> dict[str, torch.Tensor]:
     q = query_gradients(path, model, x_test, y_test)
     rows = store.load()
     gn = exact_true_scores(store.modules, rows, q.values, layer_inputs(model, data.x_train),
-                           layer_inputs(model, x_test), pseudo, store.data_ids, len(data.y_train), args.dampings)
+                           layer_inputs(model, x_test), pseudo, store.data_ids, len(data.y_train),
+                           args.dampings)
     emp = exact_raw_scores(store, q.values, args.dampings)
     order = torch.tensor(store.data_ids).argsort()  # columns in training-row order
     out = {f"GN influence λ={d:g}": s[:, order] for d, s in gn.items()}
@@ -188,7 +189,7 @@ def main() -> None:
         return
 
     times = recording_overhead(data, args)
-    console.print("recording cost (best of %d, s per 30-epoch run): " % args.repeats
+    console.print(f"recording cost (best of {args.repeats}, s per 30-epoch run): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
                   + f"; ratios {times['record, no checkpoints'] / times['plain']:.3f} (hooks + ids) and "
                     f"{times['record, every √T'] / times['plain']:.3f} (with checkpoint writes)")

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from logix.vocabulary import LOSS_REDUCTIONS, check_choice
 HYPERPARAMETERS = {"sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
                    "adam": ("lr", "betas", "eps", "weight_decay"),
                    "adamw": ("lr", "betas", "eps", "weight_decay")}
-STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq")}
+STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+              "adamw": ("exp_avg", "exp_avg_sq")}
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
@@ -102,8 +104,8 @@ class TrajectoryRecorder:
                 self._params.append((name_of[id(p)], p, g))
         self._random = _random_modules(model)
         header = {"optimizer": self.kind, "every": self.every, "reduction": reduction,
-                  "parameters": [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
-                                  "group": g} for n, p, g in self._params]}
+                  "parameters": [{"name": n, "shape": list(p.shape), "group": g,
+                                  "dtype": str(p.dtype).removeprefix("torch.")} for n, p, g in self._params]}
         self._writer = TrajectoryWriter(run_dir, header, overwrite=overwrite)
         self._blocks: list[list] = []
         self._records: list[dict[str, Any]] = []
@@ -127,8 +129,8 @@ class TrajectoryRecorder:
 
     def _check_step(self) -> None:
         if not self._blocks:
-            raise CaptureError("optimizer.step() was called with no data ids since the previous step: "
-                               "wrap each forward/backward in `with run(data_id=ids):` (or recorder(data_id=ids))")
+            raise CaptureError("optimizer.step() was called with no data ids since the previous step: wrap "
+                               "each forward/backward in `with run(data_id=ids):` (or recorder(data_id=ids))")
         for m in self._random:
             if m.training:
                 raise CaptureError(f"{type(m).__name__} in training mode makes the step random or stateful, "
@@ -136,8 +138,8 @@ class TrajectoryRecorder:
                                    "record this training")
         for name, p, _ in self._params:
             if p.grad is None:
-                raise CaptureError(f"parameter {name} has no gradient at step {self.step}: a replay needs every "
-                                   "parameter of the optimizer to take part in every step (leave frozen ones out)")
+                raise CaptureError(f"parameter {name} has no gradient at step {self.step}: a replay needs "
+                                   "every parameter of the optimizer in every step (leave frozen ones out)")
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._check_step()
@@ -185,7 +187,7 @@ class TrajectoryRecorder:
             self._commit()
         self._writer.close()
 
-    def __enter__(self) -> "TrajectoryRecorder":
+    def __enter__(self) -> TrajectoryRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -13,8 +13,8 @@ Small drop fractions (1–10%) test the local, linear regime; 50% tests how far 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -80,7 +80,8 @@ class TrajectoryWriter:
     def write_steps(self, first: int, records: list[dict[str, Any]]) -> None:
         """The records of steps first, first+1, ...: {"blocks": [[ids]...], "groups": [{hp}...]}."""
         if first != self.index["n_steps"]:
-            raise StoreError(f"steps must be written in order: expected step {self.index['n_steps']}, got {first}")
+            raise StoreError(f"steps must be written in order: expected step {self.index['n_steps']}, "
+                             f"got {first}")
         path = self.root / steps_name(first)
         text = json.dumps(records, separators=(",", ":"))
         write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -108,7 +109,8 @@ class TrajectoryWriter:
 
 def _int(value: Any, what: str, path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StoreError(f"{path}: {what} must be a non-negative integer, got {value!r}; the index is damaged")
+        raise StoreError(f"{path}: {what} must be a non-negative integer, got {value!r}; "
+                         "the index is damaged")
     return value
 
 

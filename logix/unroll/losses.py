@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,8 +49,8 @@ class ParametrisedLoss:
         for w, batch in zip(weights, batches):
             losses = self.per_example(params, fn, batch)
             if losses.shape != w.shape:
-                raise CaptureError(f"examples(ids) gave a batch whose loss has {losses.shape[0]} entries for "
-                                   f"{w.shape[0]} recorded ids: it must return exactly the examples of those ids")
+                raise CaptureError(f"examples(ids) gave a batch whose loss has {losses.shape[0]} entries "
+                                   f"for {w.shape[0]} recorded ids: it must return exactly those examples")
             block = (w * losses).sum()
             block = block / w.shape[0] if reduction == "mean" else block
             total = block if total is None else total + block
@@ -64,10 +65,11 @@ def check_model(model: nn.Module, parameters: list[dict[str, Any]]) -> list[torc
     for p in parameters:
         t = own.get(p["name"])
         if t is None:
-            raise StoreError(f"the model has no parameter {p['name']!r}, which the recorded training updated: "
-                             "replay with the model the trajectory was recorded with")
-        if list(t.shape) != p["shape"] or str(t.dtype).removeprefix("torch.") != p["dtype"]:
-            raise StoreError(f"parameter {p['name']} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)} "
-                             f"but was recorded as {p['dtype']} {p['shape']}: replay with the recorded model")
+            raise StoreError(f"the model has no parameter {p['name']!r}, which the recorded training "
+                             "updated: replay with the model the trajectory was recorded with")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if list(t.shape) != p["shape"] or dtype != p["dtype"]:
+            raise StoreError(f"parameter {p['name']} is {dtype} {list(t.shape)} but was recorded as "
+                             f"{p['dtype']} {p['shape']}: replay with the recorded model")
         out.append(t)
     return out

@@ -39,7 +39,8 @@ class FunctionalOptimizer:
             return self._sgd(params, state, grads, hps, initialised)
         return self._adam(params, state, grads, hps, counts)
 
-    def advance(self, hps: list[dict[str, Any]], counts: list[int], initialised: list[bool]) -> tuple[list[int], list[bool]]:
+    def advance(self, hps: list[dict[str, Any]], counts: list[int],
+                initialised: list[bool]) -> tuple[list[int], list[bool]]:
         """The Python-side state after one step: counts + 1, buffers created where momentum ≠ 0."""
         if self.kind == "sgd":
             return counts, [init or h["momentum"] != 0 for init, h in zip(initialised, hps)]

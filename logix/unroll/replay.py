@@ -15,8 +15,9 @@ must land on the next recorded checkpoint (else the model, loss_fn or data diffe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,8 @@ Examples = Callable[[list], Any]
 def _state_of(ckpt: Checkpoint, names: list[str], keys: tuple[str, ...], params: tuple[torch.Tensor, ...]):
     """The checkpoint's optimizer state in the trajectory's parameter order (zeros where the
     state does not exist yet), with the Python-side counts and 'initialised' flags."""
-    state = {k: tuple(ckpt.state.get(k, {}).get(n, torch.zeros_like(p)).to(p.dtype) for n, p in zip(names, params))
-             for k in keys}
+    state = {k: tuple(ckpt.state.get(k, {}).get(n, torch.zeros_like(p)).to(p.dtype)
+                      for n, p in zip(names, params)) for k in keys}
     counts = [ckpt.counts.get(n, 0) for n in names]
     init = [n in set(ckpt.initialised) for n in names]
     return state, counts, init
@@ -61,13 +62,15 @@ def _check_optimizer(optimizer: torch.optim.Optimizer | None, model: nn.Module, 
         raise StoreError(f"the trajectory was recorded with {traj.optimizer!r}, not {kind!r}: replay "
                          "reproduces the recorded optimizer; pass that one (or none)")
     name_of = {id(p): n for n, p in model.named_parameters()}
-    groups = [(name_of.get(id(p)), g) for g, group in enumerate(optimizer.param_groups) for p in group["params"]]
+    groups = [(name_of.get(id(p)), g) for g, group in enumerate(optimizer.param_groups)
+              for p in group["params"]]
     if groups != [(p["name"], p["group"]) for p in traj.parameters]:
         raise StoreError("the optimizer's parameter groups differ from the recorded ones: replay with the "
                          "optimizer (and model) the trajectory was recorded with")
 
 
-def _max_relative_gap(a: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor], names: list[str]) -> tuple[float, str]:
+def _max_relative_gap(a: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor],
+                      names: list[str]) -> tuple[float, str]:
     gaps = [(float((x - b[n].to(x.dtype)).abs().max() / b[n].abs().max().clamp(min=1e-30)), n)
             for x, n in zip(a, names)]
     return max(gaps)
@@ -107,7 +110,8 @@ def unroll(run_dir: str | Path, model: nn.Module, loss_fn: LossFn, examples: Exa
     theta = tuple(final.params[n] for n in names)
     values, pull = vjp(lambda p: loss.per_example(p, measure, query_batch), theta)
     if values.shape != (len(query_ids),):
-        raise StoreError(f"measure(model, batch) gave {tuple(values.shape)} values for {len(query_ids)} query ids")
+        raise StoreError(f"measure(model, batch) gave {tuple(values.shape)} values for "
+                         f"{len(query_ids)} query ids")
     eye = torch.eye(len(query_ids), dtype=values.dtype)
     lam = vmap(pull, chunk_size=query_chunk)(eye)[0]  # [Q, ...] per parameter
     mu = {k: tuple(torch.zeros_like(x) for x in lam) for k in opt.state_keys}
@@ -138,13 +142,15 @@ def unroll(run_dir: str | Path, model: nn.Module, loss_fn: LossFn, examples: Exa
             counts, init = opt.advance(hps, counts, init)
         gap, where = _max_relative_gap(p, traj.checkpoint(stop).params, names)
         if not gap <= tolerance:
-            raise StoreError(f"the replay does not reproduce the recorded training: after steps {start}..{stop - 1} "
-                             f"parameter {where} differs from the recorded checkpoint by {gap:.2e} (relative). "
-                             "Replay with the recorded model, the loss_fn and examples(ids) of the training loop")
+            raise StoreError(f"the replay does not reproduce the recorded training: after steps "
+                             f"{start}..{stop - 1} parameter {where} differs from the recorded checkpoint "
+                             f"by {gap:.2e} (relative). Replay with the recorded model, and the loss_fn "
+                             "and examples(ids) of the training loop")
         for t in range(stop - 1, start - 1, -1):  # the adjoint, backwards through the interval
             batches, ones, hps, blocks = batches_of(steps[t])
             p, s, counts, init = trail[t - start]
-            _, pull = vjp(lambda p_, s_, w_: update(p_, s_, w_, batches, hps, counts, init), p, s, ones)
+            step = lambda p_, s_, w_, b=batches, h=hps, c=counts, i=init: update(p_, s_, w_, b, h, c, i)  # noqa: E731
+            _, pull = vjp(step, p, s, ones)
             lam, mu, d_w = vmap(pull, chunk_size=query_chunk)((lam, mu))
             for ids, d in zip(blocks, d_w):
                 cols = [columns.get(i) for i in ids]
