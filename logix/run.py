@@ -33,6 +33,7 @@ from logix.capture.hooks import (
     check_gradient_reached,
 )
 from logix.capture.modules import check_model, module_table, select_modules
+from logix.capture.trajectory import TrajectoryRecorder
 from logix.capture.pca import CovarianceCollector
 from logix.capture.pca_fisher import TrueFisherProjectionFit
 from logix.capture.per_sample import has_bias
@@ -129,11 +130,15 @@ class Run:
         self._token_parts: list[TokenGradients] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._model: nn.Module | None = None
+        self._trajectory: TrajectoryRecorder | None = None  # run.watch(model, optimizer=opt)
         self._finalized = False
 
     # -- set-up ---------------------------------------------------------------------------
-    def watch(self, model: nn.Module) -> "Run":
-        """Choose the modules to capture (from the config), set up projections and the store."""
+    def watch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+              trajectory_every: int | None = None, total_steps: int | None = None) -> "Run":
+        """Choose the modules to capture (from the config), set up projections and the store.
+        With `optimizer` (log mode), also record the trajectory for `logix.unroll`: every step's
+        block ids and hyperparameters, a checkpoint every `trajectory_every` (≈√total_steps) steps."""
         if self._model is not None:
             raise CaptureError("this run already watches a model; use one run per model")
         cfg = self.config
@@ -163,6 +168,12 @@ class Run:
                 )
                 for m in self.modules
             }, notes))
+        if optimizer is not None:
+            if self.mode != "log":
+                raise CaptureError("run.watch(model, optimizer=...) records a trajectory: use a logging run")
+            self._trajectory = TrajectoryRecorder(self.run_dir, model, optimizer, every=trajectory_every,
+                                                  total_steps=total_steps, overwrite=True,
+                                                  reduction=cfg.capture.loss_reduction)
         return self
 
     def _start(self, projections: dict[str, ModuleProjection]) -> None:
@@ -318,6 +329,8 @@ class Run:
         ids = batch_ids(data_id)
         check_batch_mask(mask, len(ids))
         check_token_request(self.mode, len(ids), mask, per_token, token_ids)
+        if self._trajectory is not None:
+            self._trajectory.add_block(ids)
         return Step(self, ids, mask, per_token, token_ids)
 
     def _submit(self, ids: list[DataId], state: StepState, row_scale: torch.Tensor | float = 1.0,
@@ -447,6 +460,8 @@ class Run:
             return
         self._check_no_step("finalize")
         self._finalized = True
+        if self._trajectory is not None:
+            self._trajectory.close()
         if self._writer is not None:
             self._record_batches()
             error: Exception | None = None
