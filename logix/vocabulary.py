@@ -19,6 +19,7 @@ FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the
 SCORE_MODES = ("dot", "cosine", "relative")
 SELF_INFLUENCE_MODES = ("dot", "relative")
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

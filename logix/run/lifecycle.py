@@ -112,6 +112,8 @@ class RunLifecycle:
             return
         self._check_no_step("finalize")
         self._finalized = True
+        if self._trajectory is not None:
+            self._trajectory.close()
         if self._writer is None:
             return
         self._record_batches()

@@ -41,7 +41,8 @@ from logix.run.block import Block
 from logix.run.lifecycle import RunLifecycle
 from logix.run.log_pass import LogPass
 from logix.run.passes import CurvaturePass, ProjectionPass, StatisticsPass, TrueFisherPass
-from logix.run.setup import create_run_store, module_dims, open_run_dir, open_writer
+from logix.capture.trajectory import TrajectoryRecorder
+from logix.run.setup import create_run_store, module_dims, open_run_dir, open_trajectory, open_writer
 from logix.store.format import PROJECTIONS, ModuleInfo, total_width
 from logix.store.gradients import DataId
 from logix.store.projections import check_projections
@@ -77,11 +78,15 @@ class Run(RunLifecycle):
         self._pending_batches: dict[str, int] = {}  # segment -> batches logged, not yet in its meta
         self._token_parts: list[TokenGradients] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
+        self._trajectory: TrajectoryRecorder | None = None  # run.watch(model, optimizer=opt)
         self._finalized = False
 
     # -- set-up ---------------------------------------------------------------------------
-    def watch(self, model: nn.Module) -> Run:
-        """Choose the modules to capture (from the config), set up projections and the store."""
+    def watch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+              trajectory_every: int | None = None, total_steps: int | None = None) -> Run:
+        """Choose the modules to capture (from the config), set up projections and the store.
+        With `optimizer` (log mode), also record the trajectory for `logix.unroll`: every step's
+        block ids and hyperparameters, a checkpoint every `trajectory_every` (≈√total_steps) steps."""
         if self._model is not None:
             raise CaptureError("this run already watches a model; use one run per model")
         cfg = self.config
@@ -111,6 +116,9 @@ class Run(RunLifecycle):
                 )
                 for m in self.modules
             }, notes))
+        if optimizer is not None:
+            self._trajectory = open_trajectory(self.run_dir, self.mode, model, optimizer,
+                                               trajectory_every, total_steps, cfg)
         return self
 
     def _start(self, projections: dict[str, ModuleProjection]) -> None:
@@ -184,6 +192,8 @@ class Run(RunLifecycle):
         ids = batch_ids(data_id)
         check_batch_mask(mask, len(ids))
         check_token_request(self.mode, len(ids), mask, per_token, token_ids)
+        if self._trajectory is not None:
+            self._trajectory.add_block(ids)
         owner = self._pass if self._pass is not None else self._log_pass
         return Block(owner, ids, mask, per_token=per_token, token_ids=token_ids, via_run=True)
 

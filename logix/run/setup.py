@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from logix.capture.trajectory import TrajectoryRecorder
 from logix.capture.projection import ModuleProjection, load_projections, projections_bytes
 from logix.comm import barrier
 from logix.config import LogixConfig
 from logix.curvature.covariance import CurvatureStatistics
-from logix.errors import ConfigError, StoreError
+from logix.errors import CaptureError, ConfigError, StoreError
 from logix.store.create import create_store, remove_store
 from logix.store.format import FORMAT_NAME, MANIFEST, PROJECTIONS, ModuleInfo, read_json
 from logix.store.projections import check_projections
@@ -96,3 +97,12 @@ def open_writer(run_dir: Path, config: LogixConfig, modules: list[ModuleInfo], w
                          shard_rows=config.store.shard_rows, rank=rank,
                          observers=[statistics] if statistics is not None else [])
     return writer, statistics
+
+
+def open_trajectory(run_dir: Path, mode: str, model, optimizer, every: int | None,
+                    total_steps: int | None, config: LogixConfig) -> TrajectoryRecorder:
+    """The recorder of `run.watch(model, optimizer=opt)`: a logging run's trajectory for replay."""
+    if mode != "log":
+        raise CaptureError("run.watch(model, optimizer=...) records a trajectory: use a logging run")
+    return TrajectoryRecorder(run_dir, model, optimizer, every=every, total_steps=total_steps,
+                              overwrite=True, reduction=config.capture.loss_reduction)
