@@ -126,7 +126,7 @@ def main() -> None:
         chunks = [x for _, x in store.iter_chunks(rows=engine.chunk_rows)]
         qp = torch.randn(args.queries, store.width)
         t_matmul = best_time(lambda: [torch.matmul(qp, x.T) for x in chunks], args.repeats)
-        del chunks
+        chunks.clear()
         flop = 2.0 * args.queries * len(store) * store.width
         gf_engine, gf_matmul = flop / t_engine / 1e9, flop / t_matmul / 1e9
 

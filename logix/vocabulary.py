@@ -20,6 +20,7 @@ SCORE_MODES = ("dot", "cosine", "relative")
 SELF_INFLUENCE_MODES = ("dot", "relative")
 RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

@@ -28,15 +28,17 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from logix.store.cache import load_cache, save_cache
 from logix.store.format import ModuleInfo, StoreError, curvature_dir, write_atomic
+from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 
 FORMAT = "logix-curvature"
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
@@ -134,34 +136,42 @@ def _modules_json(modules: list[ModuleInfo]) -> str:
 
 
 def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None = None) -> Path:
-    """Write `stats` atomically (see `write_atomic`)."""
+    """Write `stats` atomically (see `write_atomic`), with a checksum of its tensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
-                "modules": _modules_json(stats.modules), **(extra or {})}
-    if stats.positions:
-        metadata["positions"] = json.dumps(stats.positions)
     tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=_metadata(stats, extra)))
     return path
 
 
+def _metadata(stats: Statistics, extra: dict[str, str] | None) -> dict[str, str]:
+    metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
+                "modules": _modules_json(stats.modules), **(extra or {}),
+                CHECKSUM_KEY: tensors_checksum(stats.tensors)}
+    if stats.positions:
+        metadata["positions"] = json.dumps(stats.positions)
+    return metadata
+
+
 def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
-    """One statistics file and its metadata."""
+    """One statistics file and its metadata; a StoreError when it is damaged or fails its
+    checksum (statistics are not recomputed silently: they come from a logging pass)."""
+    tensors, md = read_tagged(path, FORMAT, "a logix curvature file", "delete it to recompute")
+    if checksum_matches(tensors, md) is False:
+        raise StoreError(
+            f"{path} does not match the checksum of its tensors (bit rot or an edit): its "
+            "statistics would give wrong scores. Restore it from a backup, or delete it and log "
+            "the statistics again (raw statistics are recomputed from the rows when deleted)")
+    return _statistics(path, tensors, md), md
+
+
+def _statistics(source: Path | str, tensors: dict[str, torch.Tensor], md: dict[str, str]) -> Statistics:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != FORMAT:
-                raise StoreError(f"{path} is not a logix curvature file")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except StoreError:
-        raise
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise StoreError(f"{path} cannot be read ({e}); delete it to recompute") from e
-    modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
-    positions = {k: int(v) for k, v in json.loads(md.get("positions", "{}")).items()}
-    stats = Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(path)], positions)
-    return stats, md
+        modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
+        positions = {k: int(v) for k, v in json.loads(md.get("positions", "{}")).items()}
+        return Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(source)], positions)
+    except (KeyError, ValueError, TypeError) as e:
+        raise StoreError(f"{source} has damaged metadata ({e!r}); delete it to recompute") from None
 
 
 class CurvatureStatistics:
@@ -290,20 +300,23 @@ def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
     if logged is not None and logged.rows == n and logged.modules == modules:
         return logged
     stream_path = directory / f"{kind}-stream.safetensors"
-    if stream_path.exists():
-        stats, md = read_statistics(stream_path)
-        if stats.rows == n and stats.modules == modules and md.get("ids") == ids_digest(store.data_ids):
+    cached = load_cache(stream_path, FORMAT)  # damaged or failing its checksum: None
+    if cached is not None:
+        try:
+            stats = _statistics(stream_path, *cached)
+        except StoreError:
+            return None
+        same_rows = cached[1].get("ids") == ids_digest(store.data_ids)
+        if stats.rows == n and stats.modules == modules and same_rows:
             return stats
     return None
 
 
 def save_recomputed(store: Any, stats: Statistics) -> None:
-    """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time."""
+    """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time (in a
+    user cache dir or in memory when the store is read-only, see `store.cache`)."""
     path = Path(store.curvature_dir) / f"{stats.kind}-stream.safetensors"
-    try:
-        save_statistics(path, stats, {"ids": ids_digest(store.data_ids)})
-    except OSError:
-        pass  # a read-only store still answers queries; it recomputes next time
+    save_cache(path, stats.tensors, _metadata(stats, {"ids": ids_digest(store.data_ids)}))
 
 
 def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,

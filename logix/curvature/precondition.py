@@ -115,10 +115,6 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
                                     progress=progress))
             if stats.rows == 0:
                 raise StoreError("the curvature statistics cover no rows; the store segment is empty")
-            try:  # the cache's folder (absent when no statistics were saved yet)
-                directory.mkdir(parents=True, exist_ok=True)
-            except OSError:
-                pass  # a read-only store: eigendecompose recomputes next time
             eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device,
                                  matrix=_reporting(stats.fisher, len(eigen), progress))
             if progress is not None:

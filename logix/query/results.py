@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from logix import comm
 from logix.store.format import write_atomic
+from logix.store.tagged import read_tagged
 
 DataId = int | str
 RESULT_FORMAT = "logix-result"
@@ -205,11 +205,7 @@ def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
     """Read a result written by `.save(path)` as .safetensors or .npz."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != RESULT_FORMAT:
-                raise ValueError(f"{path} is not a logix result file")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, md = read_tagged(path, RESULT_FORMAT, "a logix result file", error=ValueError)
         kind, meta = md["kind"], json.loads(md["meta"])
         ids = {k: json.loads(v) for k, v in md.items() if k.endswith("ids")}
     elif path.suffix.lower() == ".npz":
