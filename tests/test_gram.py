@@ -130,3 +130,27 @@ def test_progress_reports_rows_for_gram_and_blocks_for_eigendecompositions(tmp_p
     seen.clear()
     build_preconditioner(store, "raw", 0.5, chunk_rows=8, progress=lambda *a: seen.append(a))
     assert [a for a in seen if a[0] == "eigen"] == [("eigen", 1, 1)]  # cached: no block starts
+
+
+def test_gram_matrices_are_cached_per_block_and_a_bad_cache_is_recomputed(tmp_path, monkeypatch):
+    import logix.curvature.precondition as precondition
+
+    x = mlp_rows(10, seed=3).float()
+    store = open_store(build_store(tmp_path / "run", mlp_modules(), x, statistics=False))
+    real = precondition.gram_matrix
+    calls = []
+    monkeypatch.setattr(precondition, "gram_matrix", lambda g, p: calls.append(g.shape) or real(g, p))
+    q = torch.randn(3, store.width, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    first = build_preconditioner(store, "raw", 0.1).apply(q)
+    assert len(calls) == 2  # fc1 and fc2, both Gram (N = 10)
+    other = build_preconditioner(store, "raw", 1.0).apply(q)  # another damping: cached K
+    assert len(calls) == 2
+    _, hinv = reference_scores(x[:1], x, mlp_modules(), 1.0)
+    assert rel_err(other, q @ hinv) < 1e-5  # K in float32 products (auto)
+    assert torch.equal(build_preconditioner(store, "raw", 0.1).apply(q), first)
+    cache = store.curvature_dir / "gram-raw.safetensors"
+    data = bytearray(cache.read_bytes())
+    data[-1] ^= 0xFF  # a damaged cache fails its checksum: recomputed, never trusted
+    cache.write_bytes(bytes(data))
+    assert torch.equal(build_preconditioner(store, "raw", 0.1).apply(q), first)
+    assert len(calls) == 4

@@ -132,3 +132,17 @@ def test_default_chunk_is_bounded_in_bytes(setup):
     assert rows_per_chunk(10, 1 << 20) == 1
     with pytest.raises(ValueError, match="chunk_bytes"):
         rows_per_chunk(0, 8)
+
+
+def test_cli_chunk_bytes_and_old_chunk_rows_give_the_same_top_k(setup):
+    run_dir, _, _, q, tmp = setup
+    outs = []
+    for flag in (["--chunk-bytes", str(4 * 39 * 4)], ["--chunk-rows", "4"], []):
+        out = tmp / f"top{len(outs)}.json"
+        code, text = cli([str(run_dir), "--queries", str(tmp / "q.safetensors"), "--top-k", "6",
+                          "--output", str(out), *flag])
+        assert code == 0, text
+        outs.append(json.loads(out.read_text())["results"])
+    assert outs[0] == outs[1] == outs[2]
+    top = InfluenceEngine(run_dir, chunk_bytes=4 * 39 * 4).top_k(q, k=6)
+    assert [r["indices"] for r in outs[0]] == top.indices.tolist()

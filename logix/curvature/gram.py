@@ -25,6 +25,12 @@ import torch
 from logix.store.format import ModuleInfo
 
 
+def gram_matrix(rows: torch.Tensor, products: torch.dtype) -> torch.Tensor:
+    """K = G Gᵀ [N, N] float64 of rows G [N, w], the product in `products`."""
+    g = rows.to(products)
+    return (g @ g.T).to(torch.float64)
+
+
 @dataclass
 class GramBlock:
     """(F + λI)⁻¹ of one module from its N stored rows G, through the N×N Gram matrix."""
@@ -37,15 +43,16 @@ class GramBlock:
 
     @classmethod
     def build(cls, module: ModuleInfo, rows: torch.Tensor, damping: float, absolute: bool,
-              products: torch.dtype = torch.float64) -> GramBlock:
+              products: torch.dtype = torch.float64, gram: torch.Tensor | None = None) -> GramBlock:
         """The block of `rows` [N, w] with damping relative to trace(F)/w unless `absolute`.
 
         The N²w products (K here, X̃ later) run in `products`, the [N, N] factor in float64:
         float32 products changed the digits store's scores by ~1e-5 relative
-        (`benchmarks/bench_first_query.py`); float64 ones are exact (the tests)."""
+        (`benchmarks/bench_first_query.py`); float64 ones are exact (the tests). `gram`: K
+        when the caller has it (a cache)."""
         g = rows.to(products)
         n, w = g.shape
-        k = (g @ g.T).to(torch.float64)
+        k = gram_matrix(g, products) if gram is None else gram.to(torch.float64)
         mean = float(torch.diagonal(k).sum()) / (n * w)  # trace(F) / w
         lam = float(damping) if absolute or not mean > 0 else float(damping) * mean
         shifted = k + (n * lam) * torch.eye(n, dtype=torch.float64, device=k.device)

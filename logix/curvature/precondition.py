@@ -19,6 +19,8 @@ Eigendecompositions are cached on disk (`eigen.py`): changing the damping costs 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from logix.curvature.covariance import (
     statistics_for,
 )
 from logix.curvature.eigen import eigendecompose
-from logix.curvature.gram import GramBlock
+from logix.curvature.gram import GramBlock, gram_matrix
 from logix.curvature.kfac import (
     FACTOR_KIND,
     KroneckerBlock,
@@ -48,11 +50,13 @@ from logix.curvature.true_fisher import (
     true_kind,
     true_raw_statistics,
 )
+from logix.store.cache import load_cache, save_cache
 from logix.store.format import StoreError
 from logix.vocabulary import FISHERS, PRECONDITIONERS, RAW_FORMS, check_choice, renamed
 
 # The statistics each preconditioner reads by default (variants like "kfac.true" plug in here).
 DEFAULT_STATISTICS = {"raw": "raw", "kfac": FACTOR_KIND, "ekfac": FACTOR_KIND}
+GRAM_FORMAT = "logix-gram"
 
 
 def damping_value(eigenvalues: torch.Tensor, damping: float, absolute: bool) -> float:
@@ -178,9 +182,11 @@ def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk
 
 def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, chunk_rows: int,
                 progress: ProgressFn | None, products: torch.dtype) -> dict[str, GramBlock]:
-    """The Gram-form blocks of modules `names`, from one read of their columns (float64)."""
+    """The Gram-form blocks of modules `names`, from one read of their columns. K = G Gᵀ is
+    cached (`gram-raw.safetensors`, keyed by a digest of each block's rows and the products'
+    dtype), so another damping or engine on the same store costs one Cholesky factor."""
     modules = [m for m in store.modules if m.name in set(names)]
-    rows = {m.name: torch.empty(len(store), m.width, dtype=torch.float64) for m in modules}
+    rows = {m.name: torch.empty(len(store), m.width, dtype=torch.float32) for m in modules}
     done = 0
     for _, x in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
         for m in modules:
@@ -188,4 +194,36 @@ def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, ch
         done += x.shape[0]
         if progress is not None:
             progress("gram", done, len(store))
-    return {m.name: GramBlock.build(m, rows[m.name], damping, absolute, products) for m in modules}
+    path = Path(store.curvature_dir) / "gram-raw.safetensors"
+    cached = load_cache(path, GRAM_FORMAT)
+    tensors, keys = ({}, {}) if cached is None else (dict(cached[0]), _cache_keys(cached[1]))
+    changed = False
+    blocks = {}
+    for m in modules:
+        digest = _rows_digest(rows[m.name], products)
+        kept = tensors.get(m.name)
+        shape = (len(store), len(store))
+        if keys.get(m.name) != digest or kept is None or tuple(kept.shape) != shape:
+            tensors[m.name], keys[m.name], changed = gram_matrix(rows[m.name], products), digest, True
+        blocks[m.name] = GramBlock.build(m, rows[m.name], damping, absolute, products,
+                                         gram=tensors[m.name])
+    if changed:
+        save_cache(path, tensors, {"format": GRAM_FORMAT, "keys": json.dumps(keys)})
+    return blocks
+
+
+def _cache_keys(metadata: dict[str, str]) -> dict[str, str]:
+    """The {module: digest} map of a Gram cache's metadata; empty when malformed (recompute)."""
+    try:
+        keys = json.loads(metadata.get("keys", "{}"))
+    except ValueError:
+        return {}
+    return {k: v for k, v in keys.items() if isinstance(v, str)} if isinstance(keys, dict) else {}
+
+
+def _rows_digest(rows: torch.Tensor, products: torch.dtype) -> str:
+    """A content key of a block's rows [N, w] (float32) and the dtype K is computed in."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(rows.shape)}:{products}:".encode())
+    h.update(rows.contiguous().numpy().data)
+    return h.hexdigest()
