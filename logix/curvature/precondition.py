@@ -14,7 +14,8 @@ drawn from the model: the Gauss–Newton matrix), see `true_fisher.py`.
 
 Damping is `λ_m = damping · mean eigenvalue of F_m`, or `λ_m = damping` when `absolute_damping=True`.
 Mean eigenvalues: raw and ekfac trace(F_raw)/w (the same number), kfac mean(e_S)·mean(e_A).
-Eigendecompositions are cached on disk (`eigen.py`): changing the damping costs nothing.
+Eigendecompositions are cached on disk (`eigen.py`), Gram matrices too (`gram_blocks`):
+changing the damping costs nothing, resp. one Cholesky factor of [N, N].
 """
 
 from __future__ import annotations
