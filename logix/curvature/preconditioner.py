@@ -184,12 +184,19 @@ class Preconditioner:
         return stacked if per_module else stacked.sum(dim=0)
 
     def _blocks_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, AnyBlock] | None:
-        """The selected blocks on `device` in `dtype` (moved once, then kept)."""
+        """The selected blocks on `device` in `dtype` (moved once, then kept). A Gram block
+        keeps its dtypes, so one copy per device serves every dtype (and its X̃ is built once)."""
         if self.blocks is None:
             return None
         key = (str(device), dtype)
         if key not in self._moved:
-            self._moved[key] = {m.name: self.blocks[m.name].to(device, dtype) for m in self.selected}
+            on_device = [v for (d, _), v in self._moved.items() if d == str(device)]
+            moved = {}
+            for m in self.selected:
+                b = self.blocks[m.name]
+                moved[m.name] = (on_device[0][m.name] if on_device and isinstance(b, GramBlock)
+                                 else b.to(device, dtype))
+            self._moved[key] = moved
         return self._moved[key]
 
 
