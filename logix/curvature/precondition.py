@@ -31,7 +31,6 @@ from logix.curvature.covariance import (
     MAX_RAW_WIDTH,
     ProgressFn,
     RawAccumulator,
-    Statistics,
     saved_statistics,
     statistics_for,
 )
@@ -45,6 +44,7 @@ from logix.curvature.kfac import (
     load_factors,
 )
 from logix.curvature.preconditioner import AnyBlock, Block, Preconditioner
+from logix.curvature.statistics import Statistics
 from logix.curvature.true_fisher import (
     true_ekfac_eigenvalues,
     true_factors,
