@@ -268,12 +268,12 @@ class Store:
                     buffers: int = 0) -> Iterator[tuple[list[DataId], torch.Tensor]]:
         """Yield (ids, tensor [rows, D]) in row order; the last chunk may be smaller.
 
-        Each chunk is read on a few threads, and the next one is read while the consumer holds
-        this one (except with buffers=1). buffers=0: each chunk is a fresh tensor (safe to keep).
-        buffers=k >= 1: chunks cycle through k preallocated tensors; a chunk stays valid until
-        the consumer asks for the (k-1)-th next one (k=2: use each chunk before asking for the
-        next; k=1: until the next one). Reusing memory is several times faster on cached data
-        (no page faults) and keeps the heap from growing.
+        Each chunk is read as a few pieces in flight on a small thread pool. buffers=0: each
+        chunk is a fresh tensor (safe to keep), and the next one is read while the consumer
+        holds this one. buffers=k >= 1: chunks cycle through k preallocated tensors, so a chunk
+        stays valid only until k more chunks have been yielded (behind a read-ahead thread of
+        depth d use k = d + 2); nothing is read before it is asked for. Reusing memory is
+        several times faster on cached data (no page faults) and keeps the heap from growing.
         """
         if rows < 1 or buffers < 0:
             raise ValueError(f"rows per chunk must be >= 1 and buffers >= 0, got {rows}, {buffers}")
@@ -301,7 +301,7 @@ class Store:
                 out, reads = ahead if ahead is not None else start_reading(start)
                 reader.wait(reads)
                 ahead = None
-                if start + rows < n and buffers != 1:
+                if start + rows < n and buffers == 0:
                     ahead = start_reading(start + rows)
                 reader.release_before(start)
                 yield ids[start:start + out.shape[0]], out
