@@ -84,7 +84,7 @@ def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None, discard=False)
     run = logix.init(tmp / name, config=cfg, overwrite=True)
     run.watch(model)
     if discard:
-        run.writer.add = lambda ids, rows: None
+        run.writer.add_checked = lambda ids, rows, nonfinite: None
     time_steps(model, data, loss_fn, opt, 3)  # warm-up both paths
     time_steps(model, data, loss_fn, opt, 3, run, start_id=10**9)
     plain, logged, next_id = [], [], 0
@@ -144,16 +144,15 @@ def disk_write_rate(tmp: Path, mb: int = 256) -> float:
 
 def store_write_rate(tmp: Path, mb: int = 256) -> float:
     """MB/s of the store writer alone (rows already in memory), including fsync per shard."""
-    from logix.store.format import FORMAT_NAME, FORMAT_VERSION, write_json_atomic
+    from logix.store.create import create_store
+    from logix.store.format import ModuleInfo
     from logix.store.writer import StoreWriter
 
     width = 4096
     rows_total = mb * (1 << 20) // (4 * width)
     run_dir = tmp / "write-rate"
-    run_dir.mkdir()
-    write_json_atomic(run_dir / "manifest.json", {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {}, "modules": [],
-        "width": width, "dtype": "float32", "fingerprint": "bench", "projection": {}})
+    module = ModuleInfo("layer", "Linear", width, 1, width, 1, False, 0)
+    create_store(run_dir, {"store": {"dtype": "float32"}}, "", [module], b"", {}, 1)
     block = torch.randn(1024, width)
     t0 = time.perf_counter()
     with StoreWriter(run_dir, width=width, dtype="float32", shard_rows=4096) as w:

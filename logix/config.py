@@ -7,6 +7,7 @@ valid key; a value of the wrong type or outside its choices is an error naming w
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -117,6 +118,10 @@ class LogixConfig:
             raise ConfigError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path} is not a text file (byte {e.start} is not UTF-8): pass the path of a YAML "
+                "config such as configs/default.yaml") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         try:
@@ -188,6 +193,8 @@ def _check_value(hint: Any, value: Any, path: str, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
     elif hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} must be a string, got {value!r}")

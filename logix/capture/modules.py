@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from logix.capture.per_sample import check_supported, has_bias, layer_dims, layer_type
-from logix.capture.wrappers import named_modules
+from logix.capture.wrappers import named_modules, unwrap_model
 from logix.config import CaptureConfig, LogixConfig
 from logix.errors import CaptureError, StoreError
 from logix.store.format import ModuleInfo
@@ -31,6 +31,13 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         check_supported(name, module)
         chosen.append((name, module))
     if not chosen:
+        root = unwrap_model(model)
+        if layer_type(root) is not None:
+            raise CaptureError(
+                f"the model is itself a {layer_type(root)} layer, and logix watches the layers "
+                "inside a model (by their names in model.named_modules(); the model's own name "
+                "is ''): wrap it, e.g. model = nn.Sequential(layer), whose layer is then "
+                "watched as '0'")
         candidates = [n for n, m in named_modules(model) if n and layer_type(m)]
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from logix.capture.hooks import CaptureBlock, Sink, attach_hooks
+from logix.capture.hooks import CaptureBlock, Sink, attach_hooks, check_mask_used
 from logix.errors import CaptureError
 from logix.store.gradients import DataId
 
@@ -117,6 +117,7 @@ class Block:
         try:
             self.owner.exit_block(self)
             if exc_type is None:
+                check_mask_used(self.capture)
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)

@@ -63,12 +63,13 @@ class LogPass(Pass):
             rows.mul_(row_scale.to(device=rows.device, dtype=rows.dtype).unsqueeze(1))
         elif row_scale != 1.0:
             rows.mul_(row_scale)
-        if block.nonfinite == "skip" and nonfinite_rows(rows):
+        nonfinite = nonfinite_rows(rows)  # once: the writer is told, not asked to look again
+        if block.nonfinite == "skip" and nonfinite:
             warnings.warn(f"skipped a batch of {len(ids)} examples whose gradients are not finite "
                           f"(first ids {ids[:5]}): nothing of it was stored", stacklevel=4)
             return
         if run.mode == "query":
-            bad = [ids[i] for i in nonfinite_rows(rows)]
+            bad = [ids[i] for i in nonfinite]
             if bad:
                 raise CaptureError(
                     f"non-finite gradients (NaN/inf) for data ids {bad[:10]}"
@@ -79,7 +80,9 @@ class LogPass(Pass):
         factors = "factors" in block.sinks
         if factors:
             run.factor_log.check_scale(row_scale)  # before the rows are stored
-        run.writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
+        # ids were normalised by `batch_ids`, rows are [B, D] by construction: the writer checks
+        # duplicates and refuses the non-finite rows found above; it takes ownership of rows.
+        run.writer.add_checked(ids, rows, nonfinite)
         if factors:
             run.factor_log.commit(run.writer.segment, ids, block.reached, row_scale)
         run.count_logged_batch()

@@ -2,8 +2,9 @@
 
 The reader merges the per-rank indexes, checks the listed shards (size, optionally crc32 and
 every header) and streams rows in chunks of a fixed number of rows that span shard boundaries.
-Shard data is read with `pread` straight into the chunk's tensor (`shard_io.RowReader`), so a
-chunk is the only sizeable allocation and a store larger than RAM streams. Complete shards that
+Shard data is read with `pread` straight into the chunk's tensor, a few reads in flight and one
+chunk ahead (`row_reader.RowReader`), so a few chunks are the only sizeable allocations, a store
+larger than RAM streams, and a cold one streams at the disk's rate. Complete shards that
 no index lists yet (a writer stopped, or is, between renaming a shard and updating its index)
 are reported, not read: a resumed writer adopts them.
 """
@@ -26,7 +27,8 @@ from logix.store.index import read_indexes, valid_segment
 from logix.store.manifest import read_manifest
 from logix.store.projections import check_projections
 from logix.store.recovery import unindexed_shards
-from logix.store.shard_io import TORCH_DTYPES, RowReader, damage_fix
+from logix.store.row_reader import RowReader
+from logix.store.shard_io import TORCH_DTYPES, damage_fix
 from logix.vocabulary import VERIFY_LEVELS, check_choice
 
 __all__ = ["open_store", "Store", "TORCH_DTYPES", "DataId"]
@@ -266,9 +268,11 @@ class Store:
                     buffers: int = 0) -> Iterator[tuple[list[DataId], torch.Tensor]]:
         """Yield (ids, tensor [rows, D]) in row order; the last chunk may be smaller.
 
-        buffers=0: each chunk is a fresh tensor (safe to keep). buffers=k >= 1: chunks cycle
-        through k preallocated tensors, so a chunk stays valid only until k more chunks have been
-        yielded (use k = prefetch depth + 2 behind a read-ahead thread). Reusing memory is
+        Each chunk is read as a few pieces in flight on a small thread pool. buffers=0: each
+        chunk is a fresh tensor (safe to keep), and the next one is read while the consumer
+        holds this one. buffers=k >= 1: chunks cycle through k preallocated tensors, so a chunk
+        stays valid only until k more chunks have been yielded (behind a read-ahead thread of
+        depth d use k = d + 2); nothing is read before it is asked for. Reusing memory is
         several times faster on cached data (no page faults) and keeps the heap from growing.
         """
         if rows < 1 or buffers < 0:
@@ -279,20 +283,28 @@ class Store:
         ids = self.data_ids
         reader = RowReader(self)
         pool: list[torch.Tensor] = []
+
+        def start_reading(start: int) -> tuple[torch.Tensor, list]:
+            k = min(rows, n - start)
+            if buffers > 0:
+                slot = (start // rows) % buffers
+                if len(pool) <= slot:
+                    pool.append(torch.empty((min(rows, n), self.width), dtype=dtype))
+                out = pool[slot][:k]
+            else:
+                out = torch.empty((k, self.width), dtype=dtype)
+            return out, reader.submit(out, start)
+
         try:
-            reader.advise(0, min(rows, n))
+            ahead = start_reading(0)
             for start in range(0, n, rows):
-                k = min(rows, n - start)
-                if buffers > 0:
-                    slot = (start // rows) % buffers
-                    if len(pool) <= slot:
-                        pool.append(torch.empty((min(rows, n), self.width), dtype=dtype))
-                    out = pool[slot][:k]
-                else:
-                    out = torch.empty((k, self.width), dtype=dtype)
-                reader.read_into(out, start)
-                reader.advise(start + k, min(rows, n - start - k))  # kernel reads ahead meanwhile
-                yield ids[start:start + k], out
+                out, reads = ahead if ahead is not None else start_reading(start)
+                reader.wait(reads)
+                ahead = None
+                if start + rows < n and buffers == 0:
+                    ahead = start_reading(start + rows)
+                reader.release_before(start)
+                yield ids[start:start + out.shape[0]], out
         finally:
             reader.close()
 

@@ -175,9 +175,17 @@ class StoreWriter:
         ids = normalise_ids(ids)
         if len(ids) != rows.shape[0]:
             raise StoreError(f"{len(ids)} data ids for {rows.shape[0]} rows: pass one id per row")
+        self.add_checked(ids, rows, nonfinite_rows(rows))
+
+    def add_checked(self, ids: list[DataId], rows: torch.Tensor, nonfinite: list[int]) -> None:
+        """`add` for a caller that has already checked what it needs itself: `ids` normalised
+        (`batch_ids` / `normalise_ids`), rows a float tensor [len(ids), D], `nonfinite` the
+        indices `nonfinite_rows(rows)` gave. The run's logging path; duplicates are checked
+        here, and a batch with non-finite rows is refused, as by `add`."""
+        self._check_open()
         segment = self._segment if self._segment is not None else self._next_segment_name()
         taken = self._taken.check_new(segment, ids)
-        bad = [ids[j] for j in nonfinite_rows(rows)]
+        bad = [ids[j] for j in nonfinite]
         if bad:
             raise StoreError(
                 f"non-finite gradient rows (NaN/inf) for data id(s) {bad[:10]}: check the loss "
