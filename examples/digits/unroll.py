@@ -38,13 +38,13 @@ BATCH, LR = 64, 0.1
 
 
 def train_weighted(data, weights: torch.Tensor | None, seed: int, epochs: int, recorder=None,
-                   dtype=torch.float32):
+                   dtype=torch.float32, lr: float = LR):
     """common.train_mlp's recipe (same init, batch order and optimizer) with a loss weight per
     training example (dropped ones 0, kept in the batches); `recorder` records the trajectory."""
     x, y = data.x_train.to(dtype), data.y_train
     w = torch.ones(len(y), dtype=dtype) if weights is None else weights.to(dtype)
     model = make_mlp(seed).to(dtype)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     if recorder is not None:
         recorder = recorder(model, opt)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -62,19 +62,23 @@ def train_weighted(data, weights: torch.Tensor | None, seed: int, epochs: int, r
 
 
 def test_losses(model, data, n_test: int) -> torch.Tensor:
+    """[n_test] cross-entropy of the first test images, from float64 logits: in float32 a loss
+    below ~1e-7 (a confident prediction) rounds to 0 or to a few steps of 6e-8, which would turn
+    the small changes the ground truth measures into ties and rounding noise."""
     dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        return F.cross_entropy(model(data.x_test[:n_test].to(dtype)), data.y_test[:n_test], reduction="none")
+        logits = model(data.x_test[:n_test].to(dtype)).double()
+        return F.cross_entropy(logits, data.y_test[:n_test], reduction="none")
 
 
 def single_truth(data, args, fraction: float):
     def train_fn(kept: torch.Tensor, seed: int) -> torch.Tensor:
         w = torch.zeros(len(data.y_train))
         w[kept] = 1.0
-        return test_losses(train_weighted(data, w, seed, args.epochs), data, args.n_test)
+        return test_losses(train_weighted(data, w, seed, args.epochs, lr=args.lr), data, args.n_test)
 
-    return single_model_outputs(train_fn, len(data.y_train), fraction, args.subsets, seed=0,
-                                out_dir=args.out / f"single-epochs{args.epochs}-test{args.n_test}")
+    cache = args.out / f"single-lr{args.lr:g}-epochs{args.epochs}-test{args.n_test}"
+    return single_model_outputs(train_fn, len(data.y_train), fraction, args.subsets, seed=0, out_dir=cache)
 
 
 def multi_truth(data, args):
@@ -84,11 +88,11 @@ def multi_truth(data, args):
 
 def record_and_unroll(data, args, seed: int, dtype=torch.float32, n_test=None, every=None):
     n_test = n_test or args.n_test
-    run_dir = args.out / f"run-seed{seed}-{str(dtype).removeprefix('torch.')}"
+    run_dir = args.out / f"run-lr{args.lr:g}-seed{seed}-{str(dtype).removeprefix('torch.')}"
     steps = args.epochs * math.ceil(len(data.y_train) / BATCH)
     rec = lambda m, o: logix.record_trajectory(run_dir, m, o, every=every, total_steps=steps, overwrite=True)  # noqa: E731
     t = time.perf_counter()
-    train_weighted(data, None, seed, args.epochs, recorder=rec, dtype=dtype)
+    train_weighted(data, None, seed, args.epochs, recorder=rec, dtype=dtype, lr=args.lr)
     t_record = time.perf_counter() - t
     x, y = data.x_train.to(dtype), data.y_train
 
@@ -127,9 +131,9 @@ def influence_scores(data, args) -> dict[str, torch.Tensor]:
     from exact_true_fisher import PseudoGradients, exact_true_scores, layer_inputs
     from lds import exact_raw_scores, log_store, query_gradients, true_fisher_pass
 
-    model = train_weighted(data, None, 0, args.epochs)
+    model = train_weighted(data, None, 0, args.epochs, lr=args.lr)
     x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
-    path = args.out / "influence-exact"
+    path = args.out / f"influence-exact-lr{args.lr:g}"
     store = log_store(path, model, data.x_train, data.y_train, {"kind": "identity"})
     pseudo = PseudoGradients(store.modules)
     true_fisher_pass(path, model, data.x_train, statistics=("kfac",), on_rows=pseudo)
@@ -151,15 +155,20 @@ def smoothness(data, args) -> list[tuple[float, float]]:
     scores, _, _ = record_and_unroll(data, args, 0, dtype=torch.float64, n_test=1)
     derivative = -scores.values[0]
     picks = derivative.abs().argsort(descending=True)[: args.smooth_examples].tolist()
+
+    def loss_of(w):
+        model = train_weighted(data, w, 0, args.epochs, dtype=torch.float64, lr=args.lr)
+        return test_losses(model, data, 1)[0]
+
     rows = []
     for h in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6):
         gaps = []
         for i in picks:
             w = torch.ones(len(data.y_train), dtype=torch.float64)
             w[i] += h
-            up = test_losses(train_weighted(data, w, 0, args.epochs, dtype=torch.float64), data, 1)[0]
+            up = loss_of(w)
             w[i] -= 2 * h
-            down = test_losses(train_weighted(data, w, 0, args.epochs, dtype=torch.float64), data, 1)[0]
+            down = loss_of(w)
             fd = float(up - down) / (2 * h)
             gaps.append(abs(fd - float(derivative[i])) / abs(float(derivative[i])))
         rows.append((h, max(gaps)))
@@ -171,6 +180,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="recorded training seeds (0..S-1)")
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=LR, help="SGD learning rate (common.train_mlp's is 0.1; the "
+                   "multi-seed column, whose retrainings are lds.py's, is shown only for that one)")
     p.add_argument("--subsets", type=int, default=50, help="single-model retrainings per drop fraction")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.5])
     p.add_argument("--lds-subsets", type=int, default=100, help="multi-seed LDS: half subsets (lds.py's)")
@@ -184,7 +195,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = load_digits()
     truths = {f: single_truth(data, args, f) for f in args.fractions}
-    multi = multi_truth(data, args)
+    multi = multi_truth(data, args) if args.lr == LR else None
     if args.retrain_only:
         return
 
@@ -206,16 +217,18 @@ def main() -> None:
         methods[f"unroll, mean of {args.seeds} seeds"] = torch.stack(per_seed).mean(0)
     methods.update(influence_scores(data, args))
 
-    table = Table(title=f"digits: LDS of {args.n_test} test images (mean Spearman; single-model: seed 0, "
+    table = Table(title=f"digits (lr {args.lr:g}): LDS of {args.n_test} test images (mean Spearman; "
+                        f"single-model: seed 0, "
                         f"{args.subsets} drops per fraction; multi-seed: {args.lds_subsets} halves × "
                         f"{args.lds_seeds} seeds)")
     table.add_column("attribution")
     for f in args.fractions:
         table.add_column(f"single {f:.0%}", justify="right")
-    table.add_column("multi-seed", justify="right")
+    if multi is not None:
+        table.add_column("multi-seed", justify="right")
     for name, s in methods.items():
         cells = [str(lds(s, *truths[f], output="loss")) for f in args.fractions]
-        table.add_row(name, *cells, str(lds(s, *multi, output="loss")))
+        table.add_row(name, *cells, *([str(lds(s, *multi, output="loss"))] if multi is not None else []))
     console.print(table)
     for h, gap in smoothness(data, args):
         console.print(f"smoothness: finite-difference step h={h:.0e}: max relative gap to the replayed "
