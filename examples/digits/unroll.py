@@ -111,10 +111,11 @@ def recording_overhead(data, args) -> dict[str, float]:
     """Seconds per training run: plain, recorded without intermediate checkpoints (the hooks and
     ids alone), recorded with checkpoints every √T steps; best of --repeats, interleaved."""
     steps = args.epochs * math.ceil(len(data.y_train) / BATCH)
+    where = args.out / f"overhead-lr{args.lr:g}"
     kinds = {"plain": None,
-             "record, no checkpoints": lambda m, o: logix.record_trajectory(args.out / "overhead", m, o,
+             "record, no checkpoints": lambda m, o: logix.record_trajectory(where, m, o,
                                                                             every=10 ** 9, overwrite=True),
-             "record, every √T": lambda m, o: logix.record_trajectory(args.out / "overhead", m, o,
+             "record, every √T": lambda m, o: logix.record_trajectory(where, m, o,
                                                                       total_steps=steps, overwrite=True)}
     best = {k: float("inf") for k in kinds}
     for _ in range(args.repeats):
@@ -208,7 +209,7 @@ def main() -> None:
     per_seed = []
     for seed in range(args.seeds):
         scores, t_record, t_unroll = record_and_unroll(data, args, seed)
-        scores.save(args.out / f"scores-seed{seed}.safetensors")
+        scores.save(args.out / f"scores-lr{args.lr:g}-seed{seed}.safetensors")
         per_seed.append(scores.values)
         console.print(f"seed {seed}: recorded training {t_record:.1f}s, replay + adjoint for {args.n_test} "
                       f"queries {t_unroll:.1f}s ({t_unroll / times['plain']:.1f}× one plain training run)")
