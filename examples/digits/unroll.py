@@ -3,6 +3,7 @@ influence functions, on single-model and multi-seed LDS.
 
     .venv/bin/python examples/digits/unroll.py --retrain-only   # fill the retraining caches first
     .venv/bin/python examples/digits/unroll.py                  # record, replay, evaluate
+    .venv/bin/python examples/digits/unroll.py --lr 0.03        # the same with a gentler step size
 
 1. Train the MLP of common.py (SGD, momentum 0.9, 30 epochs, 660 steps) with each seed of
    --seeds while `logix.record_trajectory` records it (no rows logged); the recording's cost
@@ -13,6 +14,8 @@ influence functions, on single-model and multi-seed LDS.
    per drop fraction, cached under out/unroll/) and multi-seed (lds.py's random halves × seeds,
    sharing its cache under out/lds/). Influence: exact full-parameter Gauss-Newton influence
    (the best setting of lds.py) and exact empirical-Fisher influence on the seed-0 model.
+   The ground truth's test losses are computed from float64 logits (float32 rounds confident
+   losses, ~1e-7 and below, to ties).
 4. Smoothness: a float64 recording of seed 0; central finite differences of the whole training
    in one example's weight, at steps 1e-1 … 1e-6, against the replayed derivative.
 """
@@ -218,10 +221,9 @@ def main() -> None:
         methods[f"unroll, mean of {args.seeds} seeds"] = torch.stack(per_seed).mean(0)
     methods.update(influence_scores(data, args))
 
+    multi_note = "" if multi is None else f"; multi-seed: {args.lds_subsets} halves × {args.lds_seeds} seeds"
     table = Table(title=f"digits (lr {args.lr:g}): LDS of {args.n_test} test images (mean Spearman; "
-                        f"single-model: seed 0, "
-                        f"{args.subsets} drops per fraction; multi-seed: {args.lds_subsets} halves × "
-                        f"{args.lds_seeds} seeds)")
+                        f"single-model: seed 0, {args.subsets} drops per fraction{multi_note})")
     table.add_column("attribution")
     for f in args.fractions:
         table.add_column(f"single {f:.0%}", justify="right")
