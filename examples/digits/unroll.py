@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 import logix
-from logix.eval import lds, single_model_outputs
+from logix.eval import drop_subsets, lds, single_model_outputs
 
 console = Console(width=150)
 BATCH, LR = 64, 0.1
@@ -179,6 +179,21 @@ def smoothness(data, args) -> list[tuple[float, float]]:
     return rows
 
 
+def drop_linearity(data, args, fraction: float = 0.05) -> list[tuple[float, float]]:
+    """(t, ‖θ(t) − θ(0)‖ / t): the float64 training with the first single-model drop's examples
+    weighted 1 − t; constant in t where the training is linear in the example weights."""
+    dropped = ~drop_subsets(len(data.y_train), 1, fraction, seed=0)[0]
+
+    def params(t: float) -> torch.Tensor:
+        w = torch.ones(len(data.y_train), dtype=torch.float64)
+        w[dropped] -= t
+        model = train_weighted(data, w, 0, args.epochs, dtype=torch.float64, lr=args.lr)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    base = params(0.0)
+    return [(t, float((params(t) - base).norm()) / t) for t in (1e-7, 1e-6, 1e-5, 1e-4, 1e-2, 1.0)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=2, help="recorded training seeds (0..S-1)")
@@ -236,6 +251,8 @@ def main() -> None:
     for h, gap in smoothness(data, args):
         console.print(f"smoothness: finite-difference step h={h:.0e}: max relative gap to the replayed "
                       f"derivative {gap:.1e}")
+    for t, ratio in drop_linearity(data, args):
+        console.print(f"linearity: a 5% drop's weights lowered by t={t:.0e}: |Δθ|/t = {ratio:.3g}")
 
 
 if __name__ == "__main__":
