@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,7 +156,9 @@ def test_unfinalized_run_flushes_at_exit_and_warns(tmp_path):
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert "was never closed: run.finalize() was not called" in err
-    assert "6 pending rows were written" in err
+    # 6 rows were still buffered; the 3 full shards may or may not have reached the disk yet.
+    pending = int(re.search(r"its (\d+) pending rows were written", err).group(1))
+    assert 6 <= pending <= 30
     store = logix.open_store(run_dir, verify="full")
     assert sorted(store.data_ids) == list(range(30))
     assert store.rank_status() == {0: "not finalized"}

@@ -17,32 +17,37 @@ On disk (one file per kind, rank and segment; never pickled):
 
 Each file holds float64 tensors keyed by module name (`raw`) or `<module>.A` / `<module>.S`
 (`kfac`), and metadata with the kind, the row count, the module table and, for factor kinds,
-the positions per module. Row-derived kinds register an accumulator in `ACCUMULATORS`; factor
-kinds (`FACTOR_KINDS`) come from the capture stage. Loading is keyed by the kind string only, so
-variants such as `kfac.true` load with the same code.
+the positions per module (file format: `statistics.py`). Row-derived kinds register an
+accumulator in `ACCUMULATORS`; factor kinds (`vocabulary.FACTOR_STATISTICS`) come from the
+capture stage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 
+from logix.curvature.statistics import (  # noqa: F401  (the file format's names, used from here)
+    FORMAT,
+    Statistics,
+    load_statistics,
+    read_statistics,
+    save_statistics,
+    statistics_from,
+    statistics_metadata,
+)
 from logix.store.cache import load_cache, save_cache
-from logix.store.format import ModuleInfo, StoreError, curvature_dir, write_atomic
-from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
+from logix.store.format import ModuleInfo, StoreError, curvature_dir
+from logix.vocabulary import FACTOR_STATISTICS
 
-FORMAT = "logix-curvature"
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
-FACTOR_KINDS = ("kfac", "ekfac")  # from the capture hooks (both log the same K-FAC factors)
+
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total)
 
 
@@ -93,85 +98,13 @@ def check_kinds(kinds: Iterable[str]) -> list[str]:
     (`kfac`, `ekfac`) are collected by the capture hooks instead."""
     out = []
     for kind in kinds:
-        if kind == "identity" or kind in FACTOR_KINDS:
+        if kind == "identity" or kind in FACTOR_STATISTICS:
             continue
         if kind not in ACCUMULATORS:
             raise ValueError(f"unknown curvature statistics {kind!r}; choose from "
-                             f"{list(ACCUMULATORS) + list(FACTOR_KINDS)}")
+                             f"{list(ACCUMULATORS) + list(FACTOR_STATISTICS)}")
         out.append(kind)
     return out
-
-
-@dataclass
-class Statistics:
-    """Summed statistics of one kind for one segment: `tensors[key]` float64, over `rows` rows
-    (examples); factor kinds also count `positions[module]` (the positions summed into A)."""
-
-    kind: str
-    modules: list[ModuleInfo]
-    rows: int
-    tensors: dict[str, torch.Tensor]
-    sources: list[str] = field(default_factory=list)
-    positions: dict[str, int] = field(default_factory=dict)
-    _digests: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def fisher(self, name: str) -> torch.Tensor:
-        """F_m = S_m / N, [w, w] float64 (`raw`)."""
-        return self.tensors[name] / max(self.rows, 1)
-
-    def digest(self, key: str) -> str:
-        """A content key of one tensor (with the counts it is normalised by), for caches."""
-        if key not in self._digests:
-            t = self.tensors[key].contiguous()
-            h = hashlib.blake2b(digest_size=16)
-            module = key.rsplit(".", 1)[0] if key not in {m.name for m in self.modules} else key
-            h.update(f"{self.kind}:{self.rows}:{self.positions.get(module, '')}:{tuple(t.shape)}:".encode())
-            h.update(t.numpy().data)
-            self._digests[key] = h.hexdigest()
-        return self._digests[key]
-
-
-def _modules_json(modules: list[ModuleInfo]) -> str:
-    return json.dumps([m.to_dict() for m in modules])
-
-
-def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None = None) -> Path:
-    """Write `stats` atomically (see `write_atomic`), with a checksum of its tensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=_metadata(stats, extra)))
-    return path
-
-
-def _metadata(stats: Statistics, extra: dict[str, str] | None) -> dict[str, str]:
-    metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
-                "modules": _modules_json(stats.modules), **(extra or {}),
-                CHECKSUM_KEY: tensors_checksum(stats.tensors)}
-    if stats.positions:
-        metadata["positions"] = json.dumps(stats.positions)
-    return metadata
-
-
-def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
-    """One statistics file and its metadata; a StoreError when it is damaged or fails its
-    checksum (statistics are not recomputed silently: they come from a logging pass)."""
-    tensors, md = read_tagged(path, FORMAT, "a logix curvature file", "delete it to recompute")
-    if checksum_matches(tensors, md) is False:
-        raise StoreError(
-            f"{path} does not match the checksum of its tensors (bit rot or an edit): its "
-            "statistics would give wrong scores. Restore it from a backup, or delete it and log "
-            "the statistics again (raw statistics are recomputed from the rows when deleted)")
-    return _statistics(path, tensors, md), md
-
-
-def _statistics(source: Path | str, tensors: dict[str, torch.Tensor], md: dict[str, str]) -> Statistics:
-    try:
-        modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
-        positions = {k: int(v) for k, v in json.loads(md.get("positions", "{}")).items()}
-        return Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(source)], positions)
-    except (KeyError, ValueError, TypeError) as e:
-        raise StoreError(f"{source} has damaged metadata ({e!r}); delete it to recompute") from None
 
 
 class CurvatureStatistics:
@@ -240,31 +173,6 @@ class CurvatureStatistics:
         return paths
 
 
-def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | None:
-    """Sum the per-rank files `<kind>-rNNNNN.safetensors` in a segment's curvature dir."""
-    pattern = re.compile(rf"^{re.escape(kind)}-r\d+\.safetensors$")
-    directory = Path(directory)
-    files = sorted(p for p in directory.glob(f"{kind}-r*.safetensors") if pattern.match(p.name))
-    total: Statistics | None = None
-    for path in files:
-        stats, _ = read_statistics(path)
-        if total is None:
-            total = stats
-            continue
-        if stats.modules != total.modules:
-            raise StoreError(f"{path} has a different module table than {total.sources[0]}")
-        if set(stats.tensors) != set(total.tensors):
-            raise StoreError(f"{path} holds other tensors than {total.sources[0]}; delete the "
-                             "stale one and recompute it")
-        for name, t in stats.tensors.items():
-            total.tensors[name] += t
-        for name, count in stats.positions.items():
-            total.positions[name] = total.positions.get(name, 0) + count
-        total.rows += stats.rows
-        total.sources.append(str(path))
-    return total
-
-
 def compute_statistics(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
                        progress: ProgressFn | None = None) -> Statistics:
     """One streaming pass over `store` (a `Store`) accumulating statistics of `kind`."""
@@ -303,7 +211,7 @@ def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
     cached = load_cache(stream_path, FORMAT)  # damaged or failing its checksum: None
     if cached is not None:
         try:
-            stats = _statistics(stream_path, *cached)
+            stats = statistics_from(stream_path, *cached)
         except StoreError:
             return None
         same_rows = cached[1].get("ids") == ids_digest(store.data_ids)
@@ -316,7 +224,7 @@ def save_recomputed(store: Any, stats: Statistics) -> None:
     """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time (in a
     user cache dir or in memory when the store is read-only, see `store.cache`)."""
     path = Path(store.curvature_dir) / f"{stats.kind}-stream.safetensors"
-    save_cache(path, stats.tensors, _metadata(stats, {"ids": ids_digest(store.data_ids)}))
+    save_cache(path, stats.tensors, statistics_metadata(stats, {"ids": ids_digest(store.data_ids)}))
 
 
 def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
