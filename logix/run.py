@@ -44,6 +44,7 @@ from logix.capture.projection import (
 )
 from logix.capture.tokens import TokenGradients, check_token_request
 from logix.config import LogixConfig
+from logix.vocabulary import FITTED_PROJECTION_KINDS
 from logix.curvature.covariance import FACTOR_KINDS
 from logix.comm import all_reduce_sum, barrier, rank_and_world
 from logix.curvature.reduce import finish_statistics
@@ -149,7 +150,7 @@ class Run:
             dims = {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in self.modules}
             self.fingerprint = self._manifest["fingerprint"]
             self._start(load_projections(self.run_dir / PROJECTIONS, dims))
-        elif cfg.projection.kind == "pca":
+        elif cfg.projection.kind in FITTED_PROJECTION_KINDS:
             # The projections come from a statistics pass: `with run.fit_projections(): ...`.
             self._collector = CovarianceCollector(
                 [(name, module, has_bias(module, cfg.capture.bias)) for name, module in selected])
@@ -213,7 +214,7 @@ class Run:
             raise CaptureError("fit_curvature writes statistics into the store: open it with "
                                "logix.init(run_dir, resume=True), not mode='query'")
         if self._collector is not None:
-            raise CaptureError("projection.kind 'pca' needs `with run.fit_projections():` and some "
+            raise CaptureError(f"projection.kind {self.config.projection.kind!r} needs `with run.fit_projections():` and some "
                                "logged rows before fit_curvature")
         self._check_log_mode("fit_curvature")
         self._check_no_step("fit_curvature")
@@ -247,7 +248,8 @@ class Run:
         fit.backward(model(x))`; see `logix.capture.pca_fisher`."""
         if self._collector is None:
             raise CaptureError(
-                "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
+                "fit_projections() is for a new store with projection.kind 'pca' or 'kfac-whitened', "
+                "after run.watch(model)"
             )
         self._collector.begin(fisher)
         return TrueFisherProjectionFit(self) if fisher == "true" else ProjectionFit(self)
@@ -255,13 +257,14 @@ class Run:
     def _finish_fit(self) -> None:
         collector, self._collector = self._collector, None
         if self.world_size > 1:  # every rank must derive the same projections
-            for sums in (collector.xx, collector.gg):
+            for sums in (collector.xx, collector.gg, collector.counts):
                 for name in sorted(sums):
                     sums[name] = all_reduce_sum(sums[name])  # on the backend's device
         p = self.config.projection
         notes: list[str] = []
-        projections = {m.name: ModuleProjection(*collector.sides(m.name, p.rank_in, p.rank_out, notes))
-                       for m in self.modules}
+        projections = {m.name: ModuleProjection(*collector.sides(
+            m.name, p.rank_in, p.rank_out, notes, kind=p.kind, damping=p.damping, seed=p.seed))
+            for m in self.modules}
         self._start(self._create_store(self.modules, projections, notes,
                                        {"pca_fisher": collector.fisher}))
 

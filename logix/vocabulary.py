@@ -10,7 +10,8 @@ from logix.errors import ChoiceError
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
 LAYER_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding")
 LOSS_REDUCTIONS = ("mean", "sum")  # how the loop reduces its loss over the batch
-PROJECTION_KINDS = ("identity", "random", "pca")
+PROJECTION_KINDS = ("identity", "random", "pca", "kfac-whitened")
+FITTED_PROJECTION_KINDS = ("pca", "kfac-whitened")  # the kinds set by `run.fit_projections()`
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 STATISTICS = ("raw", "kfac", "ekfac")  # curvature statistics a store can hold
 FACTOR_STATISTICS = ("kfac", "ekfac")  # the ones read from the capture hooks' K-FAC factors
