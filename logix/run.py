@@ -214,8 +214,8 @@ class Run:
             raise CaptureError("fit_curvature writes statistics into the store: open it with "
                                "logix.init(run_dir, resume=True), not mode='query'")
         if self._collector is not None:
-            raise CaptureError(f"projection.kind {self.config.projection.kind!r} needs `with run.fit_projections():` and some "
-                               "logged rows before fit_curvature")
+            raise CaptureError(f"projection.kind {self.config.projection.kind!r} needs `with "
+                               "run.fit_projections():` and some logged rows before fit_curvature")
         self._check_log_mode("fit_curvature")
         self._check_no_step("fit_curvature")
         self._check_open()

@@ -39,8 +39,8 @@ class Step:
         if run._captures is None and not run._fitting:
             if run._collector is not None:
                 raise CaptureError(
-                    f"projection.kind {run.config.projection.kind!r} needs its statistics pass first: run some training "
-                    "batches inside `with run.fit_projections():`, then log")
+                    f"projection.kind {run.config.projection.kind!r} needs its statistics pass "
+                    "first: run some training batches inside `with run.fit_projections():`, then log")
             raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
         if run._active is not None:
             raise CaptureError("`with run(...)` blocks cannot be nested")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kfac_helpers import SeqNet, make_batches, reference_factors, seq_loss
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import logix
-from kfac_helpers import SeqNet, make_batches, reference_factors, seq_loss
 from logix.capture.projection import ModuleProjection, SideProjection, gaussian_matrix
 from logix.errors import LogixError
 

@@ -90,7 +90,8 @@ class CovarianceCollector:
                 w = position_mask(mask, module, name, x)
                 xw = x if w is None else x * w.unsqueeze(-1)
                 self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
-                self._count(name, x.shape[0] * x.shape[1] if w is None else w.sum(), x.shape[0])
+                positions = x.shape[0] * x.shape[1] if w is None else w.sum()
+                self._count(name, positions, x.shape[0])
         output.register_hook(partial(self._backward, name, module, scale, mask))
         if outputs is not None:
             outputs.append(output)
@@ -105,7 +106,8 @@ class CovarianceCollector:
             self._add(self.gg, name, torch.einsum("bti,btj->ij", g, g))
 
     def _count(self, name: str, positions, examples: int) -> None:
-        self._add(self.counts, name, torch.tensor([float(positions), float(examples)], dtype=torch.float64))
+        seen = torch.tensor([float(positions), float(examples)], dtype=torch.float64)
+        self._add(self.counts, name, seen)
 
     @staticmethod
     def _add(store: dict, name: str, value: torch.Tensor) -> None:
