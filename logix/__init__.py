@@ -23,6 +23,7 @@ _LAZY = {
     "combined_scores": ("logix.query.segments", "combined_scores"),
     "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
     "measurements": ("logix.measurements", None),
+    "losses": ("logix.losses", None),
 }
 
 
@@ -52,6 +53,7 @@ __all__ = [
     "TokenScores",
     "combined_scores",
     "init",
+    "losses",
     "measurements",
     "open_store",
     "stagewise_scores",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logix.capture.hooks import CaptureError, position_mask
+from logix.capture.hooks import CaptureError, position_mask, shared_across_batch
 from logix.capture.per_sample import (
     full_precision,
     layer_dims,
@@ -65,7 +65,7 @@ class CovarianceCollector:
                 for name, m, bias in self.modules]
 
     def _forward(self, name, bias, scale, mask, attribution_only, outputs, module, inputs, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or shared_across_batch(name, module, inputs[0]):
             return None
         replaced = False
         if not output.requires_grad:
