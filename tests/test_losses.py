@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import module_gradient
 from torch import nn
 from torch.func import functional_call, grad
 
 import logix
 from logix import losses
-from reference import module_gradient
 
 
 class BigramLM(nn.Module):
