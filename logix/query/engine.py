@@ -29,6 +29,7 @@ from logix.query.distributed import local_share, merge_top_k
 from logix.curvature.covariance import ProgressFn
 from logix.curvature.precondition import build_preconditioner, check_choice
 from logix.curvature.refine import RefinedPreconditioner
+from logix.curvature.true_fisher import held_fisher
 from logix.query.results import Scores, SelfInfluence, TopK, write_scores
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
@@ -51,7 +52,8 @@ class InfluenceEngine:
     `damping_absolute=True`; refine: EK-FAC-preconditioned passes towards the exact (raw)
     solve, `refine_method` "cg" | "richardson" (see `logix.curvature.refine`), residuals in
     `refinement_residuals`; fisher: "empirical" (curvature of the stored rows) or "true"
-    (under the model's own predictions, from a `run.fit_curvature(fisher="true")` pass);
+    (under the model's own predictions, from a `run.fit_curvature(fisher="true")` pass), default:
+    "true" when the store holds those statistics for the preconditioner (with a notice);
     modules: names to include (default all); device: default CUDA when available;
     chunk_rows: train rows per matrix product; progress: optional
     `fn(phase, rows_done, rows_total)`.
@@ -67,7 +69,7 @@ class InfluenceEngine:
                  refine_method: str = "cg", modules: list[str] | str | None = None,
                  device: str | torch.device | None = None, chunk_rows: int = 4096,
                  progress: ProgressFn | None = None, distributed: bool = False,
-                 fisher: str = "empirical") -> None:
+                 fisher: str | None = None) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
         if int(chunk_rows) < 1:
@@ -86,6 +88,8 @@ class InfluenceEngine:
         if refine and preconditioner != "ekfac":
             raise ValueError(f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
                              "the refinement is preconditioned by EK-FAC")
+        # fisher=None follows the store: its true-Fisher statistics when it holds them.
+        fisher = held_fisher(store, preconditioner, "empirical" if fisher is None and refine else fisher)
         if refine and fisher == "true":
             raise ValueError("refine streams the stored rows, i.e. it converges to the empirical "
                              "Fisher's solve; it cannot refine a fisher='true' preconditioner")
