@@ -57,7 +57,7 @@ class ProjectionConfig:
     rank_out: int = field(default=64, metadata={"min": 1})
     seed: int = 0
     # kfac-whitened: each side's K-FAC factor is damped by damping × its mean eigenvalue.
-    damping: float = field(default=0.01, metadata={"min": 0.0})
+    damping: float = field(default=1e-4, metadata={"min": 0.0})
 
 
 @dataclass

@@ -51,8 +51,8 @@ from fact_tracing import (  # noqa: E402
 from models import TinyDecoder  # noqa: E402
 
 RAW_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-WHITEN_DAMPINGS = (1e-3, 1e-2, 1e-1)
-EKFAC_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
+WHITEN_DAMPINGS = (1e-5, 1e-4, 1e-3)
+EKFAC_DAMPINGS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 WINDOWS = (1, 3, 6)
 
 
@@ -224,11 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
             s, g, d = found[best_wd]
             choose(f"{kind} r={rank}, raw", {dm: cosine(s, g, "raw", dm) for dm in RAW_DAMPINGS}, s.width)
             stores[(kind, rank)] = (s, g, d)
-    # Token-level re-ranking of the largest-rank stores (preconditioner identity and raw).
+    # Token-level re-ranking of the largest-rank stores (plain cosine: identity preconditioner).
     for kind in ("random", "kfac-whitened"):
         s, g, d = stores[(kind, max(args.ranks))]
-        for pre, damp in (("identity", 0.1), ("raw", next(r["choice"] for r in rows[::-1]
-                                                           if r["setting"] == f"{kind} r={max(args.ranks)}, raw"))):
+        for pre, damp in (("identity", 0.1),):
             engine = logix.InfluenceEngine(s, preconditioner=pre, damping=damp)
             recompute = token_recompute(model, corpus, d, args.batch)
             found = {}
