@@ -11,7 +11,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_retrieval_config_whitens_and_uses_cosine():
     cfg = LogixConfig.from_yaml(CONFIGS / "retrieval.yaml")
-    assert (cfg.projection.kind, cfg.query.preconditioner, cfg.query.mode) == ("kfac-whitened", "identity", "cosine")
+    want = ("kfac-whitened", "identity", "cosine")
+    assert (cfg.projection.kind, cfg.query.preconditioner, cfg.query.mode) == want
     assert 0 < cfg.projection.damping <= 1e-3
 
 

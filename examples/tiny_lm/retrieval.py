@@ -107,7 +107,8 @@ def token_recompute(model, corpus, run_dir: Path, batch: int):
     return recompute
 
 
-def kronecker_second_moments(v: dict[str, torch.Tensor], store) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def kronecker_second_moments(v: dict[str, torch.Tensor],
+                             store) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Adafactor's rank-one factorisation v ≈ r cᵀ / Σr of each module's [d_out, d_in(+1)] AdamW
     second moments (bias as the last column): (r [d_out], c [d_in]) scaled so that r cᵀ ≈ v."""
     out = {}
@@ -193,13 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     stores = {}
     for rank in args.ranks:
         # Offline: the random projection of the raw and of the v̂-rescaled exact rows.
-        def project(rows: torch.Tensor, alpha: float) -> torch.Tensor:
+        def project(rows: torch.Tensor, alpha: float, rank: int = rank) -> torch.Tensor:
             blocks = []
             for m in exact.modules:
                 b = rows[:, m.columns].reshape(-1, m.d_out, m.d_in)
                 if alpha:
                     r, c = kron[m.name]
-                    b = b * (r.double() + eps)[None, :, None] ** -alpha * (c.double() + eps)[None, None, :] ** -alpha
+                    b = (b * (r.double() + eps)[None, :, None] ** -alpha
+                         * (c.double() + eps)[None, None, :] ** -alpha)
                 po = gaussian_matrix(args.seed, m.name, "out", min(rank, m.d_out), m.d_out).double()
                 pi = gaussian_matrix(args.seed, m.name, "in", min(rank, m.d_in), m.d_in).double()
                 po = po if rank < m.d_out else torch.eye(m.d_out, dtype=torch.float64)
