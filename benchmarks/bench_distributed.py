@@ -55,7 +55,7 @@ def query_worker(a: argparse.Namespace) -> dict:
     from logix.store.gradients import Gradients
 
     store = logix.open_store(a.store)
-    engine = logix.InfluenceEngine(store, "raw", 0.1, chunk_rows=4096, device="cpu",
+    engine = logix.InfluenceEngine(store, "raw", 0.1, chunk_bytes=4096 * 4 * store.width, device="cpu",
                                    distributed=True)
     gen = torch.Generator().manual_seed(1)
     q = Gradients(torch.randn(a.queries, store.width, generator=gen), list(range(a.queries)),

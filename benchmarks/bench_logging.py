@@ -84,7 +84,7 @@ def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None, discard=False)
     run = logix.init(tmp / name, config=cfg, overwrite=True)
     run.watch(model)
     if discard:
-        run._writer.add = lambda ids, rows: None
+        run.writer.add = lambda ids, rows: None
     time_steps(model, data, loss_fn, opt, 3)  # warm-up both paths
     time_steps(model, data, loss_fn, opt, 3, run, start_id=10**9)
     plain, logged, next_id = [], [], 0

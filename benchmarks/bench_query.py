@@ -8,7 +8,7 @@
 The page cache is dropped with /proc/sys/vm/drop_caches when allowed, else per file with
 posix_fadvise(DONTNEED) (the files are fsynced first, so their pages are clean and droppable).
 
-    python benchmarks/bench_query.py [--rows 32768 --width 2048 --queries 256 --chunk-rows 4096]
+    python benchmarks/bench_query.py [--rows 32768 --width 2048 --queries 256 --chunk-mb 64]
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=32768)
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--queries", type=int, default=256, help="queries of the compute-bound case")
-    p.add_argument("--chunk-rows", type=int, default=4096)
+    p.add_argument("--chunk-mb", type=int, default=64, help="MiB per float32 chunk of train rows")
+    p.add_argument("--shard-rows", type=int, default=4096)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", help="where to build the store (default: a temporary directory)")
@@ -109,23 +110,23 @@ def main() -> None:
     run.mkdir(parents=True)
     try:
         t = time.perf_counter()
-        build(run, args.rows, args.width, args.dtype, args.chunk_rows)
+        build(run, args.rows, args.width, args.dtype, args.shard_rows)
         store = open_store(run)
         files = [run / sh["file"] for sh in store.shards]
         console.print(f"store: {len(store)} rows × {store.width} ({args.dtype}), "
                       f"{store.nbytes / 1e6:.0f} MB in {len(files)} shards, built in "
                       f"{time.perf_counter() - t:.1f}s; threads: {torch.get_num_threads()}")
-        engine = InfluenceEngine(store, "raw", 0.1, chunk_rows=args.chunk_rows, device="cpu")
+        engine = InfluenceEngine(store, "raw", 0.1, chunk_bytes=args.chunk_mb << 20, device="cpu")
 
         # Compute-bound: many queries, rows in the page cache.
         q = Gradients(torch.randn(args.queries, store.width), list(range(args.queries)),
                       store.modules, store.fingerprint)
         engine.top_k(q, k=10)  # warm the page cache and the code paths
         t_engine = best_time(lambda: engine.top_k(q, k=10), args.repeats)
-        chunks = [x for _, x in store.iter_chunks(rows=args.chunk_rows)]
+        chunks = [x for _, x in store.iter_chunks(rows=engine.chunk_rows)]
         qp = torch.randn(args.queries, store.width)
         t_matmul = best_time(lambda: [torch.matmul(qp, x.T) for x in chunks], args.repeats)
-        del chunks
+        chunks.clear()
         flop = 2.0 * args.queries * len(store) * store.width
         gf_engine, gf_matmul = flop / t_engine / 1e9, flop / t_matmul / 1e9
 

@@ -7,11 +7,14 @@ training examples made the model behave as it does (`open_store`, `InfluenceEngi
 from logix.version import __version__
 
 from logix.capture.tokens import TokenGradients
+from logix.capture.trajectory import record_trajectory
 from logix.config import LogixConfig
 from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, StoreError
 from logix.run import Run, init
 from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
+# Bound after the subpackage import, so `logix.unroll` is the function (logix/unroll/ is its home).
+from logix.unroll import unroll
 
 
 # The query side is imported on first use so that logging does not pay for it.
@@ -56,6 +59,8 @@ __all__ = [
     "losses",
     "measurements",
     "open_store",
+    "record_trajectory",
     "stagewise_scores",
+    "unroll",
     "__version__",
 ]

@@ -22,6 +22,7 @@ from logix.vocabulary import (
     LOSS_REDUCTIONS,
     PRECONDITIONERS,
     PROJECTION_KINDS,
+    QUERY_FISHERS,
     SCORE_MODES,
     STATISTICS,
     STORAGE_DTYPES,
@@ -84,7 +85,7 @@ class QueryConfig:
     preconditioner: str = field(default="raw", metadata=_choices(*PRECONDITIONERS))
     damping: float = field(default=0.1, metadata={"min": 0.0})
     refine: int = field(default=0, metadata={"min": 0})
-    fisher: str = field(default="empirical", metadata=_choices(*FISHERS))
+    fisher: str = field(default="auto", metadata=_choices(*QUERY_FISHERS))
     mode: str = field(default="dot", metadata=_choices(*SCORE_MODES))
 
 

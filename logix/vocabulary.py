@@ -17,9 +17,12 @@ STATISTICS = ("raw", "kfac", "ekfac")  # curvature statistics a store can hold
 FACTOR_STATISTICS = ("kfac", "ekfac")  # the ones read from the capture hooks' K-FAC factors
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the data's, the model's
+QUERY_FISHERS = ("auto",) + FISHERS  # auto: the true Fisher when the store holds it
 SCORE_MODES = ("dot", "cosine", "relative")
 SELF_INFLUENCE_MODES = ("dot", "relative")
+RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
+OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -29,3 +32,20 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     close = difflib.get_close_matches(str(value), choices, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ChoiceError(f"unknown {what} {value!r}; {hint}choose from {', '.join(choices)}")
+
+
+_WARNED_RENAMES: set[tuple[str, str]] = set()
+
+
+def renamed(old: str, new: str, value: object, given: object, where: str) -> object:
+    """The value of an argument renamed from `old` to `new`: `given` (the new one's value) unless
+    the old name was passed (`value` not None), which warns once per (old, new) and is used."""
+    if value is None:
+        return given
+    if (old, new) not in _WARNED_RENAMES:
+        import warnings
+
+        _WARNED_RENAMES.add((old, new))
+        warnings.warn(f"{where}: {old}= is renamed {new}=; the old name will be removed",
+                      DeprecationWarning, stacklevel=3)
+    return value

@@ -42,6 +42,7 @@ def rows_for(ids, width: int = WIDTH) -> torch.Tensor:
 
 
 def snapshot(run_dir: Path) -> dict:
-    """Every file under run_dir with its bytes: to check that a failed call changed nothing."""
+    """Every file under run_dir with its bytes: to check that a failed call changed nothing
+    (writer lock files are left out: they record who last held the lock, not store data)."""
     return {p.relative_to(run_dir).as_posix(): p.read_bytes()
-            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+            for p in sorted(Path(run_dir).rglob("*")) if p.is_file() and p.suffix != ".lock"}

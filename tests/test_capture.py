@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_example_grads, projected_rows
 from torch import nn
 
 import logix
-from reference import per_example_grads, projected_rows
 
 torch.set_default_dtype(torch.float32)
 
@@ -138,7 +138,7 @@ def test_matches_torch_func(tmp_path, kind, bias, reduction, batch, projection):
     query = capture(tmp_path, model, x, y, config, reduction)
     got = query.gradients()
     assert got.data_ids == list(range(batch))
-    projections = {c.name: c.projection for c in query._captures}
+    projections = query.projections
     grads = per_example_grads(model, lambda o, t: _ce_per_example(o, t).sum(), (x,), y)
     want = projected_rows(model, query.modules, projections, grads)
     assert got.values.shape == want.shape
@@ -183,16 +183,16 @@ def test_random_projection_is_seeded_and_saved(tmp_path):
         run = logix.init(tmp_path / name, config=cfg)
         run.watch(MLP())
         run.finalize()
-        runs.append({c.name: c.projection for c in run._captures})
+        runs.append(run.projections)
     for name in runs[0]:
         assert torch.equal(runs[0][name].p_in.matrix, runs[1][name].p_in.matrix)
     reopened = logix.init(tmp_path / "a", mode="query")
     reopened.watch(MLP())
-    for c in reopened._captures:
-        assert torch.equal(c.projection.p_in.matrix, runs[0][c.name].p_in.matrix)
+    for name, projection in reopened.projections.items():
+        assert torch.equal(projection.p_in.matrix, runs[0][name].p_in.matrix)
     other = logix.init(tmp_path / "c", config={"projection": {"rank_in": 3, "rank_out": 2, "seed": 12}})
     other.watch(MLP())
-    assert not torch.equal(other._captures[0].projection.p_in.matrix, runs[0]["fc1"].p_in.matrix)
+    assert not torch.equal(next(iter(other.projections.values())).p_in.matrix, runs[0]["fc1"].p_in.matrix)
 
 
 def test_padding_mask_removes_padded_positions(tmp_path):

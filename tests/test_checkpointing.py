@@ -76,7 +76,7 @@ def test_checkpointed_rows_equal_uncheckpointed_reference(tmp_path, reentrant, a
             assert len(calls) > 6  # the recomputation really ran the blocks' forward hooks again
         rows[name] = logix.open_store(tmp_path / name).load().double()
     grads = per_example_grads(plain, lambda o, t: loss_per_example(o, t).sum(), (tokens,), y)
-    want = projected_rows(plain, run.modules, {c.name: c.projection for c in run._captures}, grads)
+    want = projected_rows(plain, run.modules, run.projections, grads)
     for name, got in rows.items():
         err = (got - want).norm() / want.norm()
         assert err < 1e-5, f"{name}: relative error {err:.1e}"

@@ -26,12 +26,13 @@ from torch import nn
 
 import logix
 from logix.capture import wrappers
-from logix.query import distributed as query_dist
 from logix.commands import inspect as inspect_cmd
 from logix.curvature.covariance import load_statistics, read_statistics
 from logix.curvature.kfac import load_factors
-from logix.query.engine import _candidates, _unpack
+from logix.query import distributed as query_dist
 from logix.query.results import load_result
+from logix.query.topk import candidates as _candidates
+from logix.query.topk import unpack as _unpack
 from logix.store.format import index_path, read_json
 from logix.store.gradients import Gradients
 from logix.store.writer import StoreWriter

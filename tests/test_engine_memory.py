@@ -43,7 +43,7 @@ def peak_bytes():
 def run(segment):
     store = open_store(sys.argv[1], segment=segment)
     q = Gradients(torch.randn(8, store.width), list(range(8)), store.modules, store.fingerprint)
-    engine = InfluenceEngine(store, "raw", 0.1, chunk_rows=int(sys.argv[2]), device="cpu")
+    engine = InfluenceEngine(store, "raw", 0.1, chunk_bytes=4 * store.width * int(sys.argv[2]), device="cpu")
     return store, engine.top_k(q, k=10, mode="cosine"), engine.self_influence()
 
 run("small")  # one-time costs (thread pools, BLAS buffers, allocator arenas) land in the baseline

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import logix
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 from logix.integrations.huggingface import attach, log_dataset
 
 VOCAB, SEQ, N = 23, 10, 12

@@ -4,6 +4,7 @@ imports itself back through a cycle. Walks every module of the package with `ast
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -66,11 +67,13 @@ def imports(path: Path) -> set[str]:
     return found
 
 
+@cache
 def _is_module(name: str) -> bool:
     rel = Path(*name.split("."))
     return (PACKAGE.parent / rel.with_suffix(".py")).exists() or (PACKAGE.parent / rel / "__init__.py").exists()
 
 
+@cache
 def all_modules() -> dict[str, set[str]]:
     return {module_name(p): imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
@@ -94,7 +97,8 @@ def test_no_upward_import():
 
 
 def test_no_import_cycle():
-    graph = {n: {d for d in deps if d in all_modules()} for n, deps in all_modules().items()}
+    modules = all_modules()
+    graph = {n: {d for d in deps if d in modules} for n, deps in modules.items()}
     cycles, state = [], {}
 
     def visit(node: str, trail: list[str]) -> None:

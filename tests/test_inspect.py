@@ -7,9 +7,13 @@ import io
 
 from rich.console import Console
 
+import torch
+
 from logix.commands import inspect
+from logix.curvature.covariance import Statistics, save_statistics
+from logix.store.format import ModuleInfo
 from logix.store.writer import StoreWriter
-from store_helpers import WIDTH, make_store, rows_for
+from store_helpers import MODULES, WIDTH, make_store, rows_for
 
 
 def _run(run_dir, *extra) -> tuple[int, str]:
@@ -27,8 +31,10 @@ def _small_store(tmp_path):
         w.add(range(6), rows_for(range(6)))
         w.start_segment("main")
         w.add(range(11), rows_for(range(11)))
-    (run_dir / "curvature" / "main").mkdir(parents=True)
-    (run_dir / "curvature" / "main" / "raw-r00000.safetensors").write_bytes(b"x")
+    stats = Statistics("raw", [ModuleInfo.from_dict(m) for m in MODULES], 11,
+                       {m["name"]: torch.eye(m["r_in"] * m["r_out"], dtype=torch.float64)
+                        for m in MODULES})
+    save_statistics(run_dir / "curvature" / "main" / "raw-r00000.safetensors", stats)
     return run_dir
 
 

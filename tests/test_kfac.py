@@ -19,7 +19,7 @@ from query_helpers import build_store, queries
 
 import logix
 from logix.capture.factors import MAX_FACTOR_DIM
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 from logix.capture.projection import load_projections
 from logix.curvature.kfac import factor_path, load_factors, save_factors
 from logix.curvature.precondition import build_preconditioner

@@ -77,7 +77,7 @@ def test_margin_query_gradients_match_torch_func(tmp_path, reduction):
               "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 4}}
     got, query = query_rows(tmp_path, model, x, lambda out: M.margin_loss(out, y), config)
     grads = per_example_grads(model, lambda o, t: M.margin_loss(o, t).sum(), (x,), y)
-    projections = {c.name: c.projection for c in query._captures}
+    projections = query.projections
     want = projected_rows(model, query.modules, projections, grads)
     assert (got.double() - want).norm() / want.norm() < 1e-5
 
@@ -103,7 +103,7 @@ def test_completion_query_gradients_match_torch_func(tmp_path, reduction):
         return -(logp * m[:, 1:]).sum()
 
     grads = per_example_grads(model, nll, (tokens,), both)
-    projections = {c.name: c.projection for c in query._captures}
+    projections = query.projections
     want = projected_rows(model, query.modules, projections, grads)
     assert (got.double() - want).norm() / want.norm() < 1e-5
 

@@ -69,7 +69,7 @@ def reference_rows(model, run, seen, batch: int) -> torch.Tensor:
             if m.bias:
                 x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
         grad = torch.einsum("bto,bti->boi", g, x) * batch  # the batch mean undone
-        p = {c.name: c.projection for c in run._captures}[m.name]
+        p = run.projections[m.name]
         if p.p_out.matrix is not None:
             grad = p.p_out.matrix.double() @ grad
         if p.p_in.matrix is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_example_grads, projected_rows
 from torch import nn
 
 import logix
-from logix.capture.hooks import CaptureError
-from reference import per_example_grads, projected_rows
+from logix.errors import CaptureError
 
 
 def model_and_data():
@@ -38,7 +38,7 @@ def test_projections_are_top_eigenvectors_of_dense_covariances(tmp_path):
     model, x, y = model_and_data()
     run = fitted_run(tmp_path / "r", model, x, y)
     run.finalize()
-    projections = {c.name: c.projection for c in run._captures}
+    projections = run.projections
     # Dense references: E[x xᵀ] with the bias 1 appended, and E[g gᵀ] of per-example gradients.
     inputs = torch.cat([x.reshape(-1, 6), torch.ones(30, 1)], 1).double()
     hidden = torch.tanh(model[0](x.reshape(-1, 6))).detach()
@@ -66,7 +66,7 @@ def test_rows_after_fitting_match_torch_func(tmp_path):
     with q(data_id=list(range(10))):
         F.cross_entropy(model(x[0]), y[0], reduction="sum").backward()
     grads = per_example_grads(model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), (x[0],), y[0])
-    want = projected_rows(model, q.modules, {c.name: c.projection for c in q._captures}, grads)
+    want = projected_rows(model, q.modules, q.projections, grads)
     got = q.gradients().values.double()
     assert (got - want).norm() / want.norm() < 1e-5
     assert logix.open_store(tmp_path / "r").manifest["projection"]["kind"] == "pca"
@@ -100,7 +100,8 @@ def test_fitting_then_logging_in_one_run(tmp_path):
 def test_covariances_of_conv_and_embedding_layers_match_dense_sums():
     """The statistics behind PCA: Σ x xᵀ over unfolded patches / token counts, Σ g gᵀ over
     positions, equal sums computed directly from the layers' inputs and output gradients."""
-    from logix.capture.pca import CovarianceCollector, top_directions
+    from logix.capture.hooks import CaptureBlock, ModuleCapture, attach_hooks
+    from logix.capture.pca import CovarianceSink, top_directions
 
     torch.manual_seed(3)
     conv = nn.Conv2d(2, 3, 3, stride=2, padding=1)
@@ -108,8 +109,9 @@ def test_covariances_of_conv_and_embedding_layers_match_dense_sums():
     images = torch.randn(4, 2, 6, 6)
     tokens = torch.tensor([[1, 2, 2, 0], [3, 3, 3, 6], [5, 1, 0, 0], [2, 2, 4, 4]])
     mask = (tokens != 0).long()
-    collector = CovarianceCollector([("conv", conv, True), ("emb", emb, False)])
-    handles = collector.attach(scale=1.0, mask=mask)
+    collector = CovarianceSink()
+    captures = [ModuleCapture(0, "conv", conv, None, True), ModuleCapture(1, "emb", emb, None, False)]
+    handles = attach_hooks(captures, CaptureBlock(batch_size=None, sinks=[collector], mask=mask))
     outs = [conv(images), emb(tokens)]
     for o in outs:
         o.retain_grad()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import logix
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 
 CLASSES = 5
 
@@ -26,7 +26,7 @@ def model_and_data(seq: int | None = None):
 def new_run(path, model):
     run = logix.init(path, config={"projection": {"kind": "pca", "rank_in": 3, "rank_out": 2}})
     run.watch(model)
-    return run, run._collector  # the collector keeps its sums after the pass
+    return run, run.covariances  # the sums stay after the pass
 
 
 def true_pass(run, model, x, masks=None):
@@ -74,7 +74,7 @@ def test_output_covariance_is_the_gauss_newton_factor(tmp_path):
         assert (got - want[name]).abs().max() <= 1e-12 * want[name].abs().max(), name
     # ... and P_out spans its top eigenvectors; the manifest says which Fisher it came from.
     run.finalize()
-    p_out = {c.name: c.projection.p_out.matrix.double() for c in run._captures}
+    p_out = {name: p.p_out.matrix.double() for name, p in run.projections.items()}
     for name in ("0", "2"):
         top = torch.linalg.eigh(want[name])[1][:, -2:]
         assert torch.allclose(p_out[name].T @ (p_out[name] @ top), top, atol=1e-5), name

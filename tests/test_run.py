@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import logix
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 from reference import per_example_grads, projected_rows
 
 
@@ -96,7 +96,7 @@ def test_logged_during_training_rows_match_each_steps_weights(tmp_path):
     expect = []
     for ids, x, y in data:
         grads = per_example_grads(ref_model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), (x,), y)
-        expect.append(projected_rows(ref_model, run.modules, {c.name: c.projection for c in run._captures}, grads))
+        expect.append(projected_rows(ref_model, run.modules, run.projections, grads))
         F.cross_entropy(ref_model(x), y).backward()
         opt.step()
         opt.zero_grad()

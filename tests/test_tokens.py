@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import grad
 
 import logix
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 from logix.store.format import StoreError
 
 DAMPING = 0.1
@@ -154,7 +154,7 @@ def test_token_scores_equal_per_position_gradients(tmp_path_factory, name, rank_
     engine = logix.InfluenceEngine(run_dir, preconditioner="raw", damping=DAMPING, modules=name)
     ts = engine.token_scores(query.gradients(), tokens)
     qm = preconditioned_block(engine.store, query.gradients().values, name, "raw")
-    projection = next(p.projection for p in query._captures if p.name == name)
+    projection = query.projections[name]
     module = dict(model.named_modules())[name]
     for j, d in enumerate(docs):
         batch = document_batch(c, [d.text])  # unpadded, alone
@@ -212,7 +212,7 @@ def test_conv_positions_are_output_pixels(tmp_path):
     one = logix.InfluenceEngine(run_dir, preconditioner="raw", damping=DAMPING, modules="c1")
     values = one.token_scores(q, tokens).values
     qm = preconditioned_block(one.store, q.values, "c1", "raw")
-    p = next(c.projection for c in query._captures if c.name == "c1")
+    p = query.projections["c1"]
     for j, i in enumerate((3, 4, 5)):
         xi, yi = x[i:i + 1], y[i:i + 1]
         g = per_position_gradient(model, model.c1, xi,

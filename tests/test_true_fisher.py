@@ -13,7 +13,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import logix
 from logix.capture.fisher import fisher_logit_grads
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 from logix.curvature.covariance import load_statistics, read_statistics
 from logix.store.format import StoreError
 from reference import projected_rows
@@ -134,7 +134,7 @@ def fitted(path, model, batches, *, mass=1.0, statistics=("raw",), on_rows=None)
 
 
 def projections_of(run):
-    return {c.name: c.projection for c in run._captures}
+    return run.projections
 
 
 # ----------------------------------------------------------------------------- pseudo-gradients

@@ -5,15 +5,18 @@ For every watched module and every position t of every example n that receives a
     A += x̃_{n,t} x̃_{n,t}ᵀ   [r_in, r_in]     x̃ = P_in x (with the bias's 1), padded positions left out
     S += g̃_{n,t} g̃_{n,t}ᵀ   [r_out, r_out]   g̃ = P_out ∂ℓ_n/∂y (a mean-reduced loss's 1/B undone)
 
-with the number of positions per module and of examples. A step's sums go to `pending` (float32
-GEMMs on the activations' device) and are added to the float64 sums of a segment only once the
-step's rows are accepted (`commit`), so a failed step leaves the factors as they were.
+with the number of positions per module and of examples, added by the hooks' `FactorSink`.
+A step's sums (float32 GEMMs on the activations' device) are added to the float64 sums of a
+segment only once the step's rows are accepted (`commit`), so a failed step leaves the factors
+as they were.
 The normalisation (F ≈ S/N_ex ⊗ A/N_pos) belongs to `logix.curvature.kfac`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from logix.capture.hooks import CaptureBlock, ForwardCall, ModuleCapture, Sink, position_mask
 
 MAX_FACTOR_DIM = 16384  # a [r, r] float64 factor of this size is 2 GiB
 
@@ -60,7 +63,7 @@ class KroneckerSums:
             self.activations[name].addmm_(x.T, x, alpha=1.0 / scale**2)
             self.positions[name] += mask.sum() if mask is not None else x.shape[0]
 
-    def commit(self, into: "KroneckerSums", examples: int, gradient_scale: float = 1.0) -> None:
+    def commit(self, into: KroneckerSums, examples: int, gradient_scale: float = 1.0) -> None:
         """Add these sums (a step's) to `into` (a segment's) with `examples` rows; the S sums
         multiplied by `gradient_scale` (the square of a scale applied to the step's rows)."""
         for name in list(self.activations):
@@ -112,3 +115,19 @@ class KroneckerSums:
                 self.gradients[name] = tensors[f"{name}.S"].to(self.dtype).clone()
                 self.positions[name] = torch.tensor(float(positions.get(name, 0)), dtype=torch.float64)
         self.examples = int(examples)
+
+
+class FactorSink(Sink):
+    """Adds every backward call of a block to `sums` (a step's float32 `KroneckerSums`).
+    `inputs_once`: A and the positions only at the first backward of each forward call (the
+    true-Fisher pass backpropagates one forward many times; S gets every pass)."""
+
+    def __init__(self, sums: KroneckerSums, inputs_once: bool = False):
+        self.sums = sums
+        self.inputs_once = inputs_once
+
+    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
+                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+        mask = position_mask(block.mask, capture.module, capture.name, g_proj)
+        self.sums.add_positions(capture.name, call.x_proj, g_proj, mask, block.grad_scale,
+                                inputs=not self.inputs_once or call.backwards == 0)

@@ -1,12 +1,16 @@
-"""Module selection and the hooks that observe a training step without changing it.
+"""The one capture path: hooks that observe a training step without changing it, and feed sinks.
 
-A forward hook projects each watched layer's input (x̃ [B, T, r_in]) and registers a tensor hook
-on the layer's output; when backward reaches that output, the hook projects ∂ℓ/∂y and adds the
-example's G̃ [B, r_out, r_in] to the step's accumulator (and, when K-FAC factors are collected,
-x̃x̃ᵀ and g̃g̃ᵀ to the step's factor sums, see `factors.py`). Hooks return nothing, so parameter
-gradients, outputs and optimizer steps are bit-identical with and without logix. Forward hooks
-exist only inside a `with run(...)` block. Under autocast the hooks upcast what they receive and
-project in float32 with autocast off (`full_precision`).
+A forward hook on each watched layer projects its input (x̃ [B, T, r_in], padded positions zeroed,
+a mean-reduced loss's 1/B undone) and registers a tensor hook on the layer's output; when
+backward reaches that output, the tensor hook projects ∂ℓ/∂y (g̃ [B, T, r_out]) and hands both to
+every sink of the block: rows (`rows.RowSink`), K-FAC factor sums (`factors.FactorSink`),
+per-token factors (`tokens.TokenSink`), covariances for PCA (`pca.CovarianceSink`, which asks for
+the unprojected x and g instead: `Sink.projected = False`). A new statistic is a new sink.
+
+Hooks return nothing (but a leaf output in attribution-only mode), so parameter gradients,
+outputs and optimizer steps are bit-identical with and without logix. Forward hooks exist only
+inside a block. Under autocast the hooks upcast what they receive and project in float32 with
+autocast off (`full_precision`).
 """
 
 from __future__ import annotations
@@ -14,18 +18,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import torch
 from torch import nn
 
-from logix.capture.factors import KroneckerSums
-from logix.capture.per_sample import (
-    full_precision,
-    output_grads,
-    projected_gradient,
-    projected_inputs,
-)
+from logix.capture.per_sample import full_precision, output_grads, projected_inputs
 from logix.capture.projection import ModuleProjection
 from logix.errors import CaptureError
 
@@ -44,10 +41,9 @@ def shared_across_batch(name: str, module: nn.Module, x: torch.Tensor) -> bool:
     return True
 
 
-
-def check_gradient_reached(state: "StepState") -> None:
+def check_gradient_reached(reached: set[int]) -> None:
     """A block whose backward reached no watched module is a mistake in the loop: say which."""
-    if not state.written:
+    if not reached:
         raise CaptureError(
             "no gradient reached any watched module inside `with run(data_id=...)`: call "
             "loss.backward() inside the block (with gradients enabled)")
@@ -73,106 +69,129 @@ def position_mask(mask: torch.Tensor | None, module: nn.Module, name: str,
     return mask.to(device=values.device, dtype=values.dtype)
 
 
-@dataclass
-class StepState:
-    """What one `with run(data_id=...)` block collects: the rows [B, D] of its examples, each
-    module's G̃ [B, r_out, r_in] summed in place into its own column block."""
+class Sink:
+    """Receives what the hooks capture in one block. `projected`: whether it reads x̃ and g̃
+    (else the hooks skip projecting for it and it reads the raw input and gradient)."""
 
-    batch_size: int
-    width: int
-    grad_scale: float
-    mask: torch.Tensor | None
-    attribution_only: bool
-    destination: torch.Tensor | None = None  # preferred CPU rows buffer (the store's shard buffer)
-    outputs: list[torch.Tensor] | None = None  # if a list: each watched output, for autograd.grad
-    factors: KroneckerSums | None = None  # the step's K-FAC factor sums, when they are collected
-    rows_wanted: bool = True  # False in a curvature-only pass: no G̃ is formed
-    tokens: Any = None  # a capture.tokens.TokenRecorder in a per-token block: factors, no rows
-    factor_inputs: bool = True  # False: add only g̃g̃ᵀ (a repeated backward of one forward pass)
-    rows: torch.Tensor | None = None
-    written: set[int] = field(default_factory=set)
+    projected = True
+
+    def forward(self, capture: ModuleCapture, block: CaptureBlock, x: torch.Tensor) -> None:
+        """Once per forward call of a watched module: x is its raw (detached) input."""
+
+    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
+                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+        """Once per backward reaching that call: g̃ [B, T, r_out] float32 (None when no sink of
+        the block is `projected`) and the raw output gradient ∂ℓ/∂y."""
+
+
+@dataclass
+class ForwardCall:
+    """One forward call of a watched module: its x̃ [B, T, r_in] and how many backward passes
+    have reached its output so far."""
+
+    x_proj: torch.Tensor | None
+    backwards: int = 0
+
+
+@dataclass
+class CaptureBlock:
+    """What the hooks of one block share: batch size (None: not checked), the loss scale undone
+    on every example (B for a mean-reduced loss), the padding mask [B, T], the sinks, and which
+    modules backward reached. `outputs` (a list) collects each watched output, for
+    `torch.autograd.grad` passes; `attribution_only` turns frozen layers' outputs into leaves."""
+
+    batch_size: int | None
+    sinks: list[Sink]
+    grad_scale: float = 1.0
+    mask: torch.Tensor | None = None
+    attribution_only: bool = False
+    outputs: list[torch.Tensor] | None = None
+    reached: set[int] = field(default_factory=set)
     open: bool = True
 
-    def block(self, capture: "ModuleCapture", like: torch.Tensor) -> torch.Tensor:
-        """The [B, r_out, r_in] view of `capture`'s columns in the step's rows."""
-        if self.rows is None:
-            if self.destination is not None and self.destination.device == like.device:
-                self.rows = self.destination
-            else:
-                self.rows = torch.empty(self.batch_size, self.width, device=like.device)
-        cols = self.rows[:, capture.offset:capture.offset + capture.r_out * capture.r_in]
-        return cols.view(self.batch_size, capture.r_out, capture.r_in)
+    def __post_init__(self) -> None:
+        self.projected = any(s.projected for s in self.sinks)
 
 
 class ModuleCapture:
-    """The hooks of one watched module."""
+    """The hooks of one watched module. `projection` may be None when only unprojected sinks
+    are used (the PCA statistics pass before projections exist)."""
 
-    def __init__(self, index: int, name: str, module: nn.Module, projection: ModuleProjection,
-                 bias: bool, offset: int):
+    def __init__(self, index: int, name: str, module: nn.Module,
+                 projection: ModuleProjection | None, bias: bool, offset: int = 0):
         self.index = index
         self.name = name
         self.module = module
         self.projection = projection
         self.bias = bias
         self.offset = offset
-        self.r_in = projection.p_in.rank
-        self.r_out = projection.p_out.rank
-        self.is_conv = isinstance(module, nn.Conv2d)
+        self.r_in = projection.p_in.rank if projection is not None else 0
+        self.r_out = projection.p_out.rank if projection is not None else 0
+        # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
+        # Linear side kept whole without bias, whose x̃ is a view of the layer's input.
+        self.fresh_inputs = (projection is not None and projection.p_in.matrix is not None) or bias \
+            or isinstance(module, (nn.Embedding, nn.Conv2d))
 
-    def attach(self, step: StepState) -> torch.utils.hooks.RemovableHandle:
-        return self.module.register_forward_hook(partial(self._forward, step))
+    def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
+        return self.module.register_forward_hook(partial(self._forward, block))
 
-    def _forward(self, step: StepState, module: nn.Module, inputs: tuple, output: torch.Tensor):
+    def _forward(self, block: CaptureBlock, module: nn.Module, inputs: tuple, output: torch.Tensor):
         if not torch.is_grad_enabled():
             return None  # evaluation under no_grad inside the block: nothing to attribute
         if shared_across_batch(self.name, module, inputs[0]):
             return None
         replaced = False
         if not output.requires_grad:
-            if not step.attribution_only:
+            if not block.attribution_only:
                 return None  # frozen input side of the graph: no gradient will reach this layer
             # Parameters are frozen in attribution-only mode: make the output a leaf so that
             # backward reaches it (and stops there) without any weight-gradient work.
             output = output.detach().requires_grad_(True)
             replaced = True
         x = inputs[0]
-        if x.shape[0] != step.batch_size:
+        if block.batch_size is not None and x.shape[0] != block.batch_size:
             raise CaptureError(
                 f"module {self.name!r} saw a batch of {x.shape[0]} examples but data_id has "
-                f"{step.batch_size} ids; pass one id per example (batch dimension first)"
+                f"{block.batch_size} ids; pass one id per example (batch dimension first)"
             )
+        x = x.detach()
+        x_proj = None
         with torch.no_grad(), full_precision(x.device):
-            x_proj = projected_inputs(module, x.detach(), self.projection.p_in, self.bias)
-            x_proj = self._apply_mask(step, x_proj)
-            if step.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
-                x_proj = x_proj * step.grad_scale
-        output.register_hook(partial(self._backward, step, x_proj))
-        if step.outputs is not None:
-            step.outputs.append(output)
+            if block.projected:
+                x_proj = projected_inputs(module, x, self.projection.p_in, self.bias)
+                mask = position_mask(block.mask, module, self.name, x_proj)
+                if not self.fresh_inputs and (mask is not None or block.grad_scale != 1.0):
+                    x_proj = x_proj.clone()
+                if mask is not None:
+                    x_proj.mul_(mask.unsqueeze(-1))
+                if block.grad_scale != 1.0:  # undo a mean-reduced loss's 1/B on the smaller side
+                    x_proj.mul_(block.grad_scale)
+            for sink in block.sinks:
+                sink.forward(self, block, x)
+        output.register_hook(partial(self._backward, block, ForwardCall(x_proj)))
+        if block.outputs is not None:
+            block.outputs.append(output)
         return output if replaced else None
 
-    def _apply_mask(self, step: StepState, x_proj: torch.Tensor) -> torch.Tensor:
-        mask = position_mask(step.mask, self.module, self.name, x_proj)
-        return x_proj if mask is None else x_proj * mask.unsqueeze(-1)
-
-    def _backward(self, step: StepState, x_proj: torch.Tensor, grad: torch.Tensor) -> None:
-        if not step.open:
+    def _backward(self, block: CaptureBlock, call: ForwardCall, grad: torch.Tensor) -> None:
+        if not block.open:
             raise CaptureError(
                 f"backward reached {self.name!r} after its `with run(data_id=...)` block had "
                 "exited; call loss.backward() inside the block"
             )
         with torch.no_grad(), full_precision(grad.device):
-            g = output_grads(self.module, grad.detach()).float()
-            g_proj = self.projection.p_out.apply(g)
-            if step.tokens is not None:  # per-token block: keep the factors instead of summing
-                step.tokens.add(self, x_proj, g_proj)
-                return None
-            if step.factors is not None:
-                mask = position_mask(step.mask, self.module, self.name, g_proj)
-                step.factors.add_positions(self.name, x_proj, g_proj, mask, step.grad_scale,
-                                           inputs=step.factor_inputs)
-            if step.rows_wanted:
-                block = step.block(self, g_proj)
-                projected_gradient(x_proj, g_proj, out=block, accumulate=self.index in step.written)
-            step.written.add(self.index)
+            grad = grad.detach()
+            g_proj = None
+            if block.projected:
+                g_proj = self.projection.p_out.apply(output_grads(self.module, grad).float())
+            for sink in block.sinks:
+                sink.backward(self, block, call, g_proj, grad)
+        call.backwards += 1
+        block.reached.add(self.index)
         return None
+
+
+def attach_hooks(captures: list[ModuleCapture], block: CaptureBlock) -> list:
+    """Forward hooks of `captures` feeding `block`'s sinks; remove the returned handles (and set
+    `block.open = False`) when the block ends."""
+    return [c.attach(block) for c in captures]

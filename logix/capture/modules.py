@@ -70,7 +70,8 @@ def check_model(manifest: dict, modules: list[ModuleInfo], run_dir: Path) -> Non
         a, b = want[n], have[n]
         for key in ("type", "d_in", "d_out", "r_in", "r_out", "bias"):
             if getattr(a, key) != getattr(b, key):
-                problems.append(f"{n}.{key} is {getattr(a, key)} in the store, {getattr(b, key)} in the model")
+                problems.append(f"{n}.{key} is {getattr(a, key)} in the store, "
+                                f"{getattr(b, key)} in the model")
     if not problems:
         problems.append("modules are in a different order")
     raise StoreError(

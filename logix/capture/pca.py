@@ -8,37 +8,35 @@ small rank loses less of what influence depends on than a random projection.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logix.capture.hooks import CaptureError, position_mask, shared_across_batch
+from logix.capture.hooks import CaptureBlock, ForwardCall, ModuleCapture, Sink, position_mask
 from logix.capture.per_sample import (
-    full_precision,
     layer_dims,
     output_grads,
     projected_inputs,
 )
 from logix.capture.projection import SideProjection, whole_side
 from logix.capture.whitening import WHITENED_KIND, whitened_side
+from logix.errors import CaptureError
 from logix.vocabulary import FISHERS
 
 
-
-class CovarianceCollector:
+class CovarianceSink(Sink):
     """Sums of x xᵀ [d_in, d_in] and g gᵀ [d_out, d_out] per module over every position.
 
     x carries the appended 1 of the bias; g is ∂(per-example loss)/∂y (the batch mean undone);
     padded positions (mask 0) are left out. Embedding inputs are one-hot, so only the token
-    counts (the diagonal of E[x xᵀ]) are kept. x xᵀ is added once per forward pass, g gᵀ once
-    per backward pass that reaches the module: with fisher="true" (`pca_fisher.py`) the several
-    pseudo-gradient passes of one forward sum to E_{y~p}[g gᵀ].
+    counts (the diagonal of E[x xᵀ]) are kept. x xᵀ is added once per forward call, g gᵀ once
+    per backward pass that reaches the module: with fisher="true" the several pseudo-gradient
+    passes of one forward sum to E_{y~p}[g gᵀ] (`capture.fisher`). The sums stay after the pass.
     """
 
-    def __init__(self, modules: list[tuple[str, nn.Module, bool]]):
-        self.modules = modules  # (name, module, bias)
+    projected = False  # the raw x and g: the projections do not exist yet
+
+    def __init__(self) -> None:
         self.xx: dict[str, torch.Tensor] = {}
         self.gg: dict[str, torch.Tensor] = {}
         self.counts: dict[str, torch.Tensor] = {}  # [positions, examples] seen per module
@@ -54,56 +52,32 @@ class CovarianceCollector:
                                f"covariances; finish it with fisher={self.fisher!r} or start a new run")
         self.fisher = fisher
 
-    def attach(self, scale: float, mask: torch.Tensor | None, attribution_only: bool = False,
-               outputs: list[torch.Tensor] | None = None) -> list:
-        """Hooks on every module for one block; `outputs` (a list) receives each watched output,
-        for `torch.autograd.grad` (the true-Fisher pass)."""
-        if self.fisher == "true" and outputs is None:
-            raise CaptureError("inside run.fit_projections(fisher='true') use `with fit(data_id=ids): "
-                               "fit.backward(model(x))`, not `with run(...)` and loss.backward()")
-        return [m.register_forward_hook(partial(self._forward, name, bias, scale, mask, attribution_only, outputs))
-                for name, m, bias in self.modules]
+    def forward(self, capture: ModuleCapture, block: CaptureBlock, x: torch.Tensor) -> None:
+        module, name, mask = capture.module, capture.name, block.mask
+        if isinstance(module, nn.Embedding):
+            idx = x.reshape(x.shape[0], -1)
+            w = position_mask(mask, module, name, idx.double())
+            w = torch.ones(idx.shape, dtype=torch.float64, device=idx.device) if w is None else w
+            counts = torch.zeros(module.num_embeddings, dtype=torch.float64, device=idx.device)
+            counts.index_add_(0, idx.reshape(-1), w.reshape(-1))
+            self._add(self.xx, name, counts)
+            self._count(name, w.sum(), idx.shape[0])
+        else:
+            # The layer input per position, with the bias's 1: a side kept whole.
+            d_in = layer_dims(module, capture.bias)[0]
+            x = projected_inputs(module, x, SideProjection(d_in, d_in, None), capture.bias).double()
+            w = position_mask(mask, module, name, x)
+            xw = x if w is None else x * w.unsqueeze(-1)
+            self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
+            self._count(name, x.shape[0] * x.shape[1] if w is None else w.sum(), x.shape[0])
 
-    def _forward(self, name, bias, scale, mask, attribution_only, outputs, module, inputs, output):
-        if not torch.is_grad_enabled() or shared_across_batch(name, module, inputs[0]):
-            return None
-        replaced = False
-        if not output.requires_grad:
-            if not attribution_only:
-                return None
-            output = output.detach().requires_grad_(True)  # as in ModuleCapture: a leaf to reach
-            replaced = True
-        with torch.no_grad(), full_precision(inputs[0].device):
-            x = inputs[0].detach()
-            if isinstance(module, nn.Embedding):
-                idx = x.reshape(x.shape[0], -1)
-                w = position_mask(mask, module, name, idx.double())
-                w = torch.ones(idx.shape, dtype=torch.float64, device=idx.device) if w is None else w
-                counts = torch.zeros(module.num_embeddings, dtype=torch.float64, device=idx.device)
-                counts.index_add_(0, idx.reshape(-1), w.reshape(-1))
-                self._add(self.xx, name, counts)
-                self._count(name, w.sum(), idx.shape[0])
-            else:
-                # The layer input per position, with the bias's 1: a side kept whole.
-                d_in = layer_dims(module, bias)[0]
-                x = projected_inputs(module, x, SideProjection(d_in, d_in, None), bias).double()
-                w = position_mask(mask, module, name, x)
-                xw = x if w is None else x * w.unsqueeze(-1)
-                self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
-                positions = x.shape[0] * x.shape[1] if w is None else w.sum()
-                self._count(name, positions, x.shape[0])
-        output.register_hook(partial(self._backward, name, module, scale, mask))
-        if outputs is not None:
-            outputs.append(output)
-        return output if replaced else None
-
-    def _backward(self, name, module, scale, mask, grad):
-        with torch.no_grad(), full_precision(grad.device):
-            g = output_grads(module, grad.detach()).double() * scale
-            w = position_mask(mask, module, name, g)
-            if w is not None:
-                g = g * w.unsqueeze(-1)
-            self._add(self.gg, name, torch.einsum("bti,btj->ij", g, g))
+    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
+                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+        g = output_grads(capture.module, grad).double() * block.grad_scale
+        w = position_mask(block.mask, capture.module, capture.name, g)
+        if w is not None:
+            g = g * w.unsqueeze(-1)
+        self._add(self.gg, capture.name, torch.einsum("bti,btj->ij", g, g))
 
     def _count(self, name: str, positions, examples: int) -> None:
         seen = torch.tensor([float(positions), float(examples)], dtype=torch.float64)
@@ -119,7 +93,7 @@ class CovarianceCollector:
         """P_in, P_out of one module from its covariances: top eigenvectors as rows (pca), or a
         seeded Gaussian times the damped factor's inverse square root (kfac-whitened)."""
         if name not in self.gg:
-            raise RuntimeError(
+            raise CaptureError(
                 f"the statistics pass saw no gradient for module {name!r}: run forward and "
                 "backward on some training batches inside `with run.fit_projections():`"
             )

@@ -73,10 +73,16 @@ def layer_dims(module: nn.Module, include_bias: bool) -> tuple[int, int]:
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """A context with autocast off on `device`. Hooks run inside the model's autocast region (the
     forward, a checkpoint's recomputation, a backward called under autocast), where a projection
-    would round to bf16/fp16; logix upcasts activations and gradients and projects in float32."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    would round to bf16/fp16; logix upcasts activations and gradients and projects in float32.
+    Outside autocast it is a no-op context (entering torch.autocast costs more than a hook's
+    own arithmetic on a small layer)."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return _NO_CONTEXT
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: nullcontext holds no state
 
 
 def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -106,9 +112,9 @@ def _project_with_bias(x: torch.Tensor, p_in: SideProjection, bias: bool) -> tor
         return p_in.apply(x)
     if p_in.matrix is None:
         return torch.cat([x, x.new_ones(x.shape[:-1] + (1,))], dim=-1)
-    m = p_in.matrix if p_in.matrix.device == x.device else p_in.matrix.to(x.device)
-    return torch.addmm(m[:, -1], x.reshape(-1, x.shape[-1]), m[:, :-1].T).reshape(
-        x.shape[:-1] + (m.shape[0],)
+    bias_column, weight_t = p_in.bias_split(x.device)
+    return torch.addmm(bias_column, x.reshape(-1, x.shape[-1]), weight_t).reshape(
+        x.shape[:-1] + (weight_t.shape[1],)
     )
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 
 from logix.store.format import StoreError, write_atomic
+from logix.store.tagged import read_tagged
 
 
 @dataclass
@@ -35,6 +35,17 @@ class SideProjection:
         if self.matrix.device != v.device:
             self.matrix = self.matrix.to(v.device)
         return v @ self.matrix.T
+
+    def bias_split(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P[:, -1] [rank], P[:, :-1]ᵀ [dim - 1, rank]) on `device`: an input side whose last
+        column multiplies the bias's 1, as views made once rather than at every call."""
+        if self.matrix.device != device:
+            self.matrix = self.matrix.to(device)
+        split = self.__dict__.get("_split")
+        if split is None or split[0] is not self.matrix:
+            split = (self.matrix, self.matrix[:, -1], self.matrix[:, :-1].T)
+            self._split = split
+        return split[1], split[2]
 
 
 @dataclass
@@ -94,14 +105,11 @@ def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> st
 def load_projections(path: Path, dims: dict[str, tuple[int, int, int, int]]) -> dict[str, ModuleProjection]:
     """Read the projections of a store. dims: name -> (d_in, d_out, r_in, r_out) from the manifest."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            tensors = {k: f.get_tensor(k) for k in keys}
+        tensors, _ = read_tagged(path, "logix-projections", "a logix projections file",
+                                 "the store's projections are damaged")
     except FileNotFoundError:
         raise StoreError(f"{path} is missing: the store's projections are lost, it cannot be extended "
                          "or queried with new gradients") from None
-    except Exception as e:
-        raise StoreError(f"{path} cannot be read ({e}); the store's projections are damaged") from e
     out = {}
     for name, (d_in, d_out, r_in, r_out) in dims.items():
         sides = []

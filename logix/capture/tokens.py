@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from logix.capture.hooks import CaptureBlock, ForwardCall, ModuleCapture, Sink
+from logix.errors import CaptureError
 from logix.store.format import ModuleInfo
 from logix.store.gradients import DataId, Gradients
 
@@ -165,14 +166,16 @@ def _cat_padded(tensors: list[torch.Tensor | None], fill: int) -> torch.Tensor |
     return torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors])
 
 
-class TokenRecorder:
-    """Collects the factor pairs of one per-token block (attached to its `StepState`)."""
+class TokenSink(Sink):
+    """Collects the factor pairs of one per-token block instead of summing them into rows."""
 
     def __init__(self) -> None:
         self.passes: dict[str, list[PositionFactors]] = {}
 
-    def add(self, capture: Any, x_proj: torch.Tensor, g_proj: torch.Tensor) -> None:
+    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
+                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
         """One backward pass reached `capture`'s module: x̃ [B, T, r_in], g̃ [B, T, r_out]."""
+        x_proj = call.x_proj
         g = g_proj.detach().float().cpu()[:, None]
         if isinstance(capture.module, nn.Embedding) and capture.projection.p_in.matrix is None:
             # One-hot x̃ = weight · e_index (weight: mask, padding index, scale): keep the pair.
@@ -187,6 +190,10 @@ class TokenRecorder:
     def finish(self, ids: list[DataId], modules: list[ModuleInfo], fingerprint: str,
                mask: torch.Tensor | None, token_ids: torch.Tensor | None) -> TokenGradients:
         """The block's TokenGradients: each module's passes stacked on K."""
+        if not self.passes:
+            raise CaptureError(
+                "no gradient reached any watched module inside `with run(data_id=..., "
+                "per_token=True)`: call loss.backward() inside the block (with gradients enabled)")
         factors = {}
         for name, passes in self.passes.items():
             t = max(p.positions for p in passes)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 from logix.capture.projection import SideProjection, gaussian_matrix
 
 WHITENED_KIND = "kfac-whitened"

@@ -9,13 +9,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from logix.store.format import StoreError
+from logix.store.format import PROJECTIONS, StoreError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a store directory (logix.init path)")
     parser.add_argument("--full", action="store_true",
-                        help="verify every shard's crc32 (reads all bytes) instead of sizes only")
+                        help="verify every shard's crc32 and header, repeated ids, the projections "
+                             "and the curvature files (reads all bytes) instead of sizes only")
 
 
 def _size(n: float) -> str:
@@ -42,19 +43,44 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
 
+    from logix.store.integrity import verify_store
+
     mode = "full (crc32)" if args.full else "quick (existence and size)"
+    _unindexed(console, store)
+    if not (store.path / PROJECTIONS).is_file():
+        console.print("[bold yellow]projections.safetensors is missing[/]: the stored rows are "
+                      "readable, but no new gradients (queries, resumed logging) can be captured "
+                      "for this store", highlight=False, soft_wrap=True)
     try:
-        shards = 0
-        for name in store.segments or [store.segment]:
-            view = store.select(name, verify="none")
-            view.verify(full=args.full)
-            shards += len(view.shards)
+        problems = verify_store(store, full=args.full)
     except StoreError as e:
-        console.print(f"[bold red]integrity {mode}: FAILED[/] {e}", highlight=False,
-                      soft_wrap=True)
+        problems = [str(e)]
+    if problems:
+        console.print(f"[bold red]integrity {mode}: FAILED[/] " + " | ".join(problems),
+                      highlight=False, soft_wrap=True)
         return 2
+    shards = sum(len(store.select(n, verify="none").shards) for n in store.segments)
     console.print(f"[bold green]integrity {mode}: ok[/] ({shards} shards)", highlight=False)
     return 0
+
+
+def _unindexed(console: Console, store) -> None:
+    """One line per segment with complete shards that no index lists yet."""
+    for name in store.segments:
+        found = store.select(name, verify="none").unindexed_shards
+        if found:
+            rows = sum(sh["rows"] for sh in found)
+            console.print(
+                f"[bold yellow]segment {name}: {len(found)} complete shard(s) ({rows} rows) are "
+                "not indexed yet[/]: a writer stopped between writing a shard and updating its "
+                "index (or is doing so now). They are not read; logix.init(run_dir, resume=True) "
+                "adopts them, and after run.watch(model) run.logged_ids() includes them.",
+                highlight=False, soft_wrap=True)
+    orphan_segments = {sh["segment"] for sh in store.all_unindexed_shards} - set(store.segments)
+    for name in sorted(orphan_segments):
+        console.print(f"[bold yellow]segment {name}: only in shards that no index lists[/] "
+                      "(a deleted or lost index?); logix.init(run_dir, resume=True) adopts them",
+                      highlight=False, soft_wrap=True)
 
 
 def _summary(console: Console, store) -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from logix.store.format import StoreError
+from logix.errors import StoreError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use --damping as an absolute λ instead of a relative one")
     parser.add_argument("--segment", help="store segment to query (default: the last one)")
     parser.add_argument("--modules", help="comma-separated module names (default: all)")
-    parser.add_argument("--chunk-rows", type=int, default=4096, metavar="N",
-                        help="train rows per matrix product (default 4096)")
+    parser.add_argument("--chunk-bytes", type=int, metavar="N",
+                        help="bytes of train rows (as float32) per matrix product (default 64 MiB)")
+    parser.add_argument("--chunk-rows", type=int, metavar="N", help=argparse.SUPPRESS)  # old name
     parser.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when available)")
     parser.add_argument("--output", "-o", metavar="FILE",
                         help="save the top-k as .json, .safetensors or .npz")
@@ -68,8 +69,8 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
 def _run(args: argparse.Namespace, console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from logix.curvature.precondition import check_choice
-    from logix.query.engine import MODES, InfluenceEngine
+    from logix.query.defaults import resolve
+    from logix.query.engine import InfluenceEngine
     from logix.store.gradients import Gradients
     from logix.store.reader import open_store
 
@@ -80,14 +81,8 @@ def _run(args: argparse.Namespace, console: Console):
                          "run.gradients().save(FILE) from a query-mode run)")
     queries = Gradients.load(args.queries)
     store = open_store(args.run_dir, segment=args.segment)
-    defaults = (store.config or {}).get("query", {}) or {}
-    preconditioner = args.preconditioner or defaults.get("preconditioner", "raw")
-    damping = args.damping if args.damping is not None else float(defaults.get("damping", 0.1))
-    # The config's refine belongs to its own preconditioner: refinement needs ekfac.
-    configured = int(defaults.get("refine", 0)) if preconditioner == "ekfac" else 0
-    refine = args.refine if args.refine is not None else configured
-    mode = check_choice(args.mode or defaults.get("mode", "dot"), MODES, "mode")
-    fisher = args.fisher or defaults.get("fisher", "empirical")
+    # The same defaults as InfluenceEngine(store): the store's `query:` config.
+    chosen = resolve(store, args.preconditioner, args.damping, args.refine, args.fisher, args.mode)
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
@@ -100,15 +95,18 @@ def _run(args: argparse.Namespace, console: Console):
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
                 label = {"curvature": "curvature statistics", "ekfac": "EK-FAC eigenvalues",
-                         "refine": "refining queries"}.get(phase, "scoring")
+                         "refine": "refining queries", "gram": "reading rows (Gram form)",
+                         "eigen": "eigendecompositions (blocks)"}.get(phase, "scoring")
                 tasks[phase] = bar.add_task(label, total=total)
             bar.update(tasks[phase], completed=done)
 
-        engine = InfluenceEngine(store, preconditioner, damping,
-                                 damping_absolute=args.absolute_damping, refine=refine, modules=modules,
-                                 device=args.device, chunk_rows=args.chunk_rows, progress=progress,
-                                 fisher=fisher)
-        top = engine.top_k(queries, k=args.top_k, mode=mode)
+        chunk = {}  # --chunk-rows N is the old spelling of --chunk-bytes 4·N·width
+        if args.chunk_bytes is not None or args.chunk_rows is not None:
+            chunk["chunk_bytes"] = (args.chunk_bytes if args.chunk_bytes is not None
+                                    else 4 * args.chunk_rows * store.width)
+        engine = InfluenceEngine(store, absolute_damping=args.absolute_damping, modules=modules,
+                                 device=args.device, progress=progress, **chunk, **chosen)
+        top = engine.top_k(queries, k=args.top_k)
     if args.output:
         top.save(args.output)
     return top, engine

@@ -17,30 +17,37 @@ On disk (one file per kind, rank and segment; never pickled):
 
 Each file holds float64 tensors keyed by module name (`raw`) or `<module>.A` / `<module>.S`
 (`kfac`), and metadata with the kind, the row count, the module table and, for factor kinds,
-the positions per module. Row-derived kinds register an accumulator in `ACCUMULATORS`; factor
-kinds (`FACTOR_KINDS`) come from the capture stage. Loading is keyed by the kind string only, so
-variants such as `kfac.true` load with the same code.
+the positions per module (file format: `statistics.py`). Row-derived kinds register an
+accumulator in `ACCUMULATORS`; factor kinds (`vocabulary.FACTOR_STATISTICS`) come from the
+capture stage.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from logix.store.format import ModuleInfo, StoreError, curvature_dir, write_atomic
+from logix.curvature.statistics import (  # noqa: F401  (the file format's names, used from here)
+    FORMAT,
+    Statistics,
+    load_statistics,
+    read_statistics,
+    save_statistics,
+    statistics_from,
+    statistics_metadata,
+)
+from logix.store.cache import load_cache, save_cache
+from logix.store.format import ModuleInfo, StoreError, curvature_dir
+from logix.vocabulary import FACTOR_STATISTICS
 
-FORMAT = "logix-curvature"
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
-FACTOR_KINDS = ("kfac", "ekfac")  # from the capture hooks (both log the same K-FAC factors)
+
 ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total)
 
 
@@ -91,77 +98,13 @@ def check_kinds(kinds: Iterable[str]) -> list[str]:
     (`kfac`, `ekfac`) are collected by the capture hooks instead."""
     out = []
     for kind in kinds:
-        if kind == "identity" or kind in FACTOR_KINDS:
+        if kind == "identity" or kind in FACTOR_STATISTICS:
             continue
         if kind not in ACCUMULATORS:
             raise ValueError(f"unknown curvature statistics {kind!r}; choose from "
-                             f"{list(ACCUMULATORS) + list(FACTOR_KINDS)}")
+                             f"{list(ACCUMULATORS) + list(FACTOR_STATISTICS)}")
         out.append(kind)
     return out
-
-
-@dataclass
-class Statistics:
-    """Summed statistics of one kind for one segment: `tensors[key]` float64, over `rows` rows
-    (examples); factor kinds also count `positions[module]` (the positions summed into A)."""
-
-    kind: str
-    modules: list[ModuleInfo]
-    rows: int
-    tensors: dict[str, torch.Tensor]
-    sources: list[str] = field(default_factory=list)
-    positions: dict[str, int] = field(default_factory=dict)
-    _digests: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def fisher(self, name: str) -> torch.Tensor:
-        """F_m = S_m / N, [w, w] float64 (`raw`)."""
-        return self.tensors[name] / max(self.rows, 1)
-
-    def digest(self, key: str) -> str:
-        """A content key of one tensor (with the counts it is normalised by), for caches."""
-        if key not in self._digests:
-            t = self.tensors[key].contiguous()
-            h = hashlib.blake2b(digest_size=16)
-            module = key.rsplit(".", 1)[0] if key not in {m.name for m in self.modules} else key
-            h.update(f"{self.kind}:{self.rows}:{self.positions.get(module, '')}:{tuple(t.shape)}:".encode())
-            h.update(t.numpy().data)
-            self._digests[key] = h.hexdigest()
-        return self._digests[key]
-
-
-def _modules_json(modules: list[ModuleInfo]) -> str:
-    return json.dumps([m.to_dict() for m in modules])
-
-
-def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None = None) -> Path:
-    """Write `stats` atomically (see `write_atomic`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
-                "modules": _modules_json(stats.modules), **(extra or {})}
-    if stats.positions:
-        metadata["positions"] = json.dumps(stats.positions)
-    tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    return path
-
-
-def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
-    """One statistics file and its metadata."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != FORMAT:
-                raise StoreError(f"{path} is not a logix curvature file")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except StoreError:
-        raise
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise StoreError(f"{path} cannot be read ({e}); delete it to recompute") from e
-    modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
-    positions = {k: int(v) for k, v in json.loads(md.get("positions", "{}")).items()}
-    stats = Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(path)], positions)
-    return stats, md
 
 
 class CurvatureStatistics:
@@ -230,31 +173,6 @@ class CurvatureStatistics:
         return paths
 
 
-def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | None:
-    """Sum the per-rank files `<kind>-rNNNNN.safetensors` in a segment's curvature dir."""
-    pattern = re.compile(rf"^{re.escape(kind)}-r\d+\.safetensors$")
-    directory = Path(directory)
-    files = sorted(p for p in directory.glob(f"{kind}-r*.safetensors") if pattern.match(p.name))
-    total: Statistics | None = None
-    for path in files:
-        stats, _ = read_statistics(path)
-        if total is None:
-            total = stats
-            continue
-        if stats.modules != total.modules:
-            raise StoreError(f"{path} has a different module table than {total.sources[0]}")
-        if set(stats.tensors) != set(total.tensors):
-            raise StoreError(f"{path} holds other tensors than {total.sources[0]}; delete the "
-                             "stale one and recompute it")
-        for name, t in stats.tensors.items():
-            total.tensors[name] += t
-        for name, count in stats.positions.items():
-            total.positions[name] = total.positions.get(name, 0) + count
-        total.rows += stats.rows
-        total.sources.append(str(path))
-    return total
-
-
 def compute_statistics(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
                        progress: ProgressFn | None = None) -> Statistics:
     """One streaming pass over `store` (a `Store`) accumulating statistics of `kind`."""
@@ -290,20 +208,23 @@ def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
     if logged is not None and logged.rows == n and logged.modules == modules:
         return logged
     stream_path = directory / f"{kind}-stream.safetensors"
-    if stream_path.exists():
-        stats, md = read_statistics(stream_path)
-        if stats.rows == n and stats.modules == modules and md.get("ids") == ids_digest(store.data_ids):
+    cached = load_cache(stream_path, FORMAT)  # damaged or failing its checksum: None
+    if cached is not None:
+        try:
+            stats = statistics_from(stream_path, *cached)
+        except StoreError:
+            return None
+        same_rows = cached[1].get("ids") == ids_digest(store.data_ids)
+        if stats.rows == n and stats.modules == modules and same_rows:
             return stats
     return None
 
 
 def save_recomputed(store: Any, stats: Statistics) -> None:
-    """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time."""
+    """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time (in a
+    user cache dir or in memory when the store is read-only, see `store.cache`)."""
     path = Path(store.curvature_dir) / f"{stats.kind}-stream.safetensors"
-    try:
-        save_statistics(path, stats, {"ids": ids_digest(store.data_ids)})
-    except OSError:
-        pass  # a read-only store still answers queries; it recomputes next time
+    save_cache(path, stats.tensors, statistics_metadata(stats, {"ids": ids_digest(store.data_ids)}))
 
 
 def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,

@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from logix.curvature.covariance import (
     ProgressFn,
@@ -48,7 +46,8 @@ from logix.curvature.covariance import (
     save_statistics,
 )
 from logix.curvature.eigen import eigendecompose
-from logix.store.format import ModuleInfo, StoreError, curvature_dir, write_atomic
+from logix.store.cache import load_cache, save_cache
+from logix.store.format import ModuleInfo, StoreError, curvature_dir
 
 FACTOR_KIND = "kfac"
 EKFAC_FORMAT = "logix-ekfac-eigenvalues"
@@ -179,19 +178,8 @@ def ekfac_eigenvalues(rows: Any, stats: Statistics, bases: dict[str, KroneckerBa
     def key(n: str) -> str:
         return f"{ids_key}:{stats.digest(n + '.A')}:{stats.digest(n + '.S')}"
 
-    result: dict[str, torch.Tensor] = {}
-    cached: dict[str, str] = {}
-    handle = None
-    if cache_path is not None and cache_path.exists():
-        try:
-            handle = safe_open(str(cache_path), framework="pt")
-            md = handle.metadata() or {}
-            cached = json.loads(md.get("keys", "{}")) if md.get("format") == EKFAC_FORMAT else {}
-        except Exception:  # damaged: recompute
-            handle, cached = None, {}
-    for n in names:
-        if handle is not None and cached.get(n) == key(n):
-            result[n] = handle.get_tensor(f"{n}.eigenvalues")
+    cached, tensors = _cached_eigenvalues(cache_path)
+    result = {n: tensors[f"{n}.eigenvalues"] for n in names if cached.get(n) == key(n)}
     missing = [n for n in names if n not in result]
     if not missing:
         return result
@@ -212,18 +200,28 @@ def ekfac_eigenvalues(rows: Any, stats: Statistics, bases: dict[str, KroneckerBa
     for n in missing:
         result[n] = (sums[n] / max(done, 1)).cpu()
     if cache_path is not None:
-        # Keep still-valid entries of other modules, then replace the file atomically.
-        keep = {n: handle.get_tensor(f"{n}.eigenvalues") for n, k in cached.items()
-                if handle is not None and n not in result and f"{n}.A" in stats.tensors and k == key(n)}
+        # Keep still-valid entries of other modules, then replace the cache.
+        keep = {n: tensors[f"{n}.eigenvalues"] for n, k in cached.items()
+                if n not in result and f"{n}.A" in stats.tensors and k == key(n)}
         entries = {**keep, **result}
-        tensors = {f"{n}.eigenvalues": t.contiguous() for n, t in entries.items()}
-        md = {"format": EKFAC_FORMAT, "kind": stats.kind, "rows": str(done),
-              "keys": json.dumps({n: key(n) for n in entries})}
-        try:
-            write_atomic(cache_path, lambda tmp: save_file(tensors, str(tmp), metadata=md))
-        except OSError:
-            pass  # a read-only store recomputes next time
+        save_cache(cache_path, {f"{n}.eigenvalues": t for n, t in entries.items()},
+                   {"format": EKFAC_FORMAT, "kind": stats.kind, "rows": str(done),
+                    "keys": json.dumps({n: key(n) for n in entries})})
     return result
+
+
+def _cached_eigenvalues(cache_path: Path | None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(module -> key it was computed for, tensors) of a valid EK-FAC cache, else empty (a
+    damaged cache, or one failing its checksum, is recomputed)."""
+    found = None if cache_path is None else load_cache(cache_path, EKFAC_FORMAT)
+    if found is None:
+        return {}, {}
+    tensors, md = found
+    try:
+        keys = json.loads(md.get("keys", "{}"))
+    except ValueError:
+        return {}, {}
+    return {n: k for n, k in keys.items() if f"{n}.eigenvalues" in tensors}, tensors
 
 
 @dataclass
@@ -240,7 +238,7 @@ class KroneckerBlock:
     eigenvalues: torch.Tensor  # [r_out, r_in], clamped at 0
     damping: float
 
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "KroneckerBlock":
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> KroneckerBlock:
         return KroneckerBlock(self.module, self.q_in.to(device, dtype), self.q_out.to(device, dtype),
                               self.eigenvalues.to(device, dtype), self.damping)
 

@@ -2,7 +2,9 @@
 
 - `identity`: F = 0 and no damping, so Q' = Q (plain gradient dot products, TracIn-style).
 - `raw`: F_m = S_m / N from `covariance.py`, inverted through its eigendecomposition
-  F_m = V diag(e) Vᵀ: (F_m + λ_m I)⁻¹ = V diag(1 / (e + λ_m)) Vᵀ.
+  F_m = V diag(e) Vᵀ: (F_m + λ_m I)⁻¹ = V diag(1 / (e + λ_m)) Vᵀ; or, for a block wider than
+  the store is long (N < w, chosen automatically), exactly through the N×N Gram matrix of its
+  rows (`gram.py`), which also holds the train rows preconditioned.
 - `kfac` / `ekfac`: F_m = (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ from the K-FAC factors (`kfac.py`),
   applied without ever forming a [w, w] matrix; Λ = e_S e_Aᵀ (kfac) or refitted to the rows (ekfac).
 
@@ -10,21 +12,30 @@
 `fisher="true"` reads the `.true` statistics of a `run.fit_curvature(fisher="true")` pass (labels
 drawn from the model: the Gauss–Newton matrix), see `true_fisher.py`.
 
-Damping is `λ_m = damping · mean eigenvalue of F_m`, or `λ_m = damping` when `absolute=True`.
+Damping is `λ_m = damping · mean eigenvalue of F_m`, or `λ_m = damping` when `absolute_damping=True`.
 Mean eigenvalues: raw and ekfac trace(F_raw)/w (the same number), kfac mean(e_S)·mean(e_A).
-Eigendecompositions are cached on disk (`eigen.py`): changing the damping costs nothing.
+Eigendecompositions are cached on disk (`eigen.py`), Gram matrices too (`gram_blocks`):
+changing the damping costs nothing, resp. one Cholesky factor of [N, N].
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from logix.curvature.covariance import ProgressFn, statistics_for
+from logix.curvature.covariance import (
+    MAX_RAW_WIDTH,
+    ProgressFn,
+    RawAccumulator,
+    saved_statistics,
+    statistics_for,
+)
 from logix.curvature.eigen import eigendecompose
+from logix.curvature.gram import GramBlock, gram_matrix
 from logix.curvature.kfac import (
     FACTOR_KIND,
     KroneckerBlock,
@@ -32,110 +43,21 @@ from logix.curvature.kfac import (
     factor_eigenbases,
     load_factors,
 )
+from logix.curvature.preconditioner import AnyBlock, Block, Preconditioner
+from logix.curvature.statistics import Statistics
 from logix.curvature.true_fisher import (
     true_ekfac_eigenvalues,
     true_factors,
     true_kind,
     true_raw_statistics,
 )
-from logix.store.format import ModuleInfo, StoreError, total_width
-from logix.vocabulary import FISHERS, PRECONDITIONERS, check_choice
+from logix.store.cache import load_cache, save_cache
+from logix.store.format import StoreError
+from logix.vocabulary import FISHERS, PRECONDITIONERS, RAW_FORMS, check_choice, renamed
 
 # The statistics each preconditioner reads by default (variants like "kfac.true" plug in here).
 DEFAULT_STATISTICS = {"raw": "raw", "kfac": FACTOR_KIND, "ekfac": FACTOR_KIND}
-
-
-@dataclass
-class Block:
-    """The preconditioner of one module: eigenpairs of F_m and its damping λ_m."""
-
-    module: ModuleInfo
-    eigenvalues: torch.Tensor   # [w] float64, clamped at 0
-    eigenvectors: torch.Tensor  # [w, w] float64, columns are eigenvectors
-    damping: float              # λ_m
-
-    def inverse_sqrt_factor(self) -> torch.Tensor:
-        """W = V diag((e + λ)^-1/2), [w, w], so that W Wᵀ = (F + λI)⁻¹."""
-        return self.eigenvectors * (self.eigenvalues + self.damping).rsqrt()
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Block":
-        return Block(self.module, self.eigenvalues.to(device, dtype),
-                     self.eigenvectors.to(device, dtype), self.damping)
-
-    def apply(self, q: torch.Tensor) -> torch.Tensor:
-        """q [n, w] -> q (F + λI)⁻¹ [n, w]."""
-        return ((q @ self.eigenvectors) / (self.eigenvalues + self.damping)) @ self.eigenvectors.T
-
-    def whiten(self, x: torch.Tensor) -> torch.Tensor:
-        """x W [n, w]: ‖x W‖² = xᵀ(F + λI)⁻¹x per row (W computed once per moved block)."""
-        if not hasattr(self, "_w"):
-            self._w = self.inverse_sqrt_factor()
-        return x @ self._w
-
-
-AnyBlock = Block | KroneckerBlock
-
-
-class Preconditioner:
-    """Applies (F + λI)⁻¹ block by block to rows of width D.
-
-    Only `selected` modules contribute: their blocks are preconditioned, every other column
-    is zeroed, so scores against full train rows sum over the selected modules only.
-    `blocks` is None for `identity`.
-    """
-
-    def __init__(self, kind: str, modules: list[ModuleInfo], selected: list[str],
-                 blocks: dict[str, AnyBlock] | None, statistics: str | None = None) -> None:
-        self.kind = kind
-        self.statistics = statistics
-        self.modules = list(modules)
-        self.selected = [m for m in modules if m.name in set(selected)]
-        self.blocks = blocks
-        self.width = total_width(modules)
-        self._moved: dict[Any, dict[str, AnyBlock]] = {}
-
-    @property
-    def dampings(self) -> dict[str, float]:
-        """λ_m per selected module (empty for identity)."""
-        return {k: b.damping for k, b in (self.blocks or {}).items()}
-
-    def apply(self, q: torch.Tensor) -> torch.Tensor:
-        """Q' = Q (F + λI)⁻¹ per block: [n, D] -> [n, D] float64 (on q's device)."""
-        q = q.to(torch.float64)
-        out = torch.zeros_like(q)
-        blocks = self._blocks_on(q.device, q.dtype)
-        for m in self.selected:
-            block = q[:, m.columns]
-            out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
-        return out
-
-    def quadratic(self, x: torch.Tensor, per_module: bool = False) -> torch.Tensor:
-        """xᵀ (F + λI)⁻¹ x for every row: [n] (or [n_modules, n] per selected module).
-
-        Computed as the squared norm of the whitened block in x's floating dtype (float32 for
-        train chunks), so it is never negative: one [n, w] × [w, w] product per module for raw,
-        two rotations by the factor eigenbases for kfac / ekfac.
-        """
-        blocks = self._blocks_on(x.device, x.dtype)
-        parts = []
-        for m in self.selected:
-            block = x[:, m.columns]
-            if blocks is not None:
-                block = blocks[m.name].whiten(block)
-            parts.append((block * block).sum(dim=1))
-        if not parts:
-            parts = [x.new_zeros(x.shape[0])]
-        stacked = torch.stack(parts)
-        return stacked if per_module else stacked.sum(dim=0)
-
-    def _blocks_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, AnyBlock] | None:
-        """The selected blocks on `device` in `dtype` (moved once, then kept)."""
-        if self.blocks is None:
-            return None
-        key = (str(device), dtype)
-        if key not in self._moved:
-            self._moved[key] = {m.name: self.blocks[m.name].to(device, dtype) for m in self.selected}
-        return self._moved[key]
+GRAM_FORMAT = "logix-gram"
 
 
 def damping_value(eigenvalues: torch.Tensor, damping: float, absolute: bool) -> float:
@@ -147,22 +69,27 @@ def damping_value(eigenvalues: torch.Tensor, damping: float, absolute: bool) -> 
 
 
 def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
-                         absolute: bool = False, modules: list[str] | None = None,
+                         absolute_damping: bool = False, modules: list[str] | None = None,
                          device: torch.device | str = "cpu", chunk_rows: int = 4096,
-                         progress: ProgressFn | None = None,
-                         statistics: str | None = None, rows: Any | None = None,
-                         fisher: str = "empirical") -> Preconditioner:
+                         progress: ProgressFn | None = None, statistics: str | None = None,
+                         fisher: str = "empirical", form: str = "auto",
+                         absolute: bool | None = None) -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
     statistics: the statistics kind it reads (default `DEFAULT_STATISTICS[kind]`: `raw` for raw,
     `kfac` for kfac / ekfac, with `.true` appended for `fisher="true"`).
-    rows: what empirical EK-FAC refits its eigenvalues to (anything with `iter_chunks`,
-    `data_ids`, `modules` and `len`); default the store itself.
     fisher: "empirical" (statistics of the stored rows, recomputed if missing) or "true" (from a
     `run.fit_curvature(fisher="true")` pass; an error naming it if absent).
+    form (raw only): "eigen" (eigendecompose F_m), "gram" (Woodbury through the N×N Gram
+    matrix of the rows, `gram.py`, all in float64) or "auto": gram for the blocks wider than
+    the store is long, its two N²w products in float32 (the [N, N] factor in float64).
+    absolute: the old name of absolute_damping (warns once).
     """
+    absolute = bool(renamed("absolute", "absolute_damping", absolute, absolute_damping,
+                            "build_preconditioner"))
     check_choice(kind, PRECONDITIONERS, "preconditioner")
     check_choice(fisher, FISHERS, "fisher")
+    check_choice(form, RAW_FORMS, "raw preconditioner form")
     true = fisher == "true"
     table = list(store.modules)
     selected = [m.name for m in table] if modules is None else list(modules)
@@ -174,24 +101,43 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     directory = Path(store.curvature_dir)
     blocks: dict[str, AnyBlock] = {}
     if kind == "raw":
-        stats = (true_raw_statistics(store) if true
-                 else statistics_for(store, statistics, chunk_rows=chunk_rows, progress=progress))
-        if stats.rows == 0:
-            raise StoreError("the curvature statistics cover no rows; the store segment is empty")
-        eig = eigendecompose(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
-        for m in table:
-            if m.name in eig:
-                e, v = eig[m.name]
-                blocks[m.name] = Block(m, e, v, damping_value(e, damping, absolute))
+        if true and form == "gram":
+            raise ValueError("form='gram' works from the stored rows (the empirical Fisher); the "
+                             "true Fisher's statistics come from a model pass: use form='eigen'")
+        n = len(store)
+        widths = {m.name: m.width for m in table}
+        # auto: Gram where N < w; above MAX_RAW_WIDTH only when asked (form="gram"): the
+        # eigen path's guard then names the limit, as a [w, w] block would.
+        gram = [] if true else [s for s in selected if form == "gram" or (
+            form == "auto" and n < widths[s] <= MAX_RAW_WIDTH)]
+        if gram:
+            products = torch.float64 if form == "gram" else torch.float32
+            blocks.update(gram_blocks(store, gram, damping, absolute, chunk_rows, progress, products))
+        eigen = [s for s in selected if s not in gram]
+        if eigen:
+            stats = (true_raw_statistics(store) if true else
+                     raw_statistics(store, statistics, eigen, full=not gram, chunk_rows=chunk_rows,
+                                    progress=progress))
+            if stats.rows == 0:
+                raise StoreError("the curvature statistics cover no rows; the store segment is empty")
+            eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device,
+                                 matrix=_reporting(stats.fisher, len(eigen), progress))
+            if progress is not None:
+                progress("eigen", len(eigen), len(eigen))
+            for m in table:
+                if m.name in eig:
+                    e, v = eig[m.name]
+                    blocks[m.name] = Block(m, e, v, damping_value(e, damping, absolute))
         return Preconditioner(kind, table, selected, blocks, statistics)
     stats = true_factors(store) if true else load_factors(store, statistics)
     bases = factor_eigenbases(stats, selected, directory / f"eigen-{statistics}.safetensors", device)
     if kind == "ekfac" and true:
         values = true_ekfac_eigenvalues(store, stats, bases, selected)
     elif kind == "ekfac":
-        values = ekfac_eigenvalues(store if rows is None else rows, stats, bases, selected,
+        values = ekfac_eigenvalues(store, stats, bases, selected,
                                    chunk_rows=chunk_rows, device=device,
-                                   progress=progress, cache_path=directory / f"e{statistics}-stream.safetensors")
+                                   progress=progress,
+                                   cache_path=directory / f"e{statistics}-stream.safetensors")
     else:
         values = {n: b.kfac_eigenvalues() for n, b in bases.items()}
     for m in table:
@@ -200,3 +146,85 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
             blocks[m.name] = KroneckerBlock(m, bases[m.name].q_in, bases[m.name].q_out, lam,
                                             damping_value(lam.flatten(), damping, absolute))
     return Preconditioner(kind, table, selected, blocks, statistics)
+
+
+def _reporting(matrix: Any, total: int, progress: ProgressFn | None) -> Any:
+    """`matrix` (name -> [w, w]) that reports ("eigen", blocks started before, total) as each
+    uncached block's eigendecomposition begins (seconds to minutes each for w in the thousands)."""
+    started = [0]
+
+    def fetch(name: str) -> torch.Tensor:
+        if progress is not None:
+            progress("eigen", started[0], total)
+        started[0] += 1
+        return matrix(name)
+
+    return fetch
+
+
+def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk_rows: int,
+                   progress: ProgressFn | None) -> Statistics:
+    """`raw` statistics covering at least the modules `names`: the saved ones, else (full) a
+    recompute of every module that is kept for next time, else one pass over `names` only (the
+    other blocks are in Gram form and need no [w, w] sums)."""
+    if full or kind != "raw":
+        return statistics_for(store, kind, chunk_rows=chunk_rows, progress=progress)
+    saved = saved_statistics(store, kind)
+    if saved is not None:
+        return saved
+    modules = [m for m in store.modules if m.name in set(names)]
+    acc = RawAccumulator(modules)
+    for _, rows in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
+        acc.update(rows)
+        if progress is not None:
+            progress("curvature", acc.rows, len(store))
+    return Statistics(kind, list(store.modules), acc.rows, dict(acc.tensors()), ["stream"])
+
+
+def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, chunk_rows: int,
+                progress: ProgressFn | None, products: torch.dtype) -> dict[str, GramBlock]:
+    """The Gram-form blocks of modules `names`, from one read of their columns. K = G Gᵀ is
+    cached (`gram-raw.safetensors`, keyed by a digest of each block's rows and the products'
+    dtype), so another damping or engine on the same store costs one Cholesky factor."""
+    modules = [m for m in store.modules if m.name in set(names)]
+    rows = {m.name: torch.empty(len(store), m.width, dtype=torch.float32) for m in modules}
+    done = 0
+    for _, x in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
+        for m in modules:
+            rows[m.name][done:done + x.shape[0]] = x[:, m.columns]
+        done += x.shape[0]
+        if progress is not None:
+            progress("gram", done, len(store))
+    path = Path(store.curvature_dir) / "gram-raw.safetensors"
+    cached = load_cache(path, GRAM_FORMAT)
+    tensors, keys = ({}, {}) if cached is None else (dict(cached[0]), _cache_keys(cached[1]))
+    changed = False
+    blocks = {}
+    for m in modules:
+        digest = _rows_digest(rows[m.name], products)
+        kept = tensors.get(m.name)
+        shape = (len(store), len(store))
+        if keys.get(m.name) != digest or kept is None or tuple(kept.shape) != shape:
+            tensors[m.name], keys[m.name], changed = gram_matrix(rows[m.name], products), digest, True
+        blocks[m.name] = GramBlock.build(m, rows[m.name], damping, absolute, products,
+                                         gram=tensors[m.name])
+    if changed:
+        save_cache(path, tensors, {"format": GRAM_FORMAT, "keys": json.dumps(keys)})
+    return blocks
+
+
+def _cache_keys(metadata: dict[str, str]) -> dict[str, str]:
+    """The {module: digest} map of a Gram cache's metadata; empty when malformed (recompute)."""
+    try:
+        keys = json.loads(metadata.get("keys", "{}"))
+    except ValueError:
+        return {}
+    return {k: v for k, v in keys.items() if isinstance(v, str)} if isinstance(keys, dict) else {}
+
+
+def _rows_digest(rows: torch.Tensor, products: torch.dtype) -> str:
+    """A content key of a block's rows [N, w] (float32) and the dtype K is computed in."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(rows.shape)}:{products}:".encode())
+    h.update(rows.contiguous().numpy().data)
+    return h.hexdigest()

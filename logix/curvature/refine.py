@@ -24,11 +24,13 @@ correction is applied without the extra pass that measuring it would cost.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from logix.curvature.covariance import ProgressFn
+from logix.curvature.preconditioner import QuerySide
 
 METHODS = ("cg", "richardson")
 
@@ -89,8 +91,23 @@ class RefinedPreconditioner:
     def dampings(self) -> dict[str, float]:
         return self.base.dampings
 
-    def quadratic(self, x: torch.Tensor, per_module: bool = False) -> torch.Tensor:
+    def quadratic(self, x: torch.Tensor, per_module: bool = False,
+                  start: int | None = None) -> torch.Tensor:
         return self.base.quadratic(x, per_module=per_module)
+
+    def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[QuerySide, torch.Tensor]:
+        """(the refined Q' as a `QuerySide`, qᵀQ' [n]): the train side is the plain rows."""
+        q = q.to(torch.float64)
+        qp = self.apply(q)
+        return QuerySide(qp, {}), (q * qp).sum(dim=1).clamp(min=0)
+
+    has_gram = False
+
+    def score_module(self, side: Any, x: torch.Tensor, module: Any, start: int) -> torch.Tensor:
+        return side.dense[:, module.columns] @ x[:, module.columns].T
+
+    def score(self, side: Any, x: torch.Tensor, start: int) -> torch.Tensor:
+        return side.dense @ x.T
 
     # -------------------------------------------------------------------------- the solve
     def fisher_product(self, v: torch.Tensor) -> torch.Tensor:

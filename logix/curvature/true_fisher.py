@@ -142,8 +142,8 @@ def held_fisher(store: Any, preconditioner: str, asked: str | None) -> str:
     """The Fisher a query uses: `asked` when given; else "true" when the store's segment holds
     the true-Fisher statistics that `preconditioner` reads (a one-line notice says so), else
     "empirical". identity reads no statistics: always "empirical"."""
-    if asked is not None or preconditioner == "identity":
-        return asked or "empirical"
+    if asked not in (None, "auto") or preconditioner == "identity":
+        return "empirical" if asked in (None, "auto") else asked
     needed = "raw" if preconditioner == "raw" else "kfac"
     directory = Path(store.curvature_dir)
     if not any(directory.glob(f"{true_kind(needed)}-r*.safetensors")):

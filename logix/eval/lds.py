@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from logix.store.format import write_atomic
+from logix.store.tagged import read_tagged
 
 OUTPUT_KINDS = ("loss", "score")
 TrainFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -74,12 +74,9 @@ def _read_cached(path: Path, members: torch.Tensor, seeds: list[int]) -> torch.T
     members or seeds (a stale cache must not be mixed into a new evaluation)."""
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-        if md.get("format") != _CACHE_FORMAT:
-            raise ValueError(f"{path} is not a logix LDS output file; remove it or use another out_dir")
-        stored_members = f.get_tensor("members")
-        output = f.get_tensor("output")
+    tensors, md = read_tagged(path, _CACHE_FORMAT, "a logix LDS output file",
+                              "remove it or use another out_dir", error=ValueError)
+    stored_members, output = tensors["members"], tensors["output"]
     if not torch.equal(stored_members, members) or json.loads(md.get("seeds", "null")) != seeds:
         raise ValueError(
             f"{path} holds the output of a different subset or seeds than asked for now: the "

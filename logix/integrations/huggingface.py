@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from logix.capture.hooks import CaptureError
 from logix.capture.per_sample import full_precision
-from logix.curvature.covariance import FACTOR_KINDS
-from logix.run import Run, Step
+from logix.errors import CaptureError
+from logix.run import Block, Run
+from logix.vocabulary import FACTOR_STATISTICS
 
 try:
     from transformers import TrainerCallback
@@ -59,7 +59,8 @@ def shifts_labels(model: nn.Module) -> bool:
     return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def example_losses(logits: torch.Tensor, labels: torch.Tensor,
+                   shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Each example's cross-entropy summed over its label tokens, and the number of those tokens.
 
     logits [B, T, V] with labels [B, T] (token-level; `shift` for causal LMs), or logits [B, C]
@@ -104,7 +105,7 @@ def _ids(batch: dict, column: str, where: str) -> list:
 class _MicroBatch:
     """What one training_step learns about its loss, for the row scale."""
 
-    step: Step
+    step: Block
     labels: torch.Tensor
     num_items: float | None
     loss: torch.Tensor | None = None  # what compute_loss returned
@@ -133,7 +134,7 @@ class LogixCallback(TrainerCallback):
         if self.segment_per_epoch:
             # Optimizer steps of the epoch: the horizon K of `stagewise_scores` (the segment's
             # logged_batches count micro-batches, k times too many with gradient accumulation).
-            first = int(self.run._writer.segment_meta(self.run.segment).get("first_step", 0))
+            first = int(self.run.segment_meta().get("first_step", 0))
             self.run.set_segment_meta(steps=state.global_step - first)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -146,7 +147,8 @@ class TrainerLogging:
     def __init__(self, trainer: Any, run: Run, id_column: str, per_example_loss: str,
                  segment_per_epoch: bool, mask_column: str | None):
         if per_example_loss not in PER_EXAMPLE_LOSSES:
-            raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}")
+            raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, "
+                             f"got {per_example_loss!r}")
         if "_logix" in trainer.__dict__:
             raise CaptureError("this Trainer already logs to a logix run; detach() that one first")
         _check_supported(trainer, run)
@@ -155,7 +157,7 @@ class TrainerLogging:
                                "block, which would stop the Trainer's training; it is for "
                                "log_dataset() passes over a trained model. Log during training "
                                "with attribution_only: false")
-        if per_example_loss == "mean" and set(FACTOR_KINDS) & set(run.config.curvature.statistics):
+        if per_example_loss == "mean" and set(FACTOR_STATISTICS) & set(run.config.curvature.statistics):
             raise CaptureError("per_example_loss='mean' weights each example's rows by 1/tokens, "
                                "which K-FAC sums over the batch cannot take: log without "
                                "kfac/ekfac in curvature.statistics (compute the factors later "
@@ -163,9 +165,9 @@ class TrainerLogging:
         self.trainer, self.run = trainer, run
         self.id_column, self.per_example_loss = id_column, per_example_loss
         self.mask_column = mask_column
-        if run._model is None:
+        if run.model is None:
             run.watch(trainer.model)
-        elif run._model is not trainer.model:
+        elif run.model is not trainer.model:
             raise CaptureError("the run already watches another model than trainer.model; use a new run")
         self.shift = shifts_labels(trainer.model)
         self._added_column = _keep_column(trainer, id_column)
@@ -197,7 +199,8 @@ class TrainerLogging:
         ids = _ids(inputs, self.id_column, "training")
         labels = inputs.get("labels")
         if labels is None:
-            raise CaptureError("the training batch has no 'labels': logix reads each example's loss from them")
+            raise CaptureError("the training batch has no 'labels': logix reads each example's "
+                               "loss from them")
         num_items = None if num_items_in_batch is None else float(num_items_in_batch)
         mask = inputs.get(self.mask_column) if self.mask_column else None
         with self.run(data_id=ids, mask=mask) as step:
@@ -262,7 +265,7 @@ class TrainerLogging:
         else:
             factor = 1.0 / (c * batch.counts.double().clamp(min=1))
         # the hooks already multiplied by the run's loss_reduction scale (B for "mean")
-        step.scale_rows(factor / step.state.grad_scale)
+        step.scale_rows(factor / step.grad_scale)
 
 
 def _accelerator_scale(accelerator: Any) -> float:
@@ -336,7 +339,7 @@ def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "i
     """
     if per_example_loss not in PER_EXAMPLE_LOSSES:
         raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}")
-    if run._model is None:
+    if run.model is None:
         run.watch(model)
     shift = shifts_labels(model) if shift_labels is None else shift_labels
     device = next(model.parameters()).device
@@ -356,7 +359,8 @@ def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "i
             ids = _ids(batch, id_column, "dataset")
             labels = batch.pop("labels", None)
             if labels is None:
-                raise CaptureError("the dataset's batches have no 'labels': logix needs them for each example's loss")
+                raise CaptureError("the dataset's batches have no 'labels': logix needs them for "
+                                   "each example's loss")
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             mask = batch.get(mask_column) if mask_column else None
             with run(data_id=ids, mask=mask):

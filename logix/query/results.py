@@ -1,23 +1,27 @@
 """Results of influence queries: score matrices, top-k lists, self-influence, with data ids.
 
 Each result saves to `.safetensors` (tensors + ids as JSON metadata), `.npz` (arrays; ids as
-arrays) or, for top-k and self-influence, `.json`; the suffix picks the format. `load_result`
+arrays) or, for top-k and self-influence, `.json`; the suffix picks the format. In every file
+the training examples' ids are `train_ids` and the queries' `query_ids` (a top-k's `train_ids`
+is [n_query, k], its `.data_ids` attribute). `load_result`
 reads the first two back. Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from logix import comm
 from logix.store.format import write_atomic
+from logix.store.tagged import read_tagged
 
 DataId = int | str
 RESULT_FORMAT = "logix-result"
@@ -42,7 +46,7 @@ def _save(path: str | Path, kind: str, tensors: dict[str, torch.Tensor],
     elif suffix == ".npz":
         arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
         for k, v in ids.items():
-            if k == "data_ids":  # list of lists (top-k): a [n_query, k] array
+            if kind == "top_k" and k == "train_ids":  # list of lists: a [n_query, k] array
                 arrays[k] = np.stack([_ids_array(r) for r in v]) if v else np.zeros((0, 0), np.int64)
             else:
                 arrays[k] = _ids_array(v)
@@ -88,11 +92,6 @@ class TopK:
         """(values, indices) as numpy arrays."""
         return self.values.cpu().numpy(), self.indices.cpu().numpy()
 
-    def as_dict(self) -> dict[str, list[tuple[DataId, float]]]:
-        """{query id (as str): [(train id, score), ...] best first}."""
-        return {str(q): list(zip(ids, vals))
-                for q, ids, vals in zip(self.query_ids, self.data_ids, self.values.tolist())}
-
     def save(self, path: str | Path) -> Path:
         meta = {"mode": self.mode, **self.meta}
         if Path(path).suffix.lower() == ".json":
@@ -104,7 +103,7 @@ class TopK:
         if self.positions is not None:
             tensors["positions"] = self.positions
         return _save(path, "top_k", tensors,
-                     {"query_ids": self.query_ids, "data_ids": self.data_ids}, meta)
+                     {"query_ids": self.query_ids, "train_ids": self.data_ids}, meta)
 
 
 @dataclass
@@ -174,6 +173,31 @@ def write_scores(path: str | Path, shape: tuple[int, ...], blocks: Iterable[torc
     return path
 
 
+def save_columns(path: str | Path, out: torch.Tensor, n_train: int, like: Scores,
+                 distributed: bool, block_bytes: int) -> Path:
+    """Write a score matrix whose last dim this process holds a column block of (`out`
+    [..., n_local]; all of it in one process) as `write_scores` does: rank 0 gathers and
+    writes about `block_bytes` of matrix rows at a time, the other ranks send theirs."""
+    rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
+    step = max(1, int(block_bytes) // (4 * n_train))
+    blocks = ((comm.gather_columns_to(rows[b:b + step]) if distributed else rows[b:b + step])
+              for b in range(0, rows.shape[0], step))
+    shape = (*out.shape[:-1], n_train)
+
+    def write() -> None:
+        try:
+            write_scores(path, shape, blocks, like)
+        finally:
+            for _ in blocks:  # other ranks wait in the gather until every block is taken
+                pass
+
+    if comm.rank_and_world()[0] == 0 or not distributed:
+        comm.together(write)
+    else:
+        comm.together(lambda: [None for _ in blocks])
+    return Path(path)
+
+
 def _save_json(path: str | Path, obj: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,11 +209,7 @@ def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
     """Read a result written by `.save(path)` as .safetensors or .npz."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != RESULT_FORMAT:
-                raise ValueError(f"{path} is not a logix result file")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, md = read_tagged(path, RESULT_FORMAT, "a logix result file", error=ValueError)
         kind, meta = md["kind"], json.loads(md["meta"])
         ids = {k: json.loads(v) for k, v in md.items() if k.endswith("ids")}
     elif path.suffix.lower() == ".npz":
@@ -204,6 +224,8 @@ def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
         return Scores(tensors["values"], ids["query_ids"], ids["train_ids"], mode,
                       meta.pop("modules", None), meta)
     if kind == "top_k":
-        return TopK(tensors["values"], tensors["indices"], ids["data_ids"], ids["query_ids"], mode, meta,
+        # Older top-k files named their train ids `data_ids`; read both.
+        train = ids["train_ids"] if "train_ids" in ids else ids["data_ids"]
+        return TopK(tensors["values"], tensors["indices"], train, ids["query_ids"], mode, meta,
                     tensors.get("positions"))
     return SelfInfluence(tensors["values"], ids["train_ids"], mode, meta.pop("modules", None), meta)

@@ -50,15 +50,15 @@ from dataclasses import dataclass
 import torch
 
 from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import (
-    Preconditioner,
-    build_preconditioner,
-)
-from logix.query.engine import InfluenceEngine, selected_modules
+from logix.curvature.precondition import build_preconditioner
+from logix.curvature.preconditioner import Preconditioner
+from logix.query.engine import InfluenceEngine
+from logix.query.queries import selected_modules
 from logix.query.results import Scores
 from logix.query.segments import open_any, union_ids
 from logix.store.format import StoreError
 from logix.store.gradients import Gradients
+from logix.vocabulary import renamed
 
 
 @dataclass
@@ -110,7 +110,8 @@ def segment_schedule(segment_store, horizon: float | None = None,
     return SegmentSchedule(name, lr, steps, n, source)
 
 
-def spectral_apply(q: torch.Tensor, pre: Preconditioner, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def spectral_apply(q: torch.Tensor, pre: Preconditioner,
+                   fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Q ↦ Q f(F + λI) per selected module, with f applied to the damped eigenvalues:
     [n, D] float64 -> [n, D] float64; other modules' columns are zeroed."""
     out = torch.zeros_like(q)
@@ -123,19 +124,23 @@ def spectral_apply(q: torch.Tensor, pre: Preconditioner, fn: Callable[[torch.Ten
 
 
 def stagewise_scores(store, queries: Gradients, segments: list[str] | None = None, *,
-                     damping: float = 0.1, damping_absolute: bool = False,
+                     damping: float = 0.1, absolute_damping: bool = False,
                      horizons: dict[str, float] | None = None, examples: dict[str, int] | None = None,
                      modules: list[str] | str | None = None, device: str | torch.device | None = None,
-                     chunk_rows: int = 4096, progress: ProgressFn | None = None) -> Scores:
+                     chunk_rows: int = 4096, progress: ProgressFn | None = None,
+                     damping_absolute: bool | None = None) -> Scores:
     """SOURCE scores of every training example on the queries: `.values` [n_query, n_train].
 
     store: a `Store` or a run directory; queries: gradients at the *final* model (captured with
     the store's projections); segments: names in training order (default: all, in the order they
     were logged). Segments may train on different examples: the columns are the union of their
     ids, in order of first appearance. damping: relative to each segment's mean Fisher
-    eigenvalue (absolute with `damping_absolute`). horizons / examples: per-segment η·K and N,
+    eigenvalue (absolute with `absolute_damping`; its old name `damping_absolute` warns).
+    horizons / examples: per-segment η·K and N,
     overriding the meta. `.meta["schedule"]` lists what was used for each segment.
     """
+    absolute_damping = bool(renamed("damping_absolute", "absolute_damping", damping_absolute,
+                                    absolute_damping, "stagewise_scores"))
     store = open_any(store)
     names = list(store.segments) if segments is None else list(segments)
     if not names:
@@ -163,8 +168,8 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
     per_segment: list[torch.Tensor | None] = [None] * len(views)
     selected = selected_modules(store, modules)
     for i in reversed(range(len(views))):
-        pre = build_preconditioner(views[i], "raw", damping, absolute=damping_absolute,
-                                   modules=selected, device=device, chunk_rows=chunk_rows,
+        pre = build_preconditioner(views[i], "raw", damping, absolute_damping=absolute_damping,
+                                   form="eigen", modules=selected, device=device, chunk_rows=chunk_rows,
                                    progress=progress)
         h, n = schedule[i].horizon, schedule[i].examples
         per_segment[i] = spectral_apply(carry, pre, lambda e, h=h: -torch.expm1(-h * e) / e) / n
@@ -176,12 +181,12 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
     total = torch.zeros(carry.shape[0], len(train_ids), dtype=torch.float64)
     for view, q_seg in zip(views, per_segment):
         engine = InfluenceEngine(view, "identity", modules=selected, device=device,
-                                 chunk_rows=chunk_rows, progress=progress)
+                                 chunk_bytes=4 * chunk_rows * view.width, progress=progress)
         result = engine.scores(q_seg.to(torch.float32))
         columns = torch.tensor([position[t] for t in result.train_ids], dtype=torch.long)
         total[:, columns] += result.values.to(torch.float64)
     meta = {"method": "source", "segments": names, "damping": damping,
-            "damping_absolute": damping_absolute, "modules": selected,
+            "absolute_damping": absolute_damping, "modules": selected,
             "schedule": {s.name: {"lr": s.lr, "steps": s.steps, "horizon": s.horizon,
                                   "examples": s.examples, "steps_from": s.steps_from}
                          for s in schedule}}

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from logix.errors import StoreError
 from logix.store.format import (
     CURVATURE_DIR,
     FORMAT_NAME,
@@ -23,6 +24,7 @@ from logix.store.format import (
     write_atomic,
     write_json_atomic,
 )
+from logix.store.lock import creation_lock, lock_all_writers
 from logix.version import __version__
 
 CONFIG_COPY = "config.yaml"
@@ -31,8 +33,30 @@ CONFIG_COPY = "config.yaml"
 def create_store(run_dir: Path, config: dict[str, Any], config_yaml: str, modules: list[ModuleInfo],
                  projections: bytes, projection_info: dict[str, Any], world_size: int) -> dict:
     """Write the projections file (safetensors bytes), the config copy and the manifest, in
-    that order; returns the manifest. `config` is the resolved config as a dict."""
+    that order; returns the manifest. `config` is the resolved config as a dict.
+
+    Exclusive: creators of one directory take turns (`creation_lock`) and only the first finds
+    no manifest; every later one gets a StoreError and changes nothing."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StoreError(f"{run_dir} is a file, not a directory: logix.init needs a directory "
+                         "path for the store (it is created if missing)")
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = creation_lock(run_dir)
+    try:
+        if (run_dir / MANIFEST).exists():
+            raise StoreError(
+                f"{run_dir} already holds a logix store: another process created it while this "
+                "one was starting (one writer per run directory). Log into another directory, "
+                "or join it with logix.init(path, resume=True) once that process is done")
+        return _write_store(run_dir, config, config_yaml, modules, projections, projection_info,
+                            world_size)
+    finally:
+        lock.release()
+
+
+def _write_store(run_dir: Path, config: dict[str, Any], config_yaml: str, modules: list[ModuleInfo],
+                 projections: bytes, projection_info: dict[str, Any], world_size: int) -> dict:
     write_atomic(run_dir / PROJECTIONS, lambda tmp: tmp.write_bytes(projections))
     write_atomic(run_dir / CONFIG_COPY, lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
     manifest = {
@@ -53,11 +77,18 @@ def create_store(run_dir: Path, config: dict[str, Any], config_yaml: str, module
 
 
 def remove_store(run_dir: Path) -> None:
-    """Delete the logix files of a store (and nothing else in the directory)."""
-    for name in (MANIFEST, PROJECTIONS, CONFIG_COPY):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in (INDEX_DIR, SHARD_DIR, CURVATURE_DIR):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+    """Delete the logix files of a store (and nothing else in the directory); a StoreError
+    naming the process when a writer of the store is still running."""
+    run_dir = Path(run_dir)
+    held = lock_all_writers(run_dir)
+    try:
+        for name in (MANIFEST, PROJECTIONS, CONFIG_COPY):
+            (run_dir / name).unlink(missing_ok=True)
+        for name in (SHARD_DIR, CURVATURE_DIR, INDEX_DIR):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def fingerprint(modules: list[ModuleInfo], projections_sha: str) -> str:

@@ -21,11 +21,12 @@ import os
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
 from logix.errors import StoreError
-from logix.vocabulary import STORAGE_DTYPES
 
 FORMAT_NAME = "logix-store"
 FORMAT_VERSION = 1
@@ -35,8 +36,6 @@ INDEX_DIR = "index"
 SHARD_DIR = "shards"
 CURVATURE_DIR = "curvature"
 _SEGMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-
-
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class ModuleInfo:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModuleInfo":
+    def from_dict(cls, d: dict[str, Any]) -> ModuleInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
@@ -77,16 +76,21 @@ def total_width(modules: list[ModuleInfo]) -> int:
     return sum(m.width for m in modules)
 
 
-def check_module_table(modules: list[ModuleInfo]) -> None:
-    """Offsets must tile [0, D) in order; names must be unique."""
+def check_module_table(modules: list[ModuleInfo], where: str = "the module table") -> None:
+    """Offsets must tile [0, D) in order; names must be unique; sizes positive integers."""
     offset = 0
     seen = set()
     for m in modules:
+        sizes = (m.d_in, m.d_out, m.r_in, m.r_out, m.offset)
+        if not isinstance(m.name, str) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                  and v >= 0 for v in sizes):
+            raise StoreError(f"{where}: module entry {m!r} is damaged (name or sizes)")
         if m.name in seen:
-            raise StoreError(f"module {m.name!r} appears twice in the module table")
+            raise StoreError(f"{where}: module {m.name!r} appears twice in the module table")
         seen.add(m.name)
         if m.offset != offset:
-            raise StoreError(f"module {m.name!r} starts at column {m.offset}, expected {offset}")
+            raise StoreError(f"{where}: module {m.name!r} starts at column {m.offset}, "
+                             f"expected {offset}: the module table is damaged")
         offset += m.width
 
 
@@ -161,7 +165,7 @@ def curvature_dir(run_dir: Path, segment: str) -> Path:
 SHARD_FORMAT = "logix-shard"
 # storage dtype name -> (safetensors dtype code, bytes per element)
 SAFETENSORS_DTYPES = {"float32": ("F32", 4), "float16": ("F16", 2), "bfloat16": ("BF16", 2)}
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -177,7 +181,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         if len(head) < 8:
             raise StoreError(f"{path} is not a safetensors file: {len(head)} bytes long")
         n = int.from_bytes(head, "little")
-        if n <= 0 or n > _MAX_HEADER:
+        if n <= 0 or n > MAX_HEADER_BYTES:
             raise StoreError(f"{path} is not a safetensors file: header length {n} is invalid")
         raw = f.read(n)
     if len(raw) < n:

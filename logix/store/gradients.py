@@ -7,15 +7,16 @@ never pickle) and handed to `logix query RUN_DIR --queries FILE`.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from logix.store.format import ModuleInfo, StoreError
+from logix.store.tagged import read_tagged
 
 DataId = int | str
 
@@ -52,7 +53,7 @@ class Gradients:
                 return self.values[:, m.columns].reshape(-1, m.r_out, m.r_in)
         raise KeyError(f"no module {name!r}; modules are {[m.name for m in self.modules]}")
 
-    def select(self, index: Sequence[int] | slice) -> "Gradients":
+    def select(self, index: Sequence[int] | slice) -> Gradients:
         """A subset of the rows (same modules and fingerprint)."""
         if isinstance(index, slice):
             ids = self.data_ids[index]
@@ -77,25 +78,18 @@ class Gradients:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Gradients":
+    def load(cls, path: str | Path) -> Gradients:
         path = Path(path)
+        tensors, md = read_tagged(path, "logix-gradients", "a logix gradients file",
+                                  "save one with `run.gradients().save(path)` from a query-mode run",
+                                  keys=["values"])
         try:
-            with safe_open(str(path), framework="pt") as f:
-                md = f.metadata() or {}
-                if md.get("format") != "logix-gradients":
-                    raise StoreError(
-                        f"{path} is not a logix gradients file (save one with "
-                        "`run.gradients().save(path)` from a query-mode run)"
-                    )
-                values = f.get_tensor("values")
-        except StoreError:
-            raise
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise StoreError(f"{path} cannot be read as a logix gradients file: {e}") from e
-        return cls(
-            values=values.float(),
-            data_ids=json.loads(md["data_ids"]),
-            modules=[ModuleInfo.from_dict(d) for d in json.loads(md["modules"])],
-            fingerprint=md["fingerprint"],
-            meta=json.loads(md.get("meta", "{}")),
-        )
+            return cls(
+                values=tensors["values"].float(),
+                data_ids=json.loads(md["data_ids"]),
+                modules=[ModuleInfo.from_dict(d) for d in json.loads(md["modules"])],
+                fingerprint=md["fingerprint"],
+                meta=json.loads(md.get("meta", "{}")),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise StoreError(f"{path} has damaged metadata ({e!r}): save the gradients again") from None

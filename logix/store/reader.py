@@ -1,105 +1,65 @@
 """`open_store`: read a gradient store with bounded memory, at the disk's sequential rate.
 
-The reader merges the per-rank indexes, checks the listed shards (size, optionally crc32) and
-streams rows in chunks of a fixed number of rows that span shard boundaries. Shard data is read
-with `pread` straight into the chunk's tensor (parsing the safetensors header ourselves), so a
-chunk is the only sizeable allocation and a store larger than RAM streams.
+The reader merges the per-rank indexes, checks the listed shards (size, optionally crc32 and
+every header) and streams rows in chunks of a fixed number of rows that span shard boundaries.
+Shard data is read with `pread` straight into the chunk's tensor (`shard_io.RowReader`), so a
+chunk is the only sizeable allocation and a store larger than RAM streams. Complete shards that
+no index lists yet (a writer stopped, or is, between renaming a shard and updating its index)
+are reported, not read: a resumed writer adopts them.
 """
 
 from __future__ import annotations
 
-import bisect
 import copy
 import json
-import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from logix.store.format import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_DIR,
-    MANIFEST,
-    SAFETENSORS_DTYPES,
-    file_crc32,
-    STORAGE_DTYPES,
-    ModuleInfo,
-    StoreError,
-    curvature_dir,
-    read_json,
-    shard_layout,
-)
+from logix.errors import StoreError
+from logix.store import integrity
+from logix.store.format import ModuleInfo, curvature_dir, shard_layout
+from logix.store.ids import DataId
+from logix.store.index import read_indexes, valid_segment
+from logix.store.manifest import read_manifest
+from logix.store.projections import check_projections
+from logix.store.recovery import unindexed_shards
+from logix.store.shard_io import TORCH_DTYPES, RowReader, damage_fix
+from logix.vocabulary import VERIFY_LEVELS, check_choice
 
-DataId = int | str
-VERIFY_MODES = ("none", "quick", "full")
-# Storage dtype names (the manifest's "dtype") -> torch dtypes.
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_CRC_BLOCK = 16 << 20
+__all__ = ["open_store", "Store", "TORCH_DTYPES", "DataId"]
+VERIFY_MODES = VERIFY_LEVELS
 
 
-def _logix_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("logix")
-    except Exception:  # noqa: BLE001 - only used in a message
-        return "unknown"
-
-
-def _damage_fix(rel: str) -> str:
-    return (
-        f"Nothing was changed on disk. Restore {rel} from a backup if you have one, or log the "
-        "rows of that shard again (e.g. into a new run or segment); open_store(path, "
-        "verify='none') opens the store anyway, but reading that shard will fail."
-    )
-
-
-def open_store(path: str | Path, segment: str | None = None, verify: str = "quick") -> "Store":
+def open_store(path: str | Path, segment: str | None = None, verify: str = "quick") -> Store:
     """Open the store at `path` and select `segment` (default: the last one).
 
-    verify: "quick" checks each listed shard exists with its recorded size (catches truncation),
-    "full" also checks every shard's crc32 (reads all bytes), "none" skips both.
+    verify: "quick" checks each listed shard exists with its recorded size (catches truncation)
+    and the projections file's digest against the manifest; "full" also checks every shard's
+    crc32 and header against index and manifest, repeated ids, and the curvature files (reads
+    all bytes; see `integrity.verify_store`); "none" skips them.
     """
-    if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    check_choice(verify, VERIFY_LEVELS, "verify level")
     path = Path(path)
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        what = "does not exist" if not path.exists() else "has no manifest.json"
-        raise StoreError(
-            f"{path} is not a logix store: it {what} (logix.init(path) creates a store)"
-        )
-    manifest = read_json(manifest_file)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise StoreError(f"{manifest_file} is not a logix store manifest (format != {FORMAT_NAME!r})")
-    version = manifest.get("version")
-    if not isinstance(version, int) or version < 1:
-        raise StoreError(f"{manifest_file} has an invalid format version {version!r}")
-    if version > FORMAT_VERSION:
-        raise StoreError(
-            f"{path} was written by a newer logix (store format version {version}; logix "
-            f"{_logix_version()} reads up to version {FORMAT_VERSION}): upgrade logix "
-            "(pip install -U logix)"
-        )
-    if manifest.get("dtype") not in STORAGE_DTYPES:
-        raise StoreError(f"{manifest_file} names an unknown storage dtype {manifest.get('dtype')!r}")
-    indexes: dict[int, dict] = {}
-    for p in sorted((path / INDEX_DIR).glob("rank-*.json")):
-        idx = read_json(p)
-        rank = int(p.stem.split("-")[1])
-        if idx.get("rank") != rank:
-            raise StoreError(f"{p} says rank {idx.get('rank')}; the file name says rank {rank}")
-        indexes[rank] = idx
-    return Store(path, manifest, indexes, segment, verify)
+    manifest = read_manifest(path)
+    indexes = read_indexes(path)
+    if verify != "none":
+        check_projections(path, manifest)
+    store = Store(path, manifest, indexes, segment, verify)
+    if verify == "full":
+        problems = integrity.verify_curvature(store.curvature_dir)
+        if problems:
+            raise StoreError(f"store {path}, segment {store.segment!r}: " + "; ".join(problems))
+    return store
 
 
 class Store:
     """A view of one segment of a store: ids and rows in (rank, seq) shard order."""
 
     def __init__(self, path: Path, manifest: dict, indexes: dict[int, dict],
-                 segment: str | None, verify: str) -> None:
+                 segment: str | None, verify: str, unindexed: list[dict] | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.config: dict = manifest.get("config", {})
@@ -110,6 +70,9 @@ class Store:
         self.ranks: list[int] = sorted(indexes)
         self._indexes = indexes
         self._verify_mode = verify
+        if unindexed is None:
+            unindexed = unindexed_shards(self.path, indexes, self.width, self.dtype)
+        self._unindexed = unindexed
 
         metas: dict[str, dict] = {}
         for rank in self.ranks:  # first appearance wins the order; the lowest rank wins meta keys
@@ -127,27 +90,35 @@ class Store:
             raise StoreError(
                 f"{self.path} has no segment {segment!r}; its segments are {self.segments}"
             )
-        self.segment: str = segment
+        self.segment: str = valid_segment(segment, "the segment asked for")
         self.segment_meta: dict = dict(metas.get(segment, {}))
         self.shards: list[dict] = sorted(
             ({**sh, "rank": rank} for rank in self.ranks
              for sh in indexes[rank].get("shards", []) if sh["segment"] == segment),
             key=lambda sh: (sh["rank"], sh["seq"]),
         )
-        self._starts = [0]
+        self.starts = [0]  # row index of each shard's first row, then the total
         for sh in self.shards:
-            self._starts.append(self._starts[-1] + int(sh["rows"]))
+            self.starts.append(self.starts[-1] + int(sh["rows"]))
         self._layouts: list[tuple[int, list] | None] = [None] * len(self.shards)
         self._data_ids: list[DataId] | None = None
         self.row_offset = 0  # of a `shard_view`: its first row's index in the whole segment
+        if self.unindexed_shards and verify != "none":
+            rows = sum(sh["rows"] for sh in self.unindexed_shards)
+            warnings.warn(
+                f"{self.path}, segment {self.segment!r}: {len(self.unindexed_shards)} complete "
+                f"shard(s) ({rows} rows) are not in the index yet (a writer stopped between writing "
+                "a shard and updating its index, or is doing so now); they are not included here. "
+                "logix.init(run_dir, resume=True) adopts them; after run.watch(model), "
+                "run.logged_ids() lists every stored id", stacklevel=3)
         if verify != "none":
             self.verify(full=verify == "full")
-            if len({sh["rank"] for sh in self.shards}) > 1:
+            if verify == "full" or len({sh["rank"] for sh in self.shards}) > 1:
                 self.check_unique_ids()
 
     # ----------------------------------------------------------------------------- metadata
     def __len__(self) -> int:
-        return self._starts[-1]
+        return self.starts[-1]
 
     def __repr__(self) -> str:
         return (f"Store({str(self.path)!r}, segment={self.segment!r}, rows={len(self)}, "
@@ -167,29 +138,56 @@ class Store:
         """Where curvature statistics of the selected segment live."""
         return curvature_dir(self.path, self.segment)
 
-    def select(self, segment: str, verify: str | None = None) -> "Store":
+    @property
+    def unindexed_shards(self) -> list[dict]:
+        """Complete shards of the selected segment that no index lists (entries with "file",
+        "rows", "rank", "data_ids"): not part of this view; a resumed writer adopts them."""
+        return [sh for sh in self._unindexed if sh["segment"] == self.segment]
+
+    @property
+    def all_unindexed_shards(self) -> list[dict]:
+        """`unindexed_shards` of every segment (also of segments that no index names)."""
+        return list(self._unindexed)
+
+    def select(self, segment: str, verify: str | None = None) -> Store:
         """The same store viewed on another segment (checked with this store's verify mode)."""
         return Store(self.path, self.manifest, self._indexes, segment,
-                     self._verify_mode if verify is None else verify)
+                     self._verify_mode if verify is None else verify, self._unindexed)
+
+    def shard_offset(self, i: int) -> int:
+        """The file offset of row 0 of shard i."""
+        return self._layout(i)[0]
+
+    def shard_ids(self, i: int) -> list[DataId]:
+        """The data ids of shard i, from its header."""
+        return self._layout(i)[1]
 
     def _layout(self, i: int) -> tuple[int, list]:
-        """(absolute data offset, data ids) of shard i, read from its header once."""
+        """(absolute data offset, data ids) of shard i, read from its header once and checked
+        against the index and the manifest (width, dtype, rows, segment, rank)."""
         if self._layouts[i] is None:
             sh = self.shards[i]
             file = self.path / sh["file"]
             try:
                 rows, offset, meta = shard_layout(file, self.width, self.dtype)
                 ids = json.loads(meta["data_ids"])
+                if not isinstance(ids, list):
+                    raise ValueError("data_ids is not a list")
             except FileNotFoundError:
-                raise StoreError(f"shard {sh['file']} is missing. {_damage_fix(sh['file'])}")
+                raise StoreError(f"shard {sh['file']} is missing. {damage_fix(sh['file'])}") from None
             except (KeyError, ValueError) as e:
                 raise StoreError(f"shard {sh['file']} has damaged metadata ({e}). "
-                                 f"{_damage_fix(sh['file'])}") from e
+                                 f"{damage_fix(sh['file'])}") from e
             if rows != sh["rows"] or len(ids) != rows:
                 raise StoreError(
                     f"shard {sh['file']} holds {rows} rows and {len(ids)} ids, the index records "
-                    f"{sh['rows']} rows. {_damage_fix(sh['file'])}"
+                    f"{sh['rows']} rows. {damage_fix(sh['file'])}"
                 )
+            if meta.get("segment") != sh["segment"] or meta.get("rank") != str(sh["rank"]):
+                raise StoreError(
+                    f"shard {sh['file']} says segment {meta.get('segment')!r}, rank "
+                    f"{meta.get('rank')!r} in its header; the index says segment "
+                    f"{sh['segment']!r}, rank {sh['rank']}. {damage_fix(sh['file'])}")
             self._layouts[i] = (offset, ids)
         return self._layouts[i]  # type: ignore[return-value]
 
@@ -203,18 +201,18 @@ class Store:
             self._data_ids = ids
         return self._data_ids
 
-    def shard_view(self, first: int, stop: int) -> "Store":
+    def shard_view(self, first: int, stop: int) -> Store:
         """The rows of shards [first, stop) of this view, as a Store (for a rank's share of a
         distributed query); `row_offset` is the global index of its first row."""
         if not 0 <= first <= stop <= len(self.shards):
             raise ValueError(f"shard range [{first}, {stop}) is outside 0..{len(self.shards)}")
         view = copy.copy(self)
         view.shards = self.shards[first:stop]
-        view._starts = [s - self._starts[first] for s in self._starts[first:stop + 1]]
+        view.starts = [s - self.starts[first] for s in self.starts[first:stop + 1]]
         view._layouts = self._layouts[first:stop]
         view._data_ids = None if self._data_ids is None else \
-            self._data_ids[self._starts[first]:self._starts[stop]]
-        view.row_offset = self.row_offset + self._starts[first]
+            self._data_ids[self.starts[first]:self.starts[stop]]
+        view.row_offset = self.row_offset + self.starts[first]
         return view
 
     # ----------------------------------------------------------------------------- ranks
@@ -244,62 +242,24 @@ class Store:
 
     def missing_ids(self, expected) -> list[DataId]:
         """The ids of `expected` (ints or strings, in its order) that the selected segment
-        lacks: what to log again after a rank stopped early."""
+        lacks: what to log again after a rank stopped early (ids of complete shards that are
+        not indexed yet count as present: a resumed writer adopts them)."""
         if isinstance(expected, torch.Tensor):
             expected = expected.tolist()
         have = set(self.data_ids)
+        for sh in self.unindexed_shards:
+            have.update(sh["data_ids"])
         return [i for i in expected if i not in have]
 
     # ----------------------------------------------------------------------------- integrity
     def check_unique_ids(self) -> None:
-        """Raise if a data id appears twice in the selected segment (several ranks can only
-        collide with each other: each writer checks its own ids)."""
-        ids = self.data_ids
-        if len(set(ids)) == len(ids):
-            return
-        where: dict[DataId, list[str]] = {}
-        for i, sh in enumerate(self.shards):
-            for d in self._layout(i)[1]:
-                where.setdefault(d, []).append(f"rank {sh['rank']} ({sh['file']})")
-        dups = [(d, w) for d, w in where.items() if len(w) > 1]
-        listing = "; ".join(f"id {d!r} in {' and '.join(w)}" for d, w in dups[:5])
-        raise StoreError(
-            f"store {self.path}, segment {self.segment!r}: {len(dups)} data id(s) were logged "
-            f"more than once across ranks: {listing}. Each rank must log a disjoint share of the "
-            "data: torch's DistributedSampler repeats examples to even out the ranks unless "
-            "drop_last=True, so pass drop_last=True (or log each id on one rank only). "
-            "open_store(path, verify='none') opens the store without this check."
-        )
+        """Raise if a data id appears twice in the selected segment (see `integrity`)."""
+        integrity.check_unique_ids(self)
 
     def verify(self, full: bool = True) -> None:
-        """Check the selected segment's shards: existence and size; with `full` also crc32."""
-        problems = []
-        buf = bytearray(_CRC_BLOCK) if full else None
-        for sh in self.shards:
-            file = self.path / sh["file"]
-            try:
-                size = file.stat().st_size
-            except FileNotFoundError:
-                problems.append(f"{sh['file']} is missing")
-                continue
-            if size != sh["bytes"]:
-                kind = "truncated" if size < sh["bytes"] else "longer than recorded"
-                problems.append(f"{sh['file']} is {kind}: {size} bytes on disk, the index "
-                                f"records {sh['bytes']}")
-                continue
-            if full:
-                crc = file_crc32(file, buf)
-                if crc != sh["crc32"]:
-                    problems.append(f"{sh['file']} is corrupted: crc32 {crc}, the index records "
-                                    f"{sh['crc32']}")
-        if problems:
-            first = problems[0].split(" ", 1)[0]
-            listing = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                                 if len(problems) > 5 else "")
-            raise StoreError(
-                f"store {self.path}, segment {self.segment!r}: {len(problems)} damaged "
-                f"shard(s): {listing}. {_damage_fix(first)}"
-            )
+        """Check the selected segment's shards: existence and size; with `full` also crc32 and
+        every header against index and manifest (see `integrity.verify_shards`)."""
+        integrity.verify_shards(self, full)
 
     # ----------------------------------------------------------------------------- rows
     def iter_chunks(self, rows: int = 4096, *, dtype: torch.dtype = torch.float32,
@@ -317,7 +277,7 @@ class Store:
         if n == 0:
             return
         ids = self.data_ids
-        reader = _RowReader(self)
+        reader = RowReader(self)
         pool: list[torch.Tensor] = []
         try:
             reader.advise(0, min(rows, n))
@@ -341,87 +301,9 @@ class Store:
         n = len(self)
         out = torch.empty((n, self.width), dtype=dtype)
         if n:
-            reader = _RowReader(self)
+            reader = RowReader(self)
             try:
                 reader.read_into(out, 0)
             finally:
                 reader.close()
         return out
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-class _RowReader:
-    """Reads global row ranges of a Store's segment straight into tensors via pread."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.storage = TORCH_DTYPES[store.dtype]
-        self.row_bytes = store.width * SAFETENSORS_DTYPES[store.dtype][1]
-        self.fds: dict[int, int] = {}
-        self.staging: torch.Tensor | None = None
-
-    def _fd(self, i: int) -> int:
-        if i not in self.fds:
-            for j in [j for j in self.fds if j < i - 1]:  # shards are read in order
-                os.close(self.fds.pop(j))
-            sh = self.store.shards[i]
-            try:
-                fd = os.open(self.store.path / sh["file"], os.O_RDONLY)
-            except FileNotFoundError:
-                raise StoreError(f"shard {sh['file']} is missing. {_damage_fix(sh['file'])}")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self.fds[i] = fd
-        return self.fds[i]
-
-    def _pieces(self, start: int, k: int) -> Iterator[tuple[int, int, int, int]]:
-        """(shard index, position in the request, rows, file offset) covering [start, start+k)."""
-        starts = self.store._starts
-        pos = 0
-        while pos < k:
-            i = bisect.bisect_right(starts, start + pos) - 1
-            local = start + pos - starts[i]
-            take = min(k - pos, starts[i + 1] - starts[i] - local)
-            yield i, pos, take, self.store._layout(i)[0] + local * self.row_bytes
-            pos += take
-
-    def advise(self, start: int, k: int) -> None:
-        """Ask the kernel to start reading rows [start, start+k) in the background."""
-        if k <= 0 or not hasattr(os, "posix_fadvise"):
-            return
-        for i, _, take, offset in self._pieces(start, k):
-            os.posix_fadvise(self._fd(i), offset, take * self.row_bytes, os.POSIX_FADV_WILLNEED)
-
-    def read_into(self, out: torch.Tensor, start: int) -> None:
-        """Fill out [k, D] with rows [start, start+k), converting from the storage dtype."""
-        direct = out.dtype == self.storage
-        for i, pos, take, offset in self._pieces(start, out.shape[0]):
-            if direct:
-                target = out[pos:pos + take]
-            else:
-                if self.staging is None or self.staging.shape[0] < take:
-                    self.staging = torch.empty((take, self.store.width), dtype=self.storage)
-                target = self.staging[:take]
-            self._pread(i, _bytes_of(target), offset)
-            if not direct:
-                out[pos:pos + take].copy_(target)
-
-    def _pread(self, i: int, buf: memoryview, offset: int) -> None:
-        fd = self._fd(i)
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], offset + done)
-            if n == 0:
-                rel = self.store.shards[i]["file"]
-                raise StoreError(f"shard {rel} ends early (truncated at byte {offset + done}). "
-                                 f"{_damage_fix(rel)}")
-            done += n
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()

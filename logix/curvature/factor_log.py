@@ -1,6 +1,6 @@
-"""The K-FAC factor sums a log-mode `Run` keeps, and their files.
+"""The K-FAC factor sums a log-mode run keeps, per segment, and their files.
 
-A step's sums (float32, `StepState.factors`) are added to its segment's float64 sums only once
+A step's sums (float32, filled by the hooks' `FactorSink`) are added to its segment's float64 sums only once
 the step's rows were accepted; each segment is saved as `curvature/<segment>/kfac-r<rank>` at
 flush / finalize / start_segment, and a resumed run continues from its rank's file. During an
 empirical `run.fit_curvature()` pass (`fit_segment`), the pass's sums replace the segment's.
@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
-from logix.capture.hooks import CaptureError, StepState, check_gradient_reached
-from logix.curvature.covariance import (
-    FACTOR_KINDS,  # config kinds needing the hooks' factors
-)
+from logix.capture.hooks import check_gradient_reached
 from logix.comm import barrier
+from logix.curvature.kfac import FACTOR_KIND, factor_path, read_factors, retire_other_ranks, save_factors
+from logix.errors import CaptureError
 from logix.store.format import ModuleInfo
+from logix.vocabulary import FACTOR_STATISTICS
 
 
 def check_factor_dims(modules: list[ModuleInfo]) -> None:
@@ -53,7 +53,7 @@ class FactorLog:
         self.modules = list(modules)
         self.dims = {m.name: (m.r_in, m.r_out) for m in modules}
         self.step = KroneckerSums(self.dims, dtype=torch.float32)
-        self.collect = any(k in FACTOR_KINDS for k in statistics)
+        self.collect = any(k in FACTOR_STATISTICS for k in statistics)
 
     def step_sums(self) -> KroneckerSums | None:
         """The sums a new step adds to (None when no factors are wanted)."""
@@ -63,8 +63,6 @@ class FactorLog:
         """The float64 sums of `segment`; a resumed run continues its own rank's file."""
         sums = self.sums.get(segment)
         if sums is None:
-            from logix.curvature.kfac import factor_path, read_factors
-
             sums = self.sums[segment] = KroneckerSums(self.dims)
             saved = read_factors(factor_path(self.run_dir, segment, self.rank))
             if saved is not None and saved.modules == self.modules:
@@ -81,36 +79,35 @@ class FactorLog:
                 "log without 'kfac'/'ekfac' in curvature.statistics and compute the factors "
                 "afterwards with run.fit_curvature()")
 
-    def commit_fit_step(self, ids: list, state: StepState, row_scale: torch.Tensor | float,
+    def commit_fit_step(self, ids: list, reached: set[int], row_scale: torch.Tensor | float,
                         nonfinite: str) -> None:
         """A step of a fit_curvature pass: its sums join the pass's, unless they are not finite
-        (an error, or a warning and nothing added with `Step.skip_if_nonfinite()`)."""
+        (an error, or a warning and nothing added with `Block.skip_if_nonfinite()`)."""
         self.check_scale(row_scale)
-        if state.factors is not None and not state.factors.is_finite():
+        if not self.step.is_finite():
             if nonfinite == "skip":
                 warnings.warn(f"skipped a batch of {len(ids)} examples whose K-FAC factors are not "
                               f"finite (first ids {ids[:5]})", stacklevel=4)
                 return
             raise CaptureError(f"non-finite K-FAC factors for data ids {ids[:10]}: is the loss "
                                "NaN? Nothing of this batch was added")
-        self.commit(self.fit_segment, ids, state, row_scale)
+        self.commit(self.fit_segment, ids, reached, row_scale)
 
-    def commit(self, segment: str, ids: list, state: StepState,
+    def commit(self, segment: str, ids: list, reached: set[int],
                row_scale: torch.Tensor | float = 1.0) -> None:
-        """Add a step's sums to `segment` (after its rows were accepted). Rows scaled by a number
-        c (`Step.scale_rows`) have output gradients scaled by c: S gets c²."""
+        """Add the step's sums to `segment` (after its rows were accepted); `reached`: the
+        modules its backward reached. Rows scaled by a number c (`Block.scale_rows`) have
+        output gradients scaled by c: S gets c²."""
         self.check_scale(row_scale)
-        check_gradient_reached(state)
+        check_gradient_reached(reached)
         sums = self.sums[segment] if self.fit_segment else self.segment_sums(segment)
-        state.factors.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
+        self.step.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
         self.changed.add(segment)
 
     def save(self) -> None:
         """Write the factors of every segment that changed since the last save."""
         if not self.changed:
             return
-        from logix.curvature.kfac import factor_path, save_factors
-
         for segment in sorted(self.changed):
             sums = self.sums[segment]
             save_factors(factor_path(self.run_dir, segment, self.rank), self.modules, sums.tensors(),
@@ -132,8 +129,6 @@ class FactorLog:
         world deleted by rank 0 once all have written), or drop them after an error."""
         segment, self.fit_segment = self.fit_segment, None
         if ok:
-            from logix.curvature.kfac import FACTOR_KIND, retire_other_ranks
-
             self.changed.add(segment)
             self.save()
             barrier()

@@ -1,0 +1,46 @@
+"""The run: `logix.init`, `Run` and its blocks and passes, the stage that ties capture, store
+and curvature together (DESIGN §4).
+
+- `run.py`: `Run` (set-up, the loop's entry points, the passes it hands out) and `init`;
+- `lifecycle.py`: where results go, segments, flush and finalize;
+- `setup.py`: the run directory and config, store creation, the row writer;
+- `block.py`: `Block` (one batch of any pass) and the `Pass` protocol;
+- `log_pass.py`: the run's own logging / query pass; `passes.py`: the statistics passes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from logix.config import LogixConfig
+from logix.run.block import Block, Pass
+from logix.run.passes import StatisticsPass
+from logix.run.run import Run
+
+
+def init(run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None, *,
+         mode: str = "log", resume: bool = False, overwrite: bool = False) -> Run:
+    """Open a run directory for logging (`mode="log"`) or for capturing queries (`mode="query"`).
+
+    config: a YAML path, a dict or a LogixConfig (log mode; a query run reuses the store's).
+    resume: append to an existing store (after a crash, or a new segment); overwrite: replace it.
+    """
+    return Run(run_dir, config, mode=mode, resume=resume, overwrite=overwrite)
+
+
+_RENAMED = {"Step": ("Block", Block)}
+_warned: set[str] = set()
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        new, value = _RENAMED[name]
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"logix.run.{name} is now logix.run.{new}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module 'logix.run' has no attribute {name!r}")
+
+
+__all__ = ["Block", "Pass", "Run", "StatisticsPass", "init"]

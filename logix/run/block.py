@@ -1,0 +1,157 @@
+"""`Block`: the context of one batch, the same for every pass of a run.
+
+    with run(data_id=ids, mask=attention_mask) as block:   # logging, query capture, or inside a
+        loss.backward()                                      # pass that backpropagates a loss
+    with fit(data_id=ids, mask=...):                         # any pass (`run.fit_curvature()`, ...)
+        fit.backward(model(x))                               # for passes that need the logits
+
+On entry the block asks its pass for the sinks it needs and attaches the capture hooks (one
+forward hook per watched module); on exit it removes them and hands the block to its pass to
+commit (a clean exit) and to reset (always), so a failed block adds nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from logix.capture.hooks import CaptureBlock, Sink, attach_hooks
+from logix.errors import CaptureError
+from logix.store.gradients import DataId
+
+
+class Pass:
+    """What a pass of a run (logging, query capture, a statistics pass) gives its blocks: the
+    sinks of a block, the loss scale the hooks undo, what a finished block commits. The
+    concrete passes are in `passes.py`; the user's side of the protocol is `Block`."""
+
+    needs_logits = False  # True: a block ends with `pass.backward(logits)`, not loss.backward()
+    checks_batch = True  # the hooks check each module's batch size against the block's ids
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.block: Block | None = None  # the block now open
+
+    def check_block(self, block: Block) -> None:
+        """Refuse a block this pass cannot take (called on entry, before any hook)."""
+
+    def sinks(self, block: Block) -> dict[str, Sink]:
+        raise NotImplementedError
+
+    def grad_scale(self, block: Block) -> float:
+        """B for a mean-reduced loss (its 1/B undone per example), else 1."""
+        return float(len(block.ids)) if self.run.config.capture.loss_reduction == "mean" else 1.0
+
+    def attribution_only(self) -> bool:
+        return self.run.config.capture.attribution_only
+
+    def enter_block(self, block: Block) -> None:
+        self.block = block
+        self.run.enter_block(block)
+
+    def exit_block(self, block: Block) -> None:
+        self.block = None
+        self.run.exit_block(block)
+
+    def commit(self, block: Block) -> None:
+        """Keep what a cleanly finished block captured."""
+
+    def reset(self, block: Block) -> None:
+        """After every block, failed or not: drop its partial sums."""
+
+    def backward(self, logits: torch.Tensor, label_mask: torch.Tensor | None = None) -> None:
+        raise CaptureError("this pass backpropagates your loss: call loss.backward() inside the "
+                           "block; fit.backward(logits) is for fisher='true' passes")
+
+
+class Block:
+    """One batch of a pass: its data ids, padding mask [B, T] and what the hooks captured."""
+
+    def __init__(self, owner: Pass, ids: list[DataId], mask: torch.Tensor | None, *,
+                 per_token: bool = False, token_ids: torch.Tensor | None = None,
+                 via_run: bool = False):
+        self.owner = owner
+        self.ids = ids
+        self.mask = mask
+        self.per_token = per_token
+        self.token_ids = token_ids
+        self.via_run = via_run  # opened as `run(...)` rather than `fit(...)`
+        self.capture: CaptureBlock | None = None
+        self.sinks: dict = {}  # the pass's sinks by role: "rows", "factors", "tokens", ...
+        self.handles: list = []
+        self.row_scale: torch.Tensor | float = 1.0
+        self.discarded = False
+        self.nonfinite = "raise"
+        self.backwards = 0  # `backward(logits)` calls (passes that need logits)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.ids)
+
+    @property
+    def grad_scale(self) -> float:
+        """The factor the hooks undo on every example: B for a mean-reduced loss, else 1."""
+        return self.capture.grad_scale
+
+    def __enter__(self) -> Block:
+        owner, run = self.owner, self.owner.run
+        if run.active_block is not None:
+            raise CaptureError("`with run(...)` / `with fit(...)` blocks cannot be nested")
+        owner.check_block(self)
+        self.sinks = owner.sinks(self)
+        self.capture = CaptureBlock(
+            batch_size=len(self.ids) if owner.checks_batch else None, sinks=list(self.sinks.values()),
+            grad_scale=owner.grad_scale(self), mask=self.mask,
+            attribution_only=owner.attribution_only(),
+            outputs=[] if owner.needs_logits else None)
+        self.handles = attach_hooks(run.captures(), self.capture)
+        owner.enter_block(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.capture.open = False
+        try:
+            self.owner.exit_block(self)
+            if exc_type is None:
+                self.owner.commit(self)
+        finally:
+            self.owner.reset(self)
+        return False
+
+    @property
+    def reached(self) -> set[int]:
+        """Indices of the watched modules that backward reached in this block."""
+        return self.capture.reached
+
+    def backward(self, logits: torch.Tensor, label_mask: torch.Tensor | None = None) -> None:
+        """For passes that need the logits: the same as `fit.backward(logits, label_mask)`."""
+        self.owner.backward(logits, label_mask)
+
+    def scale_rows(self, factor: float | torch.Tensor) -> None:
+        """Multiply the block's rows by `factor` (a number, or one per example [B]) when they are
+        stored: for a loss scale known only after backward, e.g. a GradScaler's (pass
+        1 / scaler.get_scale()) or an integration's loss normalisation. Calls multiply."""
+        if isinstance(factor, torch.Tensor) and factor.numel() != 1:
+            if factor.shape != (len(self.ids),):
+                raise ValueError(f"factor must be a number or [batch={len(self.ids)}], "
+                                 f"got {tuple(factor.shape)}")
+            factor = factor.detach().double()
+        else:
+            factor = float(factor)
+        self.row_scale = self.row_scale * factor
+
+    def discard(self) -> None:
+        """Store nothing of this block (e.g. an fp16 step whose gradients overflowed)."""
+        self.discarded = True
+
+    def skip_if_nonfinite(self) -> None:
+        """Store nothing, with a warning, if a row holds NaN/inf (instead of raising): for fp16
+        loss scaling, whose optimizer skips an overflowed step too."""
+        self.nonfinite = "skip"
+
+
+

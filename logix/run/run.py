@@ -1,0 +1,312 @@
+"""`Run`: the three lines in a training loop. Ties capture → store (→ curvature statistics).
+
+    run = logix.init("runs/digits", config="configs/digits.yaml")
+    run.watch(model)
+    with run(data_id=ids):
+        loss.backward()
+    run.finalize()
+
+In `mode="log"` rows go to a store on disk through a background writer; in `mode="query"` the
+run reopens an existing store's projections and keeps gradients in memory (`run.gradients()`).
+A Run holds all of its state: two runs in one process are independent. Its blocks and passes
+(`block.py`, `log_pass.py`, `passes.py`) are the only code that touches that state.
+
+K-FAC factors (`curvature.statistics` with kfac / ekfac) are summed by the capture hooks in
+log mode, per segment, and saved with the rows at flush / finalize / start_segment as
+`curvature/<segment>/kfac-rNNNNN.safetensors`; `run.fit_curvature()` computes them for a store
+logged without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from logix.capture.hooks import ModuleCapture, check_batch_mask
+from logix.capture.modules import check_model, module_table, select_modules
+from logix.capture.pca import CovarianceSink
+from logix.capture.per_sample import has_bias
+from logix.capture.projection import ModuleProjection, load_projections, make_side
+from logix.capture.tokens import TokenGradients, check_token_request
+from logix.comm import all_reduce_sum, rank_and_world
+from logix.config import LogixConfig
+from logix.curvature.factor_log import FactorLog, check_factor_dims
+from logix.curvature.fit import TrueFisherStatistics
+from logix.errors import CaptureError
+from logix.run.block import Block
+from logix.run.lifecycle import RunLifecycle
+from logix.run.log_pass import LogPass
+from logix.run.passes import CurvaturePass, ProjectionPass, StatisticsPass, TrueFisherPass
+from logix.capture.trajectory import TrajectoryRecorder
+from logix.run.setup import create_run_store, module_dims, open_run_dir, open_trajectory, open_writer
+from logix.store.format import PROJECTIONS, ModuleInfo, total_width
+from logix.store.gradients import DataId
+from logix.store.projections import check_projections
+from logix.store.writer import batch_ids
+from logix.vocabulary import FACTOR_STATISTICS, FITTED_PROJECTION_KINDS
+
+
+class Run(RunLifecycle):
+    """A logging (or query) run bound to one run directory and, after `watch`, one model."""
+
+    def __init__(self, run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None,
+                 *, mode: str = "log", resume: bool = False, overwrite: bool = False):
+        self.run_dir = Path(run_dir)
+        self.mode = mode
+        self.rank, self.world_size = rank_and_world()
+        self._manifest, self.config = open_run_dir(self.run_dir, config, mode, resume, overwrite,
+                                                   self.rank)
+        self.modules: list[ModuleInfo] = []
+        self.width = 0
+        self.fingerprint: str | None = None
+        self._model: nn.Module | None = None
+        self._projections: dict[str, ModuleProjection] | None = None
+        self._captures: list[ModuleCapture] = []
+        self._covariances: CovarianceSink | None = None  # the PCA statistics pass's sums
+        self._log_pass = LogPass(self)
+        self._pass: StatisticsPass | None = None  # an open fit_projections / fit_curvature pass
+        self._active: Block | None = None
+        self._writer = None
+        self._statistics = None
+        self._factors = FactorLog(self.run_dir, self.rank)  # K-FAC factor sums (log mode)
+        self._query_rows: list[torch.Tensor] = []
+        self._query_ids: list[DataId] = []
+        self._pending_batches: dict[str, int] = {}  # segment -> batches logged, not yet in its meta
+        self._token_parts: list[TokenGradients] = []
+        self._frozen: list[tuple[nn.Parameter, bool]] = []
+        self._trajectory: TrajectoryRecorder | None = None  # run.watch(model, optimizer=opt)
+        self._finalized = False
+
+    # -- set-up ---------------------------------------------------------------------------
+    def watch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+              trajectory_every: int | None = None, total_steps: int | None = None) -> Run:
+        """Choose the modules to capture (from the config), set up projections and the store.
+        With `optimizer` (log mode), also record the trajectory for `logix.unroll`: every step's
+        block ids and hyperparameters, a checkpoint every `trajectory_every` (≈√total_steps) steps."""
+        if self._model is not None:
+            raise CaptureError("this run already watches a model; use one run per model")
+        cfg = self.config
+        selected = select_modules(model, cfg.capture)
+        self.modules = module_table(selected, self.config)
+        self.width = total_width(self.modules)  # D
+        if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
+            check_factor_dims(self.modules)  # before anything is written
+        self._model = model
+        bias = cfg.capture.bias
+        self._captures = [ModuleCapture(i, name, module, None, has_bias(module, bias), info.offset)
+                          for i, ((name, module), info) in enumerate(zip(selected, self.modules))]
+        if self._manifest is not None:
+            check_model(self._manifest, self.modules, self.run_dir)
+            self.fingerprint = self._manifest["fingerprint"]
+            check_projections(self.run_dir, self._manifest, required=True)
+            self._start(load_projections(self.run_dir / PROJECTIONS, module_dims(self.modules)))
+        elif cfg.projection.kind in FITTED_PROJECTION_KINDS:
+            self._covariances = CovarianceSink()  # projections come from `run.fit_projections()`
+        else:
+            notes: list[str] = []
+            p = cfg.projection
+            self._start(self._create_store({
+                m.name: ModuleProjection(
+                    make_side(p.kind, m.name, "in", m.d_in, p.rank_in, p.seed, notes),
+                    make_side(p.kind, m.name, "out", m.d_out, p.rank_out, p.seed, notes),
+                )
+                for m in self.modules
+            }, notes))
+        if optimizer is not None:
+            self._trajectory = open_trajectory(self.run_dir, self.mode, model, optimizer,
+                                               trajectory_every, total_steps, cfg)
+        return self
+
+    def _start(self, projections: dict[str, ModuleProjection]) -> None:
+        """Capture with these projections; in log mode, open the writer."""
+        self._projections = projections
+        self._captures = [ModuleCapture(c.index, c.name, c.module, projections[c.name], c.bias,
+                                        c.offset) for c in self._captures]
+        if self.mode == "log":
+            self._factors.start(self.modules, self.config.curvature.statistics)
+            self._writer, self._statistics = open_writer(self.run_dir, self.config, self.modules,
+                                                         self.width, self.rank)
+
+    def _create_store(self, projections: dict[str, ModuleProjection], notes: list[str],
+                      info: dict | None = None) -> dict[str, ModuleProjection]:
+        self._manifest, projections = create_run_store(
+            self.run_dir, self.config, self.modules, projections, notes, self.rank,
+            self.world_size, info)
+        self.fingerprint = self._manifest["fingerprint"]
+        return projections
+
+    # -- public state -----------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module | None:
+        """The watched model (None before `watch`)."""
+        return self._model
+
+    @property
+    def projections(self) -> dict[str, ModuleProjection]:
+        """Module name -> its projection (P_in, P_out), as the hooks apply them."""
+        if self._projections is None:
+            raise CaptureError("the run has no projections yet: call run.watch(model) (and, for "
+                               "projection.kind 'pca', run the `with run.fit_projections():` pass)")
+        return dict(self._projections)
+
+    @property
+    def covariances(self) -> CovarianceSink | None:
+        """The PCA statistics pass's sums (`.xx`, `.gg` per module); None without one."""
+        return self._covariances
+
+    @property
+    def active_block(self) -> Block | None:
+        """The `with run(...)` / `with fit(...)` block now open, if any."""
+        return self._active
+
+    @property
+    def writer(self):
+        """The store's row writer (log mode, after watch), else None."""
+        return self._writer
+
+    @property
+    def factor_log(self) -> FactorLog:
+        return self._factors
+
+    def is_capturing(self) -> bool:
+        """Whether blocks can capture rows: watched, with projections."""
+        return self._projections is not None
+
+    def captures(self) -> list[ModuleCapture]:
+        """The capture hooks of the watched modules."""
+        return self._captures
+
+    # -- the loop ---------------------------------------------------------------------------
+    def __call__(self, data_id: Any, mask: torch.Tensor | None = None, *, per_token: bool = False,
+                 token_ids: torch.Tensor | None = None) -> Block:
+        """A context for one batch: `data_id` gives one id per example; `mask` [B, T] marks real
+        (1) and padded (0) positions of sequence inputs. `per_token=True` (query mode) keeps each
+        position's factors for `token_gradients()` instead of summing them into `gradients()`
+        rows; `token_ids` [B, T] are kept with them for display. Inside a statistics pass that
+        backpropagates the user's loss, the block is that pass's (as `fit(data_id=ids)`)."""
+        self._check_open()
+        ids = batch_ids(data_id)
+        check_batch_mask(mask, len(ids))
+        check_token_request(self.mode, len(ids), mask, per_token, token_ids)
+        if self._trajectory is not None:
+            self._trajectory.add_block(ids)
+        owner = self._pass if self._pass is not None else self._log_pass
+        return Block(owner, ids, mask, per_token=per_token, token_ids=token_ids, via_run=True)
+
+    def fit_curvature(self, segment: str | None = None, *, fisher: str = "empirical",
+                      statistics: list[str] | tuple[str, ...] | None = None, mass: float = 1.0,
+                      on_rows: Callable[[list, torch.Tensor], None] | None = None,
+                      ) -> StatisticsPass:
+        """A pass over training data that computes curvature statistics needing the model, for
+        a segment (default: the current one), without writing rows. The files are saved on exit,
+        replacing this rank's previous ones of that segment. For an existing store: open it with
+        `logix.init(path, resume=True)`, `run.watch(model)` (the model at that segment's
+        checkpoint), run the pass, `run.finalize()`. The model is not changed.
+
+            with run.fit_curvature(...) as fit:
+                for ids, x, y in batches:
+                    with fit(data_id=ids):         # mask=: the padding mask, as in run(...)
+                        loss(model(x), y).backward()   # fisher="empirical"
+                        # fit.backward(model(x))       # fisher="true": logits [B, C] / [B, T, V]
+
+        fisher="empirical": the K-FAC factors (`curvature/<segment>/kfac-r<rank>.safetensors`)
+        of a store logged without them (`with run(data_id=ids):` blocks work too).
+        fisher="true": the Fisher under the model's own predictions (Gauss–Newton), read by
+        `InfluenceEngine(..., fisher="true")`; statistics: any of raw (default), kfac, ekfac
+        (ekfac in a second pass after kfac), saved as `<kind>.true-r<rank>.safetensors`;
+        `fit.backward(logits, label_mask=...)` backpropagates one pass per class slot (and
+        target position). mass < 1 keeps, per position, the most probable classes up to that
+        probability mass (`logix.capture.fisher`); on_rows(ids, rows [n, D]) receives every
+        pass's pseudo-gradient rows (e.g. for an exact reference on a small model).
+        """
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        if fisher == "empirical" and (statistics is not None or mass != 1.0 or on_rows is not None):
+            raise ValueError("statistics, mass and on_rows are options of fisher='true'; the "
+                             "empirical pass computes the K-FAC factors")
+        if self.mode != "log":
+            raise CaptureError("fit_curvature writes statistics into the store: open it with "
+                               "logix.init(run_dir, resume=True), not mode='query'")
+        if self._covariances is not None:
+            raise CaptureError(f"projection.kind {self.config.projection.kind!r} needs `with "
+                               "run.fit_projections():` and some logged rows before fit_curvature")
+        self._check_log_mode("fit_curvature")
+        self._check_no_step("fit_curvature")
+        self._check_open()
+        if self._pass is not None:
+            raise CaptureError("fit_curvature() passes cannot be nested")
+        names = self._writer.segment_names()
+        if segment is None:
+            if self._writer.segment is None:
+                raise CaptureError("the store has no segment yet: log some rows first, or pass "
+                                   "fit_curvature(segment=NAME) of an existing segment")
+            segment = self._writer.segment
+        elif segment not in names:
+            raise CaptureError(f"segment {segment!r} does not exist in {self.run_dir}; its segments: {names}")
+        kinds = tuple(statistics) if statistics is not None else ("raw",)
+        if fisher == "empirical" or "kfac" in kinds:
+            check_factor_dims(self.modules)
+        if fisher == "empirical":
+            return CurvaturePass(self, segment)
+        stats = TrueFisherStatistics(self.run_dir, segment, self.modules, rank=self.rank,
+                                     world_size=self.world_size, statistics=kinds, mass=mass,
+                                     on_rows=on_rows)
+        return TrueFisherPass(self, stats)
+
+    def fit_projections(self, fisher: str = "empirical") -> StatisticsPass:
+        """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
+        `with run(data_id=ids): loss.backward()` blocks accumulate each module's activation and
+        output-gradient covariances; on exit P_in, P_out become their top eigenvectors and the
+        store is created. Nothing is written during the pass; the model is not changed.
+        fisher="true": the output side under the model's own predictions (Gauss–Newton), with
+        `with run.fit_projections(fisher="true") as fit:` / `with fit(data_id=ids):
+        fit.backward(model(x))`; see `logix.run.passes`."""
+        if self._covariances is None:
+            raise CaptureError(
+                "fit_projections() is for a new store with projection.kind 'pca' or 'kfac-whitened', "
+                "after run.watch(model)"
+            )
+        self._covariances.begin(fisher)
+        return ProjectionPass(self, fisher)
+
+    def finish_projections(self) -> None:
+        """End of the PCA pass: P_in, P_out from the covariances (summed over ranks); creates
+        the store and starts capturing."""
+        sums, self._covariances = self._covariances, None
+        if self.world_size > 1:  # every rank must derive the same projections
+            for part in (sums.xx, sums.gg, sums.counts):
+                for name in sorted(part):
+                    part[name] = all_reduce_sum(part[name])  # on the backend's device
+        p = self.config.projection
+        notes: list[str] = []
+        projections = {m.name: ModuleProjection(*sums.sides(
+            m.name, p.rank_in, p.rank_out, notes, kind=p.kind, damping=p.damping, seed=p.seed))
+            for m in self.modules}
+        self._start(self._create_store(projections, notes, {"pca_fisher": sums.fisher}))
+
+    def begin_pass(self, owner: StatisticsPass) -> None:
+        if self._pass is not None:
+            raise CaptureError("statistics passes cannot be nested: finish the open one first")
+        if self._active is not None:
+            raise CaptureError("a statistics pass cannot start inside a `with run(data_id=...)` block")
+        self._pass = owner
+
+    def end_pass(self, owner: StatisticsPass) -> None:
+        self._pass = None
+
+    def enter_block(self, block: Block) -> None:
+        if not block.owner.needs_logits and self.config.capture.attribution_only:
+            self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]
+            for p, _ in self._frozen:
+                p.requires_grad_(False)
+        self._active = block
+
+    def exit_block(self, block: Block) -> None:
+        self._active = None
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen = []

@@ -1,0 +1,99 @@
+"""One writer per (run directory, rank), and one creator per run directory: OS file locks.
+
+A writer holds `fcntl.flock` on `index/rank-NNNNN.lock` for its lifetime; the lock file records
+who holds it (pid, host, start time) so that a second writer is told which process is in the
+way. The kernel drops the lock when its holder dies, even by SIGKILL: a lock file left behind
+never blocks anyone. Readers never take a lock.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from logix.errors import StoreError
+from logix.store.format import INDEX_DIR
+
+CREATE_LOCK = "create.lock"
+
+
+def lock_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / INDEX_DIR / f"rank-{rank:05d}.lock"
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock whose file is open as `fd`, as recorded in it ("" if unknown)."""
+    try:
+        raw = os.pread(fd, 4096, 0)
+        info = json.loads(raw.decode()) if raw else {}
+        return f"process {info['pid']} on {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+class FileLock:
+    """An exclusive flock on `path`, held until `release()` (or the process ends)."""
+
+    def __init__(self, path: Path, *, wait: bool = False, what: str = "") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = _holder(self._fd)
+            os.close(self._fd)
+            self._fd = None
+            raise StoreError(
+                f"{what or self.path} is in use by {holder or 'another process'}: only one "
+                "process may write it at a time. Wait for that process to finish (or stop it), "
+                "or log into another run directory"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(info).encode(), 0)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race with the next locker)."""
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+def writer_lock(run_dir: Path, rank: int) -> FileLock:
+    """The lock of rank `rank`'s writer of `run_dir`; a StoreError naming the holder if taken."""
+    return FileLock(lock_path(run_dir, rank),
+                    what=f"rank {rank} of the store {run_dir}")
+
+
+def creation_lock(run_dir: Path) -> FileLock:
+    """Serialises store creation and removal in `run_dir` (waits for another creator)."""
+    return FileLock(Path(run_dir) / INDEX_DIR / CREATE_LOCK, wait=True)
+
+
+def lock_all_writers(run_dir: Path) -> list[FileLock]:
+    """Every existing rank's writer lock of `run_dir` (to remove the store safely); a StoreError
+    naming the holder when a writer is live (the locks taken so far are released)."""
+    held: list[FileLock] = []
+    try:
+        for p in sorted((Path(run_dir) / INDEX_DIR).glob("rank-*.lock")):
+            number = p.stem.split("-", 1)[1]
+            if number.isdigit():
+                held.append(writer_lock(run_dir, int(number)))
+    except StoreError:
+        for lock in held:
+            lock.release()
+        raise
+    return held

@@ -1,0 +1,66 @@
+"""The data ids already taken in each segment, for the writer's duplicate check.
+
+Read lazily from the shard headers of every rank (this rank's shards, adopted ones included,
+and the other ranks' at open time), then kept up to date by the writer's own adds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from logix.errors import StoreError
+from logix.store.format import shard_layout
+from logix.store.ids import DataId
+
+
+class TakenIds:
+    """segment -> set of ids taken; `own_shards()` gives this rank's index entries."""
+
+    def __init__(self, run_dir: Path, width: int, dtype: str, own_shards: Callable[[], list],
+                 others: list[dict], lock: threading.Lock) -> None:
+        self.run_dir, self.width, self.dtype = Path(run_dir), width, dtype
+        self._own_shards, self._others, self._lock = own_shards, others, lock
+        self._ids: dict[str, set[DataId]] = {}
+
+    def of(self, segment: str) -> set[DataId]:
+        """The (live) set of ids taken in `segment`."""
+        if segment not in self._ids:
+            with self._lock:
+                shards = [s for s in self._own_shards() if s["segment"] == segment]
+            for idx in self._others:
+                shards += [s for s in idx.get("shards", []) if s["segment"] == segment]
+            taken: set[DataId] = set()
+            for s in shards:
+                try:
+                    _, _, meta = shard_layout(self.run_dir / s["file"], self.width, self.dtype)
+                    taken.update(json.loads(meta["data_ids"]))
+                except (OSError, KeyError, ValueError, TypeError) as e:
+                    raise StoreError(
+                        f"cannot read the data ids of {s['file']} to check for duplicates ({e}); "
+                        f"check the store with `logix inspect {self.run_dir}`"
+                    ) from e
+            self._ids[segment] = taken
+        return self._ids[segment]
+
+    def check_new(self, segment: str, ids: list[DataId]) -> set[DataId]:
+        """Raise if an id of `ids` repeats or is taken in `segment`; returns the taken set."""
+        taken = self.of(segment)
+        seen: set[DataId] = set()
+        dups = []
+        for i in ids:
+            if i in seen or i in taken:
+                dups.append(i)
+            seen.add(i)
+        if dups:
+            raise StoreError(
+                f"duplicate data id(s) {sorted(set(dups), key=str)[:10]} in segment {segment!r}: "
+                "ids must be unique within a segment (start a new segment to log the data again). "
+                "When resuming after a crash, skip the ids already stored: after "
+                "logix.init(run_dir, resume=True) and run.watch(model), run.logged_ids() gives "
+                "them (it includes shards written just before the crash, which "
+                "open_store(run_dir).data_ids does not list until a writer adopts them)"
+            )
+        return taken

@@ -1,0 +1,215 @@
+"""The on-disk form of a recorded training trajectory, for exact replay (`logix.unroll`).
+
+    RUN_DIR/trajectory/
+      index.json                          optimizer kind, parameter table, k, completed files
+      steps/steps-<first>.json            per optimizer step: data ids of each block, hyperparameters
+      checkpoints/step-<t>.safetensors    parameters and optimizer state before step t
+
+A checkpoint is taken before every k-th step and after the last one. The steps of an interval
+[c_j, c_{j+1}) are written just before checkpoint c_{j+1}; every file is written under a
+temporary name, fsynced and renamed, and the index (replaced atomically afterwards) lists only
+completed files. After a crash the trajectory therefore replays up to its last checkpoint.
+File names are derived from step numbers, never taken from the index; nothing is unpickled.
+This module knows nothing of torch modules or optimizers: names, shapes and tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from logix.errors import StoreError
+from logix.store.format import file_crc32, read_json, write_atomic, write_json_atomic
+
+TRAJECTORY_DIR = "trajectory"
+TRAJECTORY_FORMAT = "logix-trajectory"
+TRAJECTORY_VERSION = 1
+CHECKPOINT_FORMAT = "logix-trajectory-checkpoint"
+INDEX = "index.json"
+
+
+def trajectory_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / TRAJECTORY_DIR
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoints/step-{int(step):08d}.safetensors"
+
+
+def steps_name(first: int) -> str:
+    return f"steps/steps-{int(first):08d}.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Parameters and optimizer state before step `step`. params: name -> tensor; state:
+    state key (e.g. 'momentum_buffer') -> name -> tensor; counts: name -> optimizer step count
+    (Adam); initialised: names whose optimizer state exists (SGD momentum)."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    state: dict[str, dict[str, torch.Tensor]]
+    counts: dict[str, int]
+    initialised: list[str]
+
+
+class TrajectoryWriter:
+    """Writes one trajectory; `header` holds the optimizer kind, the parameter table
+    ([{name, shape, dtype, group}]), `every` (k) and the loss reduction."""
+
+    def __init__(self, run_dir: str | Path, header: dict[str, Any], overwrite: bool = False):
+        self.root = trajectory_dir(run_dir)
+        if (self.root / INDEX).exists() and not overwrite:
+            raise StoreError(f"{self.root} already holds a recorded trajectory; pass overwrite=True "
+                             "to replace it, or record into another run directory")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        (self.root / "steps").mkdir(parents=True)
+        (self.root / "checkpoints").mkdir()
+        self.index = {"format": TRAJECTORY_FORMAT, "version": TRAJECTORY_VERSION, **header,
+                      "checkpoints": [], "steps_files": [], "n_steps": 0, "complete": False}
+        write_json_atomic(self.root / INDEX, self.index)
+
+    def write_steps(self, first: int, records: list[dict[str, Any]]) -> None:
+        """The records of steps first, first+1, ...: {"blocks": [[ids]...], "groups": [{hp}...]}."""
+        if first != self.index["n_steps"]:
+            raise StoreError(f"steps must be written in order: expected step {self.index['n_steps']}, "
+                             f"got {first}")
+        path = self.root / steps_name(first)
+        text = json.dumps(records, separators=(",", ":"))
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        self.index["steps_files"].append({"first": first, "count": len(records), "crc32": file_crc32(path)})
+        self.index["n_steps"] = first + len(records)
+
+    def write_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Save a checkpoint (at the step count written so far) and commit the index."""
+        if ckpt.step != self.index["n_steps"]:
+            raise StoreError(f"checkpoint at step {ckpt.step} but {self.index['n_steps']} steps are written")
+        tensors = {f"param/{n}": t.detach().cpu().contiguous() for n, t in ckpt.params.items()}
+        for key, per_name in ckpt.state.items():
+            tensors.update({f"state/{key}/{n}": t.detach().cpu().contiguous() for n, t in per_name.items()})
+        meta = {"format": CHECKPOINT_FORMAT, "step": str(ckpt.step), "counts": json.dumps(ckpt.counts),
+                "initialised": json.dumps(sorted(ckpt.initialised))}
+        path = self.root / checkpoint_name(ckpt.step)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        self.index["checkpoints"].append({"step": ckpt.step, "crc32": file_crc32(path)})
+        write_json_atomic(self.root / INDEX, self.index)
+
+    def close(self) -> None:
+        self.index["complete"] = True
+        write_json_atomic(self.root / INDEX, self.index)
+
+
+def _int(value: Any, what: str, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"{path}: {what} must be a non-negative integer, got {value!r}; "
+                         "the index is damaged")
+    return value
+
+
+class Trajectory:
+    """A recorded trajectory opened for replay; everything read is checked before it is used.
+
+    `checkpoint_steps` are the steps with a complete checkpoint; steps beyond the last one are
+    not replayable (they follow a crash) and are left out of `n_steps`."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = trajectory_dir(run_dir)
+        path = self.root / INDEX
+        if not path.exists():
+            raise StoreError(f"no recorded trajectory in {run_dir}: record one with "
+                             "run.watch(model, optimizer=opt) or logix.record_trajectory(...)")
+        index = read_json(path)
+        if not isinstance(index, dict) or index.get("format") != TRAJECTORY_FORMAT:
+            raise StoreError(f"{path} is not a logix trajectory index")
+        if index.get("version") != TRAJECTORY_VERSION:
+            raise StoreError(f"{path} has trajectory format version {index.get('version')!r}; this logix "
+                             f"reads version {TRAJECTORY_VERSION}")
+        self.optimizer = str(index.get("optimizer"))
+        self.every = _int(index.get("every"), "every", path)
+        self.reduction = str(index.get("reduction", "mean"))
+        self.complete = bool(index.get("complete"))
+        params = index.get("parameters")
+        if not isinstance(params, list) or not params:
+            raise StoreError(f"{path} has no parameter table")
+        self.parameters = [{"name": str(p["name"]), "shape": [_int(s, "a shape", path) for s in p["shape"]],
+                            "dtype": str(p["dtype"]), "group": _int(p["group"], "a group", path)}
+                           for p in params]
+        self._checkpoint_crc = {}
+        for c in index.get("checkpoints", []):
+            self._checkpoint_crc[_int(c.get("step"), "a checkpoint step", path)] = str(c.get("crc32"))
+        self.checkpoint_steps = sorted(self._checkpoint_crc)
+        if not self.checkpoint_steps:
+            raise StoreError(f"{self.root} has no complete checkpoint yet: nothing can be replayed")
+        self._steps_files = []
+        expected = 0
+        for f in index.get("steps_files", []):
+            first, count = _int(f.get("first"), "first", path), _int(f.get("count"), "count", path)
+            if first != expected:
+                raise StoreError(f"{path}: the step files do not follow each other at step {first}")
+            self._steps_files.append((first, count, str(f.get("crc32"))))
+            expected = first + count
+        self.n_steps = min(expected, self.checkpoint_steps[-1])
+
+    def _checked(self, name: str, crc: str) -> Path:
+        path = self.root / name
+        if not path.exists():
+            raise StoreError(f"{path} is listed in the trajectory index but missing")
+        if file_crc32(path) != crc:
+            raise StoreError(f"{path} does not match its checksum in the index; the file is damaged")
+        return path
+
+    def steps(self) -> list[dict[str, Any]]:
+        """Every replayable step's record, in order: {"blocks": [[ids]...], "groups": [{hp}...]}."""
+        out: list[dict[str, Any]] = []
+        for first, count, crc in self._steps_files:
+            if first >= self.n_steps:
+                break
+            path = self._checked(steps_name(first), crc)
+            records = read_json(path)
+            if not isinstance(records, list) or len(records) != count:
+                raise StoreError(f"{path} should hold {count} step records")
+            for r in records:
+                if not isinstance(r, dict) or not isinstance(r.get("blocks"), list) \
+                        or not isinstance(r.get("groups"), list):
+                    raise StoreError(f"{path} holds a malformed step record")
+            out.extend(records)
+        return out[: self.n_steps]
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        if step not in self._checkpoint_crc:
+            raise StoreError(f"no checkpoint at step {step}; recorded checkpoints: {self.checkpoint_steps}")
+        path = self._checked(checkpoint_name(step), self._checkpoint_crc[step])
+        names = {p["name"] for p in self.parameters}
+        params: dict[str, torch.Tensor] = {}
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CHECKPOINT_FORMAT or meta.get("step") != str(step):
+                raise StoreError(f"{path} is not the trajectory checkpoint of step {step}")
+            for key in f.keys():
+                kind, _, rest = key.partition("/")
+                if kind == "param" and rest in names:
+                    params[rest] = f.get_tensor(key)
+                elif kind == "state" and rest.partition("/")[2] in names:
+                    skey, _, name = rest.partition("/")
+                    state.setdefault(skey, {})[name] = f.get_tensor(key)
+                else:
+                    raise StoreError(f"{path} holds an unexpected tensor {key!r}")
+            try:
+                counts = {str(k): int(v) for k, v in json.loads(meta.get("counts", "{}")).items()}
+                initialised = [str(n) for n in json.loads(meta.get("initialised", "[]"))]
+            except (ValueError, TypeError, AttributeError) as e:
+                raise StoreError(f"{path} has damaged metadata ({e})") from e
+        for p in self.parameters:
+            t = params.get(p["name"])
+            if t is None or list(t.shape) != p["shape"]:
+                raise StoreError(f"{path}: parameter {p['name']} is missing or has the wrong shape")
+        return Checkpoint(step, params, state, counts, initialised)
