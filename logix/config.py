@@ -17,7 +17,6 @@ import yaml
 
 from logix.errors import ConfigError
 from logix.vocabulary import (
-    FISHERS,
     LAYER_TYPES,
     LOSS_REDUCTIONS,
     PRECONDITIONERS,

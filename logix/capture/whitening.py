@@ -13,17 +13,18 @@ Lindenstrauss error of G. That error, relative to ‖Ã‖‖B̃‖, depends on 
 (`benchmarks/jl_error.py`, [256, 65] blocks, r = r_in = r_out): rms 0.17 / 0.135 at r = 32 / 64
 for one position (rank one), 0.067 / 0.048 for rank 8, 0.039 / 0.028 for full rank (≈ 1/r). A
 side whose rank reaches its dimension keeps the whitening matrix itself (no Gaussian): with
-both sides whole, `identity` scores are K-FAC influence exactly (each factor damped alone). Why: a random projection of the raw
-gradient keeps the high-variance directions that many examples share and loses the rare ones
-that tell examples apart; no preconditioner applied after the projection brings them back.
+both sides whole, `identity` scores are K-FAC influence exactly (each factor damped alone).
+Why: a random projection of the raw gradient keeps the high-variance directions that many
+examples share and loses the rare ones that tell examples apart; no preconditioner applied
+after the projection brings them back.
 """
 
 from __future__ import annotations
 
 import torch
 
-from logix.errors import CaptureError
 from logix.capture.projection import SideProjection, gaussian_matrix
+from logix.errors import CaptureError
 
 WHITENED_KIND = "kfac-whitened"
 
