@@ -26,6 +26,7 @@ _LAZY = {
     "combined_scores": ("logix.query.segments", "combined_scores"),
     "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
     "measurements": ("logix.measurements", None),
+    "losses": ("logix.losses", None),
 }
 
 
@@ -55,6 +56,7 @@ __all__ = [
     "TokenScores",
     "combined_scores",
     "init",
+    "losses",
     "measurements",
     "open_store",
     "record_trajectory",

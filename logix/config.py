@@ -18,11 +18,11 @@ import yaml
 
 from logix.errors import ConfigError
 from logix.vocabulary import (
-    FISHERS,
     LAYER_TYPES,
     LOSS_REDUCTIONS,
     PRECONDITIONERS,
     PROJECTION_KINDS,
+    QUERY_FISHERS,
     SCORE_MODES,
     STATISTICS,
     STORAGE_DTYPES,
@@ -57,6 +57,8 @@ class ProjectionConfig:
     rank_in: int = field(default=64, metadata={"min": 1})
     rank_out: int = field(default=64, metadata={"min": 1})
     seed: int = 0
+    # kfac-whitened: each side's K-FAC factor is damped by damping × its mean eigenvalue.
+    damping: float = field(default=1e-4, metadata={"min": 0.0})
 
 
 @dataclass
@@ -83,7 +85,7 @@ class QueryConfig:
     preconditioner: str = field(default="raw", metadata=_choices(*PRECONDITIONERS))
     damping: float = field(default=0.1, metadata={"min": 0.0})
     refine: int = field(default=0, metadata={"min": 0})
-    fisher: str = field(default="empirical", metadata=_choices(*FISHERS))
+    fisher: str = field(default="auto", metadata=_choices(*QUERY_FISHERS))
     mode: str = field(default="dot", metadata=_choices(*SCORE_MODES))
 
 

@@ -10,12 +10,14 @@ from logix.errors import ChoiceError
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
 LAYER_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding")
 LOSS_REDUCTIONS = ("mean", "sum")  # how the loop reduces its loss over the batch
-PROJECTION_KINDS = ("identity", "random", "pca")
+PROJECTION_KINDS = ("identity", "random", "pca", "kfac-whitened")
+FITTED_PROJECTION_KINDS = ("pca", "kfac-whitened")  # the kinds set by `run.fit_projections()`
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 STATISTICS = ("raw", "kfac", "ekfac")  # curvature statistics a store can hold
 FACTOR_STATISTICS = ("kfac", "ekfac")  # the ones read from the capture hooks' K-FAC factors
 PRECONDITIONERS = ("identity", "raw", "kfac", "ekfac")
 FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the data's, the model's
+QUERY_FISHERS = ("auto",) + FISHERS  # auto: the true Fisher when the store holds it
 SCORE_MODES = ("dot", "cosine", "relative")
 SELF_INFLUENCE_MODES = ("dot", "relative")
 RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI

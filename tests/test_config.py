@@ -32,7 +32,7 @@ def test_round_trip_yaml_and_dict(tmp_path):
     ({"store": {"shard_row": 3}}, "unknown key 'store.shard_row'; did you mean 'store.shard_rows'"),
     ({"projection": {"rank_in": "64"}}, "projection.rank_in must be an integer"),
     ({"projection": {"rank_in": 0}}, "projection.rank_in must be at least 1"),
-    ({"projection": {"kind": "gaussian"}}, "projection.kind must be one of \\['identity', 'random', 'pca'\\]"),
+    ({"projection": {"kind": "gaussian"}}, "projection.kind must be one of \\['identity', 'random', 'pca', 'kfac-whitened'\\]"),
     ({"capture": {"bias": "yes"}}, "capture.bias must be true or false"),
     ({"capture": {"types": ["Lnear"]}}, "did you mean 'Linear'"),
     ({"query": {"damping": -1}}, "query.damping must be at least 0.0"),

@@ -18,7 +18,7 @@ STAGES = {
     "logix.capture": 2,
     "logix.curvature": 3,
     "logix.query": 4,
-    "logix.measurements": 4,
+    "logix.measurements": 4, "logix.losses": 4,
     "logix.run": 5,
     "logix.unroll": 6, "logix.integrations": 6, "logix.commands": 6, "logix.cli": 6,
     "logix.eval": 6,

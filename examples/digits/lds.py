@@ -75,7 +75,7 @@ def log_store(path: Path, model: nn.Module, x: torch.Tensor, y: torch.Tensor, pr
                 ids = list(range(start, min(start + batch_size, len(y))))
                 with fit(data_id=ids):
                     fit.backward(model(x[ids]))
-    elif projection["kind"] == "pca":  # the statistics pass that sets the projections
+    elif projection["kind"] in ("pca", "kfac-whitened"):  # the pass that sets the projections
         with run.fit_projections():
             one_pass()
     one_pass()
@@ -172,6 +172,8 @@ def main() -> None:
     p.add_argument("--true-dampings", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
                    help="dampings of the true-Fisher rows (raw, kfac, ekfac and the exact reference): "
                         "half-decade steps, up to 10 (the exact reference's best is λ=1)")
+    p.add_argument("--whiten-dampings", type=float, nargs="*", default=[0.1, 1.0],
+                   help="projection.damping of the kfac-whitened stores (white r=…, one store each)")
     p.add_argument("--kfac", action=argparse.BooleanOptionalAction, default=True,
                    help="also score with kfac, ekfac and refined ekfac (default: on)")
     p.add_argument("--refine", type=int, default=3, help="refinement passes of the ekfac+refine column")
@@ -196,6 +198,9 @@ def main() -> None:
     projections = {f"r={r}": {"kind": "random", "rank_in": r, "rank_out": r, "seed": 0} for r in args.ranks}
     projections.update({f"pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.ranks})
     projections.update({f"tf-pca r={r}": {"kind": "pca", "rank_in": r, "rank_out": r} for r in args.true_ranks})
+    projections.update({f"white r={r} w={w:g}": {"kind": "kfac-whitened", "rank_in": r, "rank_out": r,
+                                                 "damping": w}
+                        for r in args.ranks for w in args.whiten_dampings})
     projections["exact"] = {"kind": "identity"}
     if args.projections:
         projections = {k: v for k, v in projections.items() if k in args.projections}

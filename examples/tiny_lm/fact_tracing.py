@@ -91,10 +91,12 @@ class Checkpoint:
 
 
 def train(model: torch.nn.Module, corpus: Corpus, epochs: int, lr: float, batch_size: int,
-          seed: int, console: Console, keep: set[int]) -> tuple[list[float], list[Checkpoint]]:
+          seed: int, console: Console, keep: set[int],
+          second_moments: dict[str, torch.Tensor] | None = None) -> tuple[list[float], list[Checkpoint]]:
     """AdamW on the documents and the training questions (whole-sequence loss for both), with a
     linear warm-up and cosine decay. Returns the mean token loss of each epoch and the
-    checkpoints at the end of the epochs in `keep` (1-based)."""
+    checkpoints at the end of the epochs in `keep` (1-based); `second_moments`, if a dict,
+    receives AdamW's bias-corrected second moments v̂ per parameter name at the end."""
     texts = [d.text for d in corpus.documents]
     texts += [f"{q.prompt} {q.answer}" for q in corpus.train_questions]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -125,6 +127,12 @@ def train(model: torch.nn.Module, corpus: Corpus, epochs: int, lr: float, batch_
         if epoch + 1 in keep:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             checkpoints.append(Checkpoint(epoch + 1, epoch_lr, state))
+    if second_moments is not None:
+        beta2 = opt.param_groups[0]["betas"][1]
+        for name, p in model.named_parameters():
+            state = opt.state[p]
+            steps_done = float(state["step"])
+            second_moments[name] = state["exp_avg_sq"].detach().clone() / (1 - beta2**steps_done)
     return history, checkpoints
 
 

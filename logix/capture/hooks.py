@@ -15,6 +15,7 @@ autocast off (`full_precision`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -24,6 +25,20 @@ from torch import nn
 from logix.capture.per_sample import full_precision, output_grads, projected_inputs
 from logix.capture.projection import ModuleProjection
 from logix.errors import CaptureError
+
+
+def shared_across_batch(name: str, module: nn.Module, x: torch.Tensor) -> bool:
+    """An Embedding called without a batch axis (position embeddings, `pos_emb(arange(T))`) is
+    shared by every example: nothing to attribute per example. True (with a notice, once per
+    module) for such a call; its columns in the rows stay zero."""
+    if not (isinstance(module, nn.Embedding) and x.ndim == 1):
+        return False
+    if not getattr(module, "_logix_shared_noticed", False):
+        module._logix_shared_noticed = True
+        warnings.warn(f"module {name!r} is an Embedding called without a batch axis (e.g. position "
+                      "embeddings on arange(T)): shared by every example, it is skipped (its columns "
+                      f"stay zero); add {name!r} to capture.exclude to drop them", stacklevel=2)
+    return True
 
 
 def check_gradient_reached(reached: set[int]) -> None:
@@ -161,6 +176,8 @@ class ModuleCapture:
     def _forward(self, block: CaptureBlock, module: nn.Module, inputs: tuple, output: torch.Tensor):
         if not torch.is_grad_enabled():
             return None  # evaluation under no_grad inside the block: nothing to attribute
+        if shared_across_batch(self.name, module, inputs[0]):
+            return None
         replaced = False
         if not output.requires_grad:
             if not block.attribution_only:

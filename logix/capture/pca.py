@@ -19,6 +19,7 @@ from logix.capture.per_sample import (
     projected_inputs,
 )
 from logix.capture.projection import SideProjection, whole_side
+from logix.capture.whitening import WHITENED_KIND, whitened_side
 from logix.errors import CaptureError
 from logix.vocabulary import FISHERS
 
@@ -38,6 +39,7 @@ class CovarianceSink(Sink):
     def __init__(self) -> None:
         self.xx: dict[str, torch.Tensor] = {}
         self.gg: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}  # [positions, examples] seen per module
         self.fisher = "empirical"  # which loss's gradients g are: see `begin`
 
     def begin(self, fisher: str) -> None:
@@ -59,6 +61,7 @@ class CovarianceSink(Sink):
             counts = torch.zeros(module.num_embeddings, dtype=torch.float64, device=idx.device)
             counts.index_add_(0, idx.reshape(-1), w.reshape(-1))
             self._add(self.xx, name, counts)
+            self._count(name, w.sum(), idx.shape[0])
         else:
             # The layer input per position, with the bias's 1: a side kept whole.
             d_in = layer_dims(module, capture.bias)[0]
@@ -66,6 +69,7 @@ class CovarianceSink(Sink):
             w = position_mask(mask, module, name, x)
             xw = x if w is None else x * w.unsqueeze(-1)
             self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
+            self._count(name, x.shape[0] * x.shape[1] if w is None else w.sum(), x.shape[0])
 
     def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
                  g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
@@ -75,19 +79,28 @@ class CovarianceSink(Sink):
             g = g * w.unsqueeze(-1)
         self._add(self.gg, capture.name, torch.einsum("bti,btj->ij", g, g))
 
+    def _count(self, name: str, positions, examples: int) -> None:
+        seen = torch.tensor([float(positions), float(examples)], dtype=torch.float64)
+        self._add(self.counts, name, seen)
+
     @staticmethod
     def _add(store: dict, name: str, value: torch.Tensor) -> None:
         value = value.cpu()
         store[name] = store[name] + value if name in store else value
 
-    def sides(self, name: str, rank_in: int, rank_out: int,
-              notes: list[str]) -> tuple[SideProjection, SideProjection]:
-        """P_in, P_out of one module from its covariances (top eigenvectors as rows)."""
+    def sides(self, name: str, rank_in: int, rank_out: int, notes: list[str], kind: str = "pca",
+              damping: float = 0.0, seed: int = 0) -> tuple[SideProjection, SideProjection]:
+        """P_in, P_out of one module from its covariances: top eigenvectors as rows (pca), or a
+        seeded Gaussian times the damped factor's inverse square root (kfac-whitened)."""
         if name not in self.gg:
             raise CaptureError(
                 f"the statistics pass saw no gradient for module {name!r}: run forward and "
                 "backward on some training batches inside `with run.fit_projections():`"
             )
+        if kind == WHITENED_KIND:  # K-FAC normalisation: A / N_pos, S / N_ex
+            positions, examples = self.counts[name].clamp_min(1).tolist()
+            return (whitened_side(self.xx[name] / positions, rank_in, damping, seed, name, "in", notes),
+                    whitened_side(self.gg[name] / examples, rank_out, damping, seed, name, "out", notes))
         return (top_directions(self.xx[name], rank_in, name, "in", notes),
                 top_directions(self.gg[name], rank_out, name, "out", notes))
 

@@ -76,9 +76,13 @@ def make_side(kind: str, name: str, side: str, dim: int, rank: int, seed: int,
         return whole
     if kind != "random":
         raise ValueError(f"unknown projection kind {kind!r}; use 'identity' or 'random'")
+    return SideProjection(dim, rank, gaussian_matrix(seed, name, side, rank, dim))
+
+
+def gaussian_matrix(seed: int, name: str, side: str, rank: int, dim: int) -> torch.Tensor:
+    """The seeded Gaussian [rank, dim] float32 scaled by 1/sqrt(rank) of one module side."""
     gen = torch.Generator().manual_seed(_module_seed(seed, name, side))
-    matrix = torch.randn(rank, dim, generator=gen, dtype=torch.float32) / rank**0.5
-    return SideProjection(dim, rank, matrix)
+    return torch.randn(rank, dim, generator=gen, dtype=torch.float32) / rank**0.5
 
 
 def projections_bytes(projections: dict[str, ModuleProjection]) -> bytes:

@@ -20,6 +20,7 @@ q_A,i) come from `ekfac.true` when it matches the current bases, else exactly fr
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,18 @@ class EigenvalueSums:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.sums
+
+
+def held_fisher(store: Any, preconditioner: str, asked: str | None) -> str:
+    """The Fisher a query uses: `asked` when given; else "true" when the store's segment holds
+    the true-Fisher statistics that `preconditioner` reads (a one-line notice says so), else
+    "empirical". identity reads no statistics: always "empirical"."""
+    if asked not in (None, "auto") or preconditioner == "identity":
+        return "empirical" if asked in (None, "auto") else asked
+    needed = "raw" if preconditioner == "raw" else "kfac"
+    directory = Path(store.curvature_dir)
+    if not any(directory.glob(f"{true_kind(needed)}-r*.safetensors")):
+        return "empirical"
+    warnings.warn(f"{store.path}, segment {store.segment!r} holds true-Fisher {needed} statistics: "
+                  "the engine uses them (pass fisher='empirical' for the stored rows' own)", stacklevel=3)
+    return "true"

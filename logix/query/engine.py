@@ -33,6 +33,7 @@ from logix.curvature.covariance import ProgressFn
 from logix.curvature.precondition import build_preconditioner
 from logix.curvature.reduce import share_statistics
 from logix.curvature.refine import RefinedPreconditioner
+from logix.curvature.true_fisher import held_fisher
 from logix.errors import StoreError
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
@@ -65,7 +66,8 @@ class InfluenceEngine:
     EK-FAC-preconditioned passes towards the exact (raw) solve, `refine_method` "cg" |
     "richardson" (see `logix.curvature.refine`), residuals in `refinement_residuals`; fisher:
     "empirical" (curvature of the stored rows) or "true" (under the model's own predictions,
-    from a `run.fit_curvature(fisher="true")` pass); mode: the default score mode of the
+    from a `run.fit_curvature(fisher="true")` pass), "auto": "true" when the store holds those
+    statistics for the preconditioner (with a notice), else "empirical"; mode: the default score mode of the
     methods; modules: names to include (default all); device: default CUDA when available;
     chunk_bytes: bytes of one float32 chunk of train rows (three host buffers: scored, read
     ahead, being read; a store of one chunk is kept resident); progress:
@@ -114,6 +116,8 @@ class InfluenceEngine:
         if refine and preconditioner != "ekfac":
             raise ValueError(f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
                              "the refinement is preconditioned by EK-FAC")
+        # fisher "auto" (the default) follows the store: its true-Fisher statistics if it holds them.
+        fisher = held_fisher(store, preconditioner, "empirical" if fisher == "auto" and refine else fisher)
         if refine and fisher == "true":
             raise ValueError("refine streams the stored rows, i.e. it converges to the empirical "
                              "Fisher's solve; it cannot refine a fisher='true' preconditioner")

@@ -86,6 +86,7 @@ class TopK:
     query_ids: list[DataId]
     mode: str = "dot"
     meta: dict[str, Any] = field(default_factory=dict)
+    positions: torch.Tensor | None = None  # [n_query, k, 2] (start, stop): see `query.rerank`
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """(values, indices) as numpy arrays."""
@@ -98,7 +99,10 @@ class TopK:
                 {"query_id": q, "train_ids": ids, "scores": vals, "indices": idx}
                 for q, ids, vals, idx in zip(self.query_ids, self.data_ids,
                                              self.values.tolist(), self.indices.tolist())]})
-        return _save(path, "top_k", {"values": self.values, "indices": self.indices},
+        tensors = {"values": self.values, "indices": self.indices}
+        if self.positions is not None:
+            tensors["positions"] = self.positions
+        return _save(path, "top_k", tensors,
                      {"query_ids": self.query_ids, "train_ids": self.data_ids}, meta)
 
 
@@ -211,7 +215,7 @@ def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
     elif path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as z:
             kind, meta = str(z["kind"]), json.loads(str(z["meta"]))
-            tensors = {k: torch.from_numpy(z[k]) for k in ("values", "indices") if k in z}
+            tensors = {k: torch.from_numpy(z[k]) for k in ("values", "indices", "positions") if k in z}
             ids = {k: z[k].tolist() for k in z.files if k.endswith("ids")}
     else:
         raise ValueError(f"cannot load {path}: use a .safetensors or .npz file")
@@ -222,5 +226,6 @@ def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
     if kind == "top_k":
         # Older top-k files named their train ids `data_ids`; read both.
         train = ids["train_ids"] if "train_ids" in ids else ids["data_ids"]
-        return TopK(tensors["values"], tensors["indices"], train, ids["query_ids"], mode, meta)
+        return TopK(tensors["values"], tensors["indices"], train, ids["query_ids"], mode, meta,
+                    tensors.get("positions"))
     return SelfInfluence(tensors["values"], ids["train_ids"], mode, meta.pop("modules", None), meta)

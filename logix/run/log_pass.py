@@ -29,7 +29,8 @@ class LogPass(Pass):
         if not run.is_capturing():
             if run.covariances is not None:
                 raise CaptureError(
-                    "projection.kind 'pca' needs its statistics pass first: run some training "
+                    f"projection.kind {run.config.projection.kind!r} needs its statistics pass "
+                    "first: run some training "
                     "batches inside `with run.fit_projections():`, then log")
             raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
 

@@ -47,7 +47,7 @@ from logix.store.format import PROJECTIONS, ModuleInfo, total_width
 from logix.store.gradients import DataId
 from logix.store.projections import check_projections
 from logix.store.writer import batch_ids
-from logix.vocabulary import FACTOR_STATISTICS
+from logix.vocabulary import FACTOR_STATISTICS, FITTED_PROJECTION_KINDS
 
 
 class Run(RunLifecycle):
@@ -104,7 +104,7 @@ class Run(RunLifecycle):
             self.fingerprint = self._manifest["fingerprint"]
             check_projections(self.run_dir, self._manifest, required=True)
             self._start(load_projections(self.run_dir / PROJECTIONS, module_dims(self.modules)))
-        elif cfg.projection.kind == "pca":
+        elif cfg.projection.kind in FITTED_PROJECTION_KINDS:
             self._covariances = CovarianceSink()  # projections come from `run.fit_projections()`
         else:
             notes: list[str] = []
@@ -232,8 +232,8 @@ class Run(RunLifecycle):
             raise CaptureError("fit_curvature writes statistics into the store: open it with "
                                "logix.init(run_dir, resume=True), not mode='query'")
         if self._covariances is not None:
-            raise CaptureError("projection.kind 'pca' needs `with run.fit_projections():` and some "
-                               "logged rows before fit_curvature")
+            raise CaptureError(f"projection.kind {self.config.projection.kind!r} needs `with "
+                               "run.fit_projections():` and some logged rows before fit_curvature")
         self._check_log_mode("fit_curvature")
         self._check_no_step("fit_curvature")
         self._check_open()
@@ -267,7 +267,8 @@ class Run(RunLifecycle):
         fit.backward(model(x))`; see `logix.run.passes`."""
         if self._covariances is None:
             raise CaptureError(
-                "fit_projections() is for a new store with projection.kind 'pca', after run.watch(model)"
+                "fit_projections() is for a new store with projection.kind 'pca' or 'kfac-whitened', "
+                "after run.watch(model)"
             )
         self._covariances.begin(fisher)
         return ProjectionPass(self, fisher)
@@ -277,13 +278,14 @@ class Run(RunLifecycle):
         the store and starts capturing."""
         sums, self._covariances = self._covariances, None
         if self.world_size > 1:  # every rank must derive the same projections
-            for part in (sums.xx, sums.gg):
+            for part in (sums.xx, sums.gg, sums.counts):
                 for name in sorted(part):
                     part[name] = all_reduce_sum(part[name])  # on the backend's device
         p = self.config.projection
         notes: list[str] = []
-        projections = {m.name: ModuleProjection(*sums.sides(m.name, p.rank_in, p.rank_out, notes))
-                       for m in self.modules}
+        projections = {m.name: ModuleProjection(*sums.sides(
+            m.name, p.rank_in, p.rank_out, notes, kind=p.kind, damping=p.damping, seed=p.seed))
+            for m in self.modules}
         self._start(self._create_store(projections, notes, {"pca_fisher": sums.fisher}))
 
     def begin_pass(self, owner: StatisticsPass) -> None:
