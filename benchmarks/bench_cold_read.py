@@ -91,8 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=2.0, help="store size in GiB")
     parser.add_argument("--width", type=int, default=4096, help="row width D (float32)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES),
-                        help="storage dtype (rows are read as float32, as the engine does)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(TORCH_DTYPES),
+        help="storage dtype (rows are read as float32, as the engine does)",
+    )
     parser.add_argument("--chunk-rows", type=int, default=4096, help="rows per iter_chunks chunk")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temp dir)")
@@ -106,8 +110,10 @@ def main() -> None:
         build_store(run_dir, args.gib, args.width, args.dtype)
         files = shard_files(run_dir)
         size = sum(p.stat().st_size for p in files)
-        print(f"store: {len(files)} shards, {size / (1 << 30):.2f} GiB, width {args.width} "
-              f"{args.dtype}, chunks of {args.chunk_rows} rows")
+        print(
+            f"store: {len(files)} shards, {size / (1 << 30):.2f} GiB, width {args.width} "
+            f"{args.dtype}, chunks of {args.chunk_rows} rows"
+        )
         print(f"{'run':>3}  {'plain MiB/s':>11}  {'store MiB/s':>11}  {'store/plain':>11}")
         ratios = []
         for run in range(1, args.runs + 1):

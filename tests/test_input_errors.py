@@ -53,12 +53,15 @@ def _row(layer: nn.Linear) -> torch.Tensor:
     return torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1).reshape(-1)
 
 
-@pytest.mark.parametrize("mask", [
-    torch.tensor([[1, 2, 1], [1, 1, 0]]),
-    torch.tensor([[1.0, 0.5, 1.0], [1.0, 1.0, 0.0]]),
-    torch.tensor([[1.0, float("nan"), 1.0], [1.0, 1.0, 1.0]]),
-    torch.tensor([[1, -1, 1], [1, 1, 1]]),
-])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([[1, 2, 1], [1, 1, 0]]),
+        torch.tensor([[1.0, 0.5, 1.0], [1.0, 1.0, 0.0]]),
+        torch.tensor([[1.0, float("nan"), 1.0], [1.0, 1.0, 1.0]]),
+        torch.tensor([[1, -1, 1], [1, 1, 1]]),
+    ],
+)
 def test_mask_values_other_than_0_and_1_are_refused(tmp_path, mask):
     model = nn.Sequential(nn.Linear(4, 3))
     q = _query_run(tmp_path, model)
@@ -81,7 +84,7 @@ def test_0_1_masks_of_every_dtype_work(tmp_path, kind):
     rows = q.gradients().values
     for i, t in ((0, 2), (1, 5)):
         model.zero_grad()
-        model(x[i:i + 1, :t]).pow(2).sum().backward()
+        model(x[i : i + 1, :t]).pow(2).sum().backward()
         torch.testing.assert_close(rows[i], _row(model[0]))
 
 
@@ -89,8 +92,11 @@ def test_sequence_mask_on_a_model_without_sequence_axis(tmp_path):
     """An MLP sees one position per example: a [B, T] mask cannot apply to any layer."""
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     q = _query_run(tmp_path, model)
-    with pytest.raises(CaptureError, match=r"no watched module has a sequence axis.*'0' \(input "
-                                           r"\[2, 4\]\), '2' \(input \[2, 3\]\).*drop mask="):
+    with pytest.raises(
+        CaptureError,
+        match=r"no watched module has a sequence axis.*'0' \(input "
+        r"\[2, 4\]\), '2' \(input \[2, 3\]\).*drop mask=",
+    ):
         with q(data_id=[0, 1], mask=torch.ones(2, 6)):
             model(torch.randn(2, 4)).sum().backward()
     assert q.gradients().data_ids == []  # nothing of the failed block was kept
@@ -130,7 +136,7 @@ def test_sequence_mask_with_a_pooled_head(tmp_path):
     rows = q.gradients().values
     for i, t in ((0, 3), (1, 5)):
         model.zero_grad()
-        model(x[i:i + 1, :t], mask[i:i + 1, :t]).pow(2).sum().backward()
+        model(x[i : i + 1, :t], mask[i : i + 1, :t]).pow(2).sum().backward()
         torch.testing.assert_close(rows[i], torch.cat([_row(model.body), _row(model.head)]))
 
 
@@ -153,8 +159,11 @@ def test_one_position_mask_on_a_model_without_sequence_axis(tmp_path):
 def test_watching_a_bare_layer(tmp_path):
     layer = nn.Linear(3, 2)
     run = logix.init(tmp_path / "r")
-    with pytest.raises(CaptureError, match=r"the model is itself a Linear layer.*nn.Sequential\(layer\)"
-                                           r".*watched as '0'"):
+    with pytest.raises(
+        CaptureError,
+        match=r"the model is itself a Linear layer.*nn.Sequential\(layer\)"
+        r".*watched as '0'",
+    ):
         run.watch(layer)
     assert not (tmp_path / "r").exists()
     with logix.init(tmp_path / "r") as run:

@@ -26,6 +26,7 @@ def counted(monkeypatch):
         def wrapped(*args, **kwargs):
             counts[name] += 1
             return fn(*args, **kwargs)
+
         return wrapped
 
     normalise = counting("normalise", ids_module.normalise_ids)
@@ -47,8 +48,9 @@ def _logging_run(tmp_path):
 
 def _step(run, model, ids, scale=1.0):
     with run(data_id=ids):
-        (F.cross_entropy(model(torch.randn(len(ids), 4)), torch.zeros(len(ids), dtype=torch.long))
-         * scale).backward()
+        (
+            F.cross_entropy(model(torch.randn(len(ids), 4)), torch.zeros(len(ids), dtype=torch.long)) * scale
+        ).backward()
 
 
 def test_each_check_runs_once_per_step(tmp_path, counted):
@@ -84,8 +86,9 @@ def test_skipping_non_finite_batches(tmp_path, counted):
     with pytest.warns(UserWarning, match="skipped a batch of 2 examples"):
         with run(data_id=[7, 8]) as block:
             block.skip_if_nonfinite()
-            (F.cross_entropy(model(torch.randn(2, 4)), torch.zeros(2, dtype=torch.long))
-             * math.nan).backward()
+            (
+                F.cross_entropy(model(torch.randn(2, 4)), torch.zeros(2, dtype=torch.long)) * math.nan
+            ).backward()
     _step(run, model, [7, 8])  # nothing was stored: the same ids log fine
     run.finalize()
     assert logix.open_store(tmp_path / "r").data_ids == [7, 8]

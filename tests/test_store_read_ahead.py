@@ -42,10 +42,10 @@ def test_pieces_are_bit_identical(tmp_path, dtype, piece_bytes):
         for start, k in [(0, len(store)), (30, 50), (36, 2), (len(store) - 1, 1)]:
             raw = torch.empty(k, WIDTH, dtype=written.dtype)
             reader.read_into(raw, start)
-            assert torch.equal(raw.view(torch.uint8), written[start:start + k].view(torch.uint8))
+            assert torch.equal(raw.view(torch.uint8), written[start : start + k].view(torch.uint8))
             wide = torch.empty(k, WIDTH, dtype=torch.float64)
             reader.read_into(wide, start)
-            assert torch.equal(wide, written[start:start + k].double())
+            assert torch.equal(wide, written[start : start + k].double())
     finally:
         reader.close()
     for buffers in (0, 1, 2, 3):
@@ -61,9 +61,9 @@ def test_a_chunk_stays_valid_while_its_successors_are_read(tmp_path, buffers):
     held, pointers = [], set()
     for start, (_, chunk) in zip(range(0, len(store), 10), store.iter_chunks(rows=10, buffers=buffers)):
         threading.Event().wait(0.002)  # give any read-ahead time to land
-        held = (held + [(start, chunk)])[-(buffers or len(store)):]
+        held = (held + [(start, chunk)])[-(buffers or len(store)) :]
         for first, old in held:
-            assert torch.equal(old, written[first:first + old.shape[0]])
+            assert torch.equal(old, written[first : first + old.shape[0]])
         pointers.add(chunk.data_ptr())
     if buffers:
         assert len(pointers) == buffers

@@ -40,8 +40,15 @@ console = Console(width=150)
 BATCH, LR = 64, 0.1
 
 
-def train_weighted(data, weights: torch.Tensor | None, seed: int, epochs: int, recorder=None,
-                   dtype=torch.float32, lr: float = LR):
+def train_weighted(
+    data,
+    weights: torch.Tensor | None,
+    seed: int,
+    epochs: int,
+    recorder=None,
+    dtype=torch.float32,
+    lr: float = LR,
+):
     """common.train_mlp's recipe (same init, batch order and optimizer) with a loss weight per
     training example (dropped ones 0, kept in the batches); `recorder` records the trajectory."""
     x, y = data.x_train.to(dtype), data.y_train
@@ -54,7 +61,7 @@ def train_weighted(data, weights: torch.Tensor | None, seed: int, epochs: int, r
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), BATCH):
-            idx = order[start:start + BATCH]
+            idx = order[start : start + BATCH]
             with recorder(data_id=idx.tolist()) if recorder is not None else contextlib.nullcontext():
                 (w[idx] * F.cross_entropy(model(x[idx]), y[idx], reduction="none")).mean().backward()
             opt.step()
@@ -85,8 +92,14 @@ def single_truth(data, args, fraction: float):
 
 
 def multi_truth(data, args):
-    return retrained_test_losses(data, args.n_test, subsets=args.lds_subsets, seeds=args.lds_seeds,
-                                 epochs=args.epochs, out_dir=HERE / "out" / "lds")
+    return retrained_test_losses(
+        data,
+        args.n_test,
+        subsets=args.lds_subsets,
+        seeds=args.lds_seeds,
+        epochs=args.epochs,
+        out_dir=HERE / "out" / "lds",
+    )
 
 
 def record_and_unroll(data, args, seed: int, dtype=torch.float32, n_test=None, every=None):
@@ -115,11 +128,15 @@ def recording_overhead(data, args) -> dict[str, float]:
     ids alone), recorded with checkpoints every √T steps; best of --repeats, interleaved."""
     steps = args.epochs * math.ceil(len(data.y_train) / BATCH)
     where = args.out / f"overhead-lr{args.lr:g}"
-    kinds = {"plain": None,
-             "record, no checkpoints": lambda m, o: logix.record_trajectory(where, m, o,
-                                                                            every=10 ** 9, overwrite=True),
-             "record, every √T": lambda m, o: logix.record_trajectory(where, m, o,
-                                                                      total_steps=steps, overwrite=True)}
+    kinds = {
+        "plain": None,
+        "record, no checkpoints": lambda m, o: logix.record_trajectory(
+            where, m, o, every=10**9, overwrite=True
+        ),
+        "record, every √T": lambda m, o: logix.record_trajectory(
+            where, m, o, total_steps=steps, overwrite=True
+        ),
+    }
     best = {k: float("inf") for k in kinds}
     for _ in range(args.repeats):
         for k, rec in kinds.items():
@@ -143,9 +160,17 @@ def influence_scores(data, args) -> dict[str, torch.Tensor]:
     true_fisher_pass(path, model, data.x_train, statistics=("kfac",), on_rows=pseudo)
     q = query_gradients(path, model, x_test, y_test)
     rows = store.load()
-    gn = exact_true_scores(store.modules, rows, q.values, layer_inputs(model, data.x_train),
-                           layer_inputs(model, x_test), pseudo, store.data_ids, len(data.y_train),
-                           args.dampings)
+    gn = exact_true_scores(
+        store.modules,
+        rows,
+        q.values,
+        layer_inputs(model, data.x_train),
+        layer_inputs(model, x_test),
+        pseudo,
+        store.data_ids,
+        len(data.y_train),
+        args.dampings,
+    )
     emp = exact_raw_scores(store, q.values, args.dampings)
     order = torch.tensor(store.data_ids).argsort()  # columns in training-row order
     out = {f"GN influence λ={d:g}": s[:, order] for d, s in gn.items()}
@@ -199,8 +224,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="recorded training seeds (0..S-1)")
     p.add_argument("--n-test", type=int, default=100)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=LR, help="SGD learning rate (common.train_mlp's is 0.1; the "
-                   "multi-seed column, whose retrainings are lds.py's, is shown only for that one)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=LR,
+        help="SGD learning rate (common.train_mlp's is 0.1; the "
+        "multi-seed column, whose retrainings are lds.py's, is shown only for that one)",
+    )
     p.add_argument("--subsets", type=int, default=50, help="single-model retrainings per drop fraction")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1, 0.5])
     p.add_argument("--lds-subsets", type=int, default=100, help="multi-seed LDS: half subsets (lds.py's)")
@@ -219,26 +249,32 @@ def main() -> None:
         return
 
     times = recording_overhead(data, args)
-    console.print(f"recording cost (best of {args.repeats}, s per 30-epoch run): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
-                  + f"; ratios {times['record, no checkpoints'] / times['plain']:.3f} (hooks + ids) and "
-                    f"{times['record, every √T'] / times['plain']:.3f} (with checkpoint writes)")
+    console.print(
+        f"recording cost (best of {args.repeats}, s per 30-epoch run): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in times.items())
+        + f"; ratios {times['record, no checkpoints'] / times['plain']:.3f} (hooks + ids) and "
+        f"{times['record, every √T'] / times['plain']:.3f} (with checkpoint writes)"
+    )
     methods: dict[str, torch.Tensor] = {}
     per_seed = []
     for seed in range(args.seeds):
         scores, t_record, t_unroll = record_and_unroll(data, args, seed)
         scores.save(args.out / f"scores-lr{args.lr:g}-seed{seed}.safetensors")
         per_seed.append(scores.values)
-        console.print(f"seed {seed}: recorded training {t_record:.1f}s, replay + adjoint for {args.n_test} "
-                      f"queries {t_unroll:.1f}s ({t_unroll / times['plain']:.1f}× one plain training run)")
+        console.print(
+            f"seed {seed}: recorded training {t_record:.1f}s, replay + adjoint for {args.n_test} "
+            f"queries {t_unroll:.1f}s ({t_unroll / times['plain']:.1f}× one plain training run)"
+        )
     methods["unroll, seed 0"] = per_seed[0]
     if args.seeds > 1:
         methods[f"unroll, mean of {args.seeds} seeds"] = torch.stack(per_seed).mean(0)
     methods.update(influence_scores(data, args))
 
     multi_note = "" if multi is None else f"; multi-seed: {args.lds_subsets} halves × {args.lds_seeds} seeds"
-    table = Table(title=f"digits (lr {args.lr:g}): LDS of {args.n_test} test images (mean Spearman; "
-                        f"single-model: seed 0, {args.subsets} drops per fraction{multi_note})")
+    table = Table(
+        title=f"digits (lr {args.lr:g}): LDS of {args.n_test} test images (mean Spearman; "
+        f"single-model: seed 0, {args.subsets} drops per fraction{multi_note})"
+    )
     table.add_column("attribution")
     for f in args.fractions:
         table.add_column(f"single {f:.0%}", justify="right")
@@ -249,8 +285,10 @@ def main() -> None:
         table.add_row(name, *cells, *([str(lds(s, *multi, output="loss"))] if multi is not None else []))
     console.print(table)
     for h, gap in smoothness(data, args):
-        console.print(f"smoothness: finite-difference step h={h:.0e}: max relative gap to the replayed "
-                      f"derivative {gap:.1e}")
+        console.print(
+            f"smoothness: finite-difference step h={h:.0e}: max relative gap to the replayed "
+            f"derivative {gap:.1e}"
+        )
     for t, ratio in drop_linearity(data, args):
         console.print(f"linearity: a 5% drop's weights lowered by t={t:.0e}: |Δθ|/t = {ratio:.3g}")
 

@@ -35,9 +35,12 @@ def shared_across_batch(name: str, module: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not getattr(module, "_logix_shared_noticed", False):
         module._logix_shared_noticed = True
-        warnings.warn(f"module {name!r} is an Embedding called without a batch axis (e.g. position "
-                      "embeddings on arange(T)): shared by every example, it is skipped (its columns "
-                      f"stay zero); add {name!r} to capture.exclude to drop them", stacklevel=2)
+        warnings.warn(
+            f"module {name!r} is an Embedding called without a batch axis (e.g. position "
+            "embeddings on arange(T)): shared by every example, it is skipped (its columns "
+            f"stay zero); add {name!r} to capture.exclude to drop them",
+            stacklevel=2,
+        )
     return True
 
 
@@ -46,7 +49,8 @@ def check_gradient_reached(reached: set[int]) -> None:
     if not reached:
         raise CaptureError(
             "no gradient reached any watched module inside `with run(data_id=...)`: call "
-            "loss.backward() inside the block (with gradients enabled)")
+            "loss.backward() inside the block (with gradients enabled)"
+        )
 
 
 def check_batch_mask(mask: torch.Tensor | None, batch_size: int) -> None:
@@ -60,7 +64,8 @@ def check_batch_mask(mask: torch.Tensor | None, batch_size: int) -> None:
         bad = mask[(mask != 0) & (mask != 1)][0].item()
         raise CaptureError(
             f"mask holds {bad!r}: a padding mask marks real (1) and padded (0) positions and "
-            "nothing else; to weight examples or tokens, weight their terms in the loss instead")
+            "nothing else; to weight examples or tokens, weight their terms in the loss instead"
+        )
 
 
 def mask_applies(mask: torch.Tensor, module: nn.Module, positions: int) -> bool:
@@ -80,11 +85,13 @@ def check_mask_used(block: CaptureBlock) -> None:
         f"a padding mask [batch, seq={block.mask.shape[1]}] was given, but no watched module has a "
         f"sequence axis it could apply to: {seen}. A mask marks padded positions of sequence "
         "inputs [batch, seq, ...] (Conv2d pixels are not covered); drop mask=... for this model "
-        "(to leave an example out, leave it out of the batch)")
+        "(to leave an example out, leave it out of the batch)"
+    )
 
 
-def position_mask(mask: torch.Tensor | None, module: nn.Module, name: str,
-                  values: torch.Tensor) -> torch.Tensor | None:
+def position_mask(
+    mask: torch.Tensor | None, module: nn.Module, name: str, values: torch.Tensor
+) -> torch.Tensor | None:
     """The [B, T] padding mask that applies to a layer's per-position `values` [B, T, ...], in
     their dtype and device; None where it does not apply (no mask, see `mask_applies`)."""
     if mask is None or not mask_applies(mask, module, values.shape[1]):
@@ -113,8 +120,14 @@ class Sink:
     def forward(self, capture: ModuleCapture, block: CaptureBlock, x: torch.Tensor) -> None:
         """Once per forward call of a watched module: x is its raw (detached) input."""
 
-    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
-                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def backward(
+        self,
+        capture: ModuleCapture,
+        block: CaptureBlock,
+        call: ForwardCall,
+        g_proj: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> None:
         """Once per backward reaching that call: g̃ [B, T, r_out] float32 (None when no sink of
         the block is `projected`) and the raw output gradient ∂ℓ/∂y."""
 
@@ -155,8 +168,15 @@ class ModuleCapture:
     """The hooks of one watched module. `projection` may be None when only unprojected sinks
     are used (the PCA statistics pass before projections exist)."""
 
-    def __init__(self, index: int, name: str, module: nn.Module,
-                 projection: ModuleProjection | None, bias: bool, offset: int = 0):
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        module: nn.Module,
+        projection: ModuleProjection | None,
+        bias: bool,
+        offset: int = 0,
+    ):
         self.index = index
         self.name = name
         self.module = module
@@ -167,8 +187,11 @@ class ModuleCapture:
         self.r_out = projection.p_out.rank if projection is not None else 0
         # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
         # Linear side kept whole without bias, whose x̃ is a view of the layer's input.
-        self.fresh_inputs = (projection is not None and projection.p_in.matrix is not None) or bias \
+        self.fresh_inputs = (
+            (projection is not None and projection.p_in.matrix is not None)
+            or bias
             or isinstance(module, (nn.Embedding, nn.Conv2d))
+        )
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
         return self.module.register_forward_hook(partial(self._forward, block))

@@ -26,8 +26,9 @@ def shifts_labels(model: nn.Module) -> bool:
     return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
 
 
-def example_losses(logits: torch.Tensor, labels: torch.Tensor,
-                   shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def example_losses(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each example's cross-entropy summed over its label tokens, and the number of those tokens.
 
     logits [B, T, V] with labels [B, T] (token-level; `shift` for causal LMs), or logits [B, C]
@@ -42,8 +43,12 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor,
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
         batch, seq = labels.shape
-        per = F.cross_entropy(logits.reshape(batch * seq, -1).float(), labels.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none")
+        per = F.cross_entropy(
+            logits.reshape(batch * seq, -1).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
         return per.view(batch, seq).sum(1), (labels != IGNORE_INDEX).sum(1)
 
 

@@ -18,9 +18,18 @@ from logix.integrations.hf_batches import (
 from logix.run import Run
 
 
-def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "idx",
-                batch_size: int = 8, collate_fn: Any = None, per_example_loss: str = "sum",
-                shift_labels: bool | None = None, mask_column: str | None = "attention_mask") -> int:
+def log_dataset(
+    model: nn.Module,
+    dataset: Any,
+    run: Run,
+    *,
+    id_column: str = "idx",
+    batch_size: int = 8,
+    collate_fn: Any = None,
+    per_example_loss: str = "sum",
+    shift_labels: bool | None = None,
+    mask_column: str | None = "attention_mask",
+) -> int:
     """One attribution pass of a fixed model over `dataset`: each example's gradient goes to `run`
     (the store of a log-mode run, or memory for a query-mode run: `run.gradients()`).
 
@@ -36,8 +45,7 @@ def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "i
         run.watch(model)
     shift = shifts_labels(model) if shift_labels is None else shift_labels
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
     reduction = run.config.capture.loss_reduction
     params = list(model.parameters())
     grads = [p.grad for p in params]
@@ -52,8 +60,9 @@ def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "i
             ids = pop_ids(batch, id_column, "dataset")
             labels = batch.pop("labels", None)
             if labels is None:
-                raise CaptureError("the dataset's batches have no 'labels': logix needs them for "
-                                   "each example's loss")
+                raise CaptureError(
+                    "the dataset's batches have no 'labels': logix needs them for each example's loss"
+                )
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             mask = batch.get(mask_column) if mask_column else None
             with run(data_id=ids, mask=mask):

@@ -49,9 +49,7 @@ from logix.vocabulary import FACTOR_STATISTICS
 try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "logix.integrations.huggingface needs transformers: pip install 'logix[hf]'"
-    ) from e
+    raise ImportError("logix.integrations.huggingface needs transformers: pip install 'logix[hf]'") from e
 
 RATIO_TOLERANCE = 1e-4  # |Σ L_n / loss - N| / N: float32 sums agree to ~1e-6
 
@@ -99,24 +97,36 @@ class LogixCallback(TrainerCallback):
 class TrainerLogging:
     """The hooks `attach` put on one Trainer; `detach()` removes them."""
 
-    def __init__(self, trainer: Any, run: Run, id_column: str, per_example_loss: str,
-                 segment_per_epoch: bool, mask_column: str | None):
+    def __init__(
+        self,
+        trainer: Any,
+        run: Run,
+        id_column: str,
+        per_example_loss: str,
+        segment_per_epoch: bool,
+        mask_column: str | None,
+    ):
         if per_example_loss not in PER_EXAMPLE_LOSSES:
-            raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, "
-                             f"got {per_example_loss!r}")
+            raise ValueError(
+                f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}"
+            )
         if "_logix" in trainer.__dict__:
             raise CaptureError("this Trainer already logs to a logix run; detach() that one first")
         _check_supported(trainer, run)
         if run.config.capture.attribution_only:
-            raise CaptureError("capture.attribution_only freezes the parameters inside each logged "
-                               "block, which would stop the Trainer's training; it is for "
-                               "log_dataset() passes over a trained model. Log during training "
-                               "with attribution_only: false")
+            raise CaptureError(
+                "capture.attribution_only freezes the parameters inside each logged "
+                "block, which would stop the Trainer's training; it is for "
+                "log_dataset() passes over a trained model. Log during training "
+                "with attribution_only: false"
+            )
         if per_example_loss == "mean" and set(FACTOR_STATISTICS) & set(run.config.curvature.statistics):
-            raise CaptureError("per_example_loss='mean' weights each example's rows by 1/tokens, "
-                               "which K-FAC sums over the batch cannot take: log without "
-                               "kfac/ekfac in curvature.statistics (compute the factors later "
-                               "with run.fit_curvature()), or use per_example_loss='sum'")
+            raise CaptureError(
+                "per_example_loss='mean' weights each example's rows by 1/tokens, "
+                "which K-FAC sums over the batch cannot take: log without "
+                "kfac/ekfac in curvature.statistics (compute the factors later "
+                "with run.fit_curvature()), or use per_example_loss='sum'"
+            )
         self.trainer, self.run = trainer, run
         self.id_column, self.per_example_loss = id_column, per_example_loss
         self.mask_column = mask_column
@@ -127,8 +137,9 @@ class TrainerLogging:
         self.shift = shifts_labels(trainer.model)
         self._added_column = _keep_column(trainer, id_column)
         self._batch: _MicroBatch | None = None
-        self._saved = {name: trainer.__dict__.get(name) for name in
-                       ("training_step", "compute_loss", "prediction_step")}
+        self._saved = {
+            name: trainer.__dict__.get(name) for name in ("training_step", "compute_loss", "prediction_step")
+        }
         self._originals = {name: getattr(trainer, name) for name in self._saved}
         trainer.training_step = self._training_step
         trainer.compute_loss = self._compute_loss
@@ -154,8 +165,9 @@ class TrainerLogging:
         ids = pop_ids(inputs, self.id_column, "training")
         labels = inputs.get("labels")
         if labels is None:
-            raise CaptureError("the training batch has no 'labels': logix reads each example's "
-                               "loss from them")
+            raise CaptureError(
+                "the training batch has no 'labels': logix reads each example's loss from them"
+            )
         num_items = None if num_items_in_batch is None else float(num_items_in_batch)
         mask = inputs.get(self.mask_column) if self.mask_column else None
         with self.run(data_id=ids, mask=mask) as step:
@@ -170,12 +182,16 @@ class TrainerLogging:
     def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         batch = self._batch
         if batch is None or batch.loss is not None:  # evaluation, or a second call: not ours
-            return self._originals["compute_loss"](model, inputs, return_outputs=return_outputs,
-                                                   num_items_in_batch=num_items_in_batch, **kwargs)
-        loss, outputs = self._originals["compute_loss"](model, inputs, return_outputs=True,
-                                                        num_items_in_batch=num_items_in_batch, **kwargs)
+            return self._originals["compute_loss"](
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        loss, outputs = self._originals["compute_loss"](
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs
+        )
         with torch.no_grad():
-            batch.sums, batch.counts = example_losses(batch_logits(outputs).detach(), batch.labels, self.shift)
+            batch.sums, batch.counts = example_losses(
+                batch_logits(outputs).detach(), batch.labels, self.shift
+            )
         batch.loss = loss.detach()
         return (loss, outputs) if return_outputs else loss
 
@@ -212,8 +228,10 @@ class TrainerLogging:
             )
         accumulation = loss / float(backward_loss)  # training_step's division by the accumulation steps
         if abs(accumulation - round(accumulation)) > 1e-3 or round(accumulation) < 1:
-            raise CaptureError(f"training_step scaled the loss by 1/{accumulation:.6g}, not 1/k for an "
-                               "integer k; logix cannot tell the per-example loss scale")
+            raise CaptureError(
+                f"training_step scaled the loss by 1/{accumulation:.6g}, not 1/k for an "
+                "integer k; logix cannot tell the per-example loss scale"
+            )
         c = _accelerator_scale(self.trainer.accelerator) / (n * round(accumulation))
         if self.per_example_loss == "sum":
             factor: torch.Tensor | float = 1.0 / c
@@ -237,14 +255,20 @@ def _check_supported(trainer: Any, run: Run) -> None:
     if run.mode != "log":
         raise CaptureError("attach() logs training gradients: use a run with mode='log'")
     if getattr(trainer.args, "n_gpu", 1) > 1:
-        raise CaptureError("the Trainer uses torch.nn.DataParallel (n_gpu > 1), whose replicas logix "
-                           "cannot watch; run one process per GPU (torchrun / accelerate launch)")
+        raise CaptureError(
+            "the Trainer uses torch.nn.DataParallel (n_gpu > 1), whose replicas logix "
+            "cannot watch; run one process per GPU (torchrun / accelerate launch)"
+        )
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise CaptureError("DeepSpeed and FSDP shard the watched layers' weights; logix's Trainer "
-                           "integration does not support them")
+        raise CaptureError(
+            "DeepSpeed and FSDP shard the watched layers' weights; logix's Trainer "
+            "integration does not support them"
+        )
     if getattr(trainer.args, "label_smoothing_factor", 0.0):
-        raise CaptureError("label smoothing changes the per-example loss logix attributes; set "
-                           "label_smoothing_factor=0 to log with the Trainer")
+        raise CaptureError(
+            "label smoothing changes the per-example loss logix attributes; set "
+            "label_smoothing_factor=0 to log with the Trainer"
+        )
 
 
 def _keep_column(trainer: Any, column: str) -> bool:
@@ -265,8 +289,15 @@ def _keep_column(trainer: Any, column: str) -> bool:
     return True
 
 
-def attach(trainer: Any, run: Run, *, id_column: str = "idx", per_example_loss: str = "sum",
-           segment_per_epoch: bool = True, mask_column: str | None = "attention_mask") -> TrainerLogging:
+def attach(
+    trainer: Any,
+    run: Run,
+    *,
+    id_column: str = "idx",
+    per_example_loss: str = "sum",
+    segment_per_epoch: bool = True,
+    mask_column: str | None = "attention_mask",
+) -> TrainerLogging:
     """Log the per-example gradient of every training example `trainer.train()` sees into `run`.
 
     trainer: a transformers `Trainer` (or subclass), optimizer and all, used as it is.

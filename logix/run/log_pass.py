@@ -31,7 +31,8 @@ class LogPass(Pass):
                 raise CaptureError(
                     f"projection.kind {run.config.projection.kind!r} needs its statistics pass "
                     "first: run some training "
-                    "batches inside `with run.fit_projections():`, then log")
+                    "batches inside `with run.fit_projections():`, then log"
+                )
             raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
 
     def sinks(self, block: Block) -> dict[str, Sink]:
@@ -66,8 +67,11 @@ class LogPass(Pass):
             rows.mul_(row_scale)
         nonfinite = nonfinite_rows(rows)  # once: the writer is told, not asked to look again
         if block.nonfinite == "skip" and nonfinite:
-            warnings.warn(f"skipped a batch of {len(ids)} examples whose gradients are not finite "
-                          f"(first ids {ids[:5]}): nothing of it was stored", stacklevel=4)
+            warnings.warn(
+                f"skipped a batch of {len(ids)} examples whose gradients are not finite "
+                f"(first ids {ids[:5]}): nothing of it was stored",
+                stacklevel=4,
+            )
             return
         if run.mode == "query":
             bad = [ids[i] for i in nonfinite]
@@ -90,10 +94,13 @@ class LogPass(Pass):
 
     def _keep_tokens(self, block: Block) -> None:
         run = self.run
-        part = block.sinks["tokens"].finish(block.ids, list(run.modules), run.fingerprint or "",
-                                            block.mask, block.token_ids)
+        part = block.sinks["tokens"].finish(
+            block.ids, list(run.modules), run.fingerprint or "", block.mask, block.token_ids
+        )
         bad = [part.data_ids[i] for i in nonfinite_rows(part.gradients().values)]
         if bad:
-            raise CaptureError(f"non-finite gradients (NaN/inf) for data ids {bad[:10]}: is the "
-                               "loss NaN? Nothing of this batch was kept")
+            raise CaptureError(
+                f"non-finite gradients (NaN/inf) for data ids {bad[:10]}: is the "
+                "loss NaN? Nothing of this batch was kept"
+            )
         run.keep_token_part(part)

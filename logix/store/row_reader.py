@@ -77,8 +77,10 @@ class RowReader:
     def submit(self, out: torch.Tensor, start: int) -> list[Future]:
         """Start reading rows [start, start + k) into out [k, D] (CPU, contiguous), converting
         from the storage dtype; `wait` on the returned futures before using `out`."""
-        futures = [self._pool.submit(self._read, i, self._fd(i), out[pos:pos + take], offset)
-                   for i, pos, take, offset in self._pieces(start, out.shape[0])]
+        futures = [
+            self._pool.submit(self._read, i, self._fd(i), out[pos : pos + take], offset)
+            for i, pos, take, offset in self._pieces(start, out.shape[0])
+        ]
         self._in_flight = [f for f in self._in_flight if not f.done()] + futures
         return futures
 
@@ -107,7 +109,7 @@ class RowReader:
         except queue.Empty:
             staging = torch.empty((self.piece_rows, self.store.width), dtype=self.storage)
         try:
-            part = staging[:target.shape[0]]
+            part = staging[: target.shape[0]]
             self._pread(i, fd, _bytes_of(part), offset)
             target.copy_(part)
         finally:
@@ -119,8 +121,9 @@ class RowReader:
             n = os.preadv(fd, [buf[done:]], offset + done)
             if n == 0:
                 rel = self.store.shards[i]["file"]
-                raise StoreError(f"shard {rel} ends early (truncated at byte {offset + done}). "
-                                 f"{damage_fix(rel)}")
+                raise StoreError(
+                    f"shard {rel} ends early (truncated at byte {offset + done}). {damage_fix(rel)}"
+                )
             done += n
 
     def close(self) -> None:

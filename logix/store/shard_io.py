@@ -24,14 +24,17 @@ def nonfinite_rows(rows: torch.Tensor) -> list[int]:
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
-def write_shard_file(path: Path, name: str, rows: torch.Tensor, width: int, dtype: str,
-                     metadata: dict[str, str]) -> tuple[int, str]:
+def write_shard_file(
+    path: Path, name: str, rows: torch.Tensor, width: int, dtype: str, metadata: dict[str, str]
+) -> tuple[int, str]:
     """Write one tensor [n, width] to a safetensors file and return (file size, crc32 of its
     bytes); the checksum is taken block by block while the block is still in the CPU cache."""
     code, itemsize = SAFETENSORS_DTYPES[dtype]
     n = rows.shape[0]
-    header = {"__metadata__": metadata,
-              name: {"dtype": code, "shape": [n, width], "data_offsets": [0, n * width * itemsize]}}
+    header = {
+        "__metadata__": metadata,
+        name: {"dtype": code, "shape": [n, width], "data_offsets": [0, n * width * itemsize]},
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data region starts 8-byte aligned
     head = len(raw).to_bytes(8, "little") + raw
@@ -41,25 +44,26 @@ def write_shard_file(path: Path, name: str, rows: torch.Tensor, width: int, dtyp
         view = memoryview(rows.contiguous().view(torch.uint8).numpy()).cast("B")  # raw bytes
         step = 4 << 20
         for start in range(0, len(view), step):
-            block = view[start:start + step]
+            block = view[start : start + step]
             crc = zlib.crc32(block, crc)
             f.write(block)
     return len(head) + n * width * itemsize, f"{crc & 0xFFFFFFFF:08x}"
 
 
-def write_shard(run_dir: Path, segment: str, rank: int, seq: int, ids: list, rows: torch.Tensor,
-                width: int, dtype: str) -> dict:
+def write_shard(
+    run_dir: Path, segment: str, rank: int, seq: int, ids: list, rows: torch.Tensor, width: int, dtype: str
+) -> dict:
     """Write rows [n, width] (float32) of `segment` as shard `seq` of `rank`, converted to the
     storage dtype, under a temporary name renamed when complete; returns its index entry."""
     if dtype != "float32":
         rows = rows.to(TORCH_DTYPES[dtype])
         bad = [ids[j] for j in nonfinite_rows(rows)]
         if bad:
-            raise StoreError(f"rows of data id(s) {bad[:10]} overflow {dtype}: "
-                             "use store dtype bfloat16 or float32")
+            raise StoreError(
+                f"rows of data id(s) {bad[:10]} overflow {dtype}: use store dtype bfloat16 or float32"
+            )
     rel = shard_relpath(segment, rank, seq)
-    metadata = {"format": SHARD_FORMAT, "segment": segment, "rank": str(rank),
-                "data_ids": json.dumps(ids)}
+    metadata = {"format": SHARD_FORMAT, "segment": segment, "rank": str(rank), "data_ids": json.dumps(ids)}
     final = Path(run_dir) / rel
     final.parent.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
@@ -68,8 +72,14 @@ def write_shard(run_dir: Path, segment: str, rank: int, seq: int, ids: list, row
         written["bytes"], written["crc32"] = write_shard_file(tmp, "rows", rows, width, dtype, metadata)
 
     write_atomic(final, write)
-    return {"file": rel, "segment": segment, "seq": seq, "rows": len(ids),
-            "bytes": written["bytes"], "crc32": written["crc32"]}
+    return {
+        "file": rel,
+        "segment": segment,
+        "seq": seq,
+        "rows": len(ids),
+        "bytes": written["bytes"],
+        "crc32": written["crc32"],
+    }
 
 
 def damage_fix(rel: str) -> str:
