@@ -42,7 +42,7 @@ from fact_tracing import (  # noqa: E402
     add_model_arguments,
     document_batch,
     load_checkpoints,
-    question_batch,
+    query_gradients,
     rank_metrics,
     save_checkpoints,
     sequence_losses,
@@ -83,17 +83,6 @@ def build_store(model, corpus, run_dir: Path, projection: dict, batch: int, stat
     one_pass()
     run.finalize()
     return run_dir
-
-
-def query_run(model, corpus, run_dir: Path, questions, batch: int) -> logix.Gradients:
-    q = logix.init(run_dir, mode="query")
-    q.watch(model)
-    for start in range(0, len(questions), batch):
-        chunk = questions[start : start + batch]
-        b = question_batch(corpus, chunk)
-        with q(data_id=list(range(start, start + len(chunk))), mask=b.pad_mask):
-            sequence_losses(model, b).mean().backward()
-    return q.gradients()
 
 
 def token_recompute(model, corpus, run_dir: Path, batch: int):
@@ -201,7 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     exact_dir = build_store(
         model, corpus, out / "identity", {"kind": "identity"}, args.batch, statistics=("kfac",)
     )
-    exact, exact_q = logix.open_store(exact_dir), query_run(model, corpus, exact_dir, questions, args.batch)
+    exact, exact_q = (
+        logix.open_store(exact_dir),
+        query_gradients(model, corpus, exact_dir, questions, args.batch),
+    )
     full = exact.width
     choose("identity projection, identity", {"-": cosine(exact, exact_q, "identity")}, full)
     choose(
@@ -262,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
                 d = build_store(
                     model, corpus, out / (f"{kind}-r{rank}" + (f"-w{wd}" if wd else "")), proj, args.batch
                 )
-                found[wd] = (logix.open_store(d), query_run(model, corpus, d, questions, args.batch), d)
+                found[wd] = (logix.open_store(d), query_gradients(model, corpus, d, questions, args.batch), d)
             best_wd, _ = choose(
                 f"{kind} r={rank}, identity",
                 {wd: cosine(s, g, "identity") for wd, (s, g, _) in found.items()},
