@@ -38,10 +38,11 @@ sys.path.insert(0, str(HERE))
 def launch(world: int, threads: int, args: list[str], out: Path) -> dict:
     """Run this file's worker on `world` ranks; rank 0's JSON result."""
     pg = out / f"pg-{time.monotonic_ns()}"
-    env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(threads),
-           "LOGIX_BENCH_PG": str(pg)}
-    procs = [subprocess.Popen([sys.executable, __file__, *args, "--out", str(out)],
-                              env={**env, "RANK": str(r)}) for r in range(world)]
+    env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": str(threads), "LOGIX_BENCH_PG": str(pg)}
+    procs = [
+        subprocess.Popen([sys.executable, __file__, *args, "--out", str(out)], env={**env, "RANK": str(r)})
+        for r in range(world)
+    ]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise SystemExit(f"a worker failed: exit codes {codes}")
@@ -55,11 +56,16 @@ def query_worker(a: argparse.Namespace) -> dict:
     from logix.store.gradients import Gradients
 
     store = logix.open_store(a.store)
-    engine = logix.InfluenceEngine(store, "raw", 0.1, chunk_bytes=4096 * 4 * store.width, device="cpu",
-                                   distributed=True)
+    engine = logix.InfluenceEngine(
+        store, "raw", 0.1, chunk_bytes=4096 * 4 * store.width, device="cpu", distributed=True
+    )
     gen = torch.Generator().manual_seed(1)
-    q = Gradients(torch.randn(a.queries, store.width, generator=gen), list(range(a.queries)),
-                  store.modules, store.fingerprint)
+    q = Gradients(
+        torch.randn(a.queries, store.width, generator=gen),
+        list(range(a.queries)),
+        store.modules,
+        store.fingerprint,
+    )
     engine.top_k(q, k=10)  # warm the page cache and the code paths
     times, cpu = [], []
     for _ in range(a.repeats):
@@ -69,8 +75,11 @@ def query_worker(a: argparse.Namespace) -> dict:
         cpu.append(time.process_time() - c)  # this rank's own work, whatever the machine's load
         dist.barrier()
         times.append(time.perf_counter() - t)
-    return {"seconds": min(times), "cpu_seconds": max(dist.all_gather_object(min(cpu))),
-            "rows_per_rank": dist.all_gather_object(len(engine._rows))}
+    return {
+        "seconds": min(times),
+        "cpu_seconds": max(dist.all_gather_object(min(cpu))),
+        "rows_per_rank": dist.all_gather_object(len(engine._rows)),
+    }
 
 
 def logging_worker(a: argparse.Namespace) -> dict:
@@ -130,8 +139,9 @@ def logging_worker(a: argparse.Namespace) -> dict:
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.distributed.init_process_group("gloo", init_method=f"file://{os.environ['LOGIX_BENCH_PG']}",
-                                         rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{os.environ['LOGIX_BENCH_PG']}", rank=rank, world_size=world
+    )
     result = query_worker(a) if a.worker == "query" else logging_worker(a)
     if rank == 0:
         Path(a.out, "result.json").write_text(json.dumps(result))
@@ -176,26 +186,56 @@ def main() -> None:
         one = launch(1, 1, ["--worker", "query", *common], root)
         two = launch(2, 1, ["--worker", "query", *common], root)
         one_2t = launch(1, 2, ["--worker", "query", *common], root)
-        log = launch(2, 1, ["--worker", "logging", "--batch", str(a.batch), "--steps", str(a.steps),
-                            "--blocks", str(a.blocks)], root)
-        console.print(f"store {a.rows} rows × {a.width} float32 ({a.rows * a.width * 4 / 1e6:.0f} MB, "
-                      f"in page cache); {a.queries} queries, top-10; cores: {os.cpu_count()}, "
-                      f"load average at the start: {load:.1f}")
+        log = launch(
+            2,
+            1,
+            [
+                "--worker",
+                "logging",
+                "--batch",
+                str(a.batch),
+                "--steps",
+                str(a.steps),
+                "--blocks",
+                str(a.blocks),
+            ],
+            root,
+        )
+        console.print(
+            f"store {a.rows} rows × {a.width} float32 ({a.rows * a.width * 4 / 1e6:.0f} MB, "
+            f"in page cache); {a.queries} queries, top-10; cores: {os.cpu_count()}, "
+            f"load average at the start: {load:.1f}"
+        )
         table = Table(title="distributed logix on CPU (gloo)", title_justify="left")
         for col in ("case", "wall s", "ratio", "CPU s of the busiest rank", "ratio "):
             table.add_column(col, justify="left" if col == "case" else "right")
-        table.add_row("query: 1 process, 1 thread", f"{one['seconds']:.3f}", "1.00",
-                      f"{one['cpu_seconds']:.3f}", "1.00")
-        table.add_row(f"query: 2 processes, 1 thread each, rows {two['rows_per_rank']} (speed-up)",
-                      f"{two['seconds']:.3f}", f"{one['seconds'] / two['seconds']:.2f}",
-                      f"{two['cpu_seconds']:.3f}", f"{one['cpu_seconds'] / two['cpu_seconds']:.2f}")
-        table.add_row("query: 1 process, 2 threads (speed-up, reference)",
-                      f"{one_2t['seconds']:.3f}", f"{one['seconds'] / one_2t['seconds']:.2f}",
-                      "", "")
-        table.add_row(f"DDP step, 2 ranks, decoder, batch {a.batch}/rank: plain",
-                      f"{log['plain']:.4f}", "1.00", "", "")
-        table.add_row("DDP step, 2 ranks, decoder: logged (r = 32×32 per Linear)",
-                      f"{log['logged']:.4f}", f"{log['logged'] / log['plain']:.2f}× plain", "", "")
+        table.add_row(
+            "query: 1 process, 1 thread", f"{one['seconds']:.3f}", "1.00", f"{one['cpu_seconds']:.3f}", "1.00"
+        )
+        table.add_row(
+            f"query: 2 processes, 1 thread each, rows {two['rows_per_rank']} (speed-up)",
+            f"{two['seconds']:.3f}",
+            f"{one['seconds'] / two['seconds']:.2f}",
+            f"{two['cpu_seconds']:.3f}",
+            f"{one['cpu_seconds'] / two['cpu_seconds']:.2f}",
+        )
+        table.add_row(
+            "query: 1 process, 2 threads (speed-up, reference)",
+            f"{one_2t['seconds']:.3f}",
+            f"{one['seconds'] / one_2t['seconds']:.2f}",
+            "",
+            "",
+        )
+        table.add_row(
+            f"DDP step, 2 ranks, decoder, batch {a.batch}/rank: plain", f"{log['plain']:.4f}", "1.00", "", ""
+        )
+        table.add_row(
+            "DDP step, 2 ranks, decoder: logged (r = 32×32 per Linear)",
+            f"{log['logged']:.4f}",
+            f"{log['logged'] / log['plain']:.2f}× plain",
+            "",
+            "",
+        )
         console.print(table)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -43,8 +43,10 @@ def digits_store(path: Path, n_query: int, epochs: int):
 
     data = load_digits()
     model = train_mlp(data.x_train, data.y_train, epochs=epochs)
-    config = {"projection": {"kind": "random", "rank_in": 64, "rank_out": 64},
-              "capture": {"attribution_only": True, "loss_reduction": "sum"}}
+    config = {
+        "projection": {"kind": "random", "rank_in": 64, "rank_out": 64},
+        "capture": {"attribution_only": True, "loss_reduction": "sum"},
+    }
     run = logix.init(path, config=config, overwrite=True)
     run.watch(model)
     for start in range(0, len(data.y_train), 256):
@@ -65,8 +67,9 @@ def synthetic_store(path: Path, rows: int, width: int, n_query: int):
     path.mkdir(parents=True, exist_ok=True)
     build(path, rows, width, "float32", 4096)
     store = logix.open_store(path)
-    q = logix.Gradients(torch.randn(n_query, store.width), list(range(n_query)), store.modules,
-                        store.fingerprint)
+    q = logix.Gradients(
+        torch.randn(n_query, store.width), list(range(n_query)), store.modules, store.fingerprint
+    )
     return store, q
 
 
@@ -89,8 +92,9 @@ def interleaved(calls: dict, repeats: int) -> dict[str, float]:
     return {name: min(ts) for name, ts in times.items()}
 
 
-def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: bool,
-            device: str = "cpu") -> dict:
+def measure(
+    name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: bool, device: str = "cpu"
+) -> dict:
     out: dict = {"store": name, "rows": len(store), "width": store.width, "queries": len(q)}
     clear_caches(store)
     t = time.perf_counter()
@@ -110,9 +114,12 @@ def measure(name: str, store, q, repeats: int, skip_eigen: bool, logged_stats: b
     rows = store.load().to(device)
     qm = torch.randn(len(q), store.width, device=device)
     sync = torch.cuda.synchronize if rows.device.type == "cuda" else (lambda: None)
-    calls = {"repeat": lambda: engine.scores(q), "identity": lambda: identity.scores(q),
-             "matmul": lambda: (torch.matmul(qm, rows.T), sync()),
-             "precondition": lambda: engine._shared_queries(q, streamed=True, norms=False)}
+    calls = {
+        "repeat": lambda: engine.scores(q),
+        "identity": lambda: identity.scores(q),
+        "matmul": lambda: (torch.matmul(qm, rows.T), sync()),
+        "precondition": lambda: engine._shared_queries(q, streamed=True, norms=False),
+    }
     engine.scores(q)
     identity.scores(q)  # both engines warm (resident rows, kept X̃)
     out.update(interleaved(calls, repeats))
@@ -138,34 +145,55 @@ def main() -> None:
     try:
         results = []
         store, q = digits_store(root / "digits", args.queries, args.epochs)
-        results.append(measure("digits r=64", store, q, args.repeats, args.skip_eigen, False,
-                               args.device))
+        results.append(measure("digits r=64", store, q, args.repeats, args.skip_eigen, False, args.device))
         if args.big_rows:
             store, q = synthetic_store(root / "big", args.big_rows, args.big_width, args.queries)
-            results.append(measure(f"synthetic {args.big_rows}", store, q, args.repeats,
-                                   args.skip_eigen, True, args.device))
+            results.append(
+                measure(
+                    f"synthetic {args.big_rows}", store, q, args.repeats, args.skip_eigen, True, args.device
+                )
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    table = Table(title=f"first and repeat raw queries ({args.queries} queries, "
-                        f"{torch.get_num_threads()} thread)", title_justify="left")
-    for col in ("store", "forms", "first raw", "first, eigen form", "vs LogIX first",
-                "repeat raw", "matmul/raw", "matmul/identity", "precondition share", "vs LogIX repeat"):
+    table = Table(
+        title=f"first and repeat raw queries ({args.queries} queries, {torch.get_num_threads()} thread)",
+        title_justify="left",
+    )
+    for col in (
+        "store",
+        "forms",
+        "first raw",
+        "first, eigen form",
+        "vs LogIX first",
+        "repeat raw",
+        "matmul/raw",
+        "matmul/identity",
+        "precondition share",
+        "vs LogIX repeat",
+    ):
         table.add_column(col, justify="left" if col in ("store", "forms") else "right")
     for r in results:
         digits = r["store"].startswith("digits")
         table.add_row(
-            f"{r['store']} ({r['rows']}×{r['width']})", ",".join(r["forms"]),
-            f"{r['first']:.2f} s", f"{r['first_eigen']:.2f} s" if "first_eigen" in r else "-",
+            f"{r['store']} ({r['rows']}×{r['width']})",
+            ",".join(r["forms"]),
+            f"{r['first']:.2f} s",
+            f"{r['first_eigen']:.2f} s" if "first_eigen" in r else "-",
             f"{LOGIX_FIGURES['first'] / r['first']:.1f}× faster" if digits else "-",
-            f"{r['repeat'] * 1e3:.1f} ms", f"{r['matmul'] / r['repeat']:.2f}",
-            f"{r['matmul'] / r['identity']:.2f}", f"{r['precondition'] / r['repeat']:.2f}",
-            f"{LOGIX_FIGURES['repeat'] / r['repeat']:.1f}× faster" if digits else "-")
+            f"{r['repeat'] * 1e3:.1f} ms",
+            f"{r['matmul'] / r['repeat']:.2f}",
+            f"{r['matmul'] / r['identity']:.2f}",
+            f"{r['precondition'] / r['repeat']:.2f}",
+            f"{LOGIX_FIGURES['repeat'] / r['repeat']:.1f}× faster" if digits else "-",
+        )
     console.print(table)
     for r in results:
         if "eigen_vs_gram" in r:
-            console.print(f"{r['store']}: scores of the eigen form vs the engine's, relative "
-                          f"difference {r['eigen_vs_gram']:.2e}; matmul {r['matmul'] * 1e3:.1f} ms")
+            console.print(
+                f"{r['store']}: scores of the eigen form vs the engine's, relative "
+                f"difference {r['eigen_vs_gram']:.2e}; matmul {r['matmul'] * 1e3:.1f} ms"
+            )
 
 
 if __name__ == "__main__":

@@ -51,18 +51,18 @@ def gemm_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int) ->
     """FLOP/s of an [n, n] × [n, n] product."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2.0 * n ** 3 / timed(lambda: a @ b, device, repeats)
+    return 2.0 * n**3 / timed(lambda: a @ b, device, repeats)
 
 
-def query_rates(root: Path, device: torch.device, rows: int, width: int, n_query: int,
-                repeats: int) -> dict[str, float]:
+def query_rates(
+    root: Path, device: torch.device, rows: int, width: int, n_query: int, repeats: int
+) -> dict[str, float]:
     """FLOP/s of the engine's scores (2·n·N·D per call) for identity and raw."""
     run = root / "query"
     run.mkdir(parents=True)
     build(run, rows, width, "bfloat16", 4096)
     store = logix.open_store(run)
-    q = logix.Gradients(torch.randn(n_query, width), list(range(n_query)), store.modules,
-                        store.fingerprint)
+    q = logix.Gradients(torch.randn(n_query, width), list(range(n_query)), store.modules, store.fingerprint)
     flop = 2.0 * n_query * rows * width
     out = {}
     for kind in ("identity", "raw"):
@@ -71,8 +71,17 @@ def query_rates(root: Path, device: torch.device, rows: int, width: int, n_query
     return out
 
 
-def step_ratio(root: Path, name: str, model: torch.nn.Module, device: torch.device, batch: int,
-               seq: int, vocab: int, rank: int, steps: int) -> dict[str, float]:
+def step_ratio(
+    root: Path,
+    name: str,
+    model: torch.nn.Module,
+    device: torch.device,
+    batch: int,
+    seq: int,
+    vocab: int,
+    rank: int,
+    steps: int,
+) -> dict[str, float]:
     """Mean plain and logged step time (forward, backward, SGD) and the store's write rate."""
     model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -91,8 +100,11 @@ def step_ratio(root: Path, name: str, model: torch.nn.Module, device: torch.devi
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    config = {"projection": {"kind": "random", "rank_in": rank, "rank_out": rank},
-              "capture": {"types": ["Linear"]}, "store": {"dtype": "bfloat16"}}
+    config = {
+        "projection": {"kind": "random", "rank_in": rank, "rank_out": rank},
+        "capture": {"types": ["Linear"]},
+        "store": {"dtype": "bfloat16"},
+    }
     run = logix.init(root / name, config=config, overwrite=True)
     run.watch(model)
     step()
@@ -114,8 +126,13 @@ def step_ratio(root: Path, name: str, model: torch.nn.Module, device: torch.devi
     store = logix.open_store(root / name)
     written = store.nbytes
     params = sum(p.numel() for p in model.parameters())
-    return {"params": params, "plain": sum(plain) / steps, "logged": sum(logged) / steps,
-            "write_rate": written / (sum(logged) + finalize), "width": store.width}
+    return {
+        "params": params,
+        "plain": sum(plain) / steps,
+        "logged": sum(logged) / steps,
+        "write_rate": written / (sum(logged) + finalize),
+        "width": store.width,
+    }
 
 
 def main() -> None:
@@ -135,21 +152,37 @@ def main() -> None:
         rows, width, n_query = (4096, 1024, 64) if smoke else (262144, 4096, 4096)
         rates = query_rates(root, device, rows, width, n_query, args.repeats)
         for kind, rate in rates.items():
-            print(f"query {kind}: {rows} rows × {width} (bf16 store), {n_query} queries: "
-                  f"{rate / 1e12:.2f} TFLOP/s = {rate / fp32:.2f} of fp32 GEMM, {rate / bf16:.2f} of bf16")
+            print(
+                f"query {kind}: {rows} rows × {width} (bf16 store), {n_query} queries: "
+                f"{rate / 1e12:.2f} TFLOP/s = {rate / fp32:.2f} of fp32 GEMM, {rate / bf16:.2f} of bf16"
+            )
         vocab = 512 if smoke else 50257
         models = {"bench decoder": TinyDecoder(512, 256, 4, 4, max_len=128)}
-        models["GPT-2-size decoder"] = (TinyDecoder(vocab, 64, 2, 4, max_len=128) if smoke else
-                                        TinyDecoder(vocab, 768, 12, 12, max_len=1024))
+        models["GPT-2-size decoder"] = (
+            TinyDecoder(vocab, 64, 2, 4, max_len=128)
+            if smoke
+            else TinyDecoder(vocab, 768, 12, 12, max_len=1024)
+        )
         for name, model in models.items():
             v = 512 if name == "bench decoder" else vocab
             batch, seq = (4, 32) if smoke else (16, 128 if name == "bench decoder" else 512)
-            r = step_ratio(root, name.replace(" ", "-"), model, device, batch, seq, v,
-                           16 if smoke else 32, 3 if smoke else 20)
-            print(f"{name} ({r['params'] / 1e6:.1f}M parameters, batch {batch}×{seq}, r=32×32, "
-                  f"D={r['width']}): plain {r['plain'] * 1e3:.1f} ms, logged "
-                  f"{r['logged'] * 1e3:.1f} ms, logged/plain {r['logged'] / r['plain']:.2f}; "
-                  f"store write {r['write_rate'] / 1e6:.0f} MB/s")
+            r = step_ratio(
+                root,
+                name.replace(" ", "-"),
+                model,
+                device,
+                batch,
+                seq,
+                v,
+                16 if smoke else 32,
+                3 if smoke else 20,
+            )
+            print(
+                f"{name} ({r['params'] / 1e6:.1f}M parameters, batch {batch}×{seq}, r=32×32, "
+                f"D={r['width']}): plain {r['plain'] * 1e3:.1f} ms, logged "
+                f"{r['logged'] * 1e3:.1f} ms, logged/plain {r['logged'] / r['plain']:.2f}; "
+                f"store write {r['write_rate'] / 1e6:.0f} MB/s"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import TinyDecoder, digits_mlp  # noqa: E402
+
 import logix  # noqa: E402
 from logix.store.reader import TORCH_DTYPES  # noqa: E402
-from models import TinyDecoder, digits_mlp  # noqa: E402
 
 
 def mlp_case(batch: int = 64):
@@ -84,7 +85,7 @@ def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None, discard=False)
     run = logix.init(tmp / name, config=cfg, overwrite=True)
     run.watch(model)
     if discard:
-        run.writer.add = lambda ids, rows: None
+        run.writer.add_checked = lambda ids, rows, nonfinite: None
     time_steps(model, data, loss_fn, opt, 3)  # warm-up both paths
     time_steps(model, data, loss_fn, opt, 3, run, start_id=10**9)
     plain, logged, next_id = [], [], 0
@@ -99,8 +100,14 @@ def measure(name, case, steps, rounds, tmp: Path, extra_cfg=None, discard=False)
     store = logix.open_store(tmp / name)
     itemsize = TORCH_DTYPES[store.dtype].itemsize
     mb = data[0][0].shape[0] * store.width * itemsize / 2**20
-    return {"name": name, "plain_ms": p * 1e3, "logged_ms": lg * 1e3, "ratio": lg / p,
-            "mb_per_step": 0.0 if discard else mb, "finalize_s": tail}
+    return {
+        "name": name,
+        "plain_ms": p * 1e3,
+        "logged_ms": lg * 1e3,
+        "ratio": lg / p,
+        "mb_per_step": 0.0 if discard else mb,
+        "finalize_s": tail,
+    }
 
 
 def separate_pass(name, case, steps, rounds, tmp: Path):
@@ -109,8 +116,9 @@ def separate_pass(name, case, steps, rounds, tmp: Path):
     model, data, loss_fn, cfg = case()
     times = {}
     for only in (False, True):
-        run = logix.init(tmp / f"{name}-{only}", config=merge(cfg, {"capture": {"attribution_only": only}}),
-                         overwrite=True)
+        run = logix.init(
+            tmp / f"{name}-{only}", config=merge(cfg, {"capture": {"attribution_only": only}}), overwrite=True
+        )
         run.watch(model)
         runs = []
         for r in range(rounds):
@@ -144,16 +152,15 @@ def disk_write_rate(tmp: Path, mb: int = 256) -> float:
 
 def store_write_rate(tmp: Path, mb: int = 256) -> float:
     """MB/s of the store writer alone (rows already in memory), including fsync per shard."""
-    from logix.store.format import FORMAT_NAME, FORMAT_VERSION, write_json_atomic
+    from logix.store.create import create_store
+    from logix.store.format import ModuleInfo
     from logix.store.writer import StoreWriter
 
     width = 4096
     rows_total = mb * (1 << 20) // (4 * width)
     run_dir = tmp / "write-rate"
-    run_dir.mkdir()
-    write_json_atomic(run_dir / "manifest.json", {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {}, "modules": [],
-        "width": width, "dtype": "float32", "fingerprint": "bench", "projection": {}})
+    module = ModuleInfo("layer", "Linear", width, 1, width, 1, False, 0)
+    create_store(run_dir, {"store": {"dtype": "float32"}}, "", [module], b"", {}, 1)
     block = torch.randn(1024, width)
     t0 = time.perf_counter()
     with StoreWriter(run_dir, width=width, dtype="float32", shard_rows=4096) as w:
@@ -180,8 +187,14 @@ def main(argv=None) -> None:
             measure("  same, float16 store", mlp_case, n_mlp, rounds, tmp, {"store": {"dtype": "float16"}}),
             measure("  same, rows discarded (capture only)", mlp_case, n_mlp, rounds, tmp, discard=True),
             measure("decoder d256 L4 T128, b16, r32x32", decoder_case, n_dec, rounds, tmp),
-            measure("  same, statistics during logging", decoder_case, n_dec, rounds, tmp,
-                    {"curvature": {"during_logging": True}}),
+            measure(
+                "  same, statistics during logging",
+                decoder_case,
+                n_dec,
+                rounds,
+                tmp,
+                {"curvature": {"during_logging": True}},
+            ),
         ]
         passes = [separate_pass("decoder separate pass", decoder_case, n_dec, rounds, tmp)]
         disk = disk_write_rate(tmp)
@@ -190,15 +203,24 @@ def main(argv=None) -> None:
     for col in ("case", "plain ms/step", "logged ms/step", "logged / plain", "MB/step written", "finalize s"):
         table.add_column(col, justify="right" if col != "case" else "left")
     for r in results:
-        table.add_row(r["name"], f"{r['plain_ms']:.2f}", f"{r['logged_ms']:.2f}", f"{r['ratio']:.2f}x",
-                      f"{r['mb_per_step']:.2f}", f"{r['finalize_s']:.2f}")
+        table.add_row(
+            r["name"],
+            f"{r['plain_ms']:.2f}",
+            f"{r['logged_ms']:.2f}",
+            f"{r['ratio']:.2f}x",
+            f"{r['mb_per_step']:.2f}",
+            f"{r['finalize_s']:.2f}",
+        )
     console.print(table)
     for r in passes:
-        console.print(f"{r['name']}: full backward {r['full_ms']:.1f} ms/step, attribution_only "
-                      f"{r['attribution_only_ms']:.1f} ms/step (saves "
-                      f"{1 - r['attribution_only_ms'] / r['full_ms']:.0%})")
-    console.print(f"store write rate {writer:.0f} MB/s vs sequential write+fsync {disk:.0f} MB/s "
-                  f"= {writer / disk:.2f}")
+        console.print(
+            f"{r['name']}: full backward {r['full_ms']:.1f} ms/step, attribution_only "
+            f"{r['attribution_only_ms']:.1f} ms/step (saves "
+            f"{1 - r['attribution_only_ms'] / r['full_ms']:.0%})"
+        )
+    console.print(
+        f"store write rate {writer:.0f} MB/s vs sequential write+fsync {disk:.0f} MB/s = {writer / disk:.2f}"
+    )
 
 
 if __name__ == "__main__":

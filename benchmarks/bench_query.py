@@ -35,13 +35,25 @@ from logix.store.writer import StoreWriter
 def build(run: Path, rows: int, width: int, dtype: str, shard_rows: int) -> None:
     """A synthetic store: blocks of 32×32 (w = 1024) per module, with logged raw statistics."""
     block = min(1024, width)
-    modules = [ModuleInfo(f"m{i}", "Linear", 32, 32, 32, block // 32, False, off)
-               for i, off in enumerate(range(0, width, block))]
-    write_json_atomic(run / "manifest.json", {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {},
-        "modules": [m.to_dict() for m in modules], "width": width, "dtype": dtype,
-        "fingerprint": "bench", "projection": {"kind": "random", "notes": []},
-        "created": "", "logix_version": "bench"})
+    modules = [
+        ModuleInfo(f"m{i}", "Linear", 32, 32, 32, block // 32, False, off)
+        for i, off in enumerate(range(0, width, block))
+    ]
+    write_json_atomic(
+        run / "manifest.json",
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": {},
+            "modules": [m.to_dict() for m in modules],
+            "width": width,
+            "dtype": dtype,
+            "fingerprint": "bench",
+            "projection": {"kind": "random", "notes": []},
+            "created": "",
+            "logix_version": "bench",
+        },
+    )
     stats = CurvatureStatistics(run, modules)
     gen = torch.Generator().manual_seed(0)
     with StoreWriter(run, width=width, dtype=dtype, shard_rows=shard_rows, observers=[stats]) as w:
@@ -113,14 +125,20 @@ def main() -> None:
         build(run, args.rows, args.width, args.dtype, args.shard_rows)
         store = open_store(run)
         files = [run / sh["file"] for sh in store.shards]
-        console.print(f"store: {len(store)} rows × {store.width} ({args.dtype}), "
-                      f"{store.nbytes / 1e6:.0f} MB in {len(files)} shards, built in "
-                      f"{time.perf_counter() - t:.1f}s; threads: {torch.get_num_threads()}")
+        console.print(
+            f"store: {len(store)} rows × {store.width} ({args.dtype}), "
+            f"{store.nbytes / 1e6:.0f} MB in {len(files)} shards, built in "
+            f"{time.perf_counter() - t:.1f}s; threads: {torch.get_num_threads()}"
+        )
         engine = InfluenceEngine(store, "raw", 0.1, chunk_bytes=args.chunk_mb << 20, device="cpu")
 
         # Compute-bound: many queries, rows in the page cache.
-        q = Gradients(torch.randn(args.queries, store.width), list(range(args.queries)),
-                      store.modules, store.fingerprint)
+        q = Gradients(
+            torch.randn(args.queries, store.width),
+            list(range(args.queries)),
+            store.modules,
+            store.fingerprint,
+        )
         engine.top_k(q, k=10)  # warm the page cache and the code paths
         t_engine = best_time(lambda: engine.top_k(q, k=10), args.repeats)
         chunks = [x for _, x in store.iter_chunks(rows=engine.chunk_rows)]
@@ -143,10 +161,20 @@ def main() -> None:
         table = Table(title="logix query engine vs this machine's limits", title_justify="left")
         for col in ("case", "engine", "limit", "ratio", "target"):
             table.add_column(col, justify="left" if col == "case" else "right")
-        table.add_row(f"compute: top-10, {args.queries} queries (GFLOP/s)", f"{gf_engine:.1f}",
-                      f"{gf_matmul:.1f} (matmul)", f"{gf_engine / gf_matmul:.2f}", "≥ 0.70")
-        table.add_row(f"cold read: top-10, 1 query (MB/s, {method})", f"{mb_engine:.0f}",
-                      f"{mb_dd:.0f} (sequential read)", f"{mb_engine / mb_dd:.2f}", "≥ 0.70")
+        table.add_row(
+            f"compute: top-10, {args.queries} queries (GFLOP/s)",
+            f"{gf_engine:.1f}",
+            f"{gf_matmul:.1f} (matmul)",
+            f"{gf_engine / gf_matmul:.2f}",
+            "≥ 0.70",
+        )
+        table.add_row(
+            f"cold read: top-10, 1 query (MB/s, {method})",
+            f"{mb_engine:.0f}",
+            f"{mb_dd:.0f} (sequential read)",
+            f"{mb_engine / mb_dd:.2f}",
+            "≥ 0.70",
+        )
         console.print(table)
     finally:
         if args.dir is None:

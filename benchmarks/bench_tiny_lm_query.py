@@ -51,15 +51,19 @@ def main() -> None:
     t = time.perf_counter()
     _, checkpoints = train(model, corpus, args.epochs, 3e-3, 32, 0, console, {args.epochs})
     console.print(f"trained {args.epochs} epochs in {time.perf_counter() - t:.0f} s")
-    config = {"capture": {"types": ["Linear"], "loss_reduction": "mean", "attribution_only": True},
-              "projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank, "seed": 0}}
+    config = {
+        "capture": {"types": ["Linear"], "loss_reduction": "mean", "attribution_only": True},
+        "projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank, "seed": 0},
+    }
     run_dir = Path(tempfile.mkdtemp(prefix="logix-tinylm-")) / "store"
     log_documents(model, corpus, run_dir, config, 32, checkpoints)
     store = logix.open_store(run_dir)
     q = query_gradients(model, corpus, run_dir, corpus.test_questions, 32)
     widths = [m.width for m in store.modules]
-    console.print(f"store: {len(store)} rows × {store.width} ({len(widths)} blocks, widest "
-                  f"{max(widths)}); {len(q)} queries")
+    console.print(
+        f"store: {len(store)} rows × {store.width} ({len(widths)} blocks, widest "
+        f"{max(widths)}); {len(q)} queries"
+    )
 
     t = time.perf_counter()
     engine = logix.InfluenceEngine(store, "raw", 0.1, device="cpu")
@@ -86,13 +90,17 @@ def main() -> None:
     relevant = [corpus.fact_documents(qq.fact) for qq in corpus.test_questions]
     ours, theirs = rank_metrics(auto, relevant), rank_metrics(reference.float(), relevant)
     console.print(f"first raw query (engine + cosine scores): {first:.1f} s, forms {forms}")
-    console.print(f"today's eigendecomposition path, estimated: {today:.1f} s "
-                  f"({per_block:.1f} s per {max(widths)}-wide block × {len(wide)}; "
-                  f"{'all' if args.full_eigen else 'one'} measured) -> ratio {first / today:.3f}")
-    console.print(f"retrieval, engine (float32 products) vs float64 Gram form: MRR "
-                  f"{ours['mrr']:.4f} vs {theirs['mrr']:.4f} (Δ {ours['mrr'] - theirs['mrr']:+.4f}), "
-                  f"recall@10 {ours['recall@10']:.4f} vs {theirs['recall@10']:.4f}; scores rel. "
-                  f"diff {float((auto.double() - reference).norm() / reference.norm()):.2e}")
+    console.print(
+        f"today's eigendecomposition path, estimated: {today:.1f} s "
+        f"({per_block:.1f} s per {max(widths)}-wide block × {len(wide)}; "
+        f"{'all' if args.full_eigen else 'one'} measured) -> ratio {first / today:.3f}"
+    )
+    console.print(
+        f"retrieval, engine (float32 products) vs float64 Gram form: MRR "
+        f"{ours['mrr']:.4f} vs {theirs['mrr']:.4f} (Δ {ours['mrr'] - theirs['mrr']:+.4f}), "
+        f"recall@10 {ours['recall@10']:.4f} vs {theirs['recall@10']:.4f}; scores rel. "
+        f"diff {float((auto.double() - reference).norm() / reference.norm()):.2e}"
+    )
 
 
 if __name__ == "__main__":

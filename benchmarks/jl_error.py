@@ -15,11 +15,14 @@ D_OUT, D_IN, TRIALS = 256, 65, 100
 def rms_error(grad_rank: int | None, r: int, gen: torch.Generator) -> float:
     errs = []
     for _ in range(TRIALS):
+
         def draw() -> torch.Tensor:
             if grad_rank is None:
                 return torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
-            return (torch.randn(D_OUT, grad_rank, generator=gen, dtype=torch.float64)
-                    @ torch.randn(grad_rank, D_IN, generator=gen, dtype=torch.float64))
+            return torch.randn(D_OUT, grad_rank, generator=gen, dtype=torch.float64) @ torch.randn(
+                grad_rank, D_IN, generator=gen, dtype=torch.float64
+            )
+
         a = draw()
         b = 0.5 * a + draw()  # correlated, cosine about 0.45
         p_out = torch.randn(r, D_OUT, generator=gen, dtype=torch.float64) / r**0.5

@@ -43,8 +43,9 @@ class Block(nn.Module):
 class TinyDecoder(nn.Module):
     """A decoder-only transformer language model: tokens [B, T] -> logits [B, T, vocab]."""
 
-    def __init__(self, vocab: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
-                 max_len: int = 512):
+    def __init__(
+        self, vocab: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4, max_len: int = 512
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) / math.sqrt(d_model))

@@ -4,8 +4,6 @@ Log in three lines (`init`, `watch`, `with run(data_id=ids):`), then open the st
 training examples made the model behave as it does (`open_store`, `InfluenceEngine`).
 """
 
-from logix.version import __version__
-
 from logix.capture.tokens import TokenGradients
 from logix.capture.trajectory import record_trajectory
 from logix.config import LogixConfig
@@ -13,9 +11,10 @@ from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, Sto
 from logix.run import Run, init
 from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
+
 # Bound after the subpackage import, so `logix.unroll` is the function (logix/unroll/ is its home).
 from logix.unroll import unroll
-
+from logix.version import __version__
 
 # The query side is imported on first use so that logging does not pay for it.
 _LAZY = {

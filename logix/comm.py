@@ -92,7 +92,7 @@ def all_gather_columns(t: torch.Tensor) -> torch.Tensor:
     wide = max(widths)
     dev = comm_device()
     x = torch.zeros((*t.shape[:-1], wide), dtype=t.dtype, device=dev)
-    x[..., :t.shape[-1]] = t.to(dev)
+    x[..., : t.shape[-1]] = t.to(dev)
     parts = [torch.empty_like(x) for _ in range(world)]
     torch.distributed.all_gather(parts, x)
     return torch.cat([p[..., :w] for p, w in zip(parts, widths)], dim=-1).to(t.device)
@@ -108,7 +108,7 @@ def gather_columns_to(t: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
     wide = max(widths)
     dev = comm_device()
     x = torch.zeros((*t.shape[:-1], wide), dtype=t.dtype, device=dev)
-    x[..., :t.shape[-1]] = t.to(dev)
+    x[..., : t.shape[-1]] = t.to(dev)
     parts = [torch.empty_like(x) for _ in range(world)] if rank == dst else None
     torch.distributed.gather(x, parts, dst=dst)
     if rank != dst:

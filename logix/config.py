@@ -7,13 +7,13 @@ valid key; a value of the wrong type or outside its choices is an error naming w
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
-
 
 from logix.errors import ConfigError
 from logix.vocabulary import (
@@ -39,7 +39,8 @@ class CaptureConfig:
     """Which modules are watched and how their gradients are read."""
 
     types: list[str] = field(
-        default_factory=lambda: list(LAYER_TYPES), metadata={"each_of": LAYER_TYPES},
+        default_factory=lambda: list(LAYER_TYPES),
+        metadata={"each_of": LAYER_TYPES},
     )
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
@@ -72,8 +73,7 @@ class StoreConfig:
 class CurvatureConfig:
     """Which curvature statistics are accumulated while logging."""
 
-    statistics: list[str] = field(default_factory=lambda: ["raw"],
-                                  metadata={"each_of": STATISTICS})
+    statistics: list[str] = field(default_factory=lambda: ["raw"], metadata={"each_of": STATISTICS})
     during_logging: bool = False
 
 
@@ -99,7 +99,7 @@ class LogixConfig:
     query: QueryConfig = field(default_factory=QueryConfig)
 
     @classmethod
-    def load(cls, source: "LogixConfig | dict | str | Path | None") -> "LogixConfig":
+    def load(cls, source: LogixConfig | dict | str | Path | None) -> LogixConfig:
         if source is None:
             return cls()
         if isinstance(source, LogixConfig):
@@ -113,12 +113,17 @@ class LogixConfig:
         )
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "LogixConfig":
+    def from_yaml(cls, path: str | Path) -> LogixConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path} is not a text file (byte {e.start} is not UTF-8): pass the path of a YAML "
+                "config such as configs/default.yaml"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         try:
@@ -127,7 +132,7 @@ class LogixConfig:
             raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LogixConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LogixConfig:
         return _build(cls, data, "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,12 +195,16 @@ def _check_value(hint: Any, value: Any, path: str, meta: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
     elif hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} must be a string, got {value!r}")
         allowed = meta.get("choices")
         if allowed and value not in allowed:
-            raise ConfigError(f"{path} must be one of {list(allowed)}, got {value!r}{_suggest(value, allowed)}")
+            raise ConfigError(
+                f"{path} must be one of {list(allowed)}, got {value!r}{_suggest(value, allowed)}"
+            )
     if "min" in meta and value < meta["min"]:
         raise ConfigError(f"{path} must be at least {meta['min']}, got {value!r}")
     return value
@@ -204,4 +213,3 @@ def _check_value(hint: Any, value: Any, path: str, meta: Any) -> Any:
 def _suggest(value: str, allowed: Any) -> str:
     close = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
-

@@ -22,16 +22,19 @@ from logix.vocabulary import LOSS_REDUCTIONS, check_choice
 PER_EXAMPLE = ("sum", "mean")  # over an example's target tokens
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                    per_example: str = "sum") -> torch.Tensor:
+def next_token_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None = None, per_example: str = "sum"
+) -> torch.Tensor:
     """The causal-LM loss of each sequence, [B]: the cross-entropy of predicting input_ids[:, t+1]
     from logits[:, t] ([B, T, V] over input_ids [B, T]), at every t+1 where mask [B, T] is 1
     (the padding mask: padded tokens are no targets; position 0 never is one), summed or
     averaged (`per_example`) over the sequence's targets. A sequence without targets gives 0."""
     check_choice(per_example, PER_EXAMPLE, "per-example reduction")
     if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"logits must be [B, T, V] over input_ids [B, T], got {tuple(logits.shape)} "
-                         f"and {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"logits must be [B, T, V] over input_ids [B, T], got {tuple(logits.shape)} "
+            f"and {tuple(input_ids.shape)}"
+        )
     if mask is not None and mask.shape != input_ids.shape:
         raise ValueError(f"mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")
@@ -51,8 +54,9 @@ def batch_loss(per_example: torch.Tensor, run: Any) -> torch.Tensor:
     return per_example.mean() if reduction == "mean" else per_example.sum()
 
 
-def check_batch_reduction(loss: torch.Tensor, per_example: torch.Tensor, run: Any,
-                          rtol: float = 1e-4) -> None:
+def check_batch_reduction(
+    loss: torch.Tensor, per_example: torch.Tensor, run: Any, rtol: float = 1e-4
+) -> None:
     """A ConfigError naming the fix when the loop's scalar `loss` is not the configured reduction
     (`capture.loss_reduction`) of `per_example` [B] (the same batch's per-example losses), e.g.
     a mean over tokens, or a sum where the config says mean."""
@@ -64,8 +68,12 @@ def check_batch_reduction(loss: torch.Tensor, per_example: torch.Tensor, run: An
         return
     other = "sum" if reduction == "mean" else "mean"
     if abs(value - candidates[other]) <= rtol * max(abs(candidates[other]), 1e-12):
-        raise ConfigError(f"the loop's loss is the {other} of the per-example losses but "
-                          f"capture.loss_reduction is {reduction!r}: set it to {other!r}")
-    raise ConfigError(f"the loop's loss {value:.6g} is neither the mean ({candidates['mean']:.6g}) "
-                      f"nor the sum ({candidates['sum']:.6g}) of the per-example losses (a mean "
-                      "over tokens?): backprop logix.losses.batch_loss(per_example, run) instead")
+        raise ConfigError(
+            f"the loop's loss is the {other} of the per-example losses but "
+            f"capture.loss_reduction is {reduction!r}: set it to {other!r}"
+        )
+    raise ConfigError(
+        f"the loop's loss {value:.6g} is neither the mean ({candidates['mean']:.6g}) "
+        f"nor the sum ({candidates['sum']:.6g}) of the per-example losses (a mean "
+        "over tokens?): backprop logix.losses.batch_loss(per_example, run) instead"
+    )

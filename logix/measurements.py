@@ -30,7 +30,8 @@ its id, so the measurement is the same function every time it is computed):
     gen = torch.Generator().manual_seed(1234)
     noise = torch.randn(x0.shape, generator=gen)
     t = torch.randint(0, T, (len(x0),), generator=gen)
-    x_t = alpha_bar[t].sqrt()[:, None, None, None] * x0 + (1 - alpha_bar[t]).sqrt()[:, None, None, None] * noise
+    a = alpha_bar[t][:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with query(data_id=ids):
         measurements.reduce(measurements.squared_error(eps_model(x_t, t), noise), query).backward()
 
@@ -48,17 +49,21 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
-                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Per-example cross-entropy (a loss): logits [B, C] with labels [B], or logits [B, T, C]
     with labels [B, T] summed over the positions whose label is not `ignore_index`. -> [B]."""
     if logits.ndim == 2:
         return F.cross_entropy(logits, labels, reduction="none", ignore_index=ignore_index)
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape)} "
-                         "without the class dimension")
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                         reduction="none", ignore_index=ignore_index)
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape)} "
+            "without the class dimension"
+        )
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none", ignore_index=ignore_index
+    )
     return ce.reshape(labels.shape[0], -1).sum(dim=1)
 
 
@@ -67,8 +72,9 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     class's logit minus the log-sum-exp of the other logits, log(p / (1 - p)). logits [B, C],
     labels [B] -> [B]. To attribute it, backprop `margin_loss` (its negative)."""
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"margin takes logits [B, C] and labels [B], got {tuple(logits.shape)} "
-                         f"and {tuple(labels.shape)}")
+        raise ValueError(
+            f"margin takes logits [B, C] and labels [B], got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     if logits.shape[1] < 2:
         raise ValueError("margin needs at least two classes")
     correct = logits.gather(1, labels[:, None])[:, 0]
@@ -82,28 +88,35 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -margin(logits, labels)
 
 
-def completion_logprob(logits: torch.Tensor, input_ids: torch.Tensor,
-                       completion_mask: torch.Tensor) -> torch.Tensor:
+def completion_logprob(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """log p(completion | prompt) per sequence of a causal LM (higher = more likely): the sum of
     log p(input_ids[t] | tokens before t) over the positions t where completion_mask [B, T] is 1.
     logits [B, T, V] are the model's outputs on input_ids [B, T] (position t predicts t+1), so
     completion_mask[:, 0] must be 0. -> [B]. To attribute it, backprop `completion_loss`."""
     if logits.ndim != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"logits must be [B, T, V] over input_ids [B, T], got {tuple(logits.shape)} "
-                         f"and {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"logits must be [B, T, V] over input_ids [B, T], got {tuple(logits.shape)} "
+            f"and {tuple(input_ids.shape)}"
+        )
     if completion_mask.shape != input_ids.shape:
-        raise ValueError(f"completion_mask {tuple(completion_mask.shape)} must match input_ids "
-                         f"{tuple(input_ids.shape)}")
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+        )
     if bool(completion_mask[:, 0].any()):
-        raise ValueError("completion_mask[:, 0] must be 0: no position predicts the first token "
-                         "(mark the completion's own tokens, after the prompt)")
+        raise ValueError(
+            "completion_mask[:, 0] must be 0: no position predicts the first token "
+            "(mark the completion's own tokens, after the prompt)"
+        )
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     target = logp.gather(2, input_ids[:, 1:, None])[..., 0]  # [B, T-1]
     return (target * completion_mask[:, 1:].to(target.dtype)).sum(dim=1)
 
 
-def completion_loss(logits: torch.Tensor, input_ids: torch.Tensor,
-                    completion_mask: torch.Tensor) -> torch.Tensor:
+def completion_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
     """-log p(completion | prompt) [B] (the completion's summed token cross-entropy): backprop
     it so that a positive score means "makes this completion more likely"."""
     return -completion_logprob(logits, input_ids, completion_mask)
@@ -113,8 +126,9 @@ def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """Σ (prediction - target)² over all but the batch dimension (a loss): [B, ...] -> [B].
     A regression loss, or a denoiser's loss on a fixed noise draw (see the module doc)."""
     if prediction.shape != target.shape:
-        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} "
-                         "must have the same shape")
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} must have the same shape"
+        )
     return (prediction - target).pow(2).reshape(prediction.shape[0], -1).sum(dim=1)
 
 

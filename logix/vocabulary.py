@@ -46,6 +46,9 @@ def renamed(old: str, new: str, value: object, given: object, where: str) -> obj
         import warnings
 
         _WARNED_RENAMES.add((old, new))
-        warnings.warn(f"{where}: {old}= is renamed {new}=; the old name will be removed",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{where}: {old}= is renamed {new}=; the old name will be removed",
+            DeprecationWarning,
+            stacklevel=3,
+        )
     return value

@@ -54,8 +54,17 @@ print("finished", flush=True)
 
 
 def _start(run_dir: Path, args, progress: Path, config: dict, pause: float) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", CHILD, str(run_dir), str(args.ids), str(args.batch),
-           str(progress), json.dumps(config), str(pause)]
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(run_dir),
+        str(args.ids),
+        str(args.batch),
+        str(progress),
+        json.dumps(config),
+        str(pause),
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -82,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0.02, help="seconds between batches")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
-    config = {"projection": {"kind": "random", "rank_in": 4, "rank_out": 3, "seed": 0},
-              "store": {"shard_rows": args.shard_rows}}
+    config = {
+        "projection": {"kind": "random", "rank_in": 4, "rank_out": 3, "seed": 0},
+        "store": {"shard_rows": args.shard_rows},
+    }
 
     import torch
 
@@ -112,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             accepted = _accepted(progress)
             lost = logix.open_store(run_dir, verify="none").missing_ids(accepted)
             losses.append(len(lost))
-            print(f"kill {kills:2d}: {len(accepted)} rows accepted in this life, {len(lost)} not on "
-                  f"disk ({len(lost) / args.shard_rows:.2f} shards of {args.shard_rows} rows)",
-                  flush=True)
+            print(
+                f"kill {kills:2d}: {len(accepted)} rows accepted in this life, {len(lost)} not on "
+                f"disk ({len(lost) / args.shard_rows:.2f} shards of {args.shard_rows} rows)",
+                flush=True,
+            )
         store = logix.open_store(run_dir, verify="full")
         reference = logix.open_store(tmp / "clean", verify="full")
         ids = store.data_ids
@@ -124,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         order = {i: k for k, i in enumerate(reference.data_ids)}
         assert torch.equal(rows, ref[[order[i] for i in ids]]), "rows differ from a clean run"
     worst = max(losses, default=0)
-    print(f"{kills} kills: every id stored exactly once, rows equal to a clean run; worst loss "
-          f"of one kill {worst} rows = {worst / args.shard_rows:.2f} x shard_rows "
-          f"(bound: 3 x shard_rows = {3 * args.shard_rows})")
+    print(
+        f"{kills} kills: every id stored exactly once, rows equal to a clean run; worst loss "
+        f"of one kill {worst} rows = {worst / args.shard_rows:.2f} x shard_rows "
+        f"(bound: 3 x shard_rows = {3 * args.shard_rows})"
+    )
     return 0 if kills == args.kills and worst < 3 * args.shard_rows else 1
 
 

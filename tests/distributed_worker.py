@@ -26,8 +26,11 @@ from torch import nn
 import logix
 
 N_TRAIN, GLOBAL_BATCH, N_QUERY = 48, 8, 6
-CONFIG = {"projection": {"rank_in": 4, "rank_out": 3, "seed": 3}, "store": {"shard_rows": 5},
-          "curvature": {"statistics": ["raw", "kfac"], "during_logging": True}}
+CONFIG = {
+    "projection": {"rank_in": 4, "rank_out": 3, "seed": 3},
+    "store": {"shard_rows": 5},
+    "curvature": {"statistics": ["raw", "kfac"], "during_logging": True},
+}
 
 
 def make_model() -> nn.Module:
@@ -95,8 +98,10 @@ def log_query(out: Path, rank: int, world: int) -> None:
     if rank == 0:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in logged.module.state_dict().items()},
-                  str(out / "ddp-params.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in logged.module.state_dict().items()},
+            str(out / "ddp-params.safetensors"),
+        )
 
     # FSDP (v1) renames every wrapped module '_fsdp_wrapped_module.…'; the store must not.
     fsdp = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"))
@@ -122,16 +127,16 @@ def log_query(out: Path, rank: int, world: int) -> None:
     save_results(engine, q, out, "ddp", rank)
 
     # EK-FAC with refinement: every F V pass streams each rank's share, products all-reduced.
-    engine = logix.InfluenceEngine(out / "ddp", "ekfac", damping=0.1, distributed=True,
-                                   chunk_rows=7, refine=3)
+    engine = logix.InfluenceEngine(
+        out / "ddp", "ekfac", damping=0.1, distributed=True, chunk_rows=7, refine=3
+    )
     engine.scores(q).save(out / f"refined-scores-r{rank}.safetensors")
 
     # Without logged statistics: each rank streams its share, the sums are all-reduced.
     if rank == 0:
         shutil.copytree(out / "ddp", out / "nostats", ignore=shutil.ignore_patterns("curvature"))
     torch.distributed.barrier()
-    engine = logix.InfluenceEngine(out / "nostats", "raw", damping=0.1, distributed=True,
-                                   chunk_rows=7)
+    engine = logix.InfluenceEngine(out / "nostats", "raw", damping=0.1, distributed=True, chunk_rows=7)
     engine.top_k(q, k=5).save(out / f"nostats-top-r{rank}.safetensors")
 
 
@@ -198,8 +203,12 @@ if __name__ == "__main__":
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{out / 'process-group'}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=180))
+        "gloo",
+        init_method=f"file://{out / 'process-group'}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=180),
+    )
     code = 0
     try:
         SCENARIOS[scenario](out, rank, world)

@@ -12,8 +12,11 @@ import logix
 
 N_IDS = 240
 BATCH = 6
-CONFIG = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 3},
-          "store": {"shard_rows": 8}, "curvature": {"statistics": ["raw", "kfac"], "during_logging": True}}
+CONFIG = {
+    "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 3},
+    "store": {"shard_rows": 8},
+    "curvature": {"statistics": ["raw", "kfac"], "during_logging": True},
+}
 
 
 def model() -> nn.Module:
@@ -31,7 +34,7 @@ def data(ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 def log(run, m: nn.Module, ids: list[int], on_batch=None) -> None:
     """Log `ids` in batches of BATCH (no optimizer step: rows depend on the id only)."""
     for start in range(0, len(ids), BATCH):
-        batch = ids[start:start + BATCH]
+        batch = ids[start : start + BATCH]
         x, y = data(batch)
         with run(data_id=batch):
             nn.functional.cross_entropy(m(x), y).backward()

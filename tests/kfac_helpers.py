@@ -47,11 +47,21 @@ def make_batches(gen: torch.Generator, sizes=(3, 2, 4), seq: int = 5, d_in: int 
     return batches
 
 
-def log_model(path: Path, model: nn.Module, batches, *, reduction: str = "mean",
-              projection: dict | None = None, statistics=("raw", "kfac")) -> None:
-    config = {"projection": projection or {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
-              "capture": {"loss_reduction": reduction}, "curvature": {"statistics": list(statistics)},
-              "store": {"shard_rows": 4}}
+def log_model(
+    path: Path,
+    model: nn.Module,
+    batches,
+    *,
+    reduction: str = "mean",
+    projection: dict | None = None,
+    statistics=("raw", "kfac"),
+) -> None:
+    config = {
+        "projection": projection or {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+        "capture": {"loss_reduction": reduction},
+        "curvature": {"statistics": list(statistics)},
+        "store": {"shard_rows": 4},
+    }
     with logix.init(path, config=config, overwrite=True) as run:
         run.watch(model)
         for ids, x, y, mask in batches:
@@ -73,8 +83,7 @@ def reference_factors(model: nn.Module, batches, projections: dict, reduction: s
     for _, x, y, mask in batches:
         inputs: dict = {}
         outputs: dict = {}
-        handles = [getattr(model, n).register_forward_hook(partial(_keep, inputs, outputs, n))
-                   for n in names]
+        handles = [getattr(model, n).register_forward_hook(partial(_keep, inputs, outputs, n)) for n in names]
         loss = seq_loss(model(x), y, mask, reduction)
         for h in handles:
             h.remove()
@@ -102,8 +111,9 @@ def kron_fisher(stats, name: str) -> torch.Tensor:
     return torch.kron(s, a)
 
 
-def dense_scores(q: torch.Tensor, x: torch.Tensor, modules, fishers: dict, damping: float,
-                 absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_scores(
+    q: torch.Tensor, x: torch.Tensor, modules, fishers: dict, damping: float, absolute: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_m q_m (F_m + λ_m I)⁻¹ x_mᵀ with λ_m = damping · trace(F_m) / w (or absolute); also the
     block-diagonal inverse [D, D]."""
     q, x = q.double(), x.double()

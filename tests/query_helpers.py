@@ -18,8 +18,10 @@ FINGERPRINT = "ab" * 32
 
 def mlp_modules() -> list[ModuleInfo]:
     """Module table of the MLP 5 → 4 → 3 (with biases) under the identity projection."""
-    return [ModuleInfo("fc1", "Linear", 6, 4, 6, 4, True, 0),
-            ModuleInfo("fc2", "Linear", 5, 3, 5, 3, True, 24)]
+    return [
+        ModuleInfo("fc1", "Linear", 6, 4, 6, 4, True, 0),
+        ModuleInfo("fc2", "Linear", 5, 3, 5, 3, True, 24),
+    ]
 
 
 def mlp_rows(n: int, seed: int) -> torch.Tensor:
@@ -43,35 +45,57 @@ def mlp_rows(n: int, seed: int) -> torch.Tensor:
         return nn.functional.cross_entropy(out, yi.unsqueeze(0))
 
     g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-    blocks = [torch.cat([g[f"{m}.weight"], g[f"{m}.bias"].unsqueeze(2)], dim=2).reshape(n, -1)
-              for m in ("fc1", "fc2")]
+    blocks = [
+        torch.cat([g[f"{m}.weight"], g[f"{m}.bias"].unsqueeze(2)], dim=2).reshape(n, -1)
+        for m in ("fc1", "fc2")
+    ]
     return torch.cat(blocks, dim=1)
 
 
-def write_manifest(run_dir: Path, modules: list[ModuleInfo], dtype: str = "float32",
-                   fingerprint: str = FINGERPRINT) -> Path:
+def write_manifest(
+    run_dir: Path, modules: list[ModuleInfo], dtype: str = "float32", fingerprint: str = FINGERPRINT
+) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     width = sum(m.width for m in modules)
-    write_json_atomic(run_dir / "manifest.json", {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "config": {},
-        "modules": [m.to_dict() for m in modules], "width": width, "dtype": dtype,
-        "fingerprint": fingerprint, "projection": {"kind": "identity", "notes": []},
-        "created": "2024-01-01T00:00:00", "logix_version": "0.1.0"})
+    write_json_atomic(
+        run_dir / "manifest.json",
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": {},
+            "modules": [m.to_dict() for m in modules],
+            "width": width,
+            "dtype": dtype,
+            "fingerprint": fingerprint,
+            "projection": {"kind": "identity", "notes": []},
+            "created": "2024-01-01T00:00:00",
+            "logix_version": "0.1.0",
+        },
+    )
     return run_dir
 
 
-def build_store(run_dir: Path, modules: list[ModuleInfo], rows: torch.Tensor, ids: list | None = None,
-                *, shard_rows: int = 16, statistics: bool = True, dtype: str = "float32") -> Path:
+def build_store(
+    run_dir: Path,
+    modules: list[ModuleInfo],
+    rows: torch.Tensor,
+    ids: list | None = None,
+    *,
+    shard_rows: int = 16,
+    statistics: bool = True,
+    dtype: str = "float32",
+) -> Path:
     """A store holding `rows` (one segment "0"), with logged raw statistics unless told not."""
     write_manifest(run_dir, modules, dtype)
     ids = list(range(rows.shape[0])) if ids is None else ids
     stats = CurvatureStatistics(run_dir, modules) if statistics else None
-    writer = StoreWriter(run_dir, width=rows.shape[1], dtype=dtype, shard_rows=shard_rows,
-                         observers=[stats] if stats else [])
+    writer = StoreWriter(
+        run_dir, width=rows.shape[1], dtype=dtype, shard_rows=shard_rows, observers=[stats] if stats else []
+    )
     writer.start_segment("0")
     for i in range(0, rows.shape[0], 10):
-        writer.add(ids[i:i + 10], rows[i:i + 10].float())
+        writer.add(ids[i : i + 10], rows[i : i + 10].float())
     writer.close()
     if stats:
         stats.save()
@@ -82,8 +106,9 @@ def queries(rows: torch.Tensor, modules: list[ModuleInfo], fingerprint: str = FI
     return Gradients(rows.float(), [f"q{i}" for i in range(rows.shape[0])], modules, fingerprint)
 
 
-def reference_scores(q: torch.Tensor, x: torch.Tensor, modules: list[ModuleInfo], damping: float,
-                     absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_scores(
+    q: torch.Tensor, x: torch.Tensor, modules: list[ModuleInfo], damping: float, absolute: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense float64 g_qᵀ (F + λI)⁻¹ g_z with block-diagonal F from x; also H⁻¹ = (F+λI)⁻¹."""
     q, x = q.double(), x.double()
     width = x.shape[1]

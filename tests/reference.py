@@ -36,8 +36,9 @@ def module_gradient(module: nn.Module, name: str, grads: dict, bias: bool) -> to
     return g
 
 
-def projected_rows(model: nn.Module, modules: list[ModuleInfo], projections: dict,
-                   grads: dict) -> torch.Tensor:
+def projected_rows(
+    model: nn.Module, modules: list[ModuleInfo], projections: dict, grads: dict
+) -> torch.Tensor:
     """Rows [B, D]: P_out G P_inᵀ per module, flattened row-major, in module-table order."""
     named = dict(model.named_modules())
     blocks = []

@@ -154,12 +154,18 @@ def test_identity_projection_is_exact_parameter_gradient(tmp_path):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 2))
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
-    query = capture(tmp_path, model, x, y, {"projection": {"kind": "identity"},
-                                            "capture": {"loss_reduction": "sum"}}, "sum")
+    query = capture(
+        tmp_path,
+        model,
+        x,
+        y,
+        {"projection": {"kind": "identity"}, "capture": {"loss_reduction": "sum"}},
+        "sum",
+    )
     rows = query.gradients().values
     for i in range(4):
         model.zero_grad()
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum").backward()
         w, b = model[0].weight.grad, model[0].bias.grad
         expect = torch.cat([w, b[:, None]], dim=1).reshape(-1)
         torch.testing.assert_close(rows[i], expect, rtol=1e-6, atol=1e-7)
@@ -211,7 +217,7 @@ def test_padding_mask_removes_padded_positions(tmp_path):
     # reference: example 0 without its padded positions, example 1 whole (loss is per position)
     for i, t in ((0, 3), (1, 5)):
         model.zero_grad()
-        model(x[i:i + 1, :t]).pow(2).sum().backward()
+        model(x[i : i + 1, :t]).pow(2).sum().backward()
         w, b = model[0].weight.grad, model[0].bias.grad
         torch.testing.assert_close(rows[i], torch.cat([w, b[:, None]], 1).reshape(-1))
 
@@ -223,4 +229,6 @@ def test_conv1d_recognised_by_class_name_only(tmp_path):
     with logix.init(tmp_path / "r", config={"projection": {"kind": "identity"}}) as run:
         run.watch(model)
     assert [(m.name, m.type, m.d_in, m.d_out) for m in run.modules] == [
-        ("0.c_fc", "Conv1D", 7, 5), ("0.c_proj", "Conv1D", 6, 4)]
+        ("0.c_fc", "Conv1D", 7, 5),
+        ("0.c_proj", "Conv1D", 6, 4),
+    ]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_example_grads, projected_rows
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import logix
-from reference import per_example_grads, projected_rows
 
 
 class Block(nn.Module):
@@ -59,15 +59,18 @@ def test_checkpointed_rows_equal_uncheckpointed_reference(tmp_path, reentrant, a
     plain.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
     tokens, y = torch.randint(0, 10, (5, 4), generator=g), torch.randint(0, 3, (5, 4), generator=g)
-    cfg = {"projection": {"kind": "random", "rank_in": 4, "rank_out": 3},
-           "capture": {"attribution_only": attribution_only}}
+    cfg = {
+        "projection": {"kind": "random", "rank_in": 4, "rank_out": 3},
+        "capture": {"attribution_only": attribution_only},
+    }
     rows = {}
     for name, net in (("checkpointed", model), ("plain", plain)):
         with logix.init(tmp_path / name, config=cfg) as run:
             run.watch(net)
             calls: list[int] = []
-            hooks = [m.register_forward_hook(lambda *a, seen=calls: seen.append(1))
-                     for m in net.blocks.modules()]
+            hooks = [
+                m.register_forward_hook(lambda *a, seen=calls: seen.append(1)) for m in net.blocks.modules()
+            ]
             with run(data_id=list(range(5))):
                 loss_per_example(net(tokens), y).mean().backward()
             for h in hooks:

@@ -19,25 +19,36 @@ def test_every_shipped_config_loads():
 
 
 def test_round_trip_yaml_and_dict(tmp_path):
-    cfg = LogixConfig.load({"projection": {"kind": "identity"}, "store": {"dtype": "bfloat16"},
-                            "capture": {"types": "Linear", "exclude": ["head"]}})
+    cfg = LogixConfig.load(
+        {
+            "projection": {"kind": "identity"},
+            "store": {"dtype": "bfloat16"},
+            "capture": {"types": "Linear", "exclude": ["head"]},
+        }
+    )
     assert cfg.capture.types == ["Linear"]
     cfg.to_yaml(tmp_path / "c.yaml")
     again = LogixConfig.load(tmp_path / "c.yaml")
     assert again == cfg and LogixConfig.load(again) == cfg and LogixConfig.load(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"projecton": {}}, "unknown key 'projecton'; did you mean 'projection'"),
-    ({"store": {"shard_row": 3}}, "unknown key 'store.shard_row'; did you mean 'store.shard_rows'"),
-    ({"projection": {"rank_in": "64"}}, "projection.rank_in must be an integer"),
-    ({"projection": {"rank_in": 0}}, "projection.rank_in must be at least 1"),
-    ({"projection": {"kind": "gaussian"}}, "projection.kind must be one of \\['identity', 'random', 'pca', 'kfac-whitened'\\]"),
-    ({"capture": {"bias": "yes"}}, "capture.bias must be true or false"),
-    ({"capture": {"types": ["Lnear"]}}, "did you mean 'Linear'"),
-    ({"query": {"damping": -1}}, "query.damping must be at least 0.0"),
-    ({"query": []}, "query must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"projecton": {}}, "unknown key 'projecton'; did you mean 'projection'"),
+        ({"store": {"shard_row": 3}}, "unknown key 'store.shard_row'; did you mean 'store.shard_rows'"),
+        ({"projection": {"rank_in": "64"}}, "projection.rank_in must be an integer"),
+        ({"projection": {"rank_in": 0}}, "projection.rank_in must be at least 1"),
+        (
+            {"projection": {"kind": "gaussian"}},
+            "projection.kind must be one of \\['identity', 'random', 'pca', 'kfac-whitened'\\]",
+        ),
+        ({"capture": {"bias": "yes"}}, "capture.bias must be true or false"),
+        ({"capture": {"types": ["Lnear"]}}, "did you mean 'Linear'"),
+        ({"query": {"damping": -1}}, "query.damping must be at least 0.0"),
+        ({"query": []}, "query must be a mapping"),
+    ],
+)
 def test_bad_values_name_what_is_expected(data, message):
     with pytest.raises(ConfigError, match=message):
         LogixConfig.load(data)

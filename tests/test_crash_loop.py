@@ -16,8 +16,12 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "crash_loop.py"
 @pytest.mark.slow
 def test_crash_loop_with_a_few_kills():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--kills", "4", "--ids", "1200",
-                           "--max-delay", "0.8", "--seed", "1"],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--kills", "4", "--ids", "1200", "--max-delay", "0.8", "--seed", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 kills: every id stored exactly once, rows equal to a clean run" in proc.stdout

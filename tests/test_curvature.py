@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from query_helpers import build_store, mlp_modules, mlp_rows, reference_scores
 
 from logix.curvature.covariance import (
     CurvatureStatistics,
@@ -22,7 +23,6 @@ from logix.curvature.precondition import (
     eigendecompose,
 )
 from logix.store.reader import open_store
-from query_helpers import build_store, mlp_modules, mlp_rows, reference_scores
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,22 @@ TIMEOUT = 240
 
 def launch(scenario: str, out: Path, world: int = 2) -> list[subprocess.Popen]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    return [subprocess.Popen([sys.executable, str(HERE / "distributed_worker.py"), scenario, str(out)],
-                             cwd=HERE, env={**env, "RANK": str(r)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for r in range(world)]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    return [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "distributed_worker.py"), scenario, str(out)],
+            cwd=HERE,
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(world)
+    ]
 
 
 def wait_all(procs: list[subprocess.Popen]) -> None:
@@ -108,8 +118,10 @@ def test_stores_logged_by_two_ranks_equal_one_process(logged):
         for name, t in stats_one.tensors.items():  # float64 sums of float32 shard GEMMs
             assert float((stats.tensors[name] - t).norm() / t.norm()) < 1e-6
     # K-FAC factors: one file per rank, summed on load, equal to one process's sums.
-    assert sorted(p.name for p in two_dir.glob("kfac-r*")) == ["kfac-r00000.safetensors",
-                                                              "kfac-r00001.safetensors"]
+    assert sorted(p.name for p in two_dir.glob("kfac-r*")) == [
+        "kfac-r00000.safetensors",
+        "kfac-r00001.safetensors",
+    ]
     factors_one, factors_two = load_factors(one), load_factors(logix.open_store(out / "ddp"))
     assert factors_two.rows == factors_one.rows == N_TRAIN
     for name, t in factors_one.tensors.items():
@@ -132,8 +144,10 @@ def test_distributed_query_equals_one_process(logged):
     q = Gradients.load(out / "q.safetensors")
     engine = logix.InfluenceEngine(out / "ddp", "raw", damping=0.1, chunk_rows=5)
     expect = {
-        "top": engine.top_k(q, k=5), "toprel": engine.top_k(q, k=4, mode="relative"),
-        "scores": engine.scores(q), "cos": engine.scores(q, mode="cosine", per_module=True),
+        "top": engine.top_k(q, k=5),
+        "toprel": engine.top_k(q, k=4, mode="relative"),
+        "scores": engine.scores(q),
+        "cos": engine.scores(q, mode="cosine", per_module=True),
         "self": engine.self_influence(),
     }
     for tag, want in expect.items():
@@ -238,8 +252,9 @@ def test_one_process_runs_the_distributed_code_path(tmp_path):
     assert torch.equal(plain.scores(q).values, shared.scores(q).values)
     # Self-influence whitens each chunk with one GEMM; chunk shapes differ when a process streams
     # a shard view, so float32 rounding may differ in the last bits.
-    torch.testing.assert_close(plain.self_influence().values, shared.self_influence().values,
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        plain.self_influence().values, shared.self_influence().values, rtol=1e-6, atol=0
+    )
     path = shared.save_scores(q, tmp_path / "s.safetensors", block_bytes=4 * 30 * 2)
     assert torch.equal(load_result(path).values, plain.scores(q).values)
     per_module = shared.save_scores(q, tmp_path / "m.safetensors", per_module=True)
@@ -276,8 +291,9 @@ def test_wrapper_names_are_stripped():
             super().__init__()
             self.add_module(attribute, inner)
 
-    inner = nn.Sequential(OrderedDict(fc1=nn.Linear(2, 3),
-                                      block=Wrapper(nn.Linear(3, 3), "_checkpoint_wrapped_module")))
+    inner = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(2, 3), block=Wrapper(nn.Linear(3, 3), "_checkpoint_wrapped_module"))
+    )
     wrapped = Wrapper(inner, "_fsdp_wrapped_module")
     names = [n for n, _ in wrappers.named_modules(wrapped)]
     assert names == ["", "fc1", "block"]  # the wrapper modules give way to what they wrap

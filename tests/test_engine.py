@@ -5,12 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from logix.query.engine import InfluenceEngine
-from logix.query.results import load_result
-from logix.store.format import ModuleInfo, StoreError
-from logix.store.gradients import Gradients
-from logix.store.reader import open_store
 from query_helpers import (
     build_store,
     mlp_modules,
@@ -19,6 +13,12 @@ from query_helpers import (
     reference_scores,
     write_manifest,
 )
+
+from logix.query.engine import InfluenceEngine
+from logix.query.results import load_result
+from logix.store.format import ModuleInfo, StoreError
+from logix.store.gradients import Gradients
+from logix.store.reader import open_store
 
 N_TRAIN = 45
 
@@ -48,7 +48,9 @@ def test_raw_dot_scores_match_dense_solve(setup, chunk_rows):
     per = engine.scores(queries(q, modules), per_module=True)
     assert per.values.shape == (2, 4, N_TRAIN) and per.modules == ["fc1", "fc2"]
     torch.testing.assert_close(per.values.sum(0), s.values, rtol=1e-5, atol=1e-5)
-    ref_fc2, _ = reference_scores(q[:, 24:], x[:, 24:], [ModuleInfo("fc2", "Linear", 5, 3, 5, 3, True, 0)], 0.1)
+    ref_fc2, _ = reference_scores(
+        q[:, 24:], x[:, 24:], [ModuleInfo("fc2", "Linear", 5, 3, 5, 3, True, 0)], 0.1
+    )
     assert rel_err(per.values[1], ref_fc2) < 1e-4
 
 
@@ -170,7 +172,10 @@ def test_bad_queries_are_rejected(setup):
     engine = InfluenceEngine(store, "raw", 0.1)
     with pytest.raises(StoreError, match="other projections or another model"):
         engine.scores(queries(q, modules, fingerprint="cd" * 32))
-    other = [ModuleInfo("fc1", "Linear", 6, 4, 6, 4, True, 0), ModuleInfo("fc3", "Linear", 5, 3, 5, 3, True, 24)]
+    other = [
+        ModuleInfo("fc1", "Linear", 6, 4, 6, 4, True, 0),
+        ModuleInfo("fc3", "Linear", 5, 3, 5, 3, True, 24),
+    ]
     with pytest.raises(StoreError, match="module table differs"):
         engine.top_k(queries(q, other))
     bad = q.clone()

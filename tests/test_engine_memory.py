@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from query_helpers import write_manifest
 
 from logix.curvature.covariance import CurvatureStatistics
 from logix.store.format import ModuleInfo
 from logix.store.writer import StoreWriter
-from query_helpers import write_manifest
 
 ROWS, WIDTH, CHUNK = 40_000, 512, 256
 
@@ -59,8 +59,10 @@ print(json.dumps({"base": base, "peak": peak, "loaded": peak_bytes(),
 
 @pytest.mark.slow
 def test_peak_memory_stays_bounded(tmp_path):
-    modules = [ModuleInfo("a", "Linear", 16, 16, 16, 16, False, 0),
-               ModuleInfo("b", "Linear", 16, 16, 16, 16, False, 256)]
+    modules = [
+        ModuleInfo("a", "Linear", 16, 16, 16, 16, False, 0),
+        ModuleInfo("b", "Linear", 16, 16, 16, 16, False, 256),
+    ]
     run = write_manifest(tmp_path / "run", modules)
     stats = CurvatureStatistics(run, modules)
     gen = torch.Generator().manual_seed(0)
@@ -77,14 +79,21 @@ def test_peak_memory_stays_bounded(tmp_path):
     # glibc keeps freed chunk-sized blocks in its heap (and per-thread arenas) at its own
     # discretion; pin its policy so the measurement sees logix's allocations, not the heap's.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(CHUNK)],
-                         capture_output=True, text=True, timeout=120, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(run), str(CHUNK)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["k"] == [8, 10] and result["n"] == ROWS
     growth = result["peak"] - result["base"]
     # A few chunks (0.5 MB each) and the ids; never the store (about 82 MB).
-    assert growth < store_bytes / 4, f"peak grew by {growth / 1e6:.1f} MB for a {store_bytes / 1e6:.0f} MB store"
+    assert growth < store_bytes / 4, (
+        f"peak grew by {growth / 1e6:.1f} MB for a {store_bytes / 1e6:.0f} MB store"
+    )
     # Sanity check of the measurement itself: loading the whole store does show up.
     assert result["loaded"] - result["base"] > 0.8 * store_bytes

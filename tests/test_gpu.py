@@ -84,8 +84,9 @@ def test_engine_on_cuda_matches_cpu(stores, dtype):
             on_cpu = InfluenceEngine(store, kind, 0.1, device="cpu")
             for mode in ("dot", "cosine"):
                 for _ in range(2):  # the second batch takes the kept-X̃ path of Gram blocks
-                    assert rel_err(on_gpu.scores(q, mode=mode).values,
-                                   on_cpu.scores(q, mode=mode).values) < 1e-4
+                    assert (
+                        rel_err(on_gpu.scores(q, mode=mode).values, on_cpu.scores(q, mode=mode).values) < 1e-4
+                    )
             assert on_gpu.top_k(q, k=4).indices.tolist() == on_cpu.top_k(q, k=4).indices.tolist()
             assert rel_err(on_gpu.self_influence().values, on_cpu.self_influence().values) < 1e-4
 
@@ -135,8 +136,11 @@ def test_copies_run_on_a_side_stream_overlapped_with_scoring(tmp_path):
     kernel_streams = {getattr(e, "stream", None) for e in kernels}
     if None not in copy_streams | kernel_streams:
         assert copy_streams.isdisjoint(kernel_streams)  # copies on the side stream
-    overlap = any(c.time_range.start < k.time_range.end and k.time_range.start < c.time_range.end
-                  for c in copies for k in kernels)
+    overlap = any(
+        c.time_range.start < k.time_range.end and k.time_range.start < c.time_range.end
+        for c in copies
+        for k in kernels
+    )
     assert overlap, "no host-to-device copy overlapped a kernel"
     on_cpu = InfluenceEngine(store, "identity", device="cpu").scores(q).values
     assert rel_err(engine.scores(q).values, on_cpu) < 1e-5
@@ -150,11 +154,26 @@ def torchrun(tmp_path, stores) -> dict:
     run_dir = tmp_path / "run"
     shutil.copytree(store.path, run_dir)
     queries(mlp_rows(3, seed=8), mlp_modules()).save(tmp_path / "q.safetensors")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([exe, "--standalone", "--nproc_per_node", "1", str(HERE / "gpu_worker.py"),
-                           str(run_dir), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [
+            exe,
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            str(HERE / "gpu_worker.py"),
+            str(run_dir),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((tmp_path / "result.json").read_text())
 

@@ -20,8 +20,7 @@ from logix.integrations.huggingface import attach, log_dataset
 
 VOCAB, SEQ, N = 23, 10, 12
 WATCHED = ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_proj"]
-CONFIG = {"capture": {"include": WATCHED}, "projection": {"kind": "identity"},
-          "store": {"shard_rows": 5}}
+CONFIG = {"capture": {"include": WATCHED}, "projection": {"kind": "identity"}, "store": {"shard_rows": 5}}
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -36,8 +35,14 @@ class TokenDataset(torch.utils.data.Dataset):
             ids = torch.zeros(SEQ, dtype=torch.long)
             ids[:length] = torch.randint(1, VOCAB, (length,), generator=g)
             mask = (torch.arange(SEQ) < length).long()
-            self.items.append({"input_ids": ids, "attention_mask": mask,
-                               "labels": ids.masked_fill(mask == 0, -100), "idx": 100 + i})
+            self.items.append(
+                {
+                    "input_ids": ids,
+                    "attention_mask": mask,
+                    "labels": ids.masked_fill(mask == 0, -100),
+                    "idx": 100 + i,
+                }
+            )
 
     def __len__(self):
         return len(self.items)
@@ -48,9 +53,18 @@ class TokenDataset(torch.utils.data.Dataset):
 
 def tiny_gpt2(dropout=0.0, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -66,11 +80,22 @@ class Snapshots(transformers.TrainerCallback):
 
 def trainer_for(model, tmp_path, max_steps=4, **extra):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=3,
-        gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
-        save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True, **extra)
-    return transformers.Trainer(model=model, args=args, train_dataset=TokenDataset(),
-                                eval_dataset=TokenDataset(4, seed=1))
+        output_dir=str(tmp_path / "out"),
+        max_steps=max_steps,
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+        **extra,
+    )
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=TokenDataset(), eval_dataset=TokenDataset(4, seed=1)
+    )
 
 
 def reference_row(model, params, item, per_example_loss):
@@ -146,8 +171,7 @@ def test_gradient_checkpointing_and_bf16_trainer(tmp_path):
     """HF gradient checkpointing gives the rows of the run without it; under bf16 autocast the
     rows are finite and near the float32 ones (bf16 forward, so not equal)."""
     rows = {}
-    for name, extra in (("plain", {}), ("ckpt", {"gradient_checkpointing": True}),
-                        ("bf16", {"bf16": True})):
+    for name, extra in (("plain", {}), ("ckpt", {"gradient_checkpointing": True}), ("bf16", {"bf16": True})):
         model = tiny_gpt2()
         trainer = trainer_for(model, tmp_path / name, max_steps=2, **extra)
         with logix.init(tmp_path / name / "run", config=CONFIG) as run:

@@ -13,14 +13,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "logix"
 
 # Lower numbers are lower stages; a module may import its own stage or any lower one.
 STAGES = {
-    "logix.errors": 0, "logix.vocabulary": 0, "logix.config": 0, "logix.comm": 0, "logix.version": 0,
+    "logix.errors": 0,
+    "logix.vocabulary": 0,
+    "logix.config": 0,
+    "logix.comm": 0,
+    "logix.version": 0,
     "logix.store": 1,
     "logix.capture": 2,
     "logix.curvature": 3,
     "logix.query": 4,
-    "logix.measurements": 4, "logix.losses": 4,
+    "logix.measurements": 4,
+    "logix.losses": 4,
     "logix.run": 5,
-    "logix.unroll": 6, "logix.integrations": 6, "logix.commands": 6, "logix.cli": 6,
+    "logix.unroll": 6,
+    "logix.integrations": 6,
+    "logix.commands": 6,
+    "logix.cli": 6,
     "logix.eval": 6,
 }
 
@@ -70,7 +78,9 @@ def imports(path: Path) -> set[str]:
 @cache
 def _is_module(name: str) -> bool:
     rel = Path(*name.split("."))
-    return (PACKAGE.parent / rel.with_suffix(".py")).exists() or (PACKAGE.parent / rel / "__init__.py").exists()
+    return (PACKAGE.parent / rel.with_suffix(".py")).exists() or (
+        PACKAGE.parent / rel / "__init__.py"
+    ).exists()
 
 
 @cache
@@ -105,7 +115,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == "open":
-                cycles.append(" -> ".join(trail[trail.index(dep):] + [dep]))
+                cycles.append(" -> ".join(trail[trail.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, trail + [dep])
         state[node] = "done"
@@ -116,10 +126,13 @@ def test_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from logix.query.engine import x\n", "logix.query.engine"),
-    ("def f():\n    from logix.run import y\n", "logix.run"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from logix.query.engine import x\n", "logix.query.engine"),
+        ("def f():\n    from logix.run import y\n", "logix.run"),
+    ],
+)
 def test_walker_sees_top_level_and_local_imports(tmp_path, source, expected):
     path = PACKAGE / "store" / "_probe_for_test.py"
     try:

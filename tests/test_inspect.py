@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import io
 
-from rich.console import Console
-
 import torch
+from rich.console import Console
+from store_helpers import MODULES, WIDTH, make_store, rows_for
 
 from logix.commands import inspect
 from logix.curvature.covariance import Statistics, save_statistics
 from logix.store.format import ModuleInfo
 from logix.store.writer import StoreWriter
-from store_helpers import MODULES, WIDTH, make_store, rows_for
 
 
 def _run(run_dir, *extra) -> tuple[int, str]:
@@ -31,9 +30,12 @@ def _small_store(tmp_path):
         w.add(range(6), rows_for(range(6)))
         w.start_segment("main")
         w.add(range(11), rows_for(range(11)))
-    stats = Statistics("raw", [ModuleInfo.from_dict(m) for m in MODULES], 11,
-                       {m["name"]: torch.eye(m["r_in"] * m["r_out"], dtype=torch.float64)
-                        for m in MODULES})
+    stats = Statistics(
+        "raw",
+        [ModuleInfo.from_dict(m) for m in MODULES],
+        11,
+        {m["name"]: torch.eye(m["r_in"] * m["r_out"], dtype=torch.float64) for m in MODULES},
+    )
     save_statistics(run_dir / "curvature" / "main" / "raw-r00000.safetensors", stats)
     return run_dir
 
@@ -42,11 +44,25 @@ def test_inspect_summary(tmp_path):
     run_dir = _small_store(tmp_path)
     code, text = _run(run_dir, "--full")
     assert code == 0, text
-    for expected in ("fc1", "fc2", "Linear", "warmup", "main", '{"lr": 0.1}', "float16",
-                     "D = 8", "raw-r00000.safetensors", "clamped", "integrity full (crc32): ok"):
+    for expected in (
+        "fc1",
+        "fc2",
+        "Linear",
+        "warmup",
+        "main",
+        '{"lr": 0.1}',
+        "float16",
+        "D = 8",
+        "raw-r00000.safetensors",
+        "clamped",
+        "integrity full (crc32): ok",
+    ):
         assert expected in text, f"{expected!r} missing from:\n{text}"
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
-            for line in text.splitlines() if line.count("│") > 3}
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in text.splitlines()
+        if line.count("│") > 3
+    }
     assert rows["warmup"] == "6" and rows["main"] == "11"
 
 

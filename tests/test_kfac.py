@@ -19,10 +19,10 @@ from query_helpers import build_store, queries
 
 import logix
 from logix.capture.factors import MAX_FACTOR_DIM
-from logix.errors import CaptureError
 from logix.capture.projection import load_projections
 from logix.curvature.kfac import factor_path, load_factors, save_factors
 from logix.curvature.precondition import build_preconditioner
+from logix.errors import CaptureError
 from logix.query.engine import InfluenceEngine
 from logix.store.format import ModuleInfo, StoreError
 
@@ -70,8 +70,9 @@ def test_per_rank_factor_files_are_summed(tmp_path, logged):
     run_dir = tmp_path / "copy"
     build_store(run_dir, list(store.modules), store.load(), statistics=False)
     for rank in (0, 3):
-        save_factors(factor_path(run_dir, "0", rank), list(store.modules), stats.tensors,
-                     stats.positions, stats.rows)
+        save_factors(
+            factor_path(run_dir, "0", rank), list(store.modules), stats.tensors, stats.positions, stats.rows
+        )
     with pytest.warns(UserWarning, match="cover 18 examples"):
         total = load_factors(logix.open_store(run_dir))
     assert total.rows == 2 * stats.rows and len(total.sources) == 2
@@ -79,8 +80,14 @@ def test_per_rank_factor_files_are_summed(tmp_path, logged):
         torch.testing.assert_close(total.tensors[key], 2 * t)
     assert total.positions == {k: 2 * v for k, v in stats.positions.items()}
     # Variant kinds (e.g. true-Fisher factors) load by their kind string, separately.
-    save_factors(factor_path(run_dir, "0", 0, kind="kfac.true"), list(store.modules),
-                 stats.tensors, stats.positions, stats.rows, kind="kfac.true")
+    save_factors(
+        factor_path(run_dir, "0", 0, kind="kfac.true"),
+        list(store.modules),
+        stats.tensors,
+        stats.positions,
+        stats.rows,
+        kind="kfac.true",
+    )
     variant = load_factors(logix.open_store(run_dir), "kfac.true")
     assert variant.kind == "kfac.true" and variant.rows == stats.rows == len(variant.sources) * 9
     pre = build_preconditioner(logix.open_store(run_dir), "kfac", 0.1, statistics="kfac.true")
@@ -152,8 +159,7 @@ def test_ekfac_equals_raw_when_fisher_is_diagonal_in_the_kronecker_basis(tmp_pat
     build_store(tmp_path, modules, rows, statistics=True)
     a = qa @ torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)) @ qa.T
     s = qs @ torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)) @ qs.T
-    save_factors(factor_path(tmp_path, "0", 0), modules, {"lin.A": a * 50, "lin.S": s * n},
-                 {"lin": 50}, n)
+    save_factors(factor_path(tmp_path, "0", 0), modules, {"lin.A": a * 50, "lin.S": s * n}, {"lin": 50}, n)
     store = logix.open_store(tmp_path)
     q = queries(torch.randn(2, 12, generator=gen, dtype=torch.float64), modules)
     raw = InfluenceEngine(store, "raw", 0.1).scores(q).values
@@ -281,8 +287,11 @@ def test_fit_curvature_pass_equals_logged_factors(tmp_path, logged):
 
 def test_failed_step_adds_nothing_to_the_factors(tmp_path, logged):
     model, batches, logged_store = logged
-    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
-              "curvature": {"statistics": ["kfac"]}, "store": {"shard_rows": 4}}
+    config = {
+        "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+        "curvature": {"statistics": ["kfac"]},
+        "store": {"shard_rows": 4},
+    }
     with logix.init(tmp_path / "run", config=config) as run:
         run.watch(model)
         for i, (ids, x, y, mask) in enumerate(batches):
@@ -300,8 +309,11 @@ def test_failed_step_adds_nothing_to_the_factors(tmp_path, logged):
 
 def test_resumed_run_appends_to_the_segment_factors(tmp_path, logged):
     model, batches, logged_store = logged
-    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
-              "curvature": {"statistics": ["kfac"]}, "store": {"shard_rows": 4}}
+    config = {
+        "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+        "curvature": {"statistics": ["kfac"]},
+        "store": {"shard_rows": 4},
+    }
     for part, kwargs in ((batches[:1], {"config": config}), (batches[1:], {"resume": True})):
         with logix.init(tmp_path / "run", **kwargs) as run:
             run.watch(model)
@@ -325,8 +337,11 @@ def test_factor_side_guard(tmp_path):
 
 def test_segments_have_their_own_factors(tmp_path, logged):
     model, batches, logged_store = logged
-    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
-              "curvature": {"statistics": ["kfac"]}, "store": {"shard_rows": 4}}
+    config = {
+        "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+        "curvature": {"statistics": ["kfac"]},
+        "store": {"shard_rows": 4},
+    }
     with logix.init(tmp_path / "run", config=config) as run:
         run.watch(model)
         # Logging into "a" again (after "b" released its sums) continues a's factors.
@@ -382,8 +397,10 @@ def test_fit_pass_replaces_every_rank_file_and_honours_discard(tmp_path):
 def test_per_example_row_scale_with_factors_is_refused_before_storing(tmp_path):
     model = SeqNet()
     batches = make_batches(torch.Generator().manual_seed(0))
-    cfg = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2},
-           "curvature": {"statistics": ["kfac"]}}
+    cfg = {
+        "projection": {"kind": "random", "rank_in": 3, "rank_out": 2},
+        "curvature": {"statistics": ["kfac"]},
+    }
     run = logix.init(tmp_path / "s", config=cfg)
     run.watch(model)
     ids, x, y, mask = batches[0]

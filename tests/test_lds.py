@@ -80,7 +80,9 @@ def test_lds_is_near_zero_for_independent_outputs():
 
 def test_lds_partial_signal_and_numpy_inputs():
     scores, subsets, predicted, g = _case(n_test=30, m=100)
-    noisy = -predicted + 3.0 * predicted.std() * torch.randn(predicted.shape, generator=g, dtype=torch.float64)
+    noisy = -predicted + 3.0 * predicted.std() * torch.randn(
+        predicted.shape, generator=g, dtype=torch.float64
+    )
     r = lds(scores.numpy(), subsets.numpy(), noisy.numpy())
     assert 0.1 < r.mean < 0.6
     assert r.ci_low < r.mean < r.ci_high
@@ -201,8 +203,9 @@ def test_retrain_outputs_rejects_a_stale_cache(tmp_path):
     with pytest.raises(ValueError, match="different subset or seeds"):
         retrain_outputs(CountingTrainer(), sample_subsets(30, 3, seed=1), out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="different subset or seeds"):
-        retrain_outputs(CountingTrainer(), sample_subsets(30, 3, seed=0), out_dir=tmp_path,
-                        progress=False, seeds=(1,))
+        retrain_outputs(
+            CountingTrainer(), sample_subsets(30, 3, seed=0), out_dir=tmp_path, progress=False, seeds=(1,)
+        )
 
 
 def test_retrain_outputs_checks_output_lengths():

@@ -42,8 +42,7 @@ def test_next_token_loss_matches_a_token_loop(per_example):
     logits = torch.randn(3, 6, 7, generator=gen)
     got = losses.next_token_loss(logits, ids, mask, per_example=per_example)
     for b in range(3):
-        terms = [-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]]
-                 for t in range(5) if mask[b, t + 1] == 1]
+        terms = [-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for t in range(5) if mask[b, t + 1] == 1]
         want = sum(terms) / (len(terms) if per_example == "mean" else 1)
         assert abs(float(got[b]) - float(want)) < 1e-5
 
@@ -66,7 +65,7 @@ def test_padded_rows_are_each_sequences_gradient_and_pos_is_skipped(tmp_path, re
     named = dict(model.named_modules())
     for b in range(3):
         n = int(mask[b].sum())
-        one = ids[b:b + 1, :n]
+        one = ids[b : b + 1, :n]
 
         def loss(p, one=one):
             return losses.next_token_loss(functional_call(model, p, (one,)), one, per_example="mean")[0]

@@ -73,8 +73,10 @@ def test_margin_query_gradients_match_torch_func(tmp_path, reduction):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
     x, y = torch.randn(7, 6), torch.randint(0, 4, (7,))
-    config = {"capture": {"loss_reduction": reduction},
-              "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 4}}
+    config = {
+        "capture": {"loss_reduction": reduction},
+        "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 4},
+    }
     got, query = query_rows(tmp_path, model, x, lambda out: M.margin_loss(out, y), config)
     grads = per_example_grads(model, lambda o, t: M.margin_loss(o, t).sum(), (x,), y)
     projections = query.projections
@@ -91,10 +93,11 @@ def test_completion_query_gradients_match_torch_func(tmp_path, reduction):
     mask = torch.zeros(5, 6, dtype=torch.long)
     for i, (a, b) in enumerate([(3, 6), (1, 2), (5, 6), (2, 5), (4, 6)]):
         mask[i, a:b] = 1
-    config = {"capture": {"loss_reduction": reduction},
-              "projection": {"kind": "random", "rank_in": 5, "rank_out": 3, "seed": 4}}
-    got, query = query_rows(tmp_path, model, tokens,
-                            lambda out: M.completion_loss(out, tokens, mask), config)
+    config = {
+        "capture": {"loss_reduction": reduction},
+        "projection": {"kind": "random", "rank_in": 5, "rank_out": 3, "seed": 4},
+    }
+    got, query = query_rows(tmp_path, model, tokens, lambda out: M.completion_loss(out, tokens, mask), config)
     both = torch.stack([tokens, mask], dim=1)  # [B, 2, T]: input ids and completion mask
 
     def nll(out, t):  # the completion's negative log-likelihood, written out independently
@@ -115,16 +118,19 @@ def test_logprob_query_is_the_answer_loss_query_negated(tmp_path):
     torch.manual_seed(0)
     c = C.generate(n_entities=6, seed=3)
     model = TinyDecoder(len(c.vocab), d_model=16, n_layers=1, n_heads=2, max_len=64)
-    config = {"capture": {"types": ["Linear"], "attribution_only": True},
-              "projection": {"kind": "random", "rank_in": 8, "rank_out": 8, "seed": 1}}
+    config = {
+        "capture": {"types": ["Linear"], "attribution_only": True},
+        "projection": {"kind": "random", "rank_in": 8, "rank_out": 8, "seed": 1},
+    }
     log_documents(model, c, tmp_path / "r", config)
     qb = question_batch(c, c.test_questions[:4])
     rows = {}
     measures = {
         "answer loss": lambda: sequence_losses(model, qb),
         "completion_loss": lambda: M.completion_loss(model(qb.tokens, qb.pad_mask), qb.tokens, qb.loss_mask),
-        "completion_logprob": lambda: M.completion_logprob(model(qb.tokens, qb.pad_mask), qb.tokens,
-                                                           qb.loss_mask),
+        "completion_logprob": lambda: M.completion_logprob(
+            model(qb.tokens, qb.pad_mask), qb.tokens, qb.loss_mask
+        ),
     }
     for name, measure in measures.items():
         query = logix.init(tmp_path / "r", mode="query")
@@ -141,8 +147,9 @@ def test_logprob_query_is_the_answer_loss_query_negated(tmp_path):
     full = engine.scores(rows["answer loss"]).values
     bottom = torch.sort(full, dim=1, stable=True).indices[:, :5]  # lowest scores first
     assert torch.equal(top["completion_logprob"].indices, bottom)
-    torch.testing.assert_close(top["completion_logprob"].values, -full.gather(1, bottom),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        top["completion_logprob"].values, -full.gather(1, bottom), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_reduce_follows_the_store(tmp_path):

@@ -59,8 +59,9 @@ def test_both_spellings_of_the_pca_pass_give_the_same_projections(tmp_path):
     x, y = torch.randn(3, 7, 6), torch.randint(0, 5, (3, 7))
     projections = []
     for spelling in ("fit", "run"):
-        run = logix.init(tmp_path / spelling, config={"projection": {"kind": "pca", "rank_in": 3,
-                                                                    "rank_out": 2}})
+        run = logix.init(
+            tmp_path / spelling, config={"projection": {"kind": "pca", "rank_in": 3, "rank_out": 2}}
+        )
         run.watch(model)
         with run.fit_projections() as fit:
             assert isinstance(fit, StatisticsPass)
@@ -121,8 +122,7 @@ def test_a_new_statistic_is_a_new_sink(tmp_path):
     """The hooks hand a custom sink x̃ = P_in [x, 1] (mask and 1/B undone) and the raw input."""
     torch.manual_seed(1)
     model = SeqNet()
-    run = logix.init(tmp_path / "r", config={"projection": {"kind": "random", "rank_in": 3,
-                                                            "rank_out": 2}})
+    run = logix.init(tmp_path / "r", config={"projection": {"kind": "random", "rank_in": 3, "rank_out": 2}})
     run.watch(model)
     x = torch.randn(4, 5, 5)
     mask = torch.ones(4, 5)

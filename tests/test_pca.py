@@ -22,8 +22,10 @@ def model_and_data():
 
 
 def fitted_run(path, model, x, y, reduction="mean"):
-    cfg = {"projection": {"kind": "pca", "rank_in": 3, "rank_out": 2},
-           "capture": {"loss_reduction": reduction}}
+    cfg = {
+        "projection": {"kind": "pca", "rank_in": 3, "rank_out": 2},
+        "capture": {"loss_reduction": reduction},
+    }
     run = logix.init(path, config=cfg)
     run.watch(model)
     with run.fit_projections():
@@ -46,8 +48,10 @@ def test_projections_are_top_eigenvectors_of_dense_covariances(tmp_path):
     out = model(x.reshape(-1, 6))
     g_out = torch.softmax(out, 1) - F.one_hot(y.reshape(-1), 5)  # ∂ℓ_n/∂logits
     g_hidden = (g_out @ model[2].weight) * (1 - hidden**2)
-    for name, cov_in, cov_out in (("0", inputs.T @ inputs, g_hidden.double().T @ g_hidden.double()),
-                                  ("2", h_inputs.T @ h_inputs, g_out.double().T @ g_out.double())):
+    for name, cov_in, cov_out in (
+        ("0", inputs.T @ inputs, g_hidden.double().T @ g_hidden.double()),
+        ("2", h_inputs.T @ h_inputs, g_out.double().T @ g_out.double()),
+    ):
         for side, cov, r in (("in", cov_in, 3), ("out", cov_out, 2)):
             p = getattr(projections[name], f"p_{side}").matrix.double()
             evals, evecs = torch.linalg.eigh(cov)

@@ -18,7 +18,9 @@ def model_and_data(seq: int | None = None):
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, CLASSES)).double()
     g = torch.Generator().manual_seed(1)
     shape = (3, 7, 6) if seq is None else (3, 4, seq, 6)  # 3 batches
-    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, 6, dtype=torch.float64)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.linspace(
+        0.2, 2.0, 6, dtype=torch.float64
+    )
     y = torch.randint(0, CLASSES, shape[:-1], generator=g)
     return model, x, y
 

@@ -56,8 +56,17 @@ def test_engine_and_cli_use_configured_raw_damping_and_mode(setup):
     ref_default, _ = reference_scores(q.values.double(), x, modules, 0.1)
     assert not torch.allclose(ref_default, ref, rtol=1e-3)  # the test can tell the dampings apart
 
-    code, text = cli([str(run_dir), "--queries", str(tmp / "q.safetensors"), "--top-k", "5",
-                      "--output", str(tmp / "top.json")])
+    code, text = cli(
+        [
+            str(run_dir),
+            "--queries",
+            str(tmp / "q.safetensors"),
+            "--top-k",
+            "5",
+            "--output",
+            str(tmp / "top.json"),
+        ]
+    )
     assert code == 0, text
     assert "top-5 influence (cosine, raw)" in text
     saved = json.loads((tmp / "top.json").read_text())
@@ -72,8 +81,9 @@ def test_engine_and_cli_use_configured_identity(setup):
     configure(run_dir, {"preconditioner": "identity", "damping": 1.0, "mode": "dot"})
     engine = InfluenceEngine(run_dir)
     assert engine.preconditioner.kind == "identity"
-    torch.testing.assert_close(engine.scores(q).values.double(), q.values.double() @ x.T,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        engine.scores(q).values.double(), q.values.double() @ x.T, rtol=1e-5, atol=1e-6
+    )
     code, text = cli([str(run_dir), "--queries", str(tmp / "q.safetensors"), "--top-k", "3"])
     assert code == 0 and "top-3 influence (dot, identity)" in text
     # An explicit argument wins over the config.
@@ -139,8 +149,18 @@ def test_cli_chunk_bytes_and_old_chunk_rows_give_the_same_top_k(setup):
     outs = []
     for flag in (["--chunk-bytes", str(4 * 39 * 4)], ["--chunk-rows", "4"], []):
         out = tmp / f"top{len(outs)}.json"
-        code, text = cli([str(run_dir), "--queries", str(tmp / "q.safetensors"), "--top-k", "6",
-                          "--output", str(out), *flag])
+        code, text = cli(
+            [
+                str(run_dir),
+                "--queries",
+                str(tmp / "q.safetensors"),
+                "--top-k",
+                "6",
+                "--output",
+                str(out),
+                *flag,
+            ]
+        )
         assert code == 0, text
         outs.append(json.loads(out.read_text())["results"])
     assert outs[0] == outs[1] == outs[2]

@@ -65,8 +65,7 @@ def test_cg_refinement_converges_to_raw(setup, absolute):
     plain = InfluenceEngine(store, "ekfac", damping, damping_absolute=absolute, chunk_rows=7)
     errors = []
     for k in (0, 4, 20):
-        engine = InfluenceEngine(store, "ekfac", damping, damping_absolute=absolute, refine=k,
-                                 chunk_rows=7)
+        engine = InfluenceEngine(store, "ekfac", damping, damping_absolute=absolute, refine=k, chunk_rows=7)
         values = engine.scores(gq).values
         errors.append(solve_error(engine, q, hinv))
         if k == 0:

@@ -18,8 +18,10 @@ def setting(tmp_path):
     model = SeqNet()
     gen = torch.Generator().manual_seed(3)
     batches = make_batches(gen, sizes=(4, 3, 5), seq=6)
-    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
-              "capture": {"loss_reduction": "mean"}}
+    config = {
+        "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
+        "capture": {"loss_reduction": "mean"},
+    }
     with logix.init(tmp_path / "s", config=config) as run:
         run.watch(model)
         for ids, x, y, mask in batches:
@@ -49,8 +51,7 @@ def setting(tmp_path):
 def test_reranked_lists_are_candidates_with_their_best_window(setting, window):
     engine, q, recompute = setting
     first = engine.top_k(q, k=7, mode="cosine")
-    top = rerank_top_k(engine, q, k=7, recompute=recompute, candidates=7, window=window,
-                       query_batch=2)
+    top = rerank_top_k(engine, q, k=7, recompute=recompute, candidates=7, window=window, query_batch=2)
     ids = list(engine.store.data_ids)
     terms = engine.token_scores(q, recompute(ids), mode="cosine")  # [n_query, n_docs, T]
     lengths = terms.mask.sum(1).long().tolist()
@@ -59,7 +60,7 @@ def test_reranked_lists_are_candidates_with_their_best_window(setting, window):
         for j, row in enumerate(top.indices[i].tolist()):
             s = terms.values[i, row]
             w = min(window, lengths[row])
-            best = max(float(s[a:a + w].sum()) for a in range(lengths[row] - w + 1))
+            best = max(float(s[a : a + w].sum()) for a in range(lengths[row] - w + 1))
             assert abs(float(top.values[i, j]) - best) < 1e-5
             start, stop = top.positions[i, j].tolist()
             assert stop - start == w and abs(float(s[start:stop].sum()) - best) < 1e-5

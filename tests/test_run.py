@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import per_example_grads, projected_rows
 from torch import nn
 
 import logix
 from logix.errors import CaptureError
-from reference import per_example_grads, projected_rows
 
 
 def mlp():
@@ -66,8 +66,9 @@ def test_training_is_bit_identical_with_logging(tmp_path):
     data = batches(6)
     plain, logged = mlp(), mlp()
     outs_a, grads_a = train(plain, data)
-    with logix.init(tmp_path / "r", config={"projection": {"rank_in": 4, "rank_out": 4},
-                                           "store": {"shard_rows": 5}}) as run:
+    with logix.init(
+        tmp_path / "r", config={"projection": {"rank_in": 4, "rank_out": 4}, "store": {"shard_rows": 5}}
+    ) as run:
         run.watch(logged)
         outs_b, grads_b = train(logged, data, run, eval_between=True)
     for a, b in zip(outs_a, outs_b):
@@ -94,7 +95,7 @@ def test_logged_during_training_rows_match_each_steps_weights(tmp_path):
     rows = logix.open_store(tmp_path / "r").load()
     opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     expect = []
-    for ids, x, y in data:
+    for _ids, x, y in data:
         grads = per_example_grads(ref_model, lambda o, t: F.cross_entropy(o, t, reduction="sum"), (x,), y)
         expect.append(projected_rows(ref_model, run.modules, run.projections, grads))
         F.cross_entropy(ref_model(x), y).backward()
@@ -200,6 +201,7 @@ def test_two_runs_in_one_process_are_independent(tmp_path):
 
 # -- bad input: a clear error, and the store is untouched ---------------------------------
 
+
 @pytest.fixture
 def logged(tmp_path):
     model = mlp()
@@ -283,7 +285,9 @@ def test_store_from_a_different_model(logged, tmp_path):
     other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
     for mode, kwargs in (("query", {}), ("log", {"resume": True})):
         r = logix.init(path, mode=mode, **kwargs)
-        with pytest.raises(logix.StoreError, match="does not match the store.*0.d_out is 16 in the store, 32"):
+        with pytest.raises(
+            logix.StoreError, match="does not match the store.*0.d_out is 16 in the store, 32"
+        ):
             r.watch(other)
     assert snapshot(path) == before
 
@@ -291,7 +295,9 @@ def test_store_from_a_different_model(logged, tmp_path):
 def test_bad_yaml_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("projection:\n  kind: random\n  rnk_in: 3\n")
-    with pytest.raises(logix.ConfigError, match="unknown key 'projection.rnk_in'; did you mean 'projection.rank_in'"):
+    with pytest.raises(
+        logix.ConfigError, match="unknown key 'projection.rnk_in'; did you mean 'projection.rank_in'"
+    ):
         logix.init(tmp_path / "r", config=p)
     p.write_text("store: {dtype: float64}\n")
     with pytest.raises(logix.ConfigError, match="store.dtype must be one of"):
@@ -310,8 +316,11 @@ def test_statistics_during_logging_equal_a_streaming_pass(tmp_path):
     from logix.curvature.covariance import compute_statistics, load_statistics
 
     model = mlp()
-    cfg = {"projection": {"rank_in": 4, "rank_out": 4}, "store": {"shard_rows": 7},
-           "curvature": {"during_logging": True}}
+    cfg = {
+        "projection": {"rank_in": 4, "rank_out": 4},
+        "store": {"shard_rows": 7},
+        "curvature": {"during_logging": True},
+    }
     with logix.init(tmp_path / "r", config=cfg) as run:
         run.watch(model)
         train(model, batches(3), run)

@@ -16,7 +16,6 @@ def test_combined_scores_are_the_lr_weighted_sum_aligned_by_id(tmp_path):
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
     xq, yq = torch.randn(4, 5), torch.randint(0, 3, (4,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     cfg = {"projection": {"kind": "identity"}, "capture": {"loss_reduction": "sum"}}
     queries, lrs = {}, {"ep0": 0.5, "ep1": 0.2}
     run = logix.init(tmp_path / "r", config=cfg)
@@ -25,7 +24,7 @@ def test_combined_scores_are_the_lr_weighted_sum_aligned_by_id(tmp_path):
         run.start_segment(name, lr=lr)
         order = torch.randperm(20, generator=torch.Generator().manual_seed(epoch))  # shuffled
         for b in range(0, 20, 5):
-            idx = order[b:b + 5]
+            idx = order[b : b + 5]
             with run(data_id=[f"t{i}" for i in idx.tolist()]):
                 F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()
         run.flush()

@@ -28,14 +28,16 @@ def test_single_model_lds_of_an_additive_model(tmp_path):
         seen.append(seed)
         return 10.0 - effects[:, kept_idx].sum(1)
 
-    res = single_model_lds(effects, train_fn, 50, fractions=(0.02, 0.5), n_subsets=20,
-                           seed=7, out_dir=tmp_path)
+    res = single_model_lds(
+        effects, train_fn, 50, fractions=(0.02, 0.5), n_subsets=20, seed=7, out_dir=tmp_path
+    )
     assert set(res) == {0.02, 0.5} and set(seen) == {7}
     for r in res.values():
         assert r.mean == pytest.approx(1.0) and r.n_subsets == 20
     calls = len(seen)
-    again = single_model_lds(-effects, train_fn, 50, fractions=(0.02, 0.5), n_subsets=20,
-                           seed=7, out_dir=tmp_path)
+    again = single_model_lds(
+        -effects, train_fn, 50, fractions=(0.02, 0.5), n_subsets=20, seed=7, out_dir=tmp_path
+    )
     assert len(seen) == calls  # cached: nothing retrained
     assert all(r.mean == pytest.approx(-1.0) for r in again.values())
     kept = drop_subsets(50, 20, 0.5)

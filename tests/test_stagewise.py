@@ -55,7 +55,7 @@ def staged(tmp_path_factory):
     for name, (ids, meta) in SEGMENTS.items():
         run.start_segment(name, **meta)
         for b in range(0, len(ids), 5):
-            batch = ids[b:b + 5]
+            batch = ids[b : b + 5]
             with run(data_id=batch):
                 out = model(torch.stack([x[i] for i in batch]))
                 F.cross_entropy(out, torch.tensor([y[i] for i in batch]), reduction="sum").backward()
@@ -67,8 +67,14 @@ def staged(tmp_path_factory):
     return logix.open_store(path), _queries(path, model)
 
 
-def _dense_source(store, q: torch.Tensor, names: list[str], horizons: dict[str, float],
-                  sizes: dict[str, int], damping: float = 0.1):
+def _dense_source(
+    store,
+    q: torch.Tensor,
+    names: list[str],
+    horizons: dict[str, float],
+    sizes: dict[str, int],
+    damping: float = 0.1,
+):
     """Σ_ℓ (1/N_ℓ) q S_L⋯S_{ℓ+1} r_ℓ g_ℓ with dense [D, D] block-diagonal float64 matrices."""
     d = store.width
     mats = {}
@@ -88,7 +94,7 @@ def _dense_source(store, q: torch.Tensor, names: list[str], horizons: dict[str, 
     out = torch.zeros(q.shape[0], len(ids), dtype=torch.float64)
     for k, name in enumerate(names):
         left = q.double()
-        for later in reversed(names[k + 1:]):
+        for later in reversed(names[k + 1 :]):
             left = left @ mats[later][0]
         seg = store.select(name)
         part = left @ mats[name][1] @ seg.load().double().T / sizes[name]
@@ -141,10 +147,13 @@ def test_short_segments_are_tracin(staged):
     got = stagewise_scores(store, q, horizons=h)
     # no curvature acts: Σ_ℓ (η_ℓ K_ℓ / N_ℓ) qᵀ g_ℓ, i.e. TracIn-CP with the final queries
     weights = {"s1": h["s1"] / 12, "s2": h["s2"] / 20, "s3": h["s3"] / 8}
-    tracin = combined_scores(store, {n: q for n in SEGMENTS}, preconditioner="identity",
-                             weights=weights, missing="zero")
+    tracin = combined_scores(
+        store, {n: q for n in SEGMENTS}, preconditioner="identity", weights=weights, missing="zero"
+    )
     assert got.train_ids == tracin.train_ids
-    torch.testing.assert_close(got.values, tracin.values, rtol=1e-4, atol=1e-6 * float(tracin.values.abs().max()))
+    torch.testing.assert_close(
+        got.values, tracin.values, rtol=1e-4, atol=1e-6 * float(tracin.values.abs().max())
+    )
 
 
 def test_combined_scores_need_missing_zero_for_different_examples(staged):
@@ -196,14 +205,18 @@ def test_steps_fall_back_to_the_batches_the_run_logged(tmp_path):
             run.start_segment(f"epoch-{epoch}", lr=0.1)
             for b in range(0, 12, 4):
                 with run(data_id=list(range(b, b + 4))):
-                    F.cross_entropy(model(x[b:b + 4]), y[b:b + 4], reduction="sum").backward()
+                    F.cross_entropy(model(x[b : b + 4]), y[b : b + 4], reduction="sum").backward()
                 opt.step()
                 opt.zero_grad()
             run.flush()  # recorded at flush and later again: counted once
     store = logix.open_store(path)
     assert store.select("epoch-0").segment_meta["logged_batches"] == 3
     schedule = segment_schedule(store.select("epoch-1"))
-    assert (schedule.steps, schedule.steps_from, schedule.horizon) == (3.0, "logged batches", pytest.approx(0.3))
+    assert (schedule.steps, schedule.steps_from, schedule.horizon) == (
+        3.0,
+        "logged batches",
+        pytest.approx(0.3),
+    )
     # a resumed run adds to the count of the segment it continues
     with logix.init(path, resume=True) as run:
         run.watch(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,16 +49,16 @@ def test_two_writers_racing_on_a_fresh_directory(tmp_path):
     for attempt in range(12):
         run_dir = tmp_path / f"run{attempt}"
         barrier, results = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_racer, args=(str(run_dir), barrier, results, ids))
-                 for _ in range(2)]
+        procs = [ctx.Process(target=_racer, args=(str(run_dir), barrier, results, ids)) for _ in range(2)]
         for p in procs:
             p.start()
         for p in procs:
             p.join(60)
         outcomes = sorted(results.get(timeout=5) for _ in procs)
         assert [o[0] for o in outcomes] == ["ok", "refused"], outcomes
-        assert str(run_dir) in outcomes[1][2] and ("in use by" in outcomes[1][2]
-                                                   or "already holds" in outcomes[1][2])
+        assert str(run_dir) in outcomes[1][2] and (
+            "in use by" in outcomes[1][2] or "already holds" in outcomes[1][2]
+        )
         assert sorted(rows_by_id(run_dir)) == ids
 
 
@@ -107,9 +108,13 @@ clean_run(sys.argv[1])
 @pytest.mark.slow
 def test_kill_between_rename_and_index_update_then_readme_recipe(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_RENAME, str(run_dir), "3"], cwd=HERE,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                          capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_RENAME, str(run_dir), "3"],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     with pytest.warns(UserWarning, match=r"1 complete shard\(s\) \(8 rows\) are not in the index"):
         store = logix.open_store(run_dir)
@@ -149,13 +154,19 @@ import gc; gc.collect()  # the Run is garbage now
 @pytest.mark.slow
 def test_unfinalized_run_flushes_at_exit_and_warns(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", UNFINALIZED, str(run_dir)], cwd=HERE,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                          capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", UNFINALIZED, str(run_dir)],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        timeout=120,
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert "was never closed: run.finalize() was not called" in err
-    assert "6 pending rows were written" in err
+    # 6 rows were still buffered; the 3 full shards may or may not have reached the disk yet.
+    pending = int(re.search(r"its (\d+) pending rows were written", err).group(1))
+    assert 6 <= pending <= 30
     store = logix.open_store(run_dir, verify="full")
     assert sorted(store.data_ids) == list(range(30))
     assert store.rank_status() == {0: "not finalized"}
@@ -221,9 +232,13 @@ CHILD_SCRIPT = textwrap.dedent("""
 def test_second_process_is_told_the_holder(tmp_path):
     run_dir = make_store(tmp_path / "run")
     w = StoreWriter(run_dir, width=WIDTH)
-    proc = subprocess.run([sys.executable, "-c", CHILD_SCRIPT, str(run_dir)], cwd=HERE,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                          capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD_SCRIPT, str(run_dir)],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert f"in use by process {os.getpid()}" in proc.stderr.decode()
     w.close()

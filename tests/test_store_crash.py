@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_helpers import WIDTH, make_store, rows_for
 
 from logix.store.format import StoreError, index_path, read_json, write_json_atomic
 from logix.store.reader import open_store
 from logix.store.writer import StoreWriter
-from store_helpers import WIDTH, make_store, rows_for
 
 ALL_IDS = list(range(3000))
 
@@ -47,8 +47,9 @@ def _check_rows(store) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_logging_then_resume(tmp_path):
     run_dir = make_store(tmp_path / "run")
-    proc = subprocess.Popen([sys.executable, "-c", LOGGER, str(run_dir)],
-                            cwd=Path(__file__).parent, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOGGER, str(run_dir)], cwd=Path(__file__).parent, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 30
         while _listed_shards(run_dir) < 20:
@@ -71,7 +72,7 @@ def test_sigkill_mid_logging_then_resume(tmp_path):
     assert not list(run_dir.rglob("*.tmp*")), "leftover temporary files were not removed"
     remaining = [i for i in ALL_IDS if i not in w.logged_ids()]
     for start in range(0, len(remaining), 50):
-        batch = remaining[start:start + 50]
+        batch = remaining[start : start + 50]
         w.add(batch, rows_for(batch))
     w.close()
 
@@ -146,4 +147,4 @@ def test_damaged_shard_messages(tmp_path):
     with pytest.raises(StoreError, match="r00000-000001.safetensors is missing"):
         open_store(run_dir)
     with pytest.raises(StoreError, match="missing"):
-        open_store(run_dir, verify="none").data_ids
+        _ = open_store(run_dir, verify="none").data_ids

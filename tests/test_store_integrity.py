@@ -86,9 +86,16 @@ def test_statistics_bit_flip_is_an_error(tmp_path, name, kind):
     assert code == 2 and f"{name}.safetensors does not match its checksum" in text
 
 
-@pytest.mark.parametrize("cache, kind", [("raw-stream", "raw"), ("eigen-raw", "raw"),
-                                         ("eigen-kfac", "kfac"), ("eigen-kfac", "ekfac"),
-                                         ("ekfac-stream", "ekfac")])
+@pytest.mark.parametrize(
+    "cache, kind",
+    [
+        ("raw-stream", "raw"),
+        ("eigen-raw", "raw"),
+        ("eigen-kfac", "kfac"),
+        ("eigen-kfac", "ekfac"),
+        ("ekfac-stream", "ekfac"),
+    ],
+)
 def test_cache_bit_flip_is_recomputed(tmp_path, cache, kind):
     run_dir = _store(tmp_path)
     q = _queries(run_dir)
@@ -222,8 +229,10 @@ def _read_only(path):
             p.chmod(p.stat().st_mode & ~0o222)
         return lambda: [p.chmod(p.stat().st_mode | 0o200) for p in [path, *path.rglob("*")]]
     ok = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0
-    if not ok or subprocess.run(["mount", "-o", "remount,bind,ro", str(path)],
-                                capture_output=True).returncode != 0:
+    if (
+        not ok
+        or subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True).returncode != 0
+    ):
         if ok:
             subprocess.run(["umount", str(path)])
         pytest.skip("cannot make a read-only directory here (root without mount rights)")
@@ -254,7 +263,7 @@ def test_read_only_store_is_queryable_with_every_preconditioner(tmp_path, monkey
                     assert torch.allclose(got, expected[kind], rtol=1e-5, atol=1e-6), kind
         notices = [str(w.message) for w in caught if "is not writable" in str(w.message)]
         assert len(notices) == 1, notices
-        assert ("LOGIX_CACHE_DIR" in notices[0])
+        assert "LOGIX_CACHE_DIR" in notices[0]
         assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
     finally:
         undo()

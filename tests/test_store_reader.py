@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_helpers import WIDTH, make_store, rows_for
 
 from logix.store.format import StoreError, read_json, write_json_atomic
 from logix.store.reader import open_store
 from logix.store.writer import StoreWriter
-from store_helpers import WIDTH, make_store, rows_for
 
 
 def _write(run_dir, ids, dtype="float32", shard_rows=4096, rank=0, rows=None):
@@ -145,8 +145,9 @@ def test_streaming_memory_is_bounded(tmp_path):
         _, loaded = peak_growth(lambda: store.load())
         print(total, streamed, loaded)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).parent).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+    ).stdout.split()
     assert float(out[0]) == sum(b * 1000 * width for b in range(12))
     streamed, loaded = int(out[1]), int(out[2])
     assert loaded >= 40, f"the measurement is not sensitive: load() grew RSS by {loaded} MiB"

@@ -9,11 +9,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+from store_helpers import WIDTH, make_store, rows_for, snapshot
 
 from logix.store.format import StoreError, index_path, read_json
 from logix.store.reader import open_store
 from logix.store.writer import StoreWriter
-from store_helpers import WIDTH, make_store, rows_for, snapshot
 
 
 @pytest.fixture
@@ -150,8 +150,7 @@ def test_observers_see_float32_rows_in_background(tmp_path):
     def observer(segment, rows):
         seen.append((segment, rows.dtype, rows.shape[0], threading.current_thread() is main))
 
-    with StoreWriter(run_dir, width=WIDTH, dtype="bfloat16", shard_rows=3,
-                     observers=[observer]) as w:
+    with StoreWriter(run_dir, width=WIDTH, dtype="bfloat16", shard_rows=3, observers=[observer]) as w:
         w.add(range(4), rows_for(range(4)).to(torch.float64))
     assert seen == [("0", torch.float32, 3, False), ("0", torch.float32, 1, False)]
 
@@ -174,8 +173,9 @@ def test_observer_error_surfaces_in_add_and_flush(run_dir):
         w.add([2], torch.zeros(1, WIDTH))
 
 
-@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0,
-                    reason="needs POSIX permissions that apply to this user")
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() == 0, reason="needs POSIX permissions that apply to this user"
+)
 def test_read_only_shard_dir_error(run_dir):
     with StoreWriter(run_dir, width=WIDTH, shard_rows=2) as w:
         w.add([0, 1], torch.zeros(2, WIDTH))

@@ -106,9 +106,11 @@ def test_padded_rows_equal_unpadded_gradients(tmp_path):
     model = TinyDecoder(len(c.vocab), d_model=16, n_layers=1, n_heads=2, max_len=64)
     docs = sorted(c.documents, key=lambda d: len(d.text.split()))
     docs = [docs[0], docs[-1], docs[len(docs) // 2]]  # short, long, middle: real padding
-    config = {"capture": {"types": ["Linear", "Embedding"], "loss_reduction": "mean",
-                          "attribution_only": True},
-              "projection": {"kind": "identity"}, "curvature": {"statistics": []}}
+    config = {
+        "capture": {"types": ["Linear", "Embedding"], "loss_reduction": "mean", "attribution_only": True},
+        "projection": {"kind": "identity"},
+        "curvature": {"statistics": []},
+    }
     run = logix.init(tmp_path / "r", config=config)
     run.watch(model)
     batch = document_batch(c, [d.text for d in docs])
@@ -151,8 +153,22 @@ def test_fact_tracing_script_runs_end_to_end(tmp_path):
     document-loss shares add up to one per checkpoint."""
     import fact_tracing
 
-    result = fact_tracing.main(["--entities", "8", "--epochs", "2", "--d-model", "16",
-                                "--checkpoints", "2", "--threads", "1", "--out", str(tmp_path)])
+    result = fact_tracing.main(
+        [
+            "--entities",
+            "8",
+            "--epochs",
+            "2",
+            "--d-model",
+            "16",
+            "--checkpoints",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     names = list(result["rankings"])
     assert "logix raw / cosine" in names and "word overlap (question)" in names
     assert sum("TracIn-CP" in n for n in names) == 6  # 2 preconditioners × 3 modes

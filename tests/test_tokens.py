@@ -36,8 +36,10 @@ def setup_lm(tmp_path_factory, rank_in: int):
         torch.manual_seed(0)
         c = C.generate(n_entities=6, seed=3)
         model = TinyDecoder(len(c.vocab), d_model=16, n_layers=1, n_heads=2, max_len=64)
-        config = {"capture": {"types": ["Linear", "Embedding"], "attribution_only": True},
-                  "projection": {"kind": "random", "rank_in": rank_in, "rank_out": 5, "seed": 1}}
+        config = {
+            "capture": {"types": ["Linear", "Embedding"], "attribution_only": True},
+            "projection": {"kind": "random", "rank_in": rank_in, "rank_out": 5, "seed": 1},
+        }
         run_dir = tmp_path_factory.mktemp(f"lm{rank_in}") / "r"
         log_documents(model, c, run_dir, config)
         _STORES[rank_in] = (c, model, run_dir)
@@ -54,8 +56,7 @@ def capture_tokens(c, model, query, docs) -> logix.TokenGradients:
     """Two per-token blocks of different padded lengths (so positions are padded twice)."""
     for part in (docs[:2], docs[2:]):
         b = document_batch(c, [d.text for d in part])
-        with query(data_id=[d.doc_id for d in part], mask=b.pad_mask, per_token=True,
-                   token_ids=b.tokens):
+        with query(data_id=[d.doc_id for d in part], mask=b.pad_mask, per_token=True, token_ids=b.tokens):
             sequence_losses(model, b).mean().backward()
     return query.token_gradients()
 
@@ -107,6 +108,7 @@ def per_position_gradient(model, module, batch, loss_fn) -> torch.Tensor:
                 return loss_fn()
             finally:
                 handle.remove()
+
         return loss
 
     if isinstance(module, nn.Embedding):
@@ -122,6 +124,7 @@ def per_position_gradient(model, module, batch, loss_fn) -> torch.Tensor:
             h = (x.shape[2] + 2 * module.padding[0] - kh) // module.stride[0] + 1
             y = torch.einsum("bil,loi->bol", patches, w) + b.T[None]
             return y.reshape(x.shape[0], w.shape[1], h, -1)
+
         t = module(tokens).shape[2] * module(tokens).shape[3]
         forward = conv
     else:
@@ -158,16 +161,16 @@ def test_token_scores_equal_per_position_gradients(tmp_path_factory, name, rank_
     module = dict(model.named_modules())[name]
     for j, d in enumerate(docs):
         batch = document_batch(c, [d.text])  # unpadded, alone
-        g = per_position_gradient(model, module, batch,
-                                  lambda b=batch: sequence_losses(model, b).sum())
+        g = per_position_gradient(model, module, batch, lambda b=batch: sequence_losses(model, b).sum())
         g = g.double()
         for p, side in ((projection.p_out, "out"), (projection.p_in, "in")):
             if p.matrix is not None:
                 g = p.matrix.double() @ g if side == "out" else g @ p.matrix.double().T
         want = torch.einsum("qoi,toi->qt", qm, g)  # [n_query, T]
         n = g.shape[0]
-        torch.testing.assert_close(ts.values[:, j, :n].double(), want, rtol=1e-4,
-                                   atol=1e-5 * float(want.abs().max()))
+        torch.testing.assert_close(
+            ts.values[:, j, :n].double(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max())
+        )
         assert torch.all(ts.values[:, j, n:] == 0)
 
 
@@ -214,12 +217,14 @@ def test_conv_positions_are_output_pixels(tmp_path):
     qm = preconditioned_block(one.store, q.values, "c1", "raw")
     p = query.projections["c1"]
     for j, i in enumerate((3, 4, 5)):
-        xi, yi = x[i:i + 1], y[i:i + 1]
-        g = per_position_gradient(model, model.c1, xi,
-                                  lambda xi=xi, yi=yi: F.cross_entropy(model(xi), yi, reduction="sum"))
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        g = per_position_gradient(
+            model, model.c1, xi, lambda xi=xi, yi=yi: F.cross_entropy(model(xi), yi, reduction="sum")
+        )
         g = p.p_out.matrix.double() @ g.double() @ p.p_in.matrix.double().T
-        torch.testing.assert_close(values[:, j].double(), torch.einsum("qoi,toi->qt", qm, g),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            values[:, j].double(), torch.einsum("qoi,toi->qt", qm, g), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_several_backward_passes_add_up(tmp_path_factory):
@@ -302,18 +307,42 @@ def test_contraction_matches_outer_products(monkeypatch, r_in, r_out):
     weight = torch.randn(4, 2, 5, generator=gen)
     one_hot = F.one_hot(index, r_in).float() * weight[..., None]
     f = PositionFactors(g, None, index, weight, r_in)
-    torch.testing.assert_close(T._module_scores(q, f, torch.device("cpu")),
-                               torch.einsum("qoi,nkto,nkti->qnt", q, g, one_hot), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(f.sequence_gradient(), torch.einsum("nkto,nkti->noi", g, one_hot),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        T._module_scores(q, f, torch.device("cpu")),
+        torch.einsum("qoi,nkto,nkti->qnt", q, g, one_hot),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        f.sequence_gradient(), torch.einsum("nkto,nkti->noi", g, one_hot), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_token_attribution_example_runs(tmp_path):
     """The example end to end on a tiny, briefly trained model (its figures need the defaults)."""
     import token_attribution
 
-    result = token_attribution.main(["--entities", "6", "--epochs", "2", "--d-model", "16",
-                                     "--layers", "1", "--heads", "2", "--rank", "4", "--show", "1",
-                                     "--batch", "16", "--out", str(tmp_path)])
+    result = token_attribution.main(
+        [
+            "--entities",
+            "6",
+            "--epochs",
+            "2",
+            "--d-model",
+            "16",
+            "--layers",
+            "1",
+            "--heads",
+            "2",
+            "--rank",
+            "4",
+            "--show",
+            "1",
+            "--batch",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert result["questions"] > 0 and result["sum_relative_gap"] < 1e-4
     assert (tmp_path / "token_attribution.json").exists()

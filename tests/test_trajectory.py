@@ -68,8 +68,15 @@ def test_replay_with_another_model_or_optimizer_is_a_clear_error(tmp_path):
         logix.unroll(tmp_path / "r", make_model(torch.float32), loss_fn, examples, queries(), progress=False)
     model = make_model()
     with pytest.raises(logix.StoreError, match="recorded with 'sgd', not 'adamw'"):
-        logix.unroll(tmp_path / "r", model, loss_fn, examples, queries(), progress=False,
-                     optimizer=torch.optim.AdamW(model.parameters()))
+        logix.unroll(
+            tmp_path / "r",
+            model,
+            loss_fn,
+            examples,
+            queries(),
+            progress=False,
+            optimizer=torch.optim.AdamW(model.parameters()),
+        )
     with pytest.raises(logix.StoreError, match="does not reproduce the recorded training"):
         other = lambda ids: (examples(ids)[0] * 1.5, examples(ids)[1])  # noqa: E731  (other data)
         logix.unroll(tmp_path / "r", model, loss_fn, other, queries(), progress=False)

@@ -8,15 +8,15 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import projected_rows
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import logix
 from logix.capture.fisher import fisher_logit_grads
-from logix.errors import CaptureError
 from logix.curvature.covariance import load_statistics, read_statistics
+from logix.errors import CaptureError
 from logix.store.format import StoreError
-from reference import projected_rows
 
 PROJ = {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 0}
 
@@ -120,8 +120,7 @@ def sequence_batch():
 def fitted(path, model, batches, *, mass=1.0, statistics=("raw",), on_rows=None):
     """A store of `batches` [(ids, inputs, label_mask, pad_mask)] (rows logged in attribution-only
     mode, which leaves .grad alone), then a true-Fisher pass over them."""
-    run = logix.init(path, config={"projection": PROJ, "capture": {"attribution_only": True}},
-                     overwrite=True)
+    run = logix.init(path, config={"projection": PROJ, "capture": {"attribution_only": True}}, overwrite=True)
     run.watch(model)
     for ids, inputs, _, pad_mask in batches:
         with run(data_id=ids, mask=pad_mask):
@@ -240,8 +239,10 @@ def test_pass_is_deterministic_and_leaves_the_model_untouched(tmp_path):
     model, x, y = classifier()
     model.fc1.bias.requires_grad_(False)  # a frozen parameter stays frozen
     F.cross_entropy(model(x), y).backward()
-    before = {k: (p.detach().clone(), None if p.grad is None else p.grad.clone(), p.requires_grad)
-              for k, p in model.named_parameters()}
+    before = {
+        k: (p.detach().clone(), None if p.grad is None else p.grad.clone(), p.requires_grad)
+        for k, p in model.named_parameters()
+    }
     sums = []
     for i in range(2):
         run, _ = fitted(tmp_path / f"r{i}", model, classifier_batches(x))
@@ -281,8 +282,9 @@ def test_true_fisher_scores_equal_a_dense_solve(tmp_path):
     for m in run.modules:
         f = fisher[m.name] / 8
         lam = 0.1 * float(torch.trace(f)) / m.width
-        want += qv[:, m.columns] @ torch.linalg.solve(f + lam * torch.eye(m.width, dtype=torch.float64),
-                                                      rows[:, m.columns].T)
+        want += qv[:, m.columns] @ torch.linalg.solve(
+            f + lam * torch.eye(m.width, dtype=torch.float64), rows[:, m.columns].T
+        )
     assert rel_err(scores.values, want) < 1e-4
     assert scores.meta["fisher"] == "true"
     assert (store.curvature_dir / "eigen-raw.true.safetensors").exists()
@@ -292,8 +294,9 @@ def test_true_fisher_scores_equal_a_dense_solve(tmp_path):
     from logix.commands import query as query_command
 
     queries.save(tmp_path / "q.safetensors")
-    args = build_parser().parse_args(["query", str(tmp_path / "r"), "--queries",
-                                      str(tmp_path / "q.safetensors"), "--fisher", "true"])
+    args = build_parser().parse_args(
+        ["query", str(tmp_path / "r"), "--queries", str(tmp_path / "q.safetensors"), "--fisher", "true"]
+    )
     assert query_command.main(args, console=_quiet()) == 0
 
 
@@ -311,8 +314,13 @@ def test_on_rows_sees_the_pseudo_gradients(tmp_path):
         owners.extend(ids)
         seen.append(rows)
 
-    run, fit = fitted(tmp_path / "r", model, classifier_batches(x, ids=[f"x{i}" for i in range(10)]),
-                      statistics=(), on_rows=collect)
+    run, fit = fitted(
+        tmp_path / "r",
+        model,
+        classifier_batches(x, ids=[f"x{i}" for i in range(10)]),
+        statistics=(),
+        on_rows=collect,
+    )
     run.finalize()
     rows = torch.cat(seen).double()
     assert rows.shape == (40, run.width) and fit.paths == []

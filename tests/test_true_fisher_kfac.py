@@ -9,24 +9,24 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
-
-import logix
 from kfac_helpers import dense_scores, kron_fisher, rel_err
-from logix.curvature.covariance import load_statistics
-from logix.store.format import StoreError
 from test_true_fisher import (
     PROJ,
     classifier,
     classifier_batches,
+    dense_fisher,
     fitted,
     logged_classifier,
-    dense_fisher,
     logit_covariance,
     projected_jacobian,
     projections_of,
     sequence_batch,
 )
+from torch.func import functional_call
+
+import logix
+from logix.curvature.covariance import load_statistics
+from logix.store.format import StoreError
 
 
 def dense_factors(model, names, inputs, pad, weights, projections):
@@ -56,15 +56,22 @@ def dense_factors(model, names, inputs, pad, weights, projections):
             x = torch.cat([ins[n], torch.ones_like(ins[n][..., :1])], -1).detach().double()
         x = x.reshape(batch, -1, x.shape[-1]) @ proj.p_in.matrix.double().T
         x = x * pad[:, : x.shape[1], None] if x.shape[1] > 1 else x
-        out[n] = [x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]), 0.0,
-                  int(pad.sum()) if x.shape[1] > 1 else batch]
+        out[n] = [
+            x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]),
+            0.0,
+            int(pad.sum()) if x.shape[1] > 1 else batch,
+        ]
     for t in range(positions):
         cov = torch.diag_embed(p[:, t]) - p[:, t, :, None] * p[:, t, None, :]  # [B, V, V]
         cov = cov * (weights[:, t] ** 2)[:, None, None]
-        rows = [torch.autograd.grad(z3[:, t, v].sum(), [outs[n] for n in names], retain_graph=True)
-                for v in range(classes)]
+        rows = [
+            torch.autograd.grad(z3[:, t, v].sum(), [outs[n] for n in names], retain_graph=True)
+            for v in range(classes)
+        ]
         for i, n in enumerate(names):
-            jac = torch.stack([r[i].double().reshape(batch, -1, r[i].shape[-1]) for r in rows])  # [V, B, T', d]
+            jac = torch.stack(
+                [r[i].double().reshape(batch, -1, r[i].shape[-1]) for r in rows]
+            )  # [V, B, T', d]
             jac = (jac @ projections[n].p_out.matrix.double().T) * pad[None, :, : jac.shape[2], None]
             out[n][1] = out[n][1] + torch.einsum("vbtr,bvu,ubts->rs", jac, cov, jac)
     return {n: tuple(v) for n, v in out.items()}

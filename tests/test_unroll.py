@@ -61,8 +61,12 @@ def unrolled_query_losses(eps: torch.Tensor, model, kind: str, first_weighted_st
         w = eps if t >= first_weighted_step else torch.ones_like(eps)
 
         def step_loss(params, w=w, blocks=blocks):
-            return sum((w[b] * F.cross_entropy(functional_call(model, params, (x[b],)), y[b],
-                                               reduction="none")).mean() for b in blocks)
+            return sum(
+                (
+                    w[b] * F.cross_entropy(functional_call(model, params, (x[b],)), y[b], reduction="none")
+                ).mean()
+                for b in blocks
+            )
 
         g = grad(step_loss)(p)
         if kind == "sgd":
@@ -102,17 +106,26 @@ def test_segment_wise_replay_from_a_checkpoint(tmp_path):
     assert torch.allclose(-scores.values, reference[:, in_last], rtol=1e-9, atol=1e-14)
     assert scores.meta["from_step"] == 4 and scores.meta["steps"] == 2
     with pytest.raises(logix.StoreError, match="not a recorded checkpoint"):
-        logix.unroll(tmp_path / "sgd", make_model(), loss_fn, examples, queries(), from_step=3,
-                     progress=False)
+        logix.unroll(
+            tmp_path / "sgd", make_model(), loss_fn, examples, queries(), from_step=3, progress=False
+        )
 
 
 def test_many_queries_in_chunks_and_a_custom_measurement(tmp_path):
     whole = replay(tmp_path, "adam")
-    chunked = logix.unroll(tmp_path / "adam", make_model(), loss_fn, examples, queries(), query_chunk=1,
-                           progress=False)
+    chunked = logix.unroll(
+        tmp_path / "adam", make_model(), loss_fn, examples, queries(), query_chunk=1, progress=False
+    )
     assert torch.allclose(whole.values, chunked.values, rtol=1e-12, atol=1e-15)
-    doubled = logix.unroll(tmp_path / "adam", make_model(), loss_fn, examples, queries(), progress=False,
-                           measure=lambda m, b: 2 * loss_fn(m, b))
+    doubled = logix.unroll(
+        tmp_path / "adam",
+        make_model(),
+        loss_fn,
+        examples,
+        queries(),
+        progress=False,
+        measure=lambda m, b: 2 * loss_fn(m, b),
+    )
     assert torch.allclose(doubled.values, 2 * whole.values, rtol=1e-12, atol=1e-15)
 
 

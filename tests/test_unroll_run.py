@@ -27,8 +27,14 @@ def test_run_records_the_trajectory_next_to_its_rows(tmp_path):
 
     train("sgd", record=str(tmp_path / "alone"), every=2)  # the same training, recording only
     alone = logix.unroll(tmp_path / "alone", make_model(), loss_fn, examples, queries(), progress=False)
-    logged = logix.unroll(tmp_path / "run", make_model(), loss_fn,
-                          lambda ids: examples([i % 100 for i in ids]), queries(), progress=False)
+    logged = logix.unroll(
+        tmp_path / "run",
+        make_model(),
+        loss_fn,
+        lambda ids: examples([i % 100 for i in ids]),
+        queries(),
+        progress=False,
+    )
     # each id is step*100 + example: summing an example's columns gives its total effect
     total = torch.zeros_like(alone.values)
     for j, i in enumerate(logged.train_ids):

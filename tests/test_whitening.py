@@ -18,9 +18,16 @@ DAMPING = 0.05
 
 
 def fitted_store(path, model, batches, rank_in, rank_out, fisher="empirical"):
-    cfg = {"projection": {"kind": "kfac-whitened", "rank_in": rank_in, "rank_out": rank_out,
-                          "seed": 3, "damping": DAMPING},
-           "capture": {"loss_reduction": "mean"}}
+    cfg = {
+        "projection": {
+            "kind": "kfac-whitened",
+            "rank_in": rank_in,
+            "rank_out": rank_out,
+            "seed": 3,
+            "damping": DAMPING,
+        },
+        "capture": {"loss_reduction": "mean"},
+    }
     run = logix.init(path, config=cfg)
     run.watch(model)
     with run.fit_projections(fisher=fisher) as fit:
@@ -49,8 +56,9 @@ def unpadded(batches):
 def dense_whitening(model, batches) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(A+λ_A)^{-1/2}, (S+λ_S)^{-1/2} per module from hand-computed factors, by matrix powers of
     torch.linalg.inv and a Cholesky-free symmetric root (eig of the inverse)."""
-    whole = {n: ModuleProjection(SideProjection(0, 0, None), SideProjection(0, 0, None))
-             for n in ("fc1", "fc2")}
+    whole = {
+        n: ModuleProjection(SideProjection(0, 0, None), SideProjection(0, 0, None)) for n in ("fc1", "fc2")
+    }
     sums, examples = reference_factors(model, batches, whole)
     out = {}
     for name, (a_sum, s_sum, positions) in sums.items():
@@ -74,8 +82,9 @@ def torch_func_grads(model, x, y, mask) -> dict[str, torch.Tensor]:
         return seq_loss(out, yi[None], mi[None], "sum")
 
     g = vmap(grad(one), in_dims=(None, 0, 0, 0))(params, x, y, mask)
-    return {n: torch.cat([g[f"{n}.weight"], g[f"{n}.bias"][..., None]], dim=2).double()
-            for n in ("fc1", "fc2")}
+    return {
+        n: torch.cat([g[f"{n}.weight"], g[f"{n}.bias"][..., None]], dim=2).double() for n in ("fc1", "fc2")
+    }
 
 
 def test_whitened_rows_match_dense_reference(tmp_path):

@@ -10,8 +10,14 @@ import logix
 
 N, Q = 12, 4
 # Blocks of each optimizer step: steps 1 and 4 accumulate two blocks.
-STEPS = [[[0, 1, 2, 3]], [[4, 5], [6, 7]], [[8, 9, 10, 11]], [[1, 3, 5, 7]], [[0, 2], [4, 6, 8]],
-         [[9, 10, 11, 2]]]
+STEPS = [
+    [[0, 1, 2, 3]],
+    [[4, 5], [6, 7]],
+    [[8, 9, 10, 11]],
+    [[1, 3, 5, 7]],
+    [[0, 2], [4, 6, 8]],
+    [[9, 10, 11, 2]],
+]
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.3, momentum=0.9, weight_decay=0.01),
@@ -38,8 +44,15 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def train(kind: str, weights: torch.Tensor | None = None, record: str | None = None, every: int = 2,
-          steps=STEPS, dtype=torch.float64, crash_at: int | None = None) -> nn.Module:
+def train(
+    kind: str,
+    weights: torch.Tensor | None = None,
+    record: str | None = None,
+    every: int = 2,
+    steps=STEPS,
+    dtype=torch.float64,
+    crash_at: int | None = None,
+) -> nn.Module:
     """Train with example weights (default 1) under a step-decay schedule; with `record`, record
     the trajectory into that directory. crash_at: raise before that step (a crash)."""
     x, y, _, _ = data(dtype)

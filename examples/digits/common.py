@@ -43,9 +43,19 @@ def make_mlp(seed: int = 0, hidden: int = 256) -> nn.Module:
     return nn.Sequential(OrderedDict(fc1=nn.Linear(64, hidden), relu=nn.ReLU(), fc2=nn.Linear(hidden, 10)))
 
 
-def train_mlp(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, seed: int = 0,
-              batch_size: int = 64, lr: float = 0.1, run=None, log_epochs: int = 1,
-              ids: list | None = None, hidden: int = 256) -> nn.Module:
+def train_mlp(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 0.1,
+    run=None,
+    log_epochs: int = 1,
+    ids: list | None = None,
+    hidden: int = 256,
+) -> nn.Module:
     """Train the MLP with SGD + momentum; with `run`, log the last `log_epochs` epochs, each in
     its own segment named 'epoch-<k>' carrying its learning rate (ids default to row numbers).
     `hidden`: the width of the hidden layer (smaller for proxy models).
@@ -64,7 +74,7 @@ def train_mlp(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 30, seed: int =
             run.start_segment(f"epoch-{epoch}", lr=lr)
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             step = run(data_id=[ids[i] for i in idx.tolist()]) if logging else contextlib.nullcontext()
             with step:
                 loss = F.cross_entropy(model(x[idx]), y[idx])
@@ -79,8 +89,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def retrained_test_losses(data: Digits, n_test: int, *, subsets: int, seeds: int, epochs: int,
-                          out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def retrained_test_losses(
+    data: Digits, n_test: int, *, subsets: int, seeds: int, epochs: int, out_dir: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The LDS ground truth of the digits examples: `subsets` random halves of the training set
     (seed 0), an MLP retrained on each with every seed, and the loss of each of the first
     `n_test` test images. Cached under `out_dir` (resumable; shared by lds.py and proxy.py).

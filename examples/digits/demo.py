@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import logix  # noqa: E402
 from common import accuracy, load_digits, train_mlp  # noqa: E402
+
+import logix  # noqa: E402
 from logix.cli import main as logix_cli  # noqa: E402
 
 CONFIG = {
@@ -63,22 +64,45 @@ def draw_report(path: Path, data, queries, preds, scores, helpful, harmful) -> b
         row = axes[r]
         row[0].imshow(data.x_test[q].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
         ok = preds[r] == int(data.y_test[q])
-        row[0].set_title(f"test #{q}\nlabel {int(data.y_test[q])}, pred {preds[r]}",
-                         fontsize=8, color="black" if ok else "red", fontweight="bold")
+        row[0].set_title(
+            f"test #{q}\nlabel {int(data.y_test[q])}, pred {preds[r]}",
+            fontsize=8,
+            color="black" if ok else "red",
+            fontweight="bold",
+        )
         for j in range(k):
-            for idx, ax, colour in ((helpful[r, j], row[1 + j], "tab:green"),
-                                    (harmful[r, j], row[1 + k + j], "tab:red")):
+            for idx, ax, colour in (
+                (helpful[r, j], row[1 + j], "tab:green"),
+                (harmful[r, j], row[1 + k + j], "tab:red"),
+            ):
                 i = int(idx)
                 ax.imshow(data.x_train[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-                ax.set_title(f"#{i} label {int(data.y_train[i])}\n{scores[r, i]:+.3g}", fontsize=7,
-                             color=colour)
+                ax.set_title(
+                    f"#{i} label {int(data.y_train[i])}\n{scores[r, i]:+.3g}", fontsize=7, color=colour
+                )
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.text(0.5 * (1 + k) / cols, 0.995, "most helpful training images →", ha="center", va="top",
-             color="tab:green", fontsize=10, fontweight="bold")
-    fig.text((1 + 1.5 * k) / cols, 0.995, "most harmful training images →", ha="center", va="top",
-             color="tab:red", fontsize=10, fontweight="bold")
+    fig.text(
+        0.5 * (1 + k) / cols,
+        0.995,
+        "most helpful training images →",
+        ha="center",
+        va="top",
+        color="tab:green",
+        fontsize=10,
+        fontweight="bold",
+    )
+    fig.text(
+        (1 + 1.5 * k) / cols,
+        0.995,
+        "most harmful training images →",
+        ha="center",
+        va="top",
+        color="tab:red",
+        fontsize=10,
+        fontweight="bold",
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -103,9 +127,11 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     with logix.init(run_dir, config=CONFIG, overwrite=True) as run:
         model = train_mlp(data.x_train, data.y_train, epochs=args.epochs, run=run)
-    console.print(f"[bold]1. trained[/] {args.epochs} epochs and logged the last one in "
-                  f"{time.perf_counter() - t0:.1f} s; test accuracy "
-                  f"{accuracy(model, data.x_test, data.y_test):.1%}")
+    console.print(
+        f"[bold]1. trained[/] {args.epochs} epochs and logged the last one in "
+        f"{time.perf_counter() - t0:.1f} s; test accuracy "
+        f"{accuracy(model, data.x_test, data.y_test):.1%}"
+    )
 
     # 2. What is in the store.
     console.print("[bold]2. the store[/] (logix inspect)")
@@ -130,15 +156,24 @@ def main(argv=None) -> None:
     harmful = scores.argsort(dim=1, stable=True)[:, : args.k]
     with torch.no_grad():
         preds = model(data.x_test[queries]).argmax(1).tolist()
-    console.print(f"[bold]3. influence[/] of {len(data.y_train)} training images on {len(queries)} "
-                  f"test images ({args.mode}, raw preconditioner) in {time.perf_counter() - t0:.1f} s "
-                  "(includes the one-off curvature pass)")
+    console.print(
+        f"[bold]3. influence[/] of {len(data.y_train)} training images on {len(queries)} "
+        f"test images ({args.mode}, raw preconditioner) in {time.perf_counter() - t0:.1f} s "
+        "(includes the one-off curvature pass)"
+    )
     table = Table(title="most helpful (+) and most harmful (-) training images")
-    for col in ("test image", "label / pred", "most helpful: #id (label) score", "most harmful: #id (label) score"):
+    for col in (
+        "test image",
+        "label / pred",
+        "most helpful: #id (label) score",
+        "most harmful: #id (label) score",
+    ):
         table.add_column(col)
     for r, q in enumerate(queries):
-        def fmt(idx):
+
+        def fmt(idx, r=r):
             return ", ".join(f"#{int(i)} ({int(data.y_train[i])}) {scores[r, i]:+.2g}" for i in idx)
+
         mark = "" if preds[r] == int(data.y_test[q]) else " [red]✗[/]"
         table.add_row(f"#{q}", f"{int(data.y_test[q])} / {preds[r]}{mark}", fmt(helpful[r]), fmt(harmful[r]))
     console.print(table)

@@ -35,8 +35,9 @@ def output_grads(rows: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
     return rows[:, m.columns].reshape(-1, m.r_out, m.r_in)[:, :, -1].double()
 
 
-def check_outer_products(rows: torch.Tensor, inputs: dict[str, torch.Tensor],
-                         modules: list[ModuleInfo]) -> float:
+def check_outer_products(
+    rows: torch.Tensor, inputs: dict[str, torch.Tensor], modules: list[ModuleInfo]
+) -> float:
     """max |G − δ x̄ᵀ| / max |G| over modules for rows [n, D] of examples with inputs x̄."""
     worst = 0.0
     for m in modules:
@@ -63,10 +64,18 @@ class PseudoGradients:
         return torch.cat(self.deltas[name])  # [N·C, d_out]
 
 
-def exact_true_scores(modules: list[ModuleInfo], train_rows: torch.Tensor, query_rows: torch.Tensor,
-                      train_inputs: dict[str, torch.Tensor], query_inputs: dict[str, torch.Tensor],
-                      pseudo: PseudoGradients, train_ids: list, n_examples: int,
-                      dampings: list[float], gram: bool | None = None) -> dict[float, torch.Tensor]:
+def exact_true_scores(
+    modules: list[ModuleInfo],
+    train_rows: torch.Tensor,
+    query_rows: torch.Tensor,
+    train_inputs: dict[str, torch.Tensor],
+    query_inputs: dict[str, torch.Tensor],
+    pseudo: PseudoGradients,
+    train_ids: list,
+    n_examples: int,
+    dampings: list[float],
+    gram: bool | None = None,
+) -> dict[float, torch.Tensor]:
     """Σ_m q_m (F_m + λ_m I)⁻¹ x_mᵀ for every query and train row: {damping: [n_q, N] float64}.
 
     train_rows [N, D], query_rows [n_q, D]: identity-projection rows; *_inputs: `layer_inputs`
@@ -78,14 +87,21 @@ def exact_true_scores(modules: list[ModuleInfo], train_rows: torch.Tensor, query
     owner = torch.tensor([position[t] for t in pseudo.owners])
     out = {d: torch.zeros(query_rows.shape[0], train_rows.shape[0], dtype=torch.float64) for d in dampings}
     for m in modules:
-        d_train, d_query, d_pseudo = output_grads(train_rows, m), output_grads(query_rows, m), pseudo.delta(m.name)
+        d_train, d_query, d_pseudo = (
+            output_grads(train_rows, m),
+            output_grads(query_rows, m),
+            pseudo.delta(m.name),
+        )
         x_train, x_query = train_inputs[m.name], query_inputs[m.name]
         x_pseudo = x_train[owner]
         if gram is False or (gram is None and m.width <= d_pseudo.shape[0]):
-            parts = _eigen_scores(d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, n_examples, dampings)
+            parts = _eigen_scores(
+                d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, n_examples, dampings
+            )
         else:
-            parts = _gram_scores(d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, owner,
-                                 n_examples, m.width, dampings)
+            parts = _gram_scores(
+                d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, owner, n_examples, m.width, dampings
+            )
         for d in dampings:
             out[d] += parts[d]
     return out
@@ -105,8 +121,7 @@ def _eigen_scores(d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, n_exam
     return {d: (q / (e + d * float(e.mean()))) @ x.T for d in dampings}
 
 
-def _gram_scores(d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, owner, n_examples, width,
-                 dampings):
+def _gram_scores(d_train, d_query, d_pseudo, x_train, x_query, x_pseudo, owner, n_examples, width, dampings):
     """Wide blocks: the push-through identity with K = (Δ Δᵀ) ⊙ (X̄ X̄ᵀ) [N·C, N·C]."""
     gram = d_pseudo @ d_pseudo.T
     gram.mul_((x_train @ x_train.T)[owner][:, owner])

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import HERE, accuracy, load_digits, train_mlp
 from rich.console import Console
 from rich.table import Table
 
 import logix
-from common import HERE, accuracy, load_digits, train_mlp
 from logix.eval import rankdata
 
 console = Console()
@@ -37,7 +37,9 @@ if not console.is_terminal:
     console = Console(width=150)
 
 
-def flip_labels(y: torch.Tensor, fraction: float, seed: int, n_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def flip_labels(
+    y: torch.Tensor, fraction: float, seed: int, n_classes: int = 10
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy labels [N], flipped [N] bool): round(fraction·N) labels moved to another class."""
     gen = torch.Generator().manual_seed(seed)
     n_flip = int(round(fraction * len(y)))
@@ -86,16 +88,20 @@ def main() -> None:
     with torch.no_grad():
         train_loss = F.cross_entropy(model(data.x_train), y_noisy, reduction="none")
         fits = model(data.x_train).argmax(1) == y_noisy
-    console.print(f"{int(flipped.sum())} of {len(y_noisy)} labels flipped; the model fits "
-                  f"{float(fits[flipped].float().mean()):.0%} of the flipped and "
-                  f"{float(fits[~flipped].float().mean()):.0%} of the clean labels; "
-                  f"test acc {accuracy(model, data.x_test, data.y_test):.3f}")
+    console.print(
+        f"{int(flipped.sum())} of {len(y_noisy)} labels flipped; the model fits "
+        f"{float(fits[flipped].float().mean()):.0%} of the flipped and "
+        f"{float(fits[~flipped].float().mean()):.0%} of the clean labels; "
+        f"test acc {accuracy(model, data.x_test, data.y_test):.3f}"
+    )
 
     # The attribution pass, with the labels the model was trained on.
     t = time.perf_counter()
     path = args.out / "store"
-    config = {"projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank, "seed": 0},
-              "capture": {"attribution_only": True, "loss_reduction": "sum"}}
+    config = {
+        "projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank, "seed": 0},
+        "capture": {"attribution_only": True, "loss_reduction": "sum"},
+    }
     run = logix.init(path, config=config, overwrite=True)
     run.watch(model)
     for start in range(0, len(y_noisy), 256):
@@ -122,8 +128,11 @@ def main() -> None:
         rankings[f"self-influence, {name}"] = ("self", engine.self_influence().values)
     last = store.modules[-1].name
     rankings[f"self-influence, raw λ=0.1, last layer ({last}) only"] = (
-        "self", logix.InfluenceEngine(store, preconditioner="raw", damping=0.1, modules=[last])
-        .self_influence().values)
+        "self",
+        logix.InfluenceEngine(store, preconditioner="raw", damping=0.1, modules=[last])
+        .self_influence()
+        .values,
+    )
     for mode in ("dot", "relative", "cosine"):
         for name in ("identity", "raw λ=0.1"):
             if name in engines:
@@ -132,8 +141,10 @@ def main() -> None:
     timings["score"] = time.perf_counter() - t
 
     fractions = [0.05, 0.10]
-    table = Table(title=f"Mislabel detection on digits: {int(flipped.sum())} of {len(flipped)} training "
-                        f"labels flipped (seed {args.seed}), projection r={args.rank}")
+    table = Table(
+        title=f"Mislabel detection on digits: {int(flipped.sum())} of {len(flipped)} training "
+        f"labels flipped (seed {args.seed}), projection r={args.rank}"
+    )
     table.add_column("ranking")
     table.add_column("uses")
     for f in fractions:

@@ -65,24 +65,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rank", type=int, default=64, help="random projection rank per side")
     p.add_argument("--damping", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=HERE / "out" / "lds",
-                   help="shared with lds.py: the retraining cache is reused")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "out" / "lds",
+        help="shared with lds.py: the retraining cache is reused",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
     data = load_digits()
     x_test, y_test = data.x_test[: args.n_test], data.y_test[: args.n_test]
-    other_x, other_y = data.x_test[args.n_test:], data.y_test[args.n_test:]  # never queried
+    other_x, other_y = data.x_test[args.n_test :], data.y_test[args.n_test :]  # never queried
 
     # 1. the attribution models --------------------------------------------------------------
     t = time.perf_counter()
     models = {"full model (hidden 256)": train_mlp(data.x_train, data.y_train, epochs=args.epochs, seed=0)}
     for h in args.hidden:
-        models[f"proxy, hidden {h}"] = train_mlp(data.x_train, data.y_train, epochs=args.epochs, seed=0, hidden=h)
+        models[f"proxy, hidden {h}"] = train_mlp(
+            data.x_train, data.y_train, epochs=args.epochs, seed=0, hidden=h
+        )
     models["full arch., at initialisation"] = train_mlp(data.x_train, data.y_train, epochs=0, seed=0)
     models["full arch., 1 epoch"] = train_mlp(data.x_train, data.y_train, epochs=1, seed=0)
     models[f"full arch., trained on {len(other_y)} other images"] = train_mlp(
-        other_x, other_y, epochs=args.epochs, seed=0)
+        other_x, other_y, epochs=args.epochs, seed=0
+    )
     timings["train attribution models"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -100,27 +107,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. ground truth: retrained full models (lds.py's subsets, seeds and cache) -----------------
     t = time.perf_counter()
-    subsets, outputs = retrained_test_losses(data, args.n_test, subsets=args.subsets,
-                                             seeds=args.seeds, epochs=args.epochs, out_dir=args.out)
+    subsets, outputs = retrained_test_losses(
+        data, args.n_test, subsets=args.subsets, seeds=args.seeds, epochs=args.epochs, out_dir=args.out
+    )
     timings[f"retrain {args.subsets}×{args.seeds} (cached ones skipped)"] = time.perf_counter() - t
 
     # 3. the table --------------------------------------------------------------------------
     reference = scores["full model (hidden 256)"]["raw"]
-    table = Table(title=f"Attribution with proxy models, digits: {args.n_test} test images, ground truth = "
-                        f"full model retrained on M={args.subsets} halves × {args.seeds} seeds; mean [95% CI]")
-    for c in ("attribution model", "params", "acc (queried)", "LDS identity", f"LDS raw λ={args.damping:g}",
-              "Spearman with full (raw)", "top-10 overlap"):
+    table = Table(
+        title=f"Attribution with proxy models, digits: {args.n_test} test images, ground truth = "
+        f"full model retrained on M={args.subsets} halves × {args.seeds} seeds; mean [95% CI]"
+    )
+    for c in (
+        "attribution model",
+        "params",
+        "acc (queried)",
+        "LDS identity",
+        f"LDS raw λ={args.damping:g}",
+        "Spearman with full (raw)",
+        "top-10 overlap",
+    ):
         table.add_column(c, justify="left" if c == "attribution model" else "right")
     results = {}
     for name, model in models.items():
         s = scores[name]
         rho = spearman(s["raw"].T.double(), reference.T.double())  # per test image, over training images
-        row = {"identity": lds(s["identity"], subsets, outputs), "raw": lds(s["raw"], subsets, outputs),
-               "spearman": rho, "overlap": top_overlap(s["raw"], reference)}
+        row = {
+            "identity": lds(s["identity"], subsets, outputs),
+            "raw": lds(s["raw"], subsets, outputs),
+            "spearman": rho,
+            "overlap": top_overlap(s["raw"], reference),
+        }
         results[name] = row
-        table.add_row(name, f"{parameters(model):,}", f"{accuracy(model, x_test, y_test):.3f}",
-                      lds_example.lds_cell(row["identity"]), lds_example.lds_cell(row["raw"]),
-                      mean_ci(rho), mean_ci(row["overlap"]))
+        table.add_row(
+            name,
+            f"{parameters(model):,}",
+            f"{accuracy(model, x_test, y_test):.3f}",
+            lds_example.lds_cell(row["identity"]),
+            lds_example.lds_cell(row["raw"]),
+            mean_ci(rho),
+            mean_ci(row["overlap"]),
+        )
     console.print(table)
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return {"results": results, "scores": scores}

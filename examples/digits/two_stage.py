@@ -100,8 +100,14 @@ def stage2_labels(y: torch.Tensor, task: str) -> torch.Tensor:
 def make_pools(setup: Setup, n_test: int) -> Pools:
     d = load_digits()
     n1 = len(d.y_train) - setup.n_stage2
-    return Pools(d.x_train[:n1], d.y_train[:n1], d.x_train[n1:], stage2_labels(d.y_train[n1:], setup.task),
-                 d.x_test[:n_test], stage2_labels(d.y_test[:n_test], setup.task))
+    return Pools(
+        d.x_train[:n1],
+        d.y_train[:n1],
+        d.x_train[n1:],
+        stage2_labels(d.y_train[n1:], setup.task),
+        d.x_test[:n_test],
+        stage2_labels(d.y_test[:n_test], setup.task),
+    )
 
 
 def segment_bounds(epochs: int, segments: int) -> list[tuple[int, int]]:
@@ -115,8 +121,18 @@ def segment_bounds(epochs: int, segments: int) -> list[tuple[int, int]]:
 OnSegment = Callable[[str, nn.Module, dict], None]
 
 
-def train_stage(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
-                seed: int, setup: Setup, prefix: str, on_segment: OnSegment | None = None) -> nn.Module:
+def train_stage(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    seed: int,
+    setup: Setup,
+    prefix: str,
+    on_segment: OnSegment | None = None,
+) -> nn.Module:
     """SGD (momentum 0.9, weight decay 1e-4, fresh optimizer) on (x, y); `on_segment(name,
     model, meta)` is called at the middle of each segment, before that epoch's steps."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=1e-4)
@@ -124,33 +140,69 @@ def train_stage(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: i
     steps_per_epoch = -(-len(y) // setup.batch_size)
     middles = {}
     for k, (a, b) in enumerate(segment_bounds(epochs, setup.segments)):
-        middles[a + (b - a) // 2] = (f"{prefix}-{k}", {"lr": lr, "momentum": MOMENTUM,
-                                                        "steps": (b - a) * steps_per_epoch,
-                                                        "examples": len(y), "epochs": [a, b]})
+        middles[a + (b - a) // 2] = (
+            f"{prefix}-{k}",
+            {
+                "lr": lr,
+                "momentum": MOMENTUM,
+                "steps": (b - a) * steps_per_epoch,
+                "examples": len(y),
+                "epochs": [a, b],
+            },
+        )
     for epoch in range(epochs):
         if on_segment is not None and epoch in middles:
             on_segment(*middles[epoch][:1], model, middles[epoch][1])
         order = torch.randperm(len(y), generator=gen)
         for start in range(0, len(y), setup.batch_size):
-            idx = order[start:start + setup.batch_size]
+            idx = order[start : start + setup.batch_size]
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
             opt.zero_grad()
     return model
 
 
-def pretrain(pools: Pools, setup: Setup, seed: int, members1: torch.Tensor | None = None,
-             on_segment: OnSegment | None = None) -> nn.Module:
+def pretrain(
+    pools: Pools,
+    setup: Setup,
+    seed: int,
+    members1: torch.Tensor | None = None,
+    on_segment: OnSegment | None = None,
+) -> nn.Module:
     x1, y1 = (pools.x1, pools.y1) if members1 is None else (pools.x1[members1], pools.y1[members1])
-    return train_stage(make_mlp(seed), x1, y1, epochs=setup.epochs1, lr=setup.lr1, seed=seed + 1,
-                       setup=setup, prefix="s1", on_segment=on_segment)
+    return train_stage(
+        make_mlp(seed),
+        x1,
+        y1,
+        epochs=setup.epochs1,
+        lr=setup.lr1,
+        seed=seed + 1,
+        setup=setup,
+        prefix="s1",
+        on_segment=on_segment,
+    )
 
 
-def finetune(model: nn.Module, pools: Pools, setup: Setup, seed: int, members2: torch.Tensor | None = None,
-             on_segment: OnSegment | None = None) -> nn.Module:
+def finetune(
+    model: nn.Module,
+    pools: Pools,
+    setup: Setup,
+    seed: int,
+    members2: torch.Tensor | None = None,
+    on_segment: OnSegment | None = None,
+) -> nn.Module:
     x2, y2 = (pools.x2, pools.y2) if members2 is None else (pools.x2[members2], pools.y2[members2])
-    return train_stage(model, x2, y2, epochs=setup.epochs2, lr=setup.lr2, seed=seed + 2,
-                       setup=setup, prefix="s2", on_segment=on_segment)
+    return train_stage(
+        model,
+        x2,
+        y2,
+        epochs=setup.epochs2,
+        lr=setup.lr2,
+        seed=seed + 2,
+        setup=setup,
+        prefix="s2",
+        on_segment=on_segment,
+    )
 
 
 def test_losses(model: nn.Module, pools: Pools) -> torch.Tensor:
@@ -163,9 +215,11 @@ class Logger:
     """One store for the whole pipeline: attribution passes into segments, query gradients."""
 
     def __init__(self, path: Path, model: nn.Module, pools: Pools, rank: int):
-        config = {"projection": {"kind": "random", "rank_in": rank, "rank_out": rank, "seed": 0},
-                  "capture": {"attribution_only": True, "loss_reduction": "sum"},
-                  "curvature": {"statistics": ["raw"]}}
+        config = {
+            "projection": {"kind": "random", "rank_in": rank, "rank_out": rank, "seed": 0},
+            "capture": {"attribution_only": True, "loss_reduction": "sum"},
+            "curvature": {"statistics": ["raw"]},
+        }
         self.path, self.pools = path, pools
         self.ids1 = [f"s1:{i}" for i in range(len(pools.y1))]
         self.ids2 = [f"s2:{i}" for i in range(len(pools.y2))]
@@ -173,12 +227,22 @@ class Logger:
         self.run.watch(model)
         self.queries: dict[str, logix.Gradients] = {}
 
-    def log(self, name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: list,
-            meta: dict | None = None, batch: int = 256) -> None:
+    def log(
+        self,
+        name: str,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ids: list,
+        meta: dict | None = None,
+        batch: int = 256,
+    ) -> None:
         self.run.start_segment(name, **(meta or {}))
         for start in range(0, len(y), batch):
-            with self.run(data_id=ids[start:start + batch]):
-                F.cross_entropy(model(x[start:start + batch]), y[start:start + batch], reduction="sum").backward()
+            with self.run(data_id=ids[start : start + batch]):
+                F.cross_entropy(
+                    model(x[start : start + batch]), y[start : start + batch], reduction="sum"
+                ).backward()
         self.run.flush()
         self.queries[name] = self.query(model)
 
@@ -191,24 +255,42 @@ class Logger:
         return q.gradients()
 
     def on_segment(self, name: str, model: nn.Module, meta: dict) -> None:
-        x, y, ids = (self.pools.x1, self.pools.y1, self.ids1) if name.startswith("s1") else \
-            (self.pools.x2, self.pools.y2, self.ids2)
+        x, y, ids = (
+            (self.pools.x1, self.pools.y1, self.ids1)
+            if name.startswith("s1")
+            else (self.pools.x2, self.pools.y2, self.ids2)
+        )
         self.log(name, model, x, y, ids, meta)
 
 
-def attribute(pools: Pools, setup: Setup, path: Path, rank: int,
-              dampings: list[float]) -> tuple[dict, list, nn.Module]:
+def attribute(
+    pools: Pools, setup: Setup, path: Path, rank: int, dampings: list[float]
+) -> tuple[dict, list, nn.Module]:
     """Train the full pipeline while logging: (every method's scores [n_test, N1 + N2] by method
     name, the column ids, the final model)."""
     model = make_mlp(0)
     logger = Logger(path, model, pools, rank)
     # the same pipeline as pretrain(pools, setup, 0) then finetune(..., 0), logged on the way
-    train_stage(model, pools.x1, pools.y1, epochs=setup.epochs1, lr=setup.lr1, seed=1, setup=setup,
-                prefix="s1", on_segment=logger.on_segment)
+    train_stage(
+        model,
+        pools.x1,
+        pools.y1,
+        epochs=setup.epochs1,
+        lr=setup.lr1,
+        seed=1,
+        setup=setup,
+        prefix="s1",
+        on_segment=logger.on_segment,
+    )
     finetune(model, pools, setup, seed=0, on_segment=logger.on_segment)
     logger.log("final-s2", model, pools.x2, pools.y2, logger.ids2)
-    logger.log("final-all", model, torch.cat([pools.x1, pools.x2]), torch.cat([pools.y1, pools.y2]),
-               logger.ids1 + logger.ids2)
+    logger.log(
+        "final-all",
+        model,
+        torch.cat([pools.x1, pools.x2]),
+        torch.cat([pools.y1, pools.y2]),
+        logger.ids1 + logger.ids2,
+    )
     logger.run.finalize()
 
     store = logix.open_store(path)
@@ -232,17 +314,27 @@ def attribute(pools: Pools, setup: Setup, path: Path, rank: int,
     for s in stages:
         meta = store.select(s).segment_meta
         weights[s] = meta["lr"] / (1 - meta["momentum"]) * meta["steps"] / meta["examples"]
-    scores["TracIn-CP (η_eff·K/N)"] = aligned(logix.combined_scores(
-        store, {s: logger.queries[s] for s in stages}, preconditioner="identity",
-        weights=weights, missing="zero"))
-    scores["TracIn-CP (lr)"] = aligned(logix.combined_scores(
-        store, {s: logger.queries[s] for s in stages}, preconditioner="identity", missing="zero"))
+    scores["TracIn-CP (η_eff·K/N)"] = aligned(
+        logix.combined_scores(
+            store,
+            {s: logger.queries[s] for s in stages},
+            preconditioner="identity",
+            weights=weights,
+            missing="zero",
+        )
+    )
+    scores["TracIn-CP (lr)"] = aligned(
+        logix.combined_scores(
+            store, {s: logger.queries[s] for s in stages}, preconditioner="identity", missing="zero"
+        )
+    )
     return scores, ids, model
 
 
 # ------------------------------------------------------------------------------ ground truth
-def ground_truth(pools: Pools, setup: Setup, scheme: str, n_subsets: int, seeds: list[int],
-                 out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def ground_truth(
+    pools: Pools, setup: Setup, scheme: str, n_subsets: int, seeds: list[int], out: Path
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(subsets [M, N1 + N2] bool, outputs [M, n_test] test losses) of one resampling scheme."""
     n1, n2 = len(pools.y1), len(pools.y2)
     half2 = sample_subsets(n2, n_subsets, alpha=0.5, seed=2)
@@ -252,7 +344,9 @@ def ground_truth(pools: Pools, setup: Setup, scheme: str, n_subsets: int, seeds:
 
         def train_fn(members: torch.Tensor, seed: int) -> torch.Tensor:
             if seed not in pretrained:
-                pretrained[seed] = {k: v.clone() for k, v in pretrain(pools, setup, seed).state_dict().items()}
+                pretrained[seed] = {
+                    k: v.clone() for k, v in pretrain(pools, setup, seed).state_dict().items()
+                }
             model = make_mlp(seed)
             model.load_state_dict(pretrained[seed])
             return test_losses(finetune(model, pools, setup, seed, members[members >= n1] - n1), pools)
@@ -295,19 +389,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=HERE / "out" / "two_stage")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    setup = Setup(task=args.task, n_stage2=args.n_stage2, epochs1=args.epochs1, epochs2=args.epochs2,
-                  segments=args.segments)
+    setup = Setup(
+        task=args.task,
+        n_stage2=args.n_stage2,
+        epochs1=args.epochs1,
+        epochs2=args.epochs2,
+        segments=args.segments,
+    )
     pools = make_pools(setup, args.n_test)
     timings = {}
 
     t = time.perf_counter()
-    scores, ids, full = attribute(pools, setup, args.out / f"store-{setup.key()}-seg{setup.segments}", args.rank, args.dampings)
+    scores, ids, full = attribute(
+        pools, setup, args.out / f"store-{setup.key()}-seg{setup.segments}", args.rank, args.dampings
+    )
     timings["train + log + score"] = time.perf_counter() - t
     with torch.no_grad():
         acc = (full(pools.x_test).argmax(1) == pools.y_test).float().mean().item()
-    console.print(f"task {setup.task}: stage 1 {len(pools.y1)} images × {setup.epochs1} epochs (lr {setup.lr1}), "
-                  f"stage 2 {len(pools.y2)} × {setup.epochs2} (lr {setup.lr2}), {setup.segments} segments per "
-                  f"stage; final test accuracy (stage-2 labels) {acc:.3f}")
+    console.print(
+        f"task {setup.task}: stage 1 {len(pools.y1)} images × {setup.epochs1} epochs (lr {setup.lr1}), "
+        f"stage 2 {len(pools.y2)} × {setup.epochs2} (lr {setup.lr2}), {setup.segments} segments per "
+        f"stage; final test accuracy (stage-2 labels) {acc:.3f}"
+    )
 
     n1 = len(pools.y1)
     d = 0.1 if 0.1 in args.dampings else args.dampings[0]
@@ -324,11 +427,15 @@ def main(argv: list[str] | None = None) -> dict:
         for name, s in scores.items():
             results[name][scheme] = lds(s[:, columns], subsets[:, columns], outputs, output="loss")
 
-    table = Table(title=f"LDS, two-stage digits ({setup.task} labels in stage 2): {args.n_test} test images, "
-                        f"M={args.subsets} × {args.seeds} seeds, mean Spearman [95% bootstrap CI]")
+    table = Table(
+        title=f"LDS, two-stage digits ({setup.task} labels in stage 2): {args.n_test} test images, "
+        f"M={args.subsets} × {args.seeds} seeds, mean Spearman [95% bootstrap CI]"
+    )
     table.add_column("method")
     for scheme in args.schemes:
-        table.add_column({"stage2": "(a) stage 2 resampled", "both": "(b) both resampled"}[scheme], justify="right")
+        table.add_column(
+            {"stage2": "(a) stage 2 resampled", "both": "(b) both resampled"}[scheme], justify="right"
+        )
     for name, row in results.items():
         table.add_row(name, *[cell(row[s]) if row[s].n_valid else "—" for s in args.schemes])
     console.print(table)
@@ -339,8 +446,10 @@ def main(argv: list[str] | None = None) -> dict:
         for family in ("influence, final-s2", "influence, final-all", "TracIn-CP (η_eff·K/N)"):
             names = [n for n in results if n.startswith(family)]
             best = max(names, key=lambda n: results[n][scheme].mean)
-            console.print(f"({scheme}) SOURCE λ={d:g} − {best}: {paired_gap(src, results[best][scheme])} "
-                          "(paired over test images)")
+            console.print(
+                f"({scheme}) SOURCE λ={d:g} − {best}: {paired_gap(src, results[best][scheme])} "
+                "(paired over test images)"
+            )
     console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return {"results": results, "scores": scores, "ids": ids}
 

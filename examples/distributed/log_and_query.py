@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "digits"))
-import logix  # noqa: E402
 from common import accuracy, load_digits, make_mlp  # noqa: E402
+
+import logix  # noqa: E402
 from logix.comm import rank_and_world  # noqa: E402
 
 CONFIG = {
@@ -57,17 +58,19 @@ def main() -> None:
     train = TensorDataset(ids, data.x_train, data.y_train)
     # drop_last=True: without it the sampler repeats examples to even out the ranks, and a
     # repeated id is logged twice (finalize and open_store would refuse the store).
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0,
-                                 drop_last=True)
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
     loader = DataLoader(train, batch_size=args.batch // world, sampler=sampler)
 
     model = make_mlp(seed=0).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    ddp = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
 
     run = logix.init(args.out, config=CONFIG, overwrite=True)
-    run.watch(ddp)                        # module names as in the unwrapped model: fc1, fc2
+    run.watch(ddp)  # module names as in the unwrapped model: fc1, fc2
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         logging = epoch == args.epochs - 1  # log the last epoch of real training
@@ -80,7 +83,7 @@ def main() -> None:
                 F.cross_entropy(ddp(x), y).backward()
             opt.step()
             opt.zero_grad()
-    run.finalize()                        # collective: every rank calls it
+    run.finalize()  # collective: every rank calls it
 
     # Queries: every rank captures the same test images; each scores its share of the shards.
     test_ids = list(range(args.queries))
@@ -94,13 +97,16 @@ def main() -> None:
 
     if rank == 0:
         store = logix.open_store(args.out)
-        print(f"{world} rank(s) logged {len(store)} rows into {args.out} "
-              f"(ranks: {store.rank_status()}); test accuracy "
-              f"{accuracy(model.cpu(), data.x_test, data.y_test):.3f}")
+        print(
+            f"{world} rank(s) logged {len(store)} rows into {args.out} "
+            f"(ranks: {store.rank_status()}); test accuracy "
+            f"{accuracy(model.cpu(), data.x_test, data.y_test):.3f}"
+        )
         for qid, train_ids, scores in zip(top.query_ids, top.data_ids, top.values.tolist()):
             label = int(data.y_test[int(qid.split("-")[1])])
-            helpers = ", ".join(f"#{t} (digit {int(data.y_train[t])}, {s:+.2f})"
-                                for t, s in zip(train_ids, scores))
+            helpers = ", ".join(
+                f"#{t} (digit {int(data.y_train[t])}, {s:+.2f})" for t, s in zip(train_ids, scores)
+            )
             print(f"{qid} (digit {label}): {helpers}")
         top.save(Path(args.out) / "top5.json")
     if torch.distributed.is_initialized():

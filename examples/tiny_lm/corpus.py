@@ -26,28 +26,66 @@ import torch
 PAD, BOS = "<pad>", "<bos>"
 
 VALUES = {
-    "city": ["paris", "london", "tokyo", "cairo", "lima", "oslo", "delhi", "rome", "berlin",
-             "sydney", "madrid", "dublin"],
-    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink",
-               "grey"],
-    "profession": ["baker", "doctor", "pilot", "farmer", "teacher", "painter", "sailor",
-                   "lawyer", "chemist", "tailor", "plumber", "poet"],
-    "pet": ["cat", "dog", "parrot", "rabbit", "hamster", "turtle", "goldfish", "snake", "horse",
-            "ferret"],
+    "city": [
+        "paris",
+        "london",
+        "tokyo",
+        "cairo",
+        "lima",
+        "oslo",
+        "delhi",
+        "rome",
+        "berlin",
+        "sydney",
+        "madrid",
+        "dublin",
+    ],
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "grey"],
+    "profession": [
+        "baker",
+        "doctor",
+        "pilot",
+        "farmer",
+        "teacher",
+        "painter",
+        "sailor",
+        "lawyer",
+        "chemist",
+        "tailor",
+        "plumber",
+        "poet",
+    ],
+    "pet": ["cat", "dog", "parrot", "rabbit", "hamster", "turtle", "goldfish", "snake", "horse", "ferret"],
 }
 RELATIONS = tuple(VALUES)
 
 # How a document states a fact ({e}: the entity, {v}: the value).
 STATEMENTS = {
-    "city": ["{e} lives in {v} .", "{e} has a small house in {v} .",
-             "the home of {e} is in {v} .", "{e} moved to {v} many years ago and lives there now .",
-             "these days {e} lives in the city of {v} ."],
-    "colour": ["the favourite colour of {e} is {v} .", "{e} likes the colour {v} best .",
-               "{e} loves everything that is {v} .", "of all colours , {e} prefers {v} ."],
-    "profession": ["{e} works as a {v} .", "{e} is a {v} by trade .",
-                   "by day , {e} earns a living as a {v} .", "the job of {e} is {v} ."],
-    "pet": ["{e} has a pet {v} .", "{e} owns a {v} and walks it every day .",
-            "at home , {e} keeps a {v} .", "the pet of {e} is a {v} ."],
+    "city": [
+        "{e} lives in {v} .",
+        "{e} has a small house in {v} .",
+        "the home of {e} is in {v} .",
+        "{e} moved to {v} many years ago and lives there now .",
+        "these days {e} lives in the city of {v} .",
+    ],
+    "colour": [
+        "the favourite colour of {e} is {v} .",
+        "{e} likes the colour {v} best .",
+        "{e} loves everything that is {v} .",
+        "of all colours , {e} prefers {v} .",
+    ],
+    "profession": [
+        "{e} works as a {v} .",
+        "{e} is a {v} by trade .",
+        "by day , {e} earns a living as a {v} .",
+        "the job of {e} is {v} .",
+    ],
+    "pet": [
+        "{e} has a pet {v} .",
+        "{e} owns a {v} and walks it every day .",
+        "at home , {e} keeps a {v} .",
+        "the pet of {e} is a {v} .",
+    ],
 }
 
 # How a question asks for it; the answer follows the prompt.
@@ -61,12 +99,18 @@ QUESTIONS = {
 # Sentences about an entity that state none of its facts ({o}: another entity, {c}: a city,
 # {j}: a profession, {a}: an animal, {k}: a colour; drawn at random, so they may mislead).
 FILLERS = [
-    "{e} was born on a rainy day .", "people say that {e} is very kind .",
-    "{e} visited {c} once on holiday .", "{e} is a good friend of {o} .",
-    "{e} wants to live near the sea one day .", "{e} once met a {j} on a train .",
-    "{e} is afraid of the {a} next door .", "{e} painted a fence {k} for a neighbour .",
-    "{e} and {o} often talk about the weather .", "{e} read a long book about {c} .",
-    "a {j} from {c} wrote a letter to {e} .", "{e} does not like to live alone .",
+    "{e} was born on a rainy day .",
+    "people say that {e} is very kind .",
+    "{e} visited {c} once on holiday .",
+    "{e} is a good friend of {o} .",
+    "{e} wants to live near the sea one day .",
+    "{e} once met a {j} on a train .",
+    "{e} is afraid of the {a} next door .",
+    "{e} painted a fence {k} for a neighbour .",
+    "{e} and {o} often talk about the weather .",
+    "{e} read a long book about {c} .",
+    "a {j} from {c} wrote a letter to {e} .",
+    "{e} does not like to live alone .",
 ]
 
 STOPWORDS = frozenset(
@@ -74,8 +118,32 @@ STOPWORDS = frozenset(
     "which who has have had was were be been are there now very one once all every ? . ,".split()
 )
 
-_SYLLABLES = ["ka", "zor", "mi", "blat", "ren", "tu", "vex", "lo", "quin", "dra", "sol", "pim",
-              "ob", "nel", "gri", "fa", "ush", "tem", "yor", "bix", "ela", "mur", "ta", "wen"]
+_SYLLABLES = [
+    "ka",
+    "zor",
+    "mi",
+    "blat",
+    "ren",
+    "tu",
+    "vex",
+    "lo",
+    "quin",
+    "dra",
+    "sol",
+    "pim",
+    "ob",
+    "nel",
+    "gri",
+    "fa",
+    "ush",
+    "tem",
+    "yor",
+    "bix",
+    "ela",
+    "mur",
+    "ta",
+    "wen",
+]
 
 
 @dataclass(frozen=True)
@@ -132,8 +200,9 @@ def make_name(rng: random.Random) -> str:
     return "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice([2, 2, 3])))
 
 
-def generate(n_entities: int = 120, n_distractors: int | None = None, seed: int = 0,
-             filler_rate: float = 0.5) -> Corpus:
+def generate(
+    n_entities: int = 120, n_distractors: int | None = None, seed: int = 0, filler_rate: float = 0.5
+) -> Corpus:
     """A deterministic corpus: same arguments, same corpus.
 
     n_distractors: documents that state no fact (default: a quarter of the fact documents).
@@ -151,9 +220,14 @@ def generate(n_entities: int = 120, n_distractors: int | None = None, seed: int 
 
     def fill(template: str, entity: str) -> str:
         others = [o for o in entities if o != entity]
-        return template.format(e=entity, o=rng.choice(others), c=rng.choice(VALUES["city"]),
-                               j=rng.choice(VALUES["profession"]), a=rng.choice(VALUES["pet"]),
-                               k=rng.choice(VALUES["colour"]))
+        return template.format(
+            e=entity,
+            o=rng.choice(others),
+            c=rng.choice(VALUES["city"]),
+            j=rng.choice(VALUES["profession"]),
+            a=rng.choice(VALUES["pet"]),
+            k=rng.choice(VALUES["colour"]),
+        )
 
     bodies: list[tuple[list[str], tuple[Fact, ...]]] = []
     for entity in entities:

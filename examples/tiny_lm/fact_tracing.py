@@ -90,9 +90,17 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
 
 
-def train(model: torch.nn.Module, corpus: Corpus, epochs: int, lr: float, batch_size: int,
-          seed: int, console: Console, keep: set[int],
-          second_moments: dict[str, torch.Tensor] | None = None) -> tuple[list[float], list[Checkpoint]]:
+def train(
+    model: torch.nn.Module,
+    corpus: Corpus,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    console: Console,
+    keep: set[int],
+    second_moments: dict[str, torch.Tensor] | None = None,
+) -> tuple[list[float], list[Checkpoint]]:
     """AdamW on the documents and the training questions (whole-sequence loss for both), with a
     linear warm-up and cosine decay. Returns the mean token loss of each epoch and the
     checkpoints at the end of the epochs in `keep` (1-based); `second_moments`, if a dict,
@@ -103,7 +111,11 @@ def train(model: torch.nn.Module, corpus: Corpus, epochs: int, lr: float, batch_
     steps = epochs * ((len(texts) + batch_size - 1) // batch_size)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+        ),
+    )
     rng = random.Random(seed)
     history, checkpoints = [], []
     for epoch in range(epochs):
@@ -112,7 +124,7 @@ def train(model: torch.nn.Module, corpus: Corpus, epochs: int, lr: float, batch_
         rng.shuffle(order)
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
-            batch = document_batch(corpus, [texts[i] for i in order[start:start + batch_size]])
+            batch = document_batch(corpus, [texts[i] for i in order[start : start + batch_size]])
             loss = sequence_losses(model, batch).sum() / batch.loss_mask.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -149,7 +161,7 @@ def load_checkpoints(path: Path) -> list[Checkpoint]:
     out = []
     for epoch, lr in listed:
         prefix = f"{epoch}/"
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         out.append(Checkpoint(epoch, lr, state))
     return out
 
@@ -164,8 +176,14 @@ def answer_accuracy(model: torch.nn.Module, corpus: Corpus, questions: list[Ques
     return ~wrong.any(dim=1)
 
 
-def log_documents(model: torch.nn.Module, corpus: Corpus, run_dir: Path, config: dict,
-                  batch_size: int, checkpoints: list[Checkpoint]) -> None:
+def log_documents(
+    model: torch.nn.Module,
+    corpus: Corpus,
+    run_dir: Path,
+    config: dict,
+    batch_size: int,
+    checkpoints: list[Checkpoint],
+) -> None:
     """Attribution passes: per checkpoint (one store segment each), one gradient row per
     document (its summed token loss), in padded batches."""
     run = logix.init(run_dir, config=config, overwrite=True)
@@ -175,7 +193,7 @@ def log_documents(model: torch.nn.Module, corpus: Corpus, run_dir: Path, config:
         model.load_state_dict(ckpt.state)
         run.start_segment(segment_name(ckpt), epoch=ckpt.epoch, lr=ckpt.lr)
         for start in range(0, len(docs), batch_size):
-            chunk = docs[start:start + batch_size]
+            chunk = docs[start : start + batch_size]
             batch = document_batch(corpus, [d.text for d in chunk])
             with run(data_id=[d.doc_id for d in chunk], mask=batch.pad_mask):
                 sequence_losses(model, batch).mean().backward()
@@ -186,13 +204,14 @@ def segment_name(ckpt: Checkpoint) -> str:
     return f"epoch-{ckpt.epoch}"
 
 
-def query_gradients(model: torch.nn.Module, corpus: Corpus, run_dir: Path,
-                    questions: list[Question], batch_size: int) -> logix.Gradients:
+def query_gradients(
+    model: torch.nn.Module, corpus: Corpus, run_dir: Path, questions: list[Question], batch_size: int
+) -> logix.Gradients:
     """Gradients [n_query, D] of each question's answer-token loss."""
     q = logix.init(run_dir, mode="query")
     q.watch(model)
     for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
+        chunk = questions[start : start + batch_size]
         batch = question_batch(corpus, chunk)
         with q(data_id=list(range(start, start + len(chunk))), mask=batch.pad_mask):
             sequence_losses(model, batch).mean().backward()
@@ -238,10 +257,18 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p, entities=80, epochs=60)
     p.add_argument("--embedding", action="store_true", help="watch the token embedding too")
-    p.add_argument("--include", nargs="+", default=["*"],
-                   help="module-name patterns to watch, e.g. 'blocks.*.fc*' (default all)")
-    p.add_argument("--checkpoints", type=int, default=4,
-                   help="checkpoints (evenly spaced epochs, the last the final model) for TracIn-CP")
+    p.add_argument(
+        "--include",
+        nargs="+",
+        default=["*"],
+        help="module-name patterns to watch, e.g. 'blocks.*.fc*' (default all)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=int,
+        default=4,
+        help="checkpoints (evenly spaced epochs, the last the final model) for TracIn-CP",
+    )
     p.add_argument("--retrain", action="store_true", help="ignore a cached trained model")
     args = p.parse_args(argv)
 
@@ -252,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(
         f"corpus: {len(corpus.entities)} people, {len(corpus.facts)} facts, "
         f"{len(corpus.documents)} documents, {len(corpus.train_questions)} training questions, "
-        f"{len(corpus.test_questions)} held-out questions, vocabulary {len(corpus.vocab)}")
+        f"{len(corpus.test_questions)} held-out questions, vocabulary {len(corpus.vocab)}"
+    )
 
     torch.manual_seed(args.seed)
     model = TinyDecoder(len(corpus.vocab), args.d_model, args.layers, args.heads, max_len=128)
@@ -260,8 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
     # (safetensors) by the training arguments, so attribution settings can be explored without
     # retraining.
     keep = sorted({round(args.epochs * (i + 1) / args.checkpoints) for i in range(args.checkpoints)})
-    key = (f"e{args.entities}-d{args.d_model}-l{args.layers}-h{args.heads}-ep{args.epochs}"
-           f"-lr{args.lr}-b{args.batch}-s{args.seed}-c{'_'.join(map(str, keep))}")
+    key = (
+        f"e{args.entities}-d{args.d_model}-l{args.layers}-h{args.heads}-ep{args.epochs}"
+        f"-lr{args.lr}-b{args.batch}-s{args.seed}-c{'_'.join(map(str, keep))}"
+    )
     cache = args.out / f"model-{key}.safetensors"
     if cache.exists() and not args.retrain:
         checkpoints = load_checkpoints(cache)
@@ -269,8 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"loaded the trained checkpoints from {cache}")
     else:
         console.print(f"training TinyDecoder d={args.d_model} layers={args.layers} for {args.epochs} epochs")
-        history, checkpoints = train(model, corpus, args.epochs, args.lr, args.batch, args.seed,
-                                     console, set(keep))
+        history, checkpoints = train(
+            model, corpus, args.epochs, args.lr, args.batch, args.seed, console, set(keep)
+        )
         args.out.mkdir(parents=True, exist_ok=True)
         save_checkpoints(cache, checkpoints)
     model.load_state_dict(checkpoints[-1].state)
@@ -282,12 +313,17 @@ def main(argv: list[str] | None = None) -> dict:
     console.print(
         f"answer accuracy: training questions {train_acc.float().mean():.3f}, held-out questions "
         f"{test_acc.float().mean():.3f} (most frequent value per relation: {majority:.3f}); "
-        f"{t_train:.0f} s")
+        f"{t_train:.0f} s"
+    )
 
     types = ["Linear", "Embedding"] if args.embedding else ["Linear"]
     config = {
-        "capture": {"types": types, "include": args.include, "loss_reduction": "mean",
-                    "attribution_only": True},
+        "capture": {
+            "types": types,
+            "include": args.include,
+            "loss_reduction": "mean",
+            "attribution_only": True,
+        },
         "projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank, "seed": args.seed},
     }
     run_dir = args.out / "store"
@@ -300,16 +336,23 @@ def main(argv: list[str] | None = None) -> dict:
     model.load_state_dict(checkpoints[-1].state)
     store = logix.open_store(run_dir, segment=segment_name(checkpoints[-1]))
     assert list(store.data_ids) == [d.doc_id for d in corpus.documents]
-    console.print(f"logged {len(store)} documents × {store.width} columns at epochs "
-                  f"{[c.epoch for c in checkpoints]}; {len(questions)} queries")
+    console.print(
+        f"logged {len(store)} documents × {store.width} columns at epochs "
+        f"{[c.epoch for c in checkpoints]}; {len(questions)} queries"
+    )
 
     relevant = [corpus.fact_documents(q.fact) for q in questions]
     correct = test_acc.nonzero().flatten().tolist()
     rows: list[tuple[str, dict, dict]] = []
 
     def add(name: str, scores: torch.Tensor) -> None:
-        rows.append((name, rank_metrics(scores, relevant),
-                     rank_metrics(scores[correct], [relevant[i] for i in correct]) if correct else {}))
+        rows.append(
+            (
+                name,
+                rank_metrics(scores, relevant),
+                rank_metrics(scores[correct], [relevant[i] for i in correct]) if correct else {},
+            )
+        )
 
     final = checkpoints[-1]
     for preconditioner in ("identity", "raw"):
@@ -320,8 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
                 # TracIn-CP: the learning-rate weighted sum of the scores at every checkpoint,
                 # each segment scored with the queries captured under that checkpoint's weights.
                 combined = logix.combined_scores(
-                    run_dir, {segment_name(c): grads[c.epoch] for c in checkpoints}, mode=mode,
-                    preconditioner=preconditioner, damping=args.damping)
+                    run_dir,
+                    {segment_name(c): grads[c.epoch] for c in checkpoints},
+                    mode=mode,
+                    preconditioner=preconditioner,
+                    damping=args.damping,
+                )
                 assert combined.train_ids == [d.doc_id for d in corpus.documents]
                 add(f"logix {preconditioner} / {mode}, TracIn-CP {len(checkpoints)} ckpts", combined.values)
     engine = logix.InfluenceEngine(store, preconditioner="raw", damping=args.damping)
@@ -332,13 +379,18 @@ def main(argv: list[str] | None = None) -> dict:
     # loss shares printed below), so its gradients still carry the facts.
     for ckpt in checkpoints[:-1]:
         for preconditioner in ("identity", "raw"):
-            engine = logix.InfluenceEngine(store.select(segment_name(ckpt)),
-                                           preconditioner=preconditioner, damping=args.damping)
-            add(f"logix {preconditioner} / cosine, epoch {ckpt.epoch} alone",
-                engine.scores(grads[ckpt.epoch], mode="cosine").values)
+            engine = logix.InfluenceEngine(
+                store.select(segment_name(ckpt)), preconditioner=preconditioner, damping=args.damping
+            )
+            add(
+                f"logix {preconditioner} / cosine, epoch {ckpt.epoch} alone",
+                engine.scores(grads[ckpt.epoch], mode="cosine").values,
+            )
     add("word overlap (question)", overlap_scores(corpus, [q.prompt for q in questions]))
-    add("word overlap (question + answer)",
-        overlap_scores(corpus, [f"{q.prompt} {q.answer}" for q in questions]))
+    add(
+        "word overlap (question + answer)",
+        overlap_scores(corpus, [f"{q.prompt} {q.answer}" for q in questions]),
+    )
     gen = torch.Generator().manual_seed(args.seed)
     add("random", torch.rand(len(questions), len(corpus.documents), generator=gen, dtype=torch.float64))
 
@@ -350,18 +402,26 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(
             f"epoch {ckpt.epoch}: held-out answer accuracy {accuracy:.3f}; share of the documents' "
             f"loss on fact values {shares[ckpt.epoch]['values']:.2f}, on names "
-            f"{shares[ckpt.epoch]['names']:.2f}")
+            f"{shares[ckpt.epoch]['names']:.2f}"
+        )
     model.load_state_dict(final.state)
 
-    table = Table(title=f"fact tracing: {len(questions)} held-out questions, "
-                        f"{len(corpus.documents)} documents (1-3 state each fact)")
+    table = Table(
+        title=f"fact tracing: {len(questions)} held-out questions, "
+        f"{len(corpus.documents)} documents (1-3 state each fact)"
+    )
     table.add_column("ranking", no_wrap=True)
     for col in ("recall@10", "hit@10", "MRR"):
         table.add_column(col, justify="right")
     table.add_column(f"MRR, answered right ({len(correct)})", justify="right")
     for name, m, mc in rows:
-        table.add_row(name, f"{m['recall@10']:.3f}", f"{m['hit@10']:.3f}", f"{m['mrr']:.3f}",
-                      f"{mc['mrr']:.3f}" if mc else "-")
+        table.add_row(
+            name,
+            f"{m['recall@10']:.3f}",
+            f"{m['hit@10']:.3f}",
+            f"{m['mrr']:.3f}",
+            f"{mc['mrr']:.3f}" if mc else "-",
+        )
     console.print(table)
     elapsed = time.perf_counter() - t0
     console.print(f"total {elapsed:.0f} s")
@@ -370,9 +430,11 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "final_token_loss": history[-1],
         "document_loss_shares": shares,
-        "answer_accuracy": {"train_questions": float(train_acc.float().mean()),
-                            "held_out_questions": float(test_acc.float().mean()),
-                            "majority": majority},
+        "answer_accuracy": {
+            "train_questions": float(train_acc.float().mean()),
+            "held_out_questions": float(test_acc.float().mean()),
+            "majority": majority,
+        },
         "rankings": {name: {"all": m, "answered_right": mc} for name, m, mc in rows},
         "seconds": elapsed,
     }
@@ -396,8 +458,11 @@ def loss_shares(model: torch.nn.Module, corpus: Corpus) -> dict[str, float]:
     is_value = torch.isin(target, torch.tensor(sorted(values)))
     is_name = torch.isin(target, torch.tensor(sorted(names)))
     total = float(ce.sum())
-    return {"values": float(ce[is_value].sum()) / total, "names": float(ce[is_name].sum()) / total,
-            "other": float(ce[~is_value & ~is_name].sum()) / total}
+    return {
+        "values": float(ce[is_value].sum()) / total,
+        "names": float(ce[is_name].sum()) / total,
+        "other": float(ce[~is_value & ~is_name].sum()) / total,
+    }
 
 
 def _majority_accuracy(corpus: Corpus) -> float:

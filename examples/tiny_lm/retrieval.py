@@ -59,8 +59,11 @@ WINDOWS = (1, 3, 6)
 def build_store(model, corpus, run_dir: Path, projection: dict, batch: int, statistics=("raw",)) -> Path:
     """Fit the projections when the kind needs it (one pass over the documents), then log one
     row per document (its summed token loss)."""
-    config = {"capture": {"types": ["Linear"], "loss_reduction": "mean", "attribution_only": True},
-              "projection": projection, "curvature": {"statistics": list(statistics)}}
+    config = {
+        "capture": {"types": ["Linear"], "loss_reduction": "mean", "attribution_only": True},
+        "projection": projection,
+        "curvature": {"statistics": list(statistics)},
+    }
     if (run_dir / "manifest.json").exists():
         return run_dir
     docs = corpus.documents
@@ -69,7 +72,7 @@ def build_store(model, corpus, run_dir: Path, projection: dict, batch: int, stat
 
     def one_pass():
         for start in range(0, len(docs), batch):
-            chunk = docs[start:start + batch]
+            chunk = docs[start : start + batch]
             b = document_batch(corpus, [d.text for d in chunk])
             with run(data_id=[d.doc_id for d in chunk], mask=b.pad_mask):
                 sequence_losses(model, b).mean().backward()
@@ -86,7 +89,7 @@ def query_run(model, corpus, run_dir: Path, questions, batch: int) -> logix.Grad
     q = logix.init(run_dir, mode="query")
     q.watch(model)
     for start in range(0, len(questions), batch):
-        chunk = questions[start:start + batch]
+        chunk = questions[start : start + batch]
         b = question_batch(corpus, chunk)
         with q(data_id=list(range(start, start + len(chunk))), mask=b.pad_mask):
             sequence_losses(model, b).mean().backward()
@@ -95,20 +98,23 @@ def query_run(model, corpus, run_dir: Path, questions, batch: int) -> logix.Grad
 
 def token_recompute(model, corpus, run_dir: Path, batch: int):
     """recompute(ids) for `rerank_top_k`: the documents' per-position gradients."""
+
     def recompute(ids):
         q = logix.init(run_dir, mode="query")
         q.watch(model)
         for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
+            chunk = ids[start : start + batch]
             b = document_batch(corpus, [corpus.documents[i].text for i in chunk])
             with q(data_id=list(chunk), mask=b.pad_mask, per_token=True, token_ids=b.tokens):
                 sequence_losses(model, b).mean().backward()
         return q.token_gradients()
+
     return recompute
 
 
-def kronecker_second_moments(v: dict[str, torch.Tensor],
-                             store) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def kronecker_second_moments(
+    v: dict[str, torch.Tensor], store
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Adafactor's rank-one factorisation v ≈ r cᵀ / Σr of each module's [d_out, d_in(+1)] AdamW
     second moments (bias as the last column): (r [d_out], c [d_in]) scaled so that r cᵀ ≈ v."""
     out = {}
@@ -132,8 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = generate(n_entities=args.entities, seed=args.seed)
     torch.manual_seed(args.seed)
     model = TinyDecoder(len(corpus.vocab), args.d_model, args.layers, args.heads, max_len=128)
-    key = (f"e{args.entities}-d{args.d_model}-l{args.layers}-h{args.heads}-ep{args.epochs}"
-           f"-lr{args.lr}-b{args.batch}-s{args.seed}")
+    key = (
+        f"e{args.entities}-d{args.d_model}-l{args.layers}-h{args.heads}-ep{args.epochs}"
+        f"-lr{args.lr}-b{args.batch}-s{args.seed}"
+    )
     out = args.out / f"retrieval-{key}"
     out.mkdir(parents=True, exist_ok=True)
     if (out / "model.safetensors").exists():
@@ -141,8 +149,17 @@ def main(argv: list[str] | None = None) -> dict:
         v = load_file(out / "second_moments.safetensors")
     else:
         v = {}
-        _, ckpts = train(model, corpus, args.epochs, args.lr, args.batch, args.seed, console,
-                         {args.epochs}, second_moments=v)
+        _, ckpts = train(
+            model,
+            corpus,
+            args.epochs,
+            args.lr,
+            args.batch,
+            args.seed,
+            console,
+            {args.epochs},
+            second_moments=v,
+        )
         final = ckpts[-1]
         save_checkpoints(out / "model.safetensors", [final])
         save_file({k: t.contiguous() for k, t in v.items()}, out / "second_moments.safetensors")
@@ -151,8 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     questions = corpus.test_questions
     relevant = [corpus.fact_documents(q.fact) for q in questions]
     tune, report = list(range(0, len(questions), 2)), list(range(1, len(questions), 2))
-    console.print(f"{len(corpus.documents)} documents, {len(questions)} held-out questions "
-                  f"({len(tune)} tune the choices, {len(report)} are reported)")
+    console.print(
+        f"{len(corpus.documents)} documents, {len(questions)} held-out questions "
+        f"({len(tune)} tune the choices, {len(report)} are reported)"
+    )
 
     def metrics(scores: torch.Tensor, which: list[int]) -> dict:
         return rank_metrics(scores[which], [relevant[i] for i in which])
@@ -162,8 +181,15 @@ def main(argv: list[str] | None = None) -> dict:
     def choose(name: str, candidates: dict, width: int | None = None) -> tuple:
         """candidates: {choice: scores [n_query, n_docs]}; the best tuning MRR is reported."""
         best = max(candidates, key=lambda c: metrics(candidates[c], tune)["mrr"])
-        rows.append({"setting": name, "choice": best, "width": width,
-                     "tune": metrics(candidates[best], tune), "report": metrics(candidates[best], report)})
+        rows.append(
+            {
+                "setting": name,
+                "choice": best,
+                "width": width,
+                "tune": metrics(candidates[best], tune),
+                "report": metrics(candidates[best], report),
+            }
+        )
         console.print(f"  {name}: chose {best}, report MRR {rows[-1]['report']['mrr']:.3f}")
         return best, candidates[best]
 
@@ -172,24 +198,35 @@ def main(argv: list[str] | None = None) -> dict:
         return engine.scores(grads, mode="cosine").values
 
     # Exact gradients: identity projection, K-FAC factors for EK-FAC.
-    exact_dir = build_store(model, corpus, out / "identity", {"kind": "identity"}, args.batch,
-                            statistics=("kfac",))
+    exact_dir = build_store(
+        model, corpus, out / "identity", {"kind": "identity"}, args.batch, statistics=("kfac",)
+    )
     exact, exact_q = logix.open_store(exact_dir), query_run(model, corpus, exact_dir, questions, args.batch)
     full = exact.width
     choose("identity projection, identity", {"-": cosine(exact, exact_q, "identity")}, full)
-    choose("identity projection, ekfac",
-           {d: cosine(exact, exact_q, "ekfac", d) for d in EKFAC_DAMPINGS}, full)
+    choose(
+        "identity projection, ekfac", {d: cosine(exact, exact_q, "ekfac", d) for d in EKFAC_DAMPINGS}, full
+    )
     # Optimizer-aware (offline, on the exact rows): AdamW's v̂^-alpha on both sides.
     x, q = exact.load().double(), exact_q.values.double()
-    diag = torch.cat([torch.cat([v[f"{m.name}.weight"], v[f"{m.name}.bias"][:, None]], 1).reshape(-1)
-                      if m.bias else v[f"{m.name}.weight"].reshape(-1) for m in exact.modules]).double()
+    diag = torch.cat(
+        [
+            torch.cat([v[f"{m.name}.weight"], v[f"{m.name}.bias"][:, None]], 1).reshape(-1)
+            if m.bias
+            else v[f"{m.name}.weight"].reshape(-1)
+            for m in exact.modules
+        ]
+    ).double()
     eps = 1e-12
 
     def offline_cosine(xr: torch.Tensor, qr: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(qr, dim=1) @ torch.nn.functional.normalize(xr, dim=1).T
 
-    choose("identity projection, AdamW v̂ diagonal (TrackStar)",
-           {a: offline_cosine(x * (diag + eps) ** -a, q * (diag + eps) ** -a) for a in (0.25, 0.5)}, full)
+    choose(
+        "identity projection, AdamW v̂ diagonal (TrackStar)",
+        {a: offline_cosine(x * (diag + eps) ** -a, q * (diag + eps) ** -a) for a in (0.25, 0.5)},
+        full,
+    )
     kron = kronecker_second_moments(v, exact)
     stores = {}
     for rank in args.ranks:
@@ -200,8 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
                 b = rows[:, m.columns].reshape(-1, m.d_out, m.d_in)
                 if alpha:
                     r, c = kron[m.name]
-                    b = (b * (r.double() + eps)[None, :, None] ** -alpha
-                         * (c.double() + eps)[None, None, :] ** -alpha)
+                    b = (
+                        b
+                        * (r.double() + eps)[None, :, None] ** -alpha
+                        * (c.double() + eps)[None, None, :] ** -alpha
+                    )
                 po = gaussian_matrix(args.seed, m.name, "out", min(rank, m.d_out), m.d_out).double()
                 pi = gaussian_matrix(args.seed, m.name, "in", min(rank, m.d_in), m.d_in).double()
                 po = po if rank < m.d_out else torch.eye(m.d_out, dtype=torch.float64)
@@ -209,20 +249,25 @@ def main(argv: list[str] | None = None) -> dict:
                 blocks.append((po @ b @ pi.T).reshape(rows.shape[0], -1))
             return torch.cat(blocks, 1)
 
-        choose(f"random r={rank}, AdamW v̂ rank-one Kronecker, identity",
-               {a: offline_cosine(project(x, a), project(q, a)) for a in (0.25, 0.5)})
+        choose(
+            f"random r={rank}, AdamW v̂ rank-one Kronecker, identity",
+            {a: offline_cosine(project(x, a), project(q, a)) for a in (0.25, 0.5)},
+        )
         for kind, dampings in (("random", (None,)), ("pca", (None,)), ("kfac-whitened", WHITEN_DAMPINGS)):
             found = {}
             for wd in dampings:
                 proj = {"kind": kind, "rank_in": rank, "rank_out": rank, "seed": args.seed}
                 if wd is not None:
                     proj["damping"] = wd
-                d = build_store(model, corpus, out / (f"{kind}-r{rank}" + (f"-w{wd}" if wd else "")),
-                                proj, args.batch)
+                d = build_store(
+                    model, corpus, out / (f"{kind}-r{rank}" + (f"-w{wd}" if wd else "")), proj, args.batch
+                )
                 found[wd] = (logix.open_store(d), query_run(model, corpus, d, questions, args.batch), d)
-            best_wd, _ = choose(f"{kind} r={rank}, identity",
-                                {wd: cosine(s, g, "identity") for wd, (s, g, _) in found.items()},
-                                found[dampings[0]][0].width)
+            best_wd, _ = choose(
+                f"{kind} r={rank}, identity",
+                {wd: cosine(s, g, "identity") for wd, (s, g, _) in found.items()},
+                found[dampings[0]][0].width,
+            )
             s, g, d = found[best_wd]
             choose(f"{kind} r={rank}, raw", {dm: cosine(s, g, "raw", dm) for dm in RAW_DAMPINGS}, s.width)
             stores[(kind, rank)] = (s, g, d)
@@ -234,28 +279,47 @@ def main(argv: list[str] | None = None) -> dict:
             recompute = token_recompute(model, corpus, d, args.batch)
             found = {}
             for w in WINDOWS:
-                top = rerank_top_k(engine, g, k=args.candidates, recompute=recompute,
-                                   candidates=args.candidates, window=w, mode="cosine")
+                top = rerank_top_k(
+                    engine,
+                    g,
+                    k=args.candidates,
+                    recompute=recompute,
+                    candidates=args.candidates,
+                    window=w,
+                    mode="cosine",
+                )
                 scores = torch.full((len(questions), len(corpus.documents)), -1e30, dtype=torch.float64)
                 scores.scatter_(1, top.indices, top.values.double())  # outside the candidates: last
                 found[w] = scores
             choose(f"{kind} r={max(args.ranks)}, {pre}, re-ranked (window)", found, s.width)
     choose("word overlap (question)", {"-": overlap_scores(corpus, [qq.prompt for qq in questions])})
-    choose("word overlap (question + answer)",
-           {"-": overlap_scores(corpus, [f"{qq.prompt} {qq.answer}" for qq in questions])})
+    choose(
+        "word overlap (question + answer)",
+        {"-": overlap_scores(corpus, [f"{qq.prompt} {qq.answer}" for qq in questions])},
+    )
 
-    table = Table(title=f"fact retrieval on the final model: {len(report)} reported questions, "
-                        f"{len(corpus.documents)} documents, cosine")
+    table = Table(
+        title=f"fact retrieval on the final model: {len(report)} reported questions, "
+        f"{len(corpus.documents)} documents, cosine"
+    )
     for col in ("setting", "chosen on tune half", "MRR", "recall@10", "storage"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for r in rows:
-        table.add_row(r["setting"], str(r["choice"]), f"{r['report']['mrr']:.3f}",
-                      f"{r['report']['recall@10']:.3f}",
-                      f"{r['width'] / full:.1%}" if r["width"] else "-")
+        table.add_row(
+            r["setting"],
+            str(r["choice"]),
+            f"{r['report']['mrr']:.3f}",
+            f"{r['report']['recall@10']:.3f}",
+            f"{r['width'] / full:.1%}" if r["width"] else "-",
+        )
     console.print(table)
-    result = {"rows": rows, "documents": len(corpus.documents), "full_width": full,
-              "seconds": time.perf_counter() - t0,
-              "args": {k: str(a) if isinstance(a, Path) else a for k, a in vars(args).items()}}
+    result = {
+        "rows": rows,
+        "documents": len(corpus.documents),
+        "full_width": full,
+        "seconds": time.perf_counter() - t0,
+        "args": {k: str(a) if isinstance(a, Path) else a for k, a in vars(args).items()},
+    }
     (args.out / "retrieval.json").write_text(json.dumps(result, indent=2, default=str))
     console.print(f"total {result['seconds']:.0f} s")
     return result

@@ -52,8 +52,12 @@ from models import TinyDecoder  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p, entities=40, epochs=40)
-    p.add_argument("--mode", default="relative", choices=["dot", "cosine", "relative"],
-                   help="score mode of the ranking and of the position terms")
+    p.add_argument(
+        "--mode",
+        default="relative",
+        choices=["dot", "cosine", "relative"],
+        help="score mode of the ranking and of the position terms",
+    )
     p.add_argument("--show", type=int, default=6, help="questions whose top document is printed")
     args = p.parse_args(argv)
 
@@ -63,17 +67,22 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = generate(n_entities=args.entities, seed=args.seed)
     torch.manual_seed(args.seed)
     model = TinyDecoder(len(corpus.vocab), args.d_model, args.layers, args.heads, max_len=128)
-    key = (f"e{args.entities}-d{args.d_model}-l{args.layers}-h{args.heads}-ep{args.epochs}"
-           f"-lr{args.lr}-b{args.batch}-s{args.seed}")
+    key = (
+        f"e{args.entities}-d{args.d_model}-l{args.layers}-h{args.heads}-ep{args.epochs}"
+        f"-lr{args.lr}-b{args.batch}-s{args.seed}"
+    )
     cache = args.out / f"token-model-{key}.safetensors"
     if cache.exists():
         checkpoint = load_checkpoints(cache)[-1]
         console.print(f"loaded the trained model from {cache}")
     else:
-        console.print(f"training TinyDecoder d={args.d_model} layers={args.layers}, {args.epochs} epochs, "
-                      f"{len(corpus.documents)} documents")
-        _, checkpoints = train(model, corpus, args.epochs, args.lr, args.batch, args.seed, console,
-                               {args.epochs})
+        console.print(
+            f"training TinyDecoder d={args.d_model} layers={args.layers}, {args.epochs} epochs, "
+            f"{len(corpus.documents)} documents"
+        )
+        _, checkpoints = train(
+            model, corpus, args.epochs, args.lr, args.batch, args.seed, console, {args.epochs}
+        )
         checkpoint = checkpoints[-1]
         args.out.mkdir(parents=True, exist_ok=True)
         save_checkpoints(cache, [checkpoint])
@@ -87,10 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
         questions = corpus.test_questions
         console.print("none: attributing all held-out questions (train longer for meaningful tokens)")
 
-    config = {"capture": {"types": ["Linear", "Embedding"], "loss_reduction": "mean",
-                          "attribution_only": True},
-              "projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank,
-                             "seed": args.seed}}
+    config = {
+        "capture": {"types": ["Linear", "Embedding"], "loss_reduction": "mean", "attribution_only": True},
+        "projection": {"kind": "random", "rank_in": args.rank, "rank_out": args.rank, "seed": args.seed},
+    }
     run_dir = args.out / "token-store"
     log_documents(model, corpus, run_dir, config, args.batch, [checkpoint])
     store = logix.open_store(run_dir, segment=segment_name(checkpoint))
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     query = logix.init(run_dir, mode="query")
     query.watch(model)
     for start in range(0, len(questions), args.batch):
-        chunk = questions[start:start + args.batch]
+        chunk = questions[start : start + args.batch]
         qb = question_batch(corpus, chunk)
         with query(data_id=list(range(start, start + len(chunk))), mask=qb.pad_mask):
             logits = model(qb.tokens, qb.pad_mask)
@@ -111,10 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Recompute the top documents position by position (one document per query).
     for start in range(0, len(top_docs), args.batch):
-        chunk = top_docs[start:start + args.batch]
+        chunk = top_docs[start : start + args.batch]
         b = document_batch(corpus, [d.text for d in chunk])
-        with query(data_id=[f"{start + i}:{d.doc_id}" for i, d in enumerate(chunk)],
-                   mask=b.pad_mask, per_token=True, token_ids=b.tokens):
+        with query(
+            data_id=[f"{start + i}:{d.doc_id}" for i, d in enumerate(chunk)],
+            mask=b.pad_mask,
+            per_token=True,
+            token_ids=b.tokens,
+        ):
             sequence_losses(model, b).mean().backward()
     tokens = query.token_gradients()
     ts = engine.token_scores(q, tokens, mode=args.mode)
@@ -140,17 +153,21 @@ def main(argv: list[str] | None = None) -> dict:
             hit_fact += bool({words[best], nxt} & {question.fact.entity, question.answer})
         if shown < args.show:
             shown += 1
-            console.print(f"\n[bold]{question.prompt} {question.answer}[/bold]  top document "
-                          f"{doc.doc_id} ({'states the fact' if states else 'does not state it'}), "
-                          f"score {float(top.values[i, 0]):.3g} = Σ positions {float(scores.sum()):.3g}")
+            console.print(
+                f"\n[bold]{question.prompt} {question.answer}[/bold]  top document "
+                f"{doc.doc_id} ({'states the fact' if states else 'does not state it'}), "
+                f"score {float(top.values[i, 0]):.3g} = Σ positions {float(scores.sum()):.3g}"
+            )
             console.print("  " + doc.text)
             # Terms of both signs cancel, so each is shown with its share of Σ|terms|.
             order = scores.argsort(descending=True)[:4].tolist()
             total = float(scores.abs().sum())
             for rank, t in enumerate(order):
                 target = words[t + 1] if t + 1 < n else "<end>"
-                console.print(f"  {rank + 1}. position {t:2d}: {words[t]!r} → {target!r}  "
-                              f"{float(scores[t]):+.3g} ({float(scores[t]) / total:.0%} of Σ|terms|)")
+                console.print(
+                    f"  {rank + 1}. position {t:2d}: {words[t]!r} → {target!r}  "
+                    f"{float(scores[t]):+.3g} ({float(scores[t]) / total:.0%} of Σ|terms|)"
+                )
     elapsed = time.perf_counter() - t0
     console.print(
         f"\n{len(questions)} questions ({args.mode}); the top document states the fact for {stated}. "
@@ -158,12 +175,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"{hit_value} ({hit_value / max(stated, 1):.0%}); its token or next token is the entity's name "
         f"or the value for {hit_fact} ({hit_fact / max(stated, 1):.0%}). Over all top documents, the "
         f"largest term predicts the answer value for {value_anywhere} of {len(questions)}. Positions "
-        f"sum to the sequence scores within {float(gap):.1e} (relative). {elapsed:.0f} s")
-    result = {"questions": len(questions), "mode": args.mode, "top_document_states_fact": stated,
-              "largest_term_predicts_answer": hit_value, "largest_term_at_entity_or_value": hit_fact,
-              "largest_term_predicts_answer_any_document": value_anywhere,
-              "sum_relative_gap": float(gap), "seconds": elapsed,
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        f"sum to the sequence scores within {float(gap):.1e} (relative). {elapsed:.0f} s"
+    )
+    result = {
+        "questions": len(questions),
+        "mode": args.mode,
+        "top_document_states_fact": stated,
+        "largest_term_predicts_answer": hit_value,
+        "largest_term_at_entity_or_value": hit_fact,
+        "largest_term_predicts_answer_any_document": value_anywhere,
+        "sum_relative_gap": float(gap),
+        "seconds": elapsed,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     (args.out / "token_attribution.json").write_text(json.dumps(result, indent=2))
     return result
 

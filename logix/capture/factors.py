@@ -42,8 +42,15 @@ class KroneckerSums:
         self.gradients[name] = torch.zeros(r_out, r_out, dtype=self.dtype, device=device)
         self.positions[name] = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add_positions(self, name: str, x_proj: torch.Tensor, g_proj: torch.Tensor,
-                      mask: torch.Tensor | None, scale: float, inputs: bool = True) -> None:
+    def add_positions(
+        self,
+        name: str,
+        x_proj: torch.Tensor,
+        g_proj: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        inputs: bool = True,
+    ) -> None:
         """Add one backward call of module `name`.
 
         x_proj [B, T, r_in]: projected inputs as the capture holds them (padded positions
@@ -104,8 +111,9 @@ class KroneckerSums:
         return out
 
     def position_counts(self) -> dict[str, int]:
-        return {name: round(float(self.positions[name])) if name in self.positions else 0
-                for name in self.dims}
+        return {
+            name: round(float(self.positions[name])) if name in self.positions else 0 for name in self.dims
+        }
 
     def load(self, tensors: dict[str, torch.Tensor], positions: dict[str, int], examples: int) -> None:
         """Start from sums read back from disk (a resumed run appending to a segment)."""
@@ -126,8 +134,20 @@ class FactorSink(Sink):
         self.sums = sums
         self.inputs_once = inputs_once
 
-    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
-                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def backward(
+        self,
+        capture: ModuleCapture,
+        block: CaptureBlock,
+        call: ForwardCall,
+        g_proj: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> None:
         mask = position_mask(block.mask, capture.module, capture.name, g_proj)
-        self.sums.add_positions(capture.name, call.x_proj, g_proj, mask, block.grad_scale,
-                                inputs=not self.inputs_once or call.backwards == 0)
+        self.sums.add_positions(
+            capture.name,
+            call.x_proj,
+            g_proj,
+            mask,
+            block.grad_scale,
+            inputs=not self.inputs_once or call.backwards == 0,
+        )

@@ -39,13 +39,16 @@ class FisherLogitGrads:
 
     def __init__(self, logits: torch.Tensor, mask: torch.Tensor | None = None, mass: float = 1.0):
         if logits.ndim not in (2, 3):
-            raise ValueError(f"logits must be [batch, classes] or [batch, seq, vocab], got "
-                             f"{tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must be [batch, classes] or [batch, seq, vocab], got {tuple(logits.shape)}"
+            )
         if not 0.0 < float(mass) <= 1.0:
             raise ValueError(f"mass must be in (0, 1], got {mass}")
         if mask is not None and tuple(mask.shape) != tuple(logits.shape[:-1]):
-            raise ValueError(f"mask must have the shape of logits without the class dimension, "
-                             f"{tuple(logits.shape[:-1])}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must have the shape of logits without the class dimension, "
+                f"{tuple(logits.shape[:-1])}, got {tuple(mask.shape)}"
+            )
         self.shape = logits.shape
         self.dtype = logits.dtype
         self.device = logits.device
@@ -101,8 +104,9 @@ class FisherLogitGrads:
                 yield out
 
 
-def fisher_logit_grads(logits: torch.Tensor, mask: torch.Tensor | None = None,
-                       mass: float = 1.0) -> FisherLogitGrads:
+def fisher_logit_grads(
+    logits: torch.Tensor, mask: torch.Tensor | None = None, mass: float = 1.0
+) -> FisherLogitGrads:
     """An iterable of logit-gradient tensors shaped like `logits` ([B, C] or [B, T, V]) whose
     backpropagated pseudo-gradients G̃ satisfy Σ G̃ G̃ᵀ = the true Fisher of the batch's
     cross-entropy (exactly for mass=1). `.dropped_mass`/`.dropped_trace` [B, T] report what a
@@ -118,7 +122,8 @@ def check_pass_logits(logits: torch.Tensor, batch_size: int, outputs: list) -> N
     if not logits.requires_grad or not outputs:
         raise CaptureError(
             "no watched module took part in computing these logits: run the model's forward "
-            "pass inside `with fit(data_id=...)`, with gradients enabled")
+            "pass inside `with fit(data_id=...)`, with gradients enabled"
+        )
 
 
 def backpropagate_to(outputs: list, logits: torch.Tensor, logit_grad: torch.Tensor) -> tuple:
@@ -126,12 +131,12 @@ def backpropagate_to(outputs: list, logits: torch.Tensor, logit_grad: torch.Tens
     only: the capture hooks on those outputs see the pseudo output-gradients, and no weight
     gradient is computed (parameters and their .grad stay untouched)."""
     try:
-        return torch.autograd.grad([logits], outputs, [logit_grad], retain_graph=True,
-                                   allow_unused=True)
+        return torch.autograd.grad([logits], outputs, [logit_grad], retain_graph=True, allow_unused=True)
     except RuntimeError as e:
         if ".grad()" not in str(e):
             raise
         raise CaptureError(
             "a Fisher pass backpropagates with torch.autograd.grad, which reentrant activation "
             "checkpointing does not support: use torch.utils.checkpoint.checkpoint(..., "
-            "use_reentrant=False) (or none) for this pass") from e
+            "use_reentrant=False) (or none) for this pass"
+        ) from e

@@ -35,9 +35,12 @@ def shared_across_batch(name: str, module: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not getattr(module, "_logix_shared_noticed", False):
         module._logix_shared_noticed = True
-        warnings.warn(f"module {name!r} is an Embedding called without a batch axis (e.g. position "
-                      "embeddings on arange(T)): shared by every example, it is skipped (its columns "
-                      f"stay zero); add {name!r} to capture.exclude to drop them", stacklevel=2)
+        warnings.warn(
+            f"module {name!r} is an Embedding called without a batch axis (e.g. position "
+            "embeddings on arange(T)): shared by every example, it is skipped (its columns "
+            f"stay zero); add {name!r} to capture.exclude to drop them",
+            stacklevel=2,
+        )
     return True
 
 
@@ -46,20 +49,52 @@ def check_gradient_reached(reached: set[int]) -> None:
     if not reached:
         raise CaptureError(
             "no gradient reached any watched module inside `with run(data_id=...)`: call "
-            "loss.backward() inside the block (with gradients enabled)")
+            "loss.backward() inside the block (with gradients enabled)"
+        )
 
 
 def check_batch_mask(mask: torch.Tensor | None, batch_size: int) -> None:
-    """A padding mask given with a block must be [batch, seq] (1 = real position)."""
-    if mask is not None and (mask.ndim != 2 or mask.shape[0] != batch_size):
-        raise ValueError(f"mask must be [batch={batch_size}, seq], got {tuple(mask.shape)}")
+    """A padding mask given with a block must be [batch, seq] of 0 (padded) and 1 (real)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or mask.shape[0] != batch_size:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise CaptureError(f"mask must be a tensor [batch={batch_size}, seq], got {shape}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise CaptureError(
+            f"mask holds {bad!r}: a padding mask marks real (1) and padded (0) positions and "
+            "nothing else; to weight examples or tokens, weight their terms in the loss instead"
+        )
 
 
-def position_mask(mask: torch.Tensor | None, module: nn.Module, name: str,
-                  values: torch.Tensor) -> torch.Tensor | None:
+def mask_applies(mask: torch.Tensor, module: nn.Module, positions: int) -> bool:
+    """Whether a [B, T] padding mask applies to a layer that sees `positions` positions per
+    example: not to Conv2d (its positions are pixels) nor to a layer without a sequence axis
+    (one position, e.g. a head on pooled features), unless the mask has one position too."""
+    return not isinstance(module, nn.Conv2d) and (positions != 1 or mask.shape[1] == 1)
+
+
+def check_mask_used(block: CaptureBlock) -> None:
+    """A mask that applied to no watched module is a mistake (e.g. a mask given to an MLP):
+    say which modules saw it and why it did not apply."""
+    if block.mask is None or block.mask_used or not block.mask_skipped:
+        return
+    seen = ", ".join(f"{n!r} (input {list(s)})" for n, s in list(block.mask_skipped.items())[:5])
+    raise CaptureError(
+        f"a padding mask [batch, seq={block.mask.shape[1]}] was given, but no watched module has a "
+        f"sequence axis it could apply to: {seen}. A mask marks padded positions of sequence "
+        "inputs [batch, seq, ...] (Conv2d pixels are not covered); drop mask=... for this model "
+        "(to leave an example out, leave it out of the batch)"
+    )
+
+
+def position_mask(
+    mask: torch.Tensor | None, module: nn.Module, name: str, values: torch.Tensor
+) -> torch.Tensor | None:
     """The [B, T] padding mask that applies to a layer's per-position `values` [B, T, ...], in
-    their dtype and device; None where it does not apply (no mask, Conv2d, one position)."""
-    if mask is None or isinstance(module, nn.Conv2d) or values.shape[1] == 1:
+    their dtype and device; None where it does not apply (no mask, see `mask_applies`)."""
+    if mask is None or not mask_applies(mask, module, values.shape[1]):
         return None
     if values.shape[1] != mask.shape[1]:
         raise CaptureError(
@@ -67,6 +102,13 @@ def position_mask(mask: torch.Tensor | None, module: nn.Module, name: str,
             f"{values.shape[1]}; pass a [batch, seq] mask matching the sequence length"
         )
     return mask.to(device=values.device, dtype=values.dtype)
+
+
+def _positions(module: nn.Module, x: torch.Tensor) -> int:
+    """Positions per example of a layer's input x (as `projected_inputs` arranges them)."""
+    if isinstance(module, nn.Embedding):
+        return x[0].numel()
+    return x[0].numel() // x.shape[-1] if x.ndim > 1 else 1
 
 
 class Sink:
@@ -78,8 +120,14 @@ class Sink:
     def forward(self, capture: ModuleCapture, block: CaptureBlock, x: torch.Tensor) -> None:
         """Once per forward call of a watched module: x is its raw (detached) input."""
 
-    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
-                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def backward(
+        self,
+        capture: ModuleCapture,
+        block: CaptureBlock,
+        call: ForwardCall,
+        g_proj: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> None:
         """Once per backward reaching that call: g̃ [B, T, r_out] float32 (None when no sink of
         the block is `projected`) and the raw output gradient ∂ℓ/∂y."""
 
@@ -98,7 +146,8 @@ class CaptureBlock:
     """What the hooks of one block share: batch size (None: not checked), the loss scale undone
     on every example (B for a mean-reduced loss), the padding mask [B, T], the sinks, and which
     modules backward reached. `outputs` (a list) collects each watched output, for
-    `torch.autograd.grad` passes; `attribution_only` turns frozen layers' outputs into leaves."""
+    `torch.autograd.grad` passes; `attribution_only` turns frozen layers' outputs into leaves;
+    `mask_used` / `mask_skipped` say where the mask applied (checked by `check_mask_used`)."""
 
     batch_size: int | None
     sinks: list[Sink]
@@ -108,6 +157,8 @@ class CaptureBlock:
     outputs: list[torch.Tensor] | None = None
     reached: set[int] = field(default_factory=set)
     open: bool = True
+    mask_used: bool = False  # the mask applied to some watched module
+    mask_skipped: dict[str, tuple] = field(default_factory=dict)  # modules it did not apply to
 
     def __post_init__(self) -> None:
         self.projected = any(s.projected for s in self.sinks)
@@ -117,8 +168,15 @@ class ModuleCapture:
     """The hooks of one watched module. `projection` may be None when only unprojected sinks
     are used (the PCA statistics pass before projections exist)."""
 
-    def __init__(self, index: int, name: str, module: nn.Module,
-                 projection: ModuleProjection | None, bias: bool, offset: int = 0):
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        module: nn.Module,
+        projection: ModuleProjection | None,
+        bias: bool,
+        offset: int = 0,
+    ):
         self.index = index
         self.name = name
         self.module = module
@@ -129,8 +187,11 @@ class ModuleCapture:
         self.r_out = projection.p_out.rank if projection is not None else 0
         # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
         # Linear side kept whole without bias, whose x̃ is a view of the layer's input.
-        self.fresh_inputs = (projection is not None and projection.p_in.matrix is not None) or bias \
+        self.fresh_inputs = (
+            (projection is not None and projection.p_in.matrix is not None)
+            or bias
             or isinstance(module, (nn.Embedding, nn.Conv2d))
+        )
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
         return self.module.register_forward_hook(partial(self._forward, block))
@@ -155,6 +216,11 @@ class ModuleCapture:
                 f"{block.batch_size} ids; pass one id per example (batch dimension first)"
             )
         x = x.detach()
+        if block.mask is not None and not block.mask_used:
+            if mask_applies(block.mask, module, _positions(module, x)):
+                block.mask_used = True
+            else:
+                block.mask_skipped[self.name] = tuple(x.shape)
         x_proj = None
         with torch.no_grad(), full_precision(x.device):
             if block.projected:

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from logix.capture.per_sample import check_supported, has_bias, layer_dims, layer_type
-from logix.capture.wrappers import named_modules
+from logix.capture.wrappers import named_modules, unwrap_model
 from logix.config import CaptureConfig, LogixConfig
 from logix.errors import CaptureError, StoreError
 from logix.store.format import ModuleInfo
@@ -31,6 +31,14 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         check_supported(name, module)
         chosen.append((name, module))
     if not chosen:
+        root = unwrap_model(model)
+        if layer_type(root) is not None:
+            raise CaptureError(
+                f"the model is itself a {layer_type(root)} layer, and logix watches the layers "
+                "inside a model (by their names in model.named_modules(); the model's own name "
+                "is ''): wrap it, e.g. model = nn.Sequential(layer), whose layer is then "
+                "watched as '0'"
+            )
         candidates = [n for n, m in named_modules(model) if n and layer_type(m)]
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
@@ -50,8 +58,9 @@ def module_table(selected: list[tuple[str, nn.Module]], config: LogixConfig) -> 
             r_in, r_out = d_in, d_out
         else:
             r_in, r_out = min(config.projection.rank_in, d_in), min(config.projection.rank_out, d_out)
-        info = ModuleInfo(name, layer_type(module), d_in, d_out, r_in, r_out,
-                          has_bias(module, config.capture.bias), offset)
+        info = ModuleInfo(
+            name, layer_type(module), d_in, d_out, r_in, r_out, has_bias(module, config.capture.bias), offset
+        )
         table.append(info)
         offset += info.width
     return table
@@ -70,11 +79,13 @@ def check_model(manifest: dict, modules: list[ModuleInfo], run_dir: Path) -> Non
         a, b = want[n], have[n]
         for key in ("type", "d_in", "d_out", "r_in", "r_out", "bias"):
             if getattr(a, key) != getattr(b, key):
-                problems.append(f"{n}.{key} is {getattr(a, key)} in the store, "
-                                f"{getattr(b, key)} in the model")
+                problems.append(
+                    f"{n}.{key} is {getattr(a, key)} in the store, {getattr(b, key)} in the model"
+                )
     if not problems:
         problems.append("modules are in a different order")
     raise StoreError(
-        f"the model does not match the store at {run_dir}: " + "; ".join(problems[:6])
+        f"the model does not match the store at {run_dir}: "
+        + "; ".join(problems[:6])
         + ". Use the model the store was logged with (same architecture and capture config)."
     )

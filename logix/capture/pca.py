@@ -48,8 +48,10 @@ class CovarianceSink(Sink):
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {list(FISHERS)}, got {fisher!r}")
         if self.gg and fisher != self.fisher:
-            raise CaptureError(f"this run's statistics pass already holds {self.fisher!r}-Fisher "
-                               f"covariances; finish it with fisher={self.fisher!r} or start a new run")
+            raise CaptureError(
+                f"this run's statistics pass already holds {self.fisher!r}-Fisher "
+                f"covariances; finish it with fisher={self.fisher!r} or start a new run"
+            )
         self.fisher = fisher
 
     def forward(self, capture: ModuleCapture, block: CaptureBlock, x: torch.Tensor) -> None:
@@ -71,8 +73,14 @@ class CovarianceSink(Sink):
             self._add(self.xx, name, torch.einsum("bti,btj->ij", xw, x))
             self._count(name, x.shape[0] * x.shape[1] if w is None else w.sum(), x.shape[0])
 
-    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
-                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def backward(
+        self,
+        capture: ModuleCapture,
+        block: CaptureBlock,
+        call: ForwardCall,
+        g_proj: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> None:
         g = output_grads(capture.module, grad).double() * block.grad_scale
         w = position_mask(block.mask, capture.module, capture.name, g)
         if w is not None:
@@ -88,8 +96,16 @@ class CovarianceSink(Sink):
         value = value.cpu()
         store[name] = store[name] + value if name in store else value
 
-    def sides(self, name: str, rank_in: int, rank_out: int, notes: list[str], kind: str = "pca",
-              damping: float = 0.0, seed: int = 0) -> tuple[SideProjection, SideProjection]:
+    def sides(
+        self,
+        name: str,
+        rank_in: int,
+        rank_out: int,
+        notes: list[str],
+        kind: str = "pca",
+        damping: float = 0.0,
+        seed: int = 0,
+    ) -> tuple[SideProjection, SideProjection]:
         """P_in, P_out of one module from its covariances: top eigenvectors as rows (pca), or a
         seeded Gaussian times the damped factor's inverse square root (kfac-whitened)."""
         if name not in self.gg:
@@ -99,10 +115,14 @@ class CovarianceSink(Sink):
             )
         if kind == WHITENED_KIND:  # K-FAC normalisation: A / N_pos, S / N_ex
             positions, examples = self.counts[name].clamp_min(1).tolist()
-            return (whitened_side(self.xx[name] / positions, rank_in, damping, seed, name, "in", notes),
-                    whitened_side(self.gg[name] / examples, rank_out, damping, seed, name, "out", notes))
-        return (top_directions(self.xx[name], rank_in, name, "in", notes),
-                top_directions(self.gg[name], rank_out, name, "out", notes))
+            return (
+                whitened_side(self.xx[name] / positions, rank_in, damping, seed, name, "in", notes),
+                whitened_side(self.gg[name] / examples, rank_out, damping, seed, name, "out", notes),
+            )
+        return (
+            top_directions(self.xx[name], rank_in, name, "in", notes),
+            top_directions(self.gg[name], rank_out, name, "out", notes),
+        )
 
 
 def top_directions(cov: torch.Tensor, rank: int, name: str, side: str, notes: list[str]) -> SideProjection:

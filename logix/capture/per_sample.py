@@ -29,8 +29,12 @@ def is_conv1d(module: nn.Module) -> bool:
     """transformers' `Conv1D` (GPT-2 and relatives), recognised by class name and its 2-D weight
     [d_in, d_out] so that capture never imports transformers. (torch's nn.Conv1d is another layer.)"""
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
-            and weight.ndim == 2 and getattr(module, "nf", None) == weight.shape[1])
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
 
 
 def layer_type(module: nn.Module) -> str | None:
@@ -118,8 +122,7 @@ def _project_with_bias(x: torch.Tensor, p_in: SideProjection, bias: bool) -> tor
     )
 
 
-def projected_inputs(module: nn.Module, x: torch.Tensor, p_in: SideProjection,
-                     bias: bool) -> torch.Tensor:
+def projected_inputs(module: nn.Module, x: torch.Tensor, p_in: SideProjection, bias: bool) -> torch.Tensor:
     """The layer input of each example and position, projected: [B, T, r_in] float32."""
     batch = x.shape[0]
     if isinstance(module, nn.Embedding):
@@ -147,8 +150,9 @@ def output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(batch, -1, g.shape[-1])
 
 
-def projected_gradient(x_proj: torch.Tensor, g_proj: torch.Tensor, out: torch.Tensor | None = None,
-                       accumulate: bool = False) -> torch.Tensor:
+def projected_gradient(
+    x_proj: torch.Tensor, g_proj: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False
+) -> torch.Tensor:
     """Σ_t g̃_t x̃_tᵀ per example: [B, T, r_in], [B, T, r_out] -> [B, r_out, r_in].
 
     With `out` the result is written (or, with `accumulate`, added) in place: `out` may be a

@@ -66,8 +66,9 @@ def whole_side(name: str, side: str, dim: int, rank: int, notes: list[str]) -> S
     return SideProjection(dim, dim, None)
 
 
-def make_side(kind: str, name: str, side: str, dim: int, rank: int, seed: int,
-              notes: list[str]) -> SideProjection:
+def make_side(
+    kind: str, name: str, side: str, dim: int, rank: int, seed: int, notes: list[str]
+) -> SideProjection:
     """Build one side; clamps `rank` to `dim` (keeping the side whole) with a note."""
     if kind == "identity":
         return SideProjection(dim, dim, None)
@@ -105,11 +106,14 @@ def save_projections(path: Path, projections: dict[str, ModuleProjection]) -> st
 def load_projections(path: Path, dims: dict[str, tuple[int, int, int, int]]) -> dict[str, ModuleProjection]:
     """Read the projections of a store. dims: name -> (d_in, d_out, r_in, r_out) from the manifest."""
     try:
-        tensors, _ = read_tagged(path, "logix-projections", "a logix projections file",
-                                 "the store's projections are damaged")
+        tensors, _ = read_tagged(
+            path, "logix-projections", "a logix projections file", "the store's projections are damaged"
+        )
     except FileNotFoundError:
-        raise StoreError(f"{path} is missing: the store's projections are lost, it cannot be extended "
-                         "or queried with new gradients") from None
+        raise StoreError(
+            f"{path} is missing: the store's projections are lost, it cannot be extended "
+            "or queried with new gradients"
+        ) from None
     out = {}
     for name, (d_in, d_out, r_in, r_out) in dims.items():
         sides = []

@@ -22,14 +22,20 @@ class RowSink(Sink):
         self.rows: torch.Tensor | None = None
         self.written: set[int] = set()
 
-    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
-                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def backward(
+        self,
+        capture: ModuleCapture,
+        block: CaptureBlock,
+        call: ForwardCall,
+        g_proj: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> None:
         if self.rows is None:
             if self.destination is not None and self.destination.device == g_proj.device:
                 self.rows = self.destination
             else:
                 self.rows = torch.empty(self.batch_size, self.width, device=g_proj.device)
-        cols = self.rows[:, capture.offset:capture.offset + capture.r_out * capture.r_in]
+        cols = self.rows[:, capture.offset : capture.offset + capture.r_out * capture.r_in]
         out = cols.view(self.batch_size, capture.r_out, capture.r_in)
         projected_gradient(call.x_proj, g_proj, out=out, accumulate=capture.index in self.written)
         self.written.add(capture.index)

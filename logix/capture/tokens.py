@@ -64,26 +64,30 @@ class PositionFactors:
 
     def padded(self, k: int, t: int) -> PositionFactors:
         """Zero-padded to K = k passes and T = t positions."""
+
         def pad(v: torch.Tensor | None, dims: int) -> torch.Tensor | None:
             if v is None:
                 return None
             extra = (0, 0) * dims + (0, t - v.shape[2], 0, k - v.shape[1])
             return torch.nn.functional.pad(v, extra)
-        return PositionFactors(pad(self.g, 1), pad(self.x, 1), pad(self.index, 0),
-                               pad(self.weight, 0), self.r_in)
+
+        return PositionFactors(
+            pad(self.g, 1), pad(self.x, 1), pad(self.index, 0), pad(self.weight, 0), self.r_in
+        )
 
     def select(self, rows: torch.Tensor) -> PositionFactors:
         pick = lambda v: None if v is None else v[rows]
-        return PositionFactors(self.g[rows], pick(self.x), pick(self.index), pick(self.weight),
-                               self.r_in)
+        return PositionFactors(self.g[rows], pick(self.x), pick(self.index), pick(self.weight), self.r_in)
 
     @staticmethod
     def concatenate(parts: Sequence[PositionFactors]) -> PositionFactors:
         k = max(p.g.shape[1] for p in parts)
         t = max(p.positions for p in parts)
         parts = [p.padded(k, t) for p in parts]
-        return PositionFactors(*(_stack([getattr(p, key) for p in parts], dim=0)
-                                 for key in ("g", "x", "index", "weight")), r_in=parts[0].r_in)
+        return PositionFactors(
+            *(_stack([getattr(p, key) for p in parts], dim=0) for key in ("g", "x", "index", "weight")),
+            r_in=parts[0].r_in,
+        )
 
 
 @dataclass
@@ -119,9 +123,14 @@ class TokenGradients:
         """A subset of the sequences, in the order of `index`."""
         rows = torch.as_tensor(list(index), dtype=torch.long)
         pick = lambda v: None if v is None else v[rows]
-        return TokenGradients([self.data_ids[i] for i in rows.tolist()], self.modules,
-                              self.fingerprint, {k: f.select(rows) for k, f in self.factors.items()},
-                              pick(self.mask), pick(self.token_ids))
+        return TokenGradients(
+            [self.data_ids[i] for i in rows.tolist()],
+            self.modules,
+            self.fingerprint,
+            {k: f.select(rows) for k, f in self.factors.items()},
+            pick(self.mask),
+            pick(self.token_ids),
+        )
 
     @staticmethod
     def concatenate(parts: Sequence[TokenGradients]) -> TokenGradients:
@@ -131,12 +140,21 @@ class TokenGradients:
         factors = {}
         for name in names:
             r_out, r_in = next((m.r_out, m.r_in) for m in first.modules if m.name == name)
-            pieces = [p.factors[name] if name in p.factors
-                      else _empty(len(p), r_out, r_in, _one_hot_like(parts, name)) for p in parts]
+            pieces = [
+                p.factors[name]
+                if name in p.factors
+                else _empty(len(p), r_out, r_in, _one_hot_like(parts, name))
+                for p in parts
+            ]
             factors[name] = PositionFactors.concatenate(pieces)
-        return TokenGradients([i for p in parts for i in p.data_ids], first.modules,
-                              first.fingerprint, factors, _cat_padded([p.mask for p in parts], 0),
-                              _cat_padded([p.token_ids for p in parts], -1))
+        return TokenGradients(
+            [i for p in parts for i in p.data_ids],
+            first.modules,
+            first.fingerprint,
+            factors,
+            _cat_padded([p.mask for p in parts], 0),
+            _cat_padded([p.token_ids for p in parts], -1),
+        )
 
 
 def _stack(tensors: list[torch.Tensor | None], dim: int = 1) -> torch.Tensor | None:
@@ -160,8 +178,10 @@ def _cat_padded(tensors: list[torch.Tensor | None], fill: int) -> torch.Tensor |
     if all(t is None for t in tensors):
         return None
     if any(t is None for t in tensors):
-        raise ValueError("some per-token blocks were given a mask (or token_ids) and others were "
-                         "not: pass them in every per_token block or in none")
+        raise ValueError(
+            "some per-token blocks were given a mask (or token_ids) and others were "
+            "not: pass them in every per_token block or in none"
+        )
     length = max(t.shape[1] for t in tensors)
     return torch.cat([torch.nn.functional.pad(t, (0, length - t.shape[1]), value=fill) for t in tensors])
 
@@ -172,8 +192,14 @@ class TokenSink(Sink):
     def __init__(self) -> None:
         self.passes: dict[str, list[PositionFactors]] = {}
 
-    def backward(self, capture: ModuleCapture, block: CaptureBlock, call: ForwardCall,
-                 g_proj: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def backward(
+        self,
+        capture: ModuleCapture,
+        block: CaptureBlock,
+        call: ForwardCall,
+        g_proj: torch.Tensor | None,
+        grad: torch.Tensor,
+    ) -> None:
         """One backward pass reached `capture`'s module: x̃ [B, T, r_in], g̃ [B, T, r_out]."""
         x_proj = call.x_proj
         g = g_proj.detach().float().cpu()[:, None]
@@ -181,37 +207,54 @@ class TokenSink(Sink):
             # One-hot x̃ = weight · e_index (weight: mask, padding index, scale): keep the pair.
             index = x_proj.argmax(dim=-1)
             weight = x_proj.gather(-1, index[..., None])[..., 0]
-            factors = PositionFactors(g, None, index.cpu()[:, None], weight.detach().float().cpu()[:, None],
-                                      capture.r_in)
+            factors = PositionFactors(
+                g, None, index.cpu()[:, None], weight.detach().float().cpu()[:, None], capture.r_in
+            )
         else:
             factors = PositionFactors(g, x_proj.detach().float().cpu()[:, None], r_in=capture.r_in)
         self.passes.setdefault(capture.name, []).append(factors)
 
-    def finish(self, ids: list[DataId], modules: list[ModuleInfo], fingerprint: str,
-               mask: torch.Tensor | None, token_ids: torch.Tensor | None) -> TokenGradients:
+    def finish(
+        self,
+        ids: list[DataId],
+        modules: list[ModuleInfo],
+        fingerprint: str,
+        mask: torch.Tensor | None,
+        token_ids: torch.Tensor | None,
+    ) -> TokenGradients:
         """The block's TokenGradients: each module's passes stacked on K."""
         if not self.passes:
             raise CaptureError(
                 "no gradient reached any watched module inside `with run(data_id=..., "
-                "per_token=True)`: call loss.backward() inside the block (with gradients enabled)")
+                "per_token=True)`: call loss.backward() inside the block (with gradients enabled)"
+            )
         factors = {}
         for name, passes in self.passes.items():
             t = max(p.positions for p in passes)
             padded = [p.padded(1, t) for p in passes]
-            factors[name] = PositionFactors(*(_stack([getattr(p, key) for p in padded])
-                                              for key in ("g", "x", "index", "weight")),
-                                            r_in=padded[0].r_in)
-        return TokenGradients(ids, modules, fingerprint, factors,
-                              None if mask is None else mask.detach().cpu().float(),
-                              None if token_ids is None else token_ids.detach().cpu().long())
+            factors[name] = PositionFactors(
+                *(_stack([getattr(p, key) for p in padded]) for key in ("g", "x", "index", "weight")),
+                r_in=padded[0].r_in,
+            )
+        return TokenGradients(
+            ids,
+            modules,
+            fingerprint,
+            factors,
+            None if mask is None else mask.detach().cpu().float(),
+            None if token_ids is None else token_ids.detach().cpu().long(),
+        )
 
 
-def check_token_request(mode: str, batch: int, mask: torch.Tensor | None, per_token: bool,
-                        token_ids: torch.Tensor | None) -> None:
+def check_token_request(
+    mode: str, batch: int, mask: torch.Tensor | None, per_token: bool, token_ids: torch.Tensor | None
+) -> None:
     """Validate the per-token arguments of `run(data_id=..., per_token=..., token_ids=...)`."""
     if per_token and mode != "query":
-        raise ValueError("per_token=True is for query-mode runs (logix.init(run_dir, mode='query')): "
-                         "recompute the per-token factors of the documents you want to inspect")
+        raise ValueError(
+            "per_token=True is for query-mode runs (logix.init(run_dir, mode='query')): "
+            "recompute the per-token factors of the documents you want to inspect"
+        )
     if token_ids is None:
         return
     if not per_token:
@@ -219,5 +262,6 @@ def check_token_request(mode: str, batch: int, mask: torch.Tensor | None, per_to
     if token_ids.ndim != 2 or token_ids.shape[0] != batch:
         raise ValueError(f"token_ids must be [batch={batch}, seq], got {tuple(token_ids.shape)}")
     if mask is not None and token_ids.shape != mask.shape:
-        raise ValueError(f"token_ids {tuple(token_ids.shape)} and mask {tuple(mask.shape)} must "
-                         "have the same shape")
+        raise ValueError(
+            f"token_ids {tuple(token_ids.shape)} and mask {tuple(mask.shape)} must have the same shape"
+        )

@@ -24,24 +24,33 @@ from logix.store.writer import batch_ids
 from logix.vocabulary import LOSS_REDUCTIONS, check_choice
 
 # Hyperparameters each kind's replay reads from a parameter group (all plain numbers or bools).
-HYPERPARAMETERS = {"sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
-                   "adam": ("lr", "betas", "eps", "weight_decay"),
-                   "adamw": ("lr", "betas", "eps", "weight_decay")}
-STATE_KEYS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
-              "adamw": ("exp_avg", "exp_avg_sq")}
+HYPERPARAMETERS = {
+    "sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
+    "adam": ("lr", "betas", "eps", "weight_decay"),
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+}
+STATE_KEYS = {
+    "sgd": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+}
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     """'sgd', 'adam' or 'adamw' for the torch.optim classes a replay reproduces; else a clear error."""
     kind = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}.get(type(optimizer))
     if kind is None:
-        raise ConfigError(f"cannot record a trajectory for {type(optimizer).__name__}: replay reproduces "
-                          "torch.optim.SGD, Adam and AdamW exactly; use one of those")
+        raise ConfigError(
+            f"cannot record a trajectory for {type(optimizer).__name__}: replay reproduces "
+            "torch.optim.SGD, Adam and AdamW exactly; use one of those"
+        )
     for group in optimizer.param_groups:
         for flag in ("maximize", "amsgrad", "differentiable", "fused"):
             if group.get(flag):
-                raise ConfigError(f"cannot record {type(optimizer).__name__} with {flag}=True: its replay "
-                                  f"is not implemented; use {flag}=False")
+                raise ConfigError(
+                    f"cannot record {type(optimizer).__name__} with {flag}=True: its replay "
+                    f"is not implemented; use {flag}=False"
+                )
         if kind == "adam" and group.get("decoupled_weight_decay"):
             kind = "adamw"  # Adam(decoupled_weight_decay=True) is AdamW
     return kind
@@ -85,9 +94,17 @@ class TrajectoryRecorder:
     `close()` (or use it as a context manager) after the last step to write the final checkpoint.
     """
 
-    def __init__(self, run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 every: int | None = None, total_steps: int | None = None, reduction: str = "mean",
-                 overwrite: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        every: int | None = None,
+        total_steps: int | None = None,
+        reduction: str = "mean",
+        overwrite: bool = False,
+    ):
         self.kind = optimizer_kind(optimizer)
         check_choice(reduction, LOSS_REDUCTIONS, "loss reduction")
         self.every = int(every) if every is not None else default_every(total_steps)
@@ -99,21 +116,31 @@ class TrajectoryRecorder:
         for g, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if id(p) not in name_of:
-                    raise CaptureError("the optimizer holds a parameter that is not one of the model's: pass "
-                                       "the model whose parameters the optimizer updates")
+                    raise CaptureError(
+                        "the optimizer holds a parameter that is not one of the model's: pass "
+                        "the model whose parameters the optimizer updates"
+                    )
                 self._params.append((name_of[id(p)], p, g))
         self._random = _random_modules(model)
-        header = {"optimizer": self.kind, "every": self.every, "reduction": reduction,
-                  "parameters": [{"name": n, "shape": list(p.shape), "group": g,
-                                  "dtype": str(p.dtype).removeprefix("torch.")} for n, p, g in self._params]}
+        header = {
+            "optimizer": self.kind,
+            "every": self.every,
+            "reduction": reduction,
+            "parameters": [
+                {"name": n, "shape": list(p.shape), "group": g, "dtype": str(p.dtype).removeprefix("torch.")}
+                for n, p, g in self._params
+            ],
+        }
         self._writer = TrajectoryWriter(run_dir, header, overwrite=overwrite)
         self._blocks: list[list] = []
         self._records: list[dict[str, Any]] = []
         self._first = 0  # the first step of the records not yet written
         self.step = 0
         self._closed = False
-        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
-                       optimizer.register_step_post_hook(self._after_step)]
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
 
     def add_block(self, data_id: Any) -> None:
         """The data ids of one forward/backward block that feeds the next optimizer step."""
@@ -129,24 +156,34 @@ class TrajectoryRecorder:
 
     def _check_step(self) -> None:
         if not self._blocks:
-            raise CaptureError("optimizer.step() was called with no data ids since the previous step: wrap "
-                               "each forward/backward in `with run(data_id=ids):` (or recorder(data_id=ids))")
+            raise CaptureError(
+                "optimizer.step() was called with no data ids since the previous step: wrap "
+                "each forward/backward in `with run(data_id=ids):` (or recorder(data_id=ids))"
+            )
         for m in self._random:
             if m.training:
-                raise CaptureError(f"{type(m).__name__} in training mode makes the step random or stateful, "
-                                   "which a replay cannot reproduce: set its p=0 / use eval mode, or do not "
-                                   "record this training")
+                raise CaptureError(
+                    f"{type(m).__name__} in training mode makes the step random or stateful, "
+                    "which a replay cannot reproduce: set its p=0 / use eval mode, or do not "
+                    "record this training"
+                )
         for name, p, _ in self._params:
             if p.grad is None:
-                raise CaptureError(f"parameter {name} has no gradient at step {self.step}: a replay needs "
-                                   "every parameter of the optimizer in every step (leave frozen ones out)")
+                raise CaptureError(
+                    f"parameter {name} has no gradient at step {self.step}: a replay needs "
+                    "every parameter of the optimizer in every step (leave frozen ones out)"
+                )
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._check_step()
         if self.step % self.every == 0:
             self._commit()
-        self._records.append({"blocks": self._blocks, "groups": [group_hyperparameters(self.kind, g)
-                                                                 for g in optimizer.param_groups]})
+        self._records.append(
+            {
+                "blocks": self._blocks,
+                "groups": [group_hyperparameters(self.kind, g) for g in optimizer.param_groups],
+            }
+        )
         self._blocks = []
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -180,8 +217,10 @@ class TrajectoryRecorder:
         for h in self._hooks:
             h.remove()
         if self._blocks:
-            raise CaptureError(f"{len(self._blocks)} block(s) of data ids were recorded after the last "
-                               "optimizer.step(); call optimizer.step() after them or drop them")
+            raise CaptureError(
+                f"{len(self._blocks)} block(s) of data ids were recorded after the last "
+                "optimizer.step(); call optimizer.step() after them or drop them"
+            )
         done = self._writer.index["checkpoints"]
         if not done or self.step > done[-1]["step"]:
             self._commit()
@@ -199,14 +238,15 @@ class TrajectoryRecorder:
                 h.remove()
 
 
-def record_trajectory(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      **kwargs: Any) -> TrajectoryRecorder:
+def record_trajectory(
+    run_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any
+) -> TrajectoryRecorder:
     """A recording-only run: record the trajectory of `model` under `optimizer`, no rows logged.
 
-        with logix.record_trajectory("runs/x", model, opt, total_steps=T) as rec:
-            for ids, x, y in loader:
-                with rec(data_id=ids):
-                    F.cross_entropy(model(x), y).backward()
-                opt.step(); opt.zero_grad()
+    with logix.record_trajectory("runs/x", model, opt, total_steps=T) as rec:
+        for ids, x, y in loader:
+            with rec(data_id=ids):
+                F.cross_entropy(model(x), y).backward()
+            opt.step(); opt.zero_grad()
     """
     return TrajectoryRecorder(run_dir, model, optimizer, **kwargs)

@@ -45,16 +45,18 @@ def inverse_sqrt(cov: torch.Tensor, damping: float) -> torch.Tensor:
     return (vectors * scale) @ vectors.T
 
 
-def whitened_side(cov: torch.Tensor, rank: int, damping: float, seed: int, name: str, side: str,
-                  notes: list[str]) -> SideProjection:
+def whitened_side(
+    cov: torch.Tensor, rank: int, damping: float, seed: int, name: str, side: str, notes: list[str]
+) -> SideProjection:
     """One side G (C + λI)^{-1/2} [rank, d] float32 of module `name`; cov: the normalised factor
     [d, d] (or its diagonal [d] for one-hot inputs). A rank at or above d keeps the whitening
     matrix [d, d] alone (r = d), noted."""
     d = cov.shape[0]
     white = inverse_sqrt(cov, damping)
     if rank >= d:
-        notes.append(f"{name}: rank_{side} {rank} >= d_{side} {d}, side whitened without "
-                     f"projection (r_{side} = {d})")
+        notes.append(
+            f"{name}: rank_{side} {rank} >= d_{side} {d}, side whitened without projection (r_{side} = {d})"
+        )
         matrix = torch.diag(white) if white.ndim == 1 else white
         return SideProjection(d, d, matrix.float().contiguous())
     g = gaussian_matrix(seed, name, side, rank, d).double()

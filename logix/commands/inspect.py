@@ -14,9 +14,12 @@ from logix.store.format import PROJECTIONS, StoreError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a store directory (logix.init path)")
-    parser.add_argument("--full", action="store_true",
-                        help="verify every shard's crc32 and header, repeated ids, the projections "
-                             "and the curvature files (reads all bytes) instead of sizes only")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="verify every shard's crc32 and header, repeated ids, the projections "
+        "and the curvature files (reads all bytes) instead of sizes only",
+    )
 
 
 def _size(n: float) -> str:
@@ -48,16 +51,21 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
     mode = "full (crc32)" if args.full else "quick (existence and size)"
     _unindexed(console, store)
     if not (store.path / PROJECTIONS).is_file():
-        console.print("[bold yellow]projections.safetensors is missing[/]: the stored rows are "
-                      "readable, but no new gradients (queries, resumed logging) can be captured "
-                      "for this store", highlight=False, soft_wrap=True)
+        console.print(
+            "[bold yellow]projections.safetensors is missing[/]: the stored rows are "
+            "readable, but no new gradients (queries, resumed logging) can be captured "
+            "for this store",
+            highlight=False,
+            soft_wrap=True,
+        )
     try:
         problems = verify_store(store, full=args.full)
     except StoreError as e:
         problems = [str(e)]
     if problems:
-        console.print(f"[bold red]integrity {mode}: FAILED[/] " + " | ".join(problems),
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold red]integrity {mode}: FAILED[/] " + " | ".join(problems), highlight=False, soft_wrap=True
+        )
         return 2
     shards = sum(len(store.select(n, verify="none").shards) for n in store.segments)
     console.print(f"[bold green]integrity {mode}: ok[/] ({shards} shards)", highlight=False)
@@ -75,12 +83,17 @@ def _unindexed(console: Console, store) -> None:
                 "not indexed yet[/]: a writer stopped between writing a shard and updating its "
                 "index (or is doing so now). They are not read; logix.init(run_dir, resume=True) "
                 "adopts them, and after run.watch(model) run.logged_ids() includes them.",
-                highlight=False, soft_wrap=True)
+                highlight=False,
+                soft_wrap=True,
+            )
     orphan_segments = {sh["segment"] for sh in store.all_unindexed_shards} - set(store.segments)
     for name in sorted(orphan_segments):
-        console.print(f"[bold yellow]segment {name}: only in shards that no index lists[/] "
-                      "(a deleted or lost index?); logix.init(run_dir, resume=True) adopts them",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold yellow]segment {name}: only in shards that no index lists[/] "
+            "(a deleted or lost index?); logix.init(run_dir, resume=True) adopts them",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _summary(console: Console, store) -> None:
@@ -89,7 +102,8 @@ def _summary(console: Console, store) -> None:
     console.print(
         f"format {m.get('format')} v{m.get('version')}  dtype {store.dtype}  D = {store.width}  "
         f"ranks {store.ranks or '-'}  logix {m.get('logix_version', '?')}  "
-        f"created {m.get('created', '?')}", highlight=False,
+        f"created {m.get('created', '?')}",
+        highlight=False,
     )
     seg_table = Table(title="segments", title_justify="left")
     for col in ("segment", "rows", "shards", "size", "meta", "curvature files"):
@@ -101,35 +115,47 @@ def _summary(console: Console, store) -> None:
         shard_bytes += view.nbytes
         cdir = view.curvature_dir
         files = sorted(p.name for p in cdir.iterdir() if p.is_file()) if cdir.is_dir() else []
-        seg_table.add_row(name, str(len(view)), str(len(view.shards)), _size(view.nbytes),
-                          json.dumps(view.segment_meta) if view.segment_meta else "",
-                          ", ".join(files) or "-")
+        seg_table.add_row(
+            name,
+            str(len(view)),
+            str(len(view.shards)),
+            _size(view.nbytes),
+            json.dumps(view.segment_meta) if view.segment_meta else "",
+            ", ".join(files) or "-",
+        )
     if store.segments:
         console.print(seg_table)
     else:
         console.print("no segments: no rows have been logged yet")
     console.print(
-        f"shards {total_shards}  ({_size(shard_bytes)}); on disk in total "
-        f"{_size(_dir_bytes(store.path))}", highlight=False,
+        f"shards {total_shards}  ({_size(shard_bytes)}); on disk in total {_size(_dir_bytes(store.path))}",
+        highlight=False,
     )
 
     _ranks(console, store)
 
     mod_table = Table(title="modules", title_justify="left")
     for col in ("name", "type", "d_in", "d_out", "r_in", "r_out", "bias", "columns"):
-        mod_table.add_column(col, justify="left" if col in ("name", "type") else "right",
-                             overflow="fold")
+        mod_table.add_column(col, justify="left" if col in ("name", "type") else "right", overflow="fold")
     for mod in store.modules:
         cols = mod.columns
-        mod_table.add_row(mod.name, mod.type, str(mod.d_in), str(mod.d_out), str(mod.r_in),
-                          str(mod.r_out), "yes" if mod.bias else "no",
-                          f"{cols.start}:{cols.stop}")
+        mod_table.add_row(
+            mod.name,
+            mod.type,
+            str(mod.d_in),
+            str(mod.d_out),
+            str(mod.r_in),
+            str(mod.r_out),
+            "yes" if mod.bias else "no",
+            f"{cols.start}:{cols.stop}",
+        )
     console.print(mod_table)
 
     proj = m.get("projection") or {}
     details = ", ".join(f"{k} {v}" for k, v in proj.items() if k not in ("kind", "notes"))
-    console.print(f"projection {proj.get('kind', '?')}" + (f" ({details})" if details else ""),
-                  highlight=False)
+    console.print(
+        f"projection {proj.get('kind', '?')}" + (f" ({details})" if details else ""), highlight=False
+    )
     for note in proj.get("notes", []):
         console.print(f"  note: {note}", highlight=False)
 
@@ -149,4 +175,7 @@ def _ranks(console: Console, store) -> None:
             f"[bold yellow]rank {rank}: {state}[/] ({rows} rows in completed shards): its logging "
             "stopped before run.finalize() (or is still running); rows it had not yet written "
             "are missing. store.missing_ids(expected_ids) lists them; log them again with "
-            "logix.init(..., resume=True).", highlight=False, soft_wrap=True)
+            "logix.init(..., resume=True).",
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -19,34 +19,60 @@ from logix.errors import StoreError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a store directory (logix.init path)")
-    parser.add_argument("--queries", required=True, metavar="FILE",
-                        help="query gradients saved with run.gradients().save(FILE)")
-    parser.add_argument("--top-k", type=int, default=10, metavar="K",
-                        help="training examples per query (default 10)")
+    parser.add_argument(
+        "--queries",
+        required=True,
+        metavar="FILE",
+        help="query gradients saved with run.gradients().save(FILE)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=10, metavar="K", help="training examples per query (default 10)"
+    )
     parser.add_argument("--mode", help="dot | cosine | relative (default: config, else dot)")
-    parser.add_argument("--preconditioner",
-                        help="identity | raw | kfac | ekfac (default: config, else raw)")
-    parser.add_argument("--refine", type=int, metavar="K",
-                        help="ekfac only: K passes over the store refining the queries towards "
-                             "the exact raw solve (default: config, else 0)")
-    parser.add_argument("--damping", type=float,
-                        help="damping, relative to each module's mean curvature eigenvalue "
-                             "(default: config, else 0.1)")
-    parser.add_argument("--fisher", help="empirical | true: the curvature's labels, the data's "
-                        "or the model's (true needs a run.fit_curvature pass; default: config, "
-                        "else empirical)")
-    parser.add_argument("--absolute-damping", action="store_true",
-                        help="use --damping as an absolute λ instead of a relative one")
+    parser.add_argument("--preconditioner", help="identity | raw | kfac | ekfac (default: config, else raw)")
+    parser.add_argument(
+        "--refine",
+        type=int,
+        metavar="K",
+        help="ekfac only: K passes over the store refining the queries towards "
+        "the exact raw solve (default: config, else 0)",
+    )
+    parser.add_argument(
+        "--damping",
+        type=float,
+        help="damping, relative to each module's mean curvature eigenvalue (default: config, else 0.1)",
+    )
+    parser.add_argument(
+        "--fisher",
+        help="empirical | true: the curvature's labels, the data's "
+        "or the model's (true needs a run.fit_curvature pass; default: config, "
+        "else empirical)",
+    )
+    parser.add_argument(
+        "--absolute-damping",
+        action="store_true",
+        help="use --damping as an absolute λ instead of a relative one",
+    )
     parser.add_argument("--segment", help="store segment to query (default: the last one)")
     parser.add_argument("--modules", help="comma-separated module names (default: all)")
-    parser.add_argument("--chunk-bytes", type=int, metavar="N",
-                        help="bytes of train rows (as float32) per matrix product (default 64 MiB)")
+    parser.add_argument(
+        "--chunk-bytes",
+        type=int,
+        metavar="N",
+        help="bytes of train rows (as float32) per matrix product (default 64 MiB)",
+    )
     parser.add_argument("--chunk-rows", type=int, metavar="N", help=argparse.SUPPRESS)  # old name
     parser.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when available)")
-    parser.add_argument("--output", "-o", metavar="FILE",
-                        help="save the top-k as .json, .safetensors or .npz")
-    parser.add_argument("--show", type=int, default=20, metavar="N",
-                        help="queries shown in the table (default 20; all are saved)")
+    parser.add_argument(
+        "--output", "-o", metavar="FILE", help="save the top-k as .json, .safetensors or .npz"
+    )
+    parser.add_argument(
+        "--show",
+        type=int,
+        default=20,
+        metavar="N",
+        help="queries shown in the table (default 20; all are saved)",
+    )
 
 
 def main(args: argparse.Namespace, console: Console | None = None) -> int:
@@ -59,8 +85,10 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
         return 2
     console.print(_table(top, engine, args.show))
     if len(top.query_ids) > args.show:
-        console.print(f"… {len(top.query_ids) - args.show} more queries "
-                      f"({'saved to ' + args.output if args.output else 'use --output to save all'})")
+        console.print(
+            f"… {len(top.query_ids) - args.show} more queries "
+            f"({'saved to ' + args.output if args.output else 'use --output to save all'})"
+        )
     if args.output:
         console.print(f"saved to {escape(str(args.output))}", highlight=False)
     return 0
@@ -77,8 +105,10 @@ def _run(args: argparse.Namespace, console: Console):
     if args.output and Path(args.output).suffix.lower() not in (".json", ".safetensors", ".npz"):
         raise ValueError(f"--output {args.output}: use a .json, .safetensors or .npz file name")
     if not Path(args.queries).is_file():
-        raise ValueError(f"queries file {args.queries} does not exist (save one with "
-                         "run.gradients().save(FILE) from a query-mode run)")
+        raise ValueError(
+            f"queries file {args.queries} does not exist (save one with "
+            "run.gradients().save(FILE) from a query-mode run)"
+        )
     queries = Gradients.load(args.queries)
     store = open_store(args.run_dir, segment=args.segment)
     # The same defaults as InfluenceEngine(store): the store's `query:` config.
@@ -87,25 +117,42 @@ def _run(args: argparse.Namespace, console: Console):
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("rows"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
-                label = {"curvature": "curvature statistics", "ekfac": "EK-FAC eigenvalues",
-                         "refine": "refining queries", "gram": "reading rows (Gram form)",
-                         "eigen": "eigendecompositions (blocks)"}.get(phase, "scoring")
+                label = {
+                    "curvature": "curvature statistics",
+                    "ekfac": "EK-FAC eigenvalues",
+                    "refine": "refining queries",
+                    "gram": "reading rows (Gram form)",
+                    "eigen": "eigendecompositions (blocks)",
+                }.get(phase, "scoring")
                 tasks[phase] = bar.add_task(label, total=total)
             bar.update(tasks[phase], completed=done)
 
         chunk = {}  # --chunk-rows N is the old spelling of --chunk-bytes 4·N·width
         if args.chunk_bytes is not None or args.chunk_rows is not None:
-            chunk["chunk_bytes"] = (args.chunk_bytes if args.chunk_bytes is not None
-                                    else 4 * args.chunk_rows * store.width)
-        engine = InfluenceEngine(store, absolute_damping=args.absolute_damping, modules=modules,
-                                 device=args.device, progress=progress, **chunk, **chosen)
+            chunk["chunk_bytes"] = (
+                args.chunk_bytes if args.chunk_bytes is not None else 4 * args.chunk_rows * store.width
+            )
+        engine = InfluenceEngine(
+            store,
+            absolute_damping=args.absolute_damping,
+            modules=modules,
+            device=args.device,
+            progress=progress,
+            **chunk,
+            **chosen,
+        )
         top = engine.top_k(queries, k=args.top_k)
     if args.output:
         top.save(args.output)
@@ -124,9 +171,8 @@ def _table(top, engine, show: int) -> Table:
     table.add_column("rank", justify="right")
     table.add_column("train id")
     table.add_column("score", justify="right")
-    for q, ids, values in list(zip(top.query_ids, top.data_ids, top.values.tolist()))[:max(show, 0)]:
+    for q, ids, values in list(zip(top.query_ids, top.data_ids, top.values.tolist()))[: max(show, 0)]:
         for rank, (tid, score) in enumerate(zip(ids, values), start=1):
-            table.add_row(escape(str(q)) if rank == 1 else "", str(rank), escape(str(tid)),
-                          f"{score:.4g}")
+            table.add_row(escape(str(q)) if rank == 1 else "", str(rank), escape(str(tid)), f"{score:.4g}")
         table.add_section()
     return table

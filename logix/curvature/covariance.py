@@ -70,7 +70,7 @@ class RawAccumulator:
             m = too_wide[0]
             raise StoreError(
                 f"module {m.name!r} has r_in·r_out = {m.r_in}·{m.r_out} = {m.width} columns: its raw "
-                f"Fisher would be a {m.width}² float64 matrix ({m.width ** 2 * 8 / 2**30:.1f} GiB) "
+                f"Fisher would be a {m.width}² float64 matrix ({m.width**2 * 8 / 2**30:.1f} GiB) "
                 f"and its eigendecomposition would take hours; raw curvature is for blocks of at "
                 f"most {MAX_RAW_WIDTH} columns. Log with a random projection of smaller ranks, or "
                 "query with preconditioner='identity'"
@@ -101,8 +101,10 @@ def check_kinds(kinds: Iterable[str]) -> list[str]:
         if kind == "identity" or kind in FACTOR_STATISTICS:
             continue
         if kind not in ACCUMULATORS:
-            raise ValueError(f"unknown curvature statistics {kind!r}; choose from "
-                             f"{list(ACCUMULATORS) + list(FACTOR_STATISTICS)}")
+            raise ValueError(
+                f"unknown curvature statistics {kind!r}; choose from "
+                f"{list(ACCUMULATORS) + list(FACTOR_STATISTICS)}"
+            )
         out.append(kind)
     return out
 
@@ -114,8 +116,9 @@ class CurvatureStatistics:
     Writes `curvature/<segment>/<kind>-r{rank:05d}.safetensors` per segment seen.
     """
 
-    def __init__(self, run_dir: str | Path, modules: list[ModuleInfo], rank: int = 0,
-                 kinds: Iterable[str] = ("raw",)) -> None:
+    def __init__(
+        self, run_dir: str | Path, modules: list[ModuleInfo], rank: int = 0, kinds: Iterable[str] = ("raw",)
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.modules = list(modules)
         self.rank = int(rank)
@@ -168,13 +171,17 @@ class CurvatureStatistics:
                 if seg not in self._acc:
                     continue
                 path = curvature_dir(self.run_dir, seg) / f"{kind}-r{self.rank:05d}.safetensors"
-                paths.append(save_statistics(path, self.statistics(seg, kind),
-                                             {"segment": seg, "rank": str(self.rank)}))
+                paths.append(
+                    save_statistics(
+                        path, self.statistics(seg, kind), {"segment": seg, "rank": str(self.rank)}
+                    )
+                )
         return paths
 
 
-def compute_statistics(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
-                       progress: ProgressFn | None = None) -> Statistics:
+def compute_statistics(
+    store: Any, kind: str = "raw", *, chunk_rows: int = 4096, progress: ProgressFn | None = None
+) -> Statistics:
     """One streaming pass over `store` (a `Store`) accumulating statistics of `kind`."""
     check_kinds([kind])
     acc = ACCUMULATORS[kind](list(store.modules))
@@ -202,8 +209,10 @@ def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
     modules = list(store.modules)
     n = len(store)
     if kind not in ACCUMULATORS:
-        raise ValueError(f"{kind!r} statistics are not computed from stored rows; load them with "
-                         "logix.curvature.kfac.load_factors (kfac) or log them")
+        raise ValueError(
+            f"{kind!r} statistics are not computed from stored rows; load them with "
+            "logix.curvature.kfac.load_factors (kfac) or log them"
+        )
     logged = load_statistics(directory, kind)
     if logged is not None and logged.rows == n and logged.modules == modules:
         return logged
@@ -227,8 +236,14 @@ def save_recomputed(store: Any, stats: Statistics) -> None:
     save_cache(path, stats.tensors, statistics_metadata(stats, {"ids": ids_digest(store.data_ids)}))
 
 
-def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
-                   progress: ProgressFn | None = None, save: bool = True) -> Statistics:
+def statistics_for(
+    store: Any,
+    kind: str = "raw",
+    *,
+    chunk_rows: int = 4096,
+    progress: ProgressFn | None = None,
+    save: bool = True,
+) -> Statistics:
     """Statistics covering exactly the store's rows: `saved_statistics`, else recomputed in
     one streaming pass (and saved with `save_recomputed`)."""
     stats = saved_statistics(store, kind)
@@ -238,4 +253,3 @@ def statistics_for(store: Any, kind: str = "raw", *, chunk_rows: int = 4096,
     if save:
         save_recomputed(store, stats)
     return stats
-

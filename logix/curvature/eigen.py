@@ -32,15 +32,17 @@ def _cached_pairs(cache_path: Path | None) -> tuple[dict[str, str], dict[str, to
         keys = json.loads(md.get("keys", "{}"))
     except ValueError:
         return {}, {}
-    keys = {n: k for n, k in keys.items()
-            if f"{n}.eigenvalues" in tensors and f"{n}.eigenvectors" in tensors}
+    keys = {n: k for n, k in keys.items() if f"{n}.eigenvalues" in tensors and f"{n}.eigenvectors" in tensors}
     return keys, tensors
 
 
-def eigendecompose(stats: Statistics, names: list[str], cache_path: Path | None,
-                   device: torch.device | str = "cpu",
-                   matrix: Callable[[str], torch.Tensor] | None = None,
-                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def eigendecompose(
+    stats: Statistics,
+    names: list[str],
+    cache_path: Path | None,
+    device: torch.device | str = "cpu",
+    matrix: Callable[[str], torch.Tensor] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Eigenpairs (e [w] ascending and clamped at 0, V [w, w] with eigenvectors as columns;
     float64 on CPU) of `matrix(key)` for every key in `names` (default matrix: F = S / N of a
     `raw` statistics), through the cache."""
@@ -58,13 +60,23 @@ def eigendecompose(stats: Statistics, names: list[str], cache_path: Path | None,
         result[name] = (e.clamp(min=0).cpu(), v.cpu())
     if missing and cache_path is not None:
         # Keep still-valid entries of other matrices, then replace the cache.
-        keep = {n: pair(n) for n, k in keys.items()
-                if n not in result and n in stats.tensors and k == stats.digest(n)}
+        keep = {
+            n: pair(n)
+            for n, k in keys.items()
+            if n not in result and n in stats.tensors and k == stats.digest(n)
+        }
         entries = {**keep, **result}
         out = {}
         for n, (e, v) in entries.items():
             out[f"{n}.eigenvalues"] = e
             out[f"{n}.eigenvectors"] = v
-        save_cache(cache_path, out, {"format": EIGEN_FORMAT, "kind": stats.kind,
-                                     "keys": json.dumps({n: stats.digest(n) for n in entries})})
+        save_cache(
+            cache_path,
+            out,
+            {
+                "format": EIGEN_FORMAT,
+                "kind": stats.kind,
+                "keys": json.dumps({n: stats.digest(n) for n in entries}),
+            },
+        )
     return result

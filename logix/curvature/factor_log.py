@@ -31,7 +31,8 @@ def check_factor_dims(modules: list[ModuleInfo]) -> None:
                 f"module {m.name!r} has {side} = {max(m.r_in, m.r_out)}: its K-FAC factor would "
                 f"be a {max(m.r_in, m.r_out)}² float64 matrix; K-FAC factors are for sides of at "
                 f"most {MAX_FACTOR_DIM}. Project that module (projection.kind random/pca with a "
-                "smaller rank) or add it to capture.exclude")
+                "smaller rank) or add it to capture.exclude"
+            )
 
 
 class FactorLog:
@@ -77,24 +78,32 @@ class FactorLog:
             raise CaptureError(
                 "per-example scale_rows cannot be folded into K-FAC factors summed over the batch; "
                 "log without 'kfac'/'ekfac' in curvature.statistics and compute the factors "
-                "afterwards with run.fit_curvature()")
+                "afterwards with run.fit_curvature()"
+            )
 
-    def commit_fit_step(self, ids: list, reached: set[int], row_scale: torch.Tensor | float,
-                        nonfinite: str) -> None:
+    def commit_fit_step(
+        self, ids: list, reached: set[int], row_scale: torch.Tensor | float, nonfinite: str
+    ) -> None:
         """A step of a fit_curvature pass: its sums join the pass's, unless they are not finite
         (an error, or a warning and nothing added with `Block.skip_if_nonfinite()`)."""
         self.check_scale(row_scale)
         if not self.step.is_finite():
             if nonfinite == "skip":
-                warnings.warn(f"skipped a batch of {len(ids)} examples whose K-FAC factors are not "
-                              f"finite (first ids {ids[:5]})", stacklevel=4)
+                warnings.warn(
+                    f"skipped a batch of {len(ids)} examples whose K-FAC factors are not "
+                    f"finite (first ids {ids[:5]})",
+                    stacklevel=4,
+                )
                 return
-            raise CaptureError(f"non-finite K-FAC factors for data ids {ids[:10]}: is the loss "
-                               "NaN? Nothing of this batch was added")
+            raise CaptureError(
+                f"non-finite K-FAC factors for data ids {ids[:10]}: is the loss "
+                "NaN? Nothing of this batch was added"
+            )
         self.commit(self.fit_segment, ids, reached, row_scale)
 
-    def commit(self, segment: str, ids: list, reached: set[int],
-               row_scale: torch.Tensor | float = 1.0) -> None:
+    def commit(
+        self, segment: str, ids: list, reached: set[int], row_scale: torch.Tensor | float = 1.0
+    ) -> None:
         """Add the step's sums to `segment` (after its rows were accepted); `reached`: the
         modules its backward reached. Rows scaled by a number c (`Block.scale_rows`) have
         output gradients scaled by c: S gets c²."""
@@ -110,9 +119,14 @@ class FactorLog:
             return
         for segment in sorted(self.changed):
             sums = self.sums[segment]
-            save_factors(factor_path(self.run_dir, segment, self.rank), self.modules, sums.tensors(),
-                         sums.position_counts(), sums.examples,
-                         extra={"segment": segment, "rank": str(self.rank)})
+            save_factors(
+                factor_path(self.run_dir, segment, self.rank),
+                self.modules,
+                sums.tensors(),
+                sums.position_counts(),
+                sums.examples,
+                extra={"segment": segment, "rank": str(self.rank)},
+            )
         self.changed.clear()
 
     def release_saved(self) -> None:

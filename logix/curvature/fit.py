@@ -67,9 +67,18 @@ class TrueFisherStatistics:
     After the pass: `examples`, `pseudo_rows`, `passes`, `positions`, `dropped_mass` and the
     files in `paths`."""
 
-    def __init__(self, run_dir: Path, segment: str, modules: list[ModuleInfo], *, rank: int = 0,
-                 world_size: int = 1, statistics: tuple[str, ...] = ("raw",), mass: float = 1.0,
-                 on_rows: RowsFn | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        segment: str,
+        modules: list[ModuleInfo],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        statistics: tuple[str, ...] = ("raw",),
+        mass: float = 1.0,
+        on_rows: RowsFn | None = None,
+    ):
         if not 0.0 < float(mass) <= 1.0:
             raise ValueError(f"mass must be in (0, 1], got {mass}")
         kinds = list(dict.fromkeys(statistics))
@@ -77,10 +86,12 @@ class TrueFisherStatistics:
             if kind not in KINDS:
                 raise ValueError(f"unknown true-Fisher statistics {kind!r}; choose from {list(KINDS)}")
         if "kfac" in kinds and "ekfac" in kinds:
-            raise ValueError("'ekfac' needs the eigenbases of the K-FAC factors of an earlier pass: "
-                             "run one pass with statistics=['kfac'], then one with ['ekfac'] (or "
-                             "collect 'raw' with 'kfac': for blocks up to 8192 wide the EK-FAC "
-                             "eigenvalues follow from raw exactly)")
+            raise ValueError(
+                "'ekfac' needs the eigenbases of the K-FAC factors of an earlier pass: "
+                "run one pass with statistics=['kfac'], then one with ['ekfac'] (or "
+                "collect 'raw' with 'kfac': for blocks up to 8192 wide the EK-FAC "
+                "eigenvalues follow from raw exactly)"
+            )
         if not kinds and on_rows is None:
             raise ValueError("nothing to compute: give statistics (e.g. ['raw']) or on_rows")
         self.run_dir = Path(run_dir)
@@ -116,7 +127,8 @@ class TrueFisherStatistics:
             raise StoreError(
                 f"statistics=['ekfac'] needs the true-Fisher K-FAC factors of segment "
                 f"{self.segment!r} first (no matching kfac.true-r*.safetensors in {directory}): run "
-                "a pass with run.fit_curvature(fisher='true', statistics=['kfac']) before this one")
+                "a pass with run.fit_curvature(fisher='true', statistics=['kfac']) before this one"
+            )
         names = [m.name for m in self.modules]
         bases = factor_eigenbases(factors, names, directory / f"eigen-{true_kind('kfac')}.safetensors")
         self._bases = {n: bases_key(factors, n) for n in names}
@@ -149,8 +161,10 @@ class TrueFisherStatistics:
         """A finished block: its examples enter the Fisher once, with its pending factor sums."""
         dups = [i for i in ids if i in self._ids]
         if dups:
-            raise CaptureError(f"data id(s) {dups[:10]} were already seen in this pass: each "
-                               "example must enter the Fisher once")
+            raise CaptureError(
+                f"data id(s) {dups[:10]} were already seen in this pass: each "
+                "example must enter the Fisher once"
+            )
         if self.pending is not None:
             self.pending.commit(self.factors, len(ids))
         self._ids.update(ids)
@@ -159,28 +173,51 @@ class TrueFisherStatistics:
     def statistics(self, kind: str = "raw") -> Statistics:
         """The summed true-Fisher statistics of `kind` so far, over `examples` rows."""
         if kind == "kfac":
-            return Statistics(true_kind(kind), self.modules, self.examples, self.factors.tensors(),
-                              positions=self.factors.position_counts())
-        return Statistics(true_kind(kind), self.modules, self.examples,
-                          dict(self.accumulators[kind].tensors()))
+            return Statistics(
+                true_kind(kind),
+                self.modules,
+                self.examples,
+                self.factors.tensors(),
+                positions=self.factors.position_counts(),
+            )
+        return Statistics(
+            true_kind(kind), self.modules, self.examples, dict(self.accumulators[kind].tensors())
+        )
 
     def save(self) -> list[Path]:
         """Write `curvature/<segment>/<kind>.true-r<rank>.safetensors` for every kind (replacing
         this rank's previous pass); returns the paths."""
         if self.examples == 0:
-            raise CaptureError("the curvature pass saw no batch: inside `with run.fit_curvature("
-                               "fisher='true') as fit:` run `with fit(data_id=ids): fit.backward(model(x))`")
+            raise CaptureError(
+                "the curvature pass saw no batch: inside `with run.fit_curvature("
+                "fisher='true') as fit:` run `with fit(data_id=ids): fit.backward(model(x))`"
+            )
         rank = self.rank
-        extra = {"segment": self.segment, "rank": str(rank), "fisher": "true",
-                 "mass": repr(self.mass), "pseudo_rows": str(self.pseudo_rows),
-                 "positions_seen": str(self.positions), "dropped_mass": repr(self.dropped_mass)}
+        extra = {
+            "segment": self.segment,
+            "rank": str(rank),
+            "fisher": "true",
+            "mass": repr(self.mass),
+            "pseudo_rows": str(self.pseudo_rows),
+            "positions_seen": str(self.positions),
+            "dropped_mass": repr(self.dropped_mass),
+        }
         self.paths = []
         for kind in self.kinds:
             path = factor_path(self.run_dir, self.segment, rank, true_kind(kind))
             stats = self.statistics(kind)
             if kind == "kfac":
-                self.paths.append(save_factors(path, self.modules, stats.tensors, stats.positions,
-                                               stats.rows, kind=stats.kind, extra=extra))
+                self.paths.append(
+                    save_factors(
+                        path,
+                        self.modules,
+                        stats.tensors,
+                        stats.positions,
+                        stats.rows,
+                        kind=stats.kind,
+                        extra=extra,
+                    )
+                )
             else:
                 more = {"bases": json.dumps(self._bases)} if kind == "ekfac" else {}
                 self.paths.append(save_statistics(path, stats, {**extra, **more}))

@@ -36,14 +36,21 @@ class GramBlock:
     """(F + λI)⁻¹ of one module from its N stored rows G, through the N×N Gram matrix."""
 
     module: ModuleInfo
-    rows: torch.Tensor      # G [N, w] in `products` dtype (float32 rows are exact)
-    factor: torch.Tensor    # L [N, N] float64, lower: L Lᵀ = NλI + G Gᵀ
-    damping: float          # λ
+    rows: torch.Tensor  # G [N, w] in `products` dtype (float32 rows are exact)
+    factor: torch.Tensor  # L [N, N] float64, lower: L Lᵀ = NλI + G Gᵀ
+    damping: float  # λ
     preconditioned: torch.Tensor | None = None  # X̃ = N (NλI + K)⁻¹ G [N, w] float32, once built
 
     @classmethod
-    def build(cls, module: ModuleInfo, rows: torch.Tensor, damping: float, absolute: bool,
-              products: torch.dtype = torch.float64, gram: torch.Tensor | None = None) -> GramBlock:
+    def build(
+        cls,
+        module: ModuleInfo,
+        rows: torch.Tensor,
+        damping: float,
+        absolute: bool,
+        products: torch.dtype = torch.float64,
+        gram: torch.Tensor | None = None,
+    ) -> GramBlock:
         """The block of `rows` [N, w] with damping relative to trace(F)/w unless `absolute`.
 
         The N²w products (K here, X̃ later) run in `products`, the [N, N] factor in float64:
@@ -64,8 +71,13 @@ class GramBlock:
         device = torch.device(device)
         if self.rows.device == device:
             return self
-        return GramBlock(self.module, self.rows.to(device), self.factor.to(device), self.damping,
-                         None if self.preconditioned is None else self.preconditioned.to(device))
+        return GramBlock(
+            self.module,
+            self.rows.to(device),
+            self.factor.to(device),
+            self.damping,
+            None if self.preconditioned is None else self.preconditioned.to(device),
+        )
 
     def _solve(self, b: torch.Tensor) -> torch.Tensor:
         """(NλI + K)⁻¹ b for b [N, k] (float64)."""

@@ -65,14 +65,20 @@ def retire_other_ranks(run_dir: str | Path, segment: str, kind: str, world_size:
     after all ranks have written."""
     directory = curvature_dir(Path(run_dir), segment)
     for path in directory.glob(f"{kind}-r*.safetensors"):
-        number = path.name[len(kind) + 2:-len(".safetensors")]
+        number = path.name[len(kind) + 2 : -len(".safetensors")]
         if number.isdigit() and int(number) >= world_size:
             path.unlink(missing_ok=True)
 
 
-def save_factors(path: Path, modules: list[ModuleInfo], tensors: dict[str, torch.Tensor],
-                 positions: dict[str, int], examples: int, kind: str = FACTOR_KIND,
-                 extra: dict[str, str] | None = None) -> Path:
+def save_factors(
+    path: Path,
+    modules: list[ModuleInfo],
+    tensors: dict[str, torch.Tensor],
+    positions: dict[str, int],
+    examples: int,
+    kind: str = FACTOR_KIND,
+    extra: dict[str, str] | None = None,
+) -> Path:
     """Write one rank's factor sums (`tensors`: `"<module>.A"`, `"<module>.S"` float64)."""
     stats = Statistics(kind, list(modules), int(examples), dict(tensors), positions=dict(positions))
     return save_statistics(path, stats, extra)
@@ -100,16 +106,22 @@ def load_factors(store: Any, kind: str = FACTOR_KIND) -> Statistics:
     if stats is None:
         raise StoreError(missing_factors_message(store, kind))
     if stats.modules != list(store.modules):
-        raise StoreError(f"{stats.sources[0]} was written for another module table than the store's; "
-                         "delete it and compute the factors again (run.fit_curvature())")
+        raise StoreError(
+            f"{stats.sources[0]} was written for another module table than the store's; "
+            "delete it and compute the factors again (run.fit_curvature())"
+        )
     if stats.rows == 0 or not any(stats.positions.values()):
-        raise StoreError(f"the K-FAC factors in {store.curvature_dir} cover no examples; "
-                         + missing_factors_message(store, kind).split(". ", 1)[1])
+        raise StoreError(
+            f"the K-FAC factors in {store.curvature_dir} cover no examples; "
+            + missing_factors_message(store, kind).split(". ", 1)[1]
+        )
     if stats.rows != len(store):
         warnings.warn(
             f"the K-FAC factors of segment {store.segment!r} cover {stats.rows} examples but the "
             f"segment holds {len(store)} rows (a resumed or partial run); they are used as an "
-            "estimate. Recompute them with run.fit_curvature() for an exact match", stacklevel=3)
+            "estimate. Recompute them with run.fit_curvature() for an exact match",
+            stacklevel=3,
+        )
     return stats
 
 
@@ -127,6 +139,7 @@ def _factor_matrix(stats: Statistics):
     def matrix(key: str) -> torch.Tensor:
         name, side = key.rsplit(".", 1)
         return activation_covariance(stats, name) if side == "A" else gradient_covariance(stats, name)
+
     return matrix
 
 
@@ -144,8 +157,9 @@ class KroneckerBases:
         return torch.outer(self.e_out, self.e_in)
 
 
-def factor_eigenbases(stats: Statistics, names: list[str], cache_path: Path | None,
-                      device: torch.device | str = "cpu") -> dict[str, KroneckerBases]:
+def factor_eigenbases(
+    stats: Statistics, names: list[str], cache_path: Path | None, device: torch.device | str = "cpu"
+) -> dict[str, KroneckerBases]:
     """Eigenbases of both factors of every module in `names` (float64, cached on disk)."""
     keys = [f"{n}.{side}" for n in names for side in ("A", "S")]
     eig = eigendecompose(stats, keys, cache_path, device, matrix=_factor_matrix(stats))
@@ -162,10 +176,17 @@ def rotate(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Te
     return y.view(n, right.shape[1], left.shape[1]).transpose(1, 2)
 
 
-def ekfac_eigenvalues(rows: Any, stats: Statistics, bases: dict[str, KroneckerBases],
-                      names: list[str], *, chunk_rows: int = 4096,
-                      device: torch.device | str = "cpu", progress: ProgressFn | None = None,
-                      cache_path: Path | None = None) -> dict[str, torch.Tensor]:
+def ekfac_eigenvalues(
+    rows: Any,
+    stats: Statistics,
+    bases: dict[str, KroneckerBases],
+    names: list[str],
+    *,
+    chunk_rows: int = 4096,
+    device: torch.device | str = "cpu",
+    progress: ProgressFn | None = None,
+    cache_path: Path | None = None,
+) -> dict[str, torch.Tensor]:
     """Λ_m = (1/N) Σ_n (Q_Sᵀ G̃_n Q_A)² per module in `names`: [r_out, r_in] float64 on CPU.
 
     rows: a `Store` (its `iter_chunks`, `data_ids` and `modules`). One streaming pass computes
@@ -185,8 +206,9 @@ def ekfac_eigenvalues(rows: Any, stats: Statistics, bases: dict[str, KroneckerBa
         return result
     device = torch.device(device)
     qs = {n: (bases[n].q_out.to(device), bases[n].q_in.to(device)) for n in missing}
-    sums = {n: torch.zeros(modules[n].r_out, modules[n].r_in, dtype=torch.float64, device=device)
-            for n in missing}
+    sums = {
+        n: torch.zeros(modules[n].r_out, modules[n].r_in, dtype=torch.float64, device=device) for n in missing
+    }
     total, done = len(rows), 0
     for _, x in rows.iter_chunks(rows=chunk_rows, dtype=torch.float32):
         x = x.to(device)
@@ -201,12 +223,22 @@ def ekfac_eigenvalues(rows: Any, stats: Statistics, bases: dict[str, KroneckerBa
         result[n] = (sums[n] / max(done, 1)).cpu()
     if cache_path is not None:
         # Keep still-valid entries of other modules, then replace the cache.
-        keep = {n: tensors[f"{n}.eigenvalues"] for n, k in cached.items()
-                if n not in result and f"{n}.A" in stats.tensors and k == key(n)}
+        keep = {
+            n: tensors[f"{n}.eigenvalues"]
+            for n, k in cached.items()
+            if n not in result and f"{n}.A" in stats.tensors and k == key(n)
+        }
         entries = {**keep, **result}
-        save_cache(cache_path, {f"{n}.eigenvalues": t for n, t in entries.items()},
-                   {"format": EKFAC_FORMAT, "kind": stats.kind, "rows": str(done),
-                    "keys": json.dumps({n: key(n) for n in entries})})
+        save_cache(
+            cache_path,
+            {f"{n}.eigenvalues": t for n, t in entries.items()},
+            {
+                "format": EKFAC_FORMAT,
+                "kind": stats.kind,
+                "rows": str(done),
+                "keys": json.dumps({n: key(n) for n in entries}),
+            },
+        )
     return result
 
 
@@ -233,14 +265,19 @@ class KroneckerBlock:
     """
 
     module: ModuleInfo
-    q_in: torch.Tensor   # [r_in, r_in]
+    q_in: torch.Tensor  # [r_in, r_in]
     q_out: torch.Tensor  # [r_out, r_out]
     eigenvalues: torch.Tensor  # [r_out, r_in], clamped at 0
     damping: float
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> KroneckerBlock:
-        return KroneckerBlock(self.module, self.q_in.to(device, dtype), self.q_out.to(device, dtype),
-                              self.eigenvalues.to(device, dtype), self.damping)
+        return KroneckerBlock(
+            self.module,
+            self.q_in.to(device, dtype),
+            self.q_out.to(device, dtype),
+            self.eigenvalues.to(device, dtype),
+            self.damping,
+        )
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module

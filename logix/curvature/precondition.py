@@ -68,12 +68,21 @@ def damping_value(eigenvalues: torch.Tensor, damping: float, absolute: bool) -> 
     return float(damping) * mean if mean > 0 else float(damping)
 
 
-def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
-                         absolute_damping: bool = False, modules: list[str] | None = None,
-                         device: torch.device | str = "cpu", chunk_rows: int = 4096,
-                         progress: ProgressFn | None = None, statistics: str | None = None,
-                         fisher: str = "empirical", form: str = "auto",
-                         absolute: bool | None = None) -> Preconditioner:
+def build_preconditioner(
+    store: Any,
+    kind: str = "raw",
+    damping: float = 0.1,
+    *,
+    absolute_damping: bool = False,
+    modules: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    chunk_rows: int = 4096,
+    progress: ProgressFn | None = None,
+    statistics: str | None = None,
+    fisher: str = "empirical",
+    form: str = "auto",
+    absolute: bool | None = None,
+) -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
     statistics: the statistics kind it reads (default `DEFAULT_STATISTICS[kind]`: `raw` for raw,
@@ -85,8 +94,9 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     the store is long, its two N²w products in float32 (the [N, N] factor in float64).
     absolute: the old name of absolute_damping (warns once).
     """
-    absolute = bool(renamed("absolute", "absolute_damping", absolute, absolute_damping,
-                            "build_preconditioner"))
+    absolute = bool(
+        renamed("absolute", "absolute_damping", absolute, absolute_damping, "build_preconditioner")
+    )
     check_choice(kind, PRECONDITIONERS, "preconditioner")
     check_choice(fisher, FISHERS, "fisher")
     check_choice(form, RAW_FORMS, "raw preconditioner form")
@@ -102,26 +112,42 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     blocks: dict[str, AnyBlock] = {}
     if kind == "raw":
         if true and form == "gram":
-            raise ValueError("form='gram' works from the stored rows (the empirical Fisher); the "
-                             "true Fisher's statistics come from a model pass: use form='eigen'")
+            raise ValueError(
+                "form='gram' works from the stored rows (the empirical Fisher); the "
+                "true Fisher's statistics come from a model pass: use form='eigen'"
+            )
         n = len(store)
         widths = {m.name: m.width for m in table}
         # auto: Gram where N < w; above MAX_RAW_WIDTH only when asked (form="gram"): the
         # eigen path's guard then names the limit, as a [w, w] block would.
-        gram = [] if true else [s for s in selected if form == "gram" or (
-            form == "auto" and n < widths[s] <= MAX_RAW_WIDTH)]
+        gram = (
+            []
+            if true
+            else [
+                s for s in selected if form == "gram" or (form == "auto" and n < widths[s] <= MAX_RAW_WIDTH)
+            ]
+        )
         if gram:
             products = torch.float64 if form == "gram" else torch.float32
             blocks.update(gram_blocks(store, gram, damping, absolute, chunk_rows, progress, products))
         eigen = [s for s in selected if s not in gram]
         if eigen:
-            stats = (true_raw_statistics(store) if true else
-                     raw_statistics(store, statistics, eigen, full=not gram, chunk_rows=chunk_rows,
-                                    progress=progress))
+            stats = (
+                true_raw_statistics(store)
+                if true
+                else raw_statistics(
+                    store, statistics, eigen, full=not gram, chunk_rows=chunk_rows, progress=progress
+                )
+            )
             if stats.rows == 0:
                 raise StoreError("the curvature statistics cover no rows; the store segment is empty")
-            eig = eigendecompose(stats, eigen, directory / f"eigen-{statistics}.safetensors", device,
-                                 matrix=_reporting(stats.fisher, len(eigen), progress))
+            eig = eigendecompose(
+                stats,
+                eigen,
+                directory / f"eigen-{statistics}.safetensors",
+                device,
+                matrix=_reporting(stats.fisher, len(eigen), progress),
+            )
             if progress is not None:
                 progress("eigen", len(eigen), len(eigen))
             for m in table:
@@ -134,17 +160,28 @@ def build_preconditioner(store: Any, kind: str = "raw", damping: float = 0.1, *,
     if kind == "ekfac" and true:
         values = true_ekfac_eigenvalues(store, stats, bases, selected)
     elif kind == "ekfac":
-        values = ekfac_eigenvalues(store, stats, bases, selected,
-                                   chunk_rows=chunk_rows, device=device,
-                                   progress=progress,
-                                   cache_path=directory / f"e{statistics}-stream.safetensors")
+        values = ekfac_eigenvalues(
+            store,
+            stats,
+            bases,
+            selected,
+            chunk_rows=chunk_rows,
+            device=device,
+            progress=progress,
+            cache_path=directory / f"e{statistics}-stream.safetensors",
+        )
     else:
         values = {n: b.kfac_eigenvalues() for n, b in bases.items()}
     for m in table:
         if m.name in bases:
             lam = values[m.name].clamp(min=0)
-            blocks[m.name] = KroneckerBlock(m, bases[m.name].q_in, bases[m.name].q_out, lam,
-                                            damping_value(lam.flatten(), damping, absolute))
+            blocks[m.name] = KroneckerBlock(
+                m,
+                bases[m.name].q_in,
+                bases[m.name].q_out,
+                lam,
+                damping_value(lam.flatten(), damping, absolute),
+            )
     return Preconditioner(kind, table, selected, blocks, statistics)
 
 
@@ -162,8 +199,9 @@ def _reporting(matrix: Any, total: int, progress: ProgressFn | None) -> Any:
     return fetch
 
 
-def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk_rows: int,
-                   progress: ProgressFn | None) -> Statistics:
+def raw_statistics(
+    store: Any, kind: str, names: list[str], *, full: bool, chunk_rows: int, progress: ProgressFn | None
+) -> Statistics:
     """`raw` statistics covering at least the modules `names`: the saved ones, else (full) a
     recompute of every module that is kept for next time, else one pass over `names` only (the
     other blocks are in Gram form and need no [w, w] sums)."""
@@ -181,8 +219,15 @@ def raw_statistics(store: Any, kind: str, names: list[str], *, full: bool, chunk
     return Statistics(kind, list(store.modules), acc.rows, dict(acc.tensors()), ["stream"])
 
 
-def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, chunk_rows: int,
-                progress: ProgressFn | None, products: torch.dtype) -> dict[str, GramBlock]:
+def gram_blocks(
+    store: Any,
+    names: list[str],
+    damping: float,
+    absolute: bool,
+    chunk_rows: int,
+    progress: ProgressFn | None,
+    products: torch.dtype,
+) -> dict[str, GramBlock]:
     """The Gram-form blocks of modules `names`, from one read of their columns. K = G Gᵀ is
     cached (`gram-raw.safetensors`, keyed by a digest of each block's rows and the products'
     dtype), so another damping or engine on the same store costs one Cholesky factor."""
@@ -191,7 +236,7 @@ def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, ch
     done = 0
     for _, x in store.iter_chunks(rows=chunk_rows, dtype=torch.float32):
         for m in modules:
-            rows[m.name][done:done + x.shape[0]] = x[:, m.columns]
+            rows[m.name][done : done + x.shape[0]] = x[:, m.columns]
         done += x.shape[0]
         if progress is not None:
             progress("gram", done, len(store))
@@ -206,8 +251,7 @@ def gram_blocks(store: Any, names: list[str], damping: float, absolute: bool, ch
         shape = (len(store), len(store))
         if keys.get(m.name) != digest or kept is None or tuple(kept.shape) != shape:
             tensors[m.name], keys[m.name], changed = gram_matrix(rows[m.name], products), digest, True
-        blocks[m.name] = GramBlock.build(m, rows[m.name], damping, absolute, products,
-                                         gram=tensors[m.name])
+        blocks[m.name] = GramBlock.build(m, rows[m.name], damping, absolute, products, gram=tensors[m.name])
     if changed:
         save_cache(path, tensors, {"format": GRAM_FORMAT, "keys": json.dumps(keys)})
     return blocks

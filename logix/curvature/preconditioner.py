@@ -22,17 +22,18 @@ class Block:
     """The preconditioner of one module: eigenpairs of F_m and its damping λ_m."""
 
     module: ModuleInfo
-    eigenvalues: torch.Tensor   # [w] float64, clamped at 0
+    eigenvalues: torch.Tensor  # [w] float64, clamped at 0
     eigenvectors: torch.Tensor  # [w, w] float64, columns are eigenvectors
-    damping: float              # λ_m
+    damping: float  # λ_m
 
     def inverse_sqrt_factor(self) -> torch.Tensor:
         """W = V diag((e + λ)^-1/2), [w, w], so that W Wᵀ = (F + λI)⁻¹."""
         return self.eigenvectors * (self.eigenvalues + self.damping).rsqrt()
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Block:
-        return Block(self.module, self.eigenvalues.to(device, dtype),
-                     self.eigenvectors.to(device, dtype), self.damping)
+        return Block(
+            self.module, self.eigenvalues.to(device, dtype), self.eigenvectors.to(device, dtype), self.damping
+        )
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         """q [n, w] -> q (F + λI)⁻¹ [n, w]."""
@@ -52,12 +53,11 @@ AnyBlock = Block | KroneckerBlock | GramBlock
 class QuerySide:
     """A query batch ready to score against a store's rows (`Preconditioner.score`)."""
 
-    dense: torch.Tensor               # [n, D]: multiplies the rows' columns (or a block's X̃)
-    rows: dict[str, torch.Tensor]     # Gram blocks without X̃: their scores [n, N] outright
+    dense: torch.Tensor  # [n, D]: multiplies the rows' columns (or a block's X̃)
+    rows: dict[str, torch.Tensor]  # Gram blocks without X̃: their scores [n, N] outright
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> QuerySide:
-        return QuerySide(self.dense.to(device, dtype),
-                         {k: v.to(device, dtype) for k, v in self.rows.items()})
+        return QuerySide(self.dense.to(device, dtype), {k: v.to(device, dtype) for k, v in self.rows.items()})
 
 
 class Preconditioner:
@@ -68,8 +68,14 @@ class Preconditioner:
     `blocks` is None for `identity`.
     """
 
-    def __init__(self, kind: str, modules: list[ModuleInfo], selected: list[str],
-                 blocks: dict[str, AnyBlock] | None, statistics: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        modules: list[ModuleInfo],
+        selected: list[str],
+        blocks: dict[str, AnyBlock] | None,
+        statistics: str | None = None,
+    ) -> None:
         self.kind = kind
         self.statistics = statistics
         self.modules = list(modules)
@@ -128,11 +134,10 @@ class Preconditioner:
         """Whether some selected block is in Gram form (its train side is preconditioned)."""
         return any(isinstance((self.blocks or {}).get(m.name), GramBlock) for m in self.selected)
 
-    def score_module(self, side: QuerySide, x: torch.Tensor, module: ModuleInfo,
-                     start: int) -> torch.Tensor:
+    def score_module(self, side: QuerySide, x: torch.Tensor, module: ModuleInfo, start: int) -> torch.Tensor:
         """Scores [n, c] of one module's block against the store's rows start.. (x [c, D])."""
         if module.name in side.rows:
-            return side.rows[module.name][:, start:start + x.shape[0]].to(side.dense.dtype)
+            return side.rows[module.name][:, start : start + x.shape[0]].to(side.dense.dtype)
         b = (self.blocks or {}).get(module.name)
         if isinstance(b, GramBlock):
             b = self._blocks_on(x.device, x.dtype)[module.name]
@@ -155,8 +160,7 @@ class Preconditioner:
             s += self.score_module(side, x, m, start)
         return s
 
-    def quadratic(self, x: torch.Tensor, per_module: bool = False,
-                  start: int | None = None) -> torch.Tensor:
+    def quadratic(self, x: torch.Tensor, per_module: bool = False, start: int | None = None) -> torch.Tensor:
         """xᵀ (F + λI)⁻¹ x for every row: [n] (or [n_modules, n] per selected module).
 
         Computed as the squared norm of the whitened block in x's floating dtype (float32 for
@@ -194,8 +198,9 @@ class Preconditioner:
             moved = {}
             for m in self.selected:
                 b = self.blocks[m.name]
-                moved[m.name] = (on_device[0][m.name] if on_device and isinstance(b, GramBlock)
-                                 else b.to(device, dtype))
+                moved[m.name] = (
+                    on_device[0][m.name] if on_device and isinstance(b, GramBlock) else b.to(device, dtype)
+                )
             self._moved[key] = moved
         return self._moved[key]
 

@@ -60,19 +60,32 @@ def reduce_statistics(statistics: CurvatureStatistics) -> None:
         for kind in statistics.kinds:
             local = statistics.statistics(segment, kind)
             total = Statistics(
-                kind, local.modules,
+                kind,
+                local.modules,
                 int(all_reduce_sum(torch.tensor([local.rows], dtype=torch.int64)).item()),
-                {n: all_reduce_sum(local.tensors[n]) for n in sorted(local.tensors)})
-            on_rank0(partial(save_statistics, directory / f"{kind}-r00000.safetensors", total,
-                             {"segment": segment, "rank": "0",
-                              "ranks": json.dumps(list(range(world)))}))
+                {n: all_reduce_sum(local.tensors[n]) for n in sorted(local.tensors)},
+            )
+            on_rank0(
+                partial(
+                    save_statistics,
+                    directory / f"{kind}-r00000.safetensors",
+                    total,
+                    {"segment": segment, "rank": "0", "ranks": json.dumps(list(range(world)))},
+                )
+            )
             if rank != 0:
                 (directory / f"{kind}-r{rank:05d}.safetensors").unlink(missing_ok=True)
     barrier()
 
 
-def share_statistics(store: Any, local: Any, kind: str, *, chunk_rows: int = 4096,
-                     progress: Callable[[str, int, int], None] | None = None) -> None:
+def share_statistics(
+    store: Any,
+    local: Any,
+    kind: str,
+    *,
+    chunk_rows: int = 4096,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> None:
     """Make sure row-derived curvature statistics of `kind` for `store` are on disk before the
     preconditioner is built: when neither the logged per-rank files nor a saved recompute cover
     the store, each rank streams only its `local` share, the float64 sums are all-reduced and
@@ -83,8 +96,7 @@ def share_statistics(store: Any, local: Any, kind: str, *, chunk_rows: int = 409
         return
     if on_rank0(lambda: saved_statistics(store, kind) is not None):
         return
-    stats = together(lambda: compute_statistics(local, kind, chunk_rows=chunk_rows,
-                                                progress=progress))
+    stats = together(lambda: compute_statistics(local, kind, chunk_rows=chunk_rows, progress=progress))
     for name in sorted(stats.tensors):  # the same order on every rank
         stats.tensors[name] = all_reduce_sum(stats.tensors[name])
     stats.rows = int(all_reduce_sum(torch.tensor([stats.rows], dtype=torch.int64)).item())

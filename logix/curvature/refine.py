@@ -42,16 +42,26 @@ class RefinedPreconditioner:
     EK-FAC metric: refining every train row would cost a solve per row.
     """
 
-    def __init__(self, base: Any, rows: Any, iterations: int, *, method: str = "cg",
-                 chunk_rows: int = 4096, device: torch.device | str = "cpu",
-                 progress: ProgressFn | None = None,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        base: Any,
+        rows: Any,
+        iterations: int,
+        *,
+        method: str = "cg",
+        chunk_rows: int = 4096,
+        device: torch.device | str = "cpu",
+        progress: ProgressFn | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """`rows`: the store (or, in a distributed engine, this process's share of it); `reduce`:
         sums a tensor over processes (e.g. `logix.comm.all_reduce_sum`), so that each
         F V pass streams every row exactly once across all of them."""
         if base.kind != "ekfac" or base.blocks is None:
-            raise ValueError(f"refine needs preconditioner='ekfac' (got {base.kind!r}): the "
-                             "refinement is preconditioned by EK-FAC")
+            raise ValueError(
+                f"refine needs preconditioner='ekfac' (got {base.kind!r}): the "
+                "refinement is preconditioned by EK-FAC"
+            )
         if int(iterations) < 0:
             raise ValueError(f"refine must be >= 0 iterations, got {iterations}")
         if method not in METHODS:
@@ -91,8 +101,7 @@ class RefinedPreconditioner:
     def dampings(self) -> dict[str, float]:
         return self.base.dampings
 
-    def quadratic(self, x: torch.Tensor, per_module: bool = False,
-                  start: int | None = None) -> torch.Tensor:
+    def quadratic(self, x: torch.Tensor, per_module: bool = False, start: int | None = None) -> torch.Tensor:
         return self.base.quadratic(x, per_module=per_module)
 
     def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[QuerySide, torch.Tensor]:
@@ -144,7 +153,7 @@ class RefinedPreconditioner:
         """coef [n, n_modules] times each block of v [n, D]."""
         out = torch.zeros_like(v)
         for i, m in enumerate(self.selected):
-            out[:, m.columns] = coef[:, i:i + 1] * v[:, m.columns]
+            out[:, m.columns] = coef[:, i : i + 1] * v[:, m.columns]
         return out
 
     def _relative(self, r: torch.Tensor, qnorm: torch.Tensor) -> torch.Tensor:
@@ -166,13 +175,19 @@ class RefinedPreconditioner:
         x, residuals = solve(q, x, qnorm)
         self.residuals = torch.stack(residuals).cpu()
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"the {self.method} refinement diverged to NaN/inf after "
-                             f"{self.iterations} passes; use refine_method='cg' (it cannot diverge), "
-                             "fewer passes or more damping")
+            raise ValueError(
+                f"the {self.method} refinement diverged to NaN/inf after "
+                f"{self.iterations} passes; use refine_method='cg' (it cannot diverge), "
+                "fewer passes or more damping"
+            )
         if self.method == "richardson" and bool((self.residuals[-1] > self.residuals[0]).any()):
-            warnings.warn("the Richardson refinement's residual grew (the spectrum of P⁻¹(F + λI) "
-                          "leaves (0, 2)): its result is worse than plain EK-FAC; use "
-                          "refine_method='cg'", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "the Richardson refinement's residual grew (the spectrum of P⁻¹(F + λI) "
+                "leaves (0, 2)): its result is worse than plain EK-FAC; use "
+                "refine_method='cg'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return x
 
     def _richardson(self, q: torch.Tensor, x: torch.Tensor, qnorm: torch.Tensor):

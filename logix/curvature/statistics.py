@@ -67,9 +67,14 @@ def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None 
 
 
 def statistics_metadata(stats: Statistics, extra: dict[str, str] | None) -> dict[str, str]:
-    metadata = {"format": FORMAT, "kind": stats.kind, "rows": str(stats.rows),
-                "modules": _modules_json(stats.modules), **(extra or {}),
-                CHECKSUM_KEY: tensors_checksum(stats.tensors)}
+    metadata = {
+        "format": FORMAT,
+        "kind": stats.kind,
+        "rows": str(stats.rows),
+        "modules": _modules_json(stats.modules),
+        **(extra or {}),
+        CHECKSUM_KEY: tensors_checksum(stats.tensors),
+    }
     if stats.positions:
         metadata["positions"] = json.dumps(stats.positions)
     return metadata
@@ -83,7 +88,8 @@ def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
         raise StoreError(
             f"{path} does not match the checksum of its tensors (bit rot or an edit): its "
             "statistics would give wrong scores. Restore it from a backup, or delete it and log "
-            "the statistics again (raw statistics are recomputed from the rows when deleted)")
+            "the statistics again (raw statistics are recomputed from the rows when deleted)"
+        )
     return statistics_from(path, tensors, md), md
 
 
@@ -110,8 +116,9 @@ def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | No
         if stats.modules != total.modules:
             raise StoreError(f"{path} has a different module table than {total.sources[0]}")
         if set(stats.tensors) != set(total.tensors):
-            raise StoreError(f"{path} holds other tensors than {total.sources[0]}; delete the "
-                             "stale one and recompute it")
+            raise StoreError(
+                f"{path} holds other tensors than {total.sources[0]}; delete the stale one and recompute it"
+            )
         for name, t in stats.tensors.items():
             total.tensors[name] += t
         for name, count in stats.positions.items():

@@ -39,10 +39,12 @@ def true_kind(kind: str) -> str:
 
 
 def _pass_hint(statistics: str) -> str:
-    return (f"They need the model: reopen the store with run = logix.init(run_dir, resume=True); "
-            f"run.watch(model) at this segment's checkpoint, then `with run.fit_curvature("
-            f"fisher=\"true\", statistics=[{statistics!r}]) as fit:` over training batches "
-            f"(`with fit(data_id=ids): fit.backward(model(x))`)")
+    return (
+        f"They need the model: reopen the store with run = logix.init(run_dir, resume=True); "
+        f"run.watch(model) at this segment's checkpoint, then `with run.fit_curvature("
+        f'fisher="true", statistics=[{statistics!r}]) as fit:` over training batches '
+        f"(`with fit(data_id=ids): fit.backward(model(x))`)"
+    )
 
 
 def _load(store: Any, kind: str, statistics: str) -> Statistics:
@@ -50,11 +52,15 @@ def _load(store: Any, kind: str, statistics: str) -> Statistics:
     directory = Path(store.curvature_dir)
     stats = load_statistics(directory, name)
     if stats is None or stats.rows == 0:
-        raise StoreError(f"segment {store.segment!r} of {store.path} has no true-Fisher {kind!r} "
-                         f"statistics ({directory}/{name}-r*.safetensors). " + _pass_hint(statistics))
+        raise StoreError(
+            f"segment {store.segment!r} of {store.path} has no true-Fisher {kind!r} "
+            f"statistics ({directory}/{name}-r*.safetensors). " + _pass_hint(statistics)
+        )
     if stats.modules != list(store.modules):
-        raise StoreError(f"{stats.sources[0]} was computed for another module table than the "
-                         f"store's; run the fit_curvature pass again")
+        raise StoreError(
+            f"{stats.sources[0]} was computed for another module table than the "
+            f"store's; run the fit_curvature pass again"
+        )
     return stats
 
 
@@ -68,8 +74,10 @@ def true_factors(store: Any) -> Statistics:
     """`kfac.true` factors of the store's segment, summed over ranks."""
     stats = _load(store, "kfac", "kfac")
     if not any(stats.positions.values()):
-        raise StoreError(f"the true-Fisher K-FAC factors in {store.curvature_dir} cover no positions. "
-                         + _pass_hint("kfac"))
+        raise StoreError(
+            f"the true-Fisher K-FAC factors in {store.curvature_dir} cover no positions. "
+            + _pass_hint("kfac")
+        )
     return stats
 
 
@@ -78,8 +86,9 @@ def bases_key(factors: Statistics, name: str) -> str:
     return f"{factors.digest(name + '.A')}:{factors.digest(name + '.S')}"
 
 
-def true_ekfac_eigenvalues(store: Any, factors: Statistics, bases: dict[str, KroneckerBases],
-                           names: list[str]) -> dict[str, torch.Tensor]:
+def true_ekfac_eigenvalues(
+    store: Any, factors: Statistics, bases: dict[str, KroneckerBases], names: list[str]
+) -> dict[str, torch.Tensor]:
     """Λ_m [r_out, r_in] float64 per module in `names` for the kfac.true eigenbases `bases`."""
     directory = Path(store.curvature_dir)
     refitted = load_statistics(directory, true_kind("ekfac"))
@@ -100,7 +109,7 @@ def true_ekfac_eigenvalues(store: Any, factors: Statistics, bases: dict[str, Kro
                 raise StoreError(
                     f"segment {store.segment!r} of {store.path} has no true-Fisher EK-FAC eigenvalues "
                     f"for the current kfac.true factors of module {n!r}: run a second pass after the "
-                    f"one that saved the factors, `with run.fit_curvature(fisher=\"true\", "
+                    f'one that saved the factors, `with run.fit_curvature(fisher="true", '
                     f"statistics=['ekfac']) as fit:` over the same batches (or collect 'raw' as well "
                     f"in the first pass: for blocks up to 8192 wide the eigenvalues follow from it)"
                 ) from None
@@ -148,6 +157,9 @@ def held_fisher(store: Any, preconditioner: str, asked: str | None) -> str:
     directory = Path(store.curvature_dir)
     if not any(directory.glob(f"{true_kind(needed)}-r*.safetensors")):
         return "empirical"
-    warnings.warn(f"{store.path}, segment {store.segment!r} holds true-Fisher {needed} statistics: "
-                  "the engine uses them (pass fisher='empirical' for the stored rows' own)", stacklevel=3)
+    warnings.warn(
+        f"{store.path}, segment {store.segment!r} holds true-Fisher {needed} statistics: "
+        "the engine uses them (pass fisher='empirical' for the stored rows' own)",
+        stacklevel=3,
+    )
     return "true"

@@ -11,5 +11,15 @@ from logix.eval.lds import (
 )
 from logix.eval.single_model import drop_subsets, single_model_lds, single_model_outputs
 
-__all__ = ["LDSResult", "bootstrap_ci", "lds", "rankdata", "retrain_outputs", "sample_subsets", "spearman",
-           "drop_subsets", "single_model_lds", "single_model_outputs"]
+__all__ = [
+    "LDSResult",
+    "bootstrap_ci",
+    "lds",
+    "rankdata",
+    "retrain_outputs",
+    "sample_subsets",
+    "spearman",
+    "drop_subsets",
+    "single_model_lds",
+    "single_model_outputs",
+]

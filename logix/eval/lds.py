@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,8 +55,10 @@ def sample_subsets(n_train: int, n_subsets: int, alpha: float = 0.5, seed: int =
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     size = int(round(alpha * n_train))
     if not 0 < size < n_train:
-        raise ValueError(f"alpha={alpha} gives subsets of {size} of {n_train} examples; "
-                         "each subset must keep some examples and leave some out")
+        raise ValueError(
+            f"alpha={alpha} gives subsets of {size} of {n_train} examples; "
+            "each subset must keep some examples and leave some out"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     masks = torch.zeros(n_subsets, n_train, dtype=torch.bool)
     for j in range(n_subsets):  # one permutation per row: row j never depends on n_subsets
@@ -74,13 +76,15 @@ def _read_cached(path: Path, members: torch.Tensor, seeds: list[int]) -> torch.T
     members or seeds (a stale cache must not be mixed into a new evaluation)."""
     if not path.exists():
         return None
-    tensors, md = read_tagged(path, _CACHE_FORMAT, "a logix LDS output file",
-                              "remove it or use another out_dir", error=ValueError)
+    tensors, md = read_tagged(
+        path, _CACHE_FORMAT, "a logix LDS output file", "remove it or use another out_dir", error=ValueError
+    )
     stored_members, output = tensors["members"], tensors["output"]
     if not torch.equal(stored_members, members) or json.loads(md.get("seeds", "null")) != seeds:
         raise ValueError(
             f"{path} holds the output of a different subset or seeds than asked for now: the "
-            "cache in this out_dir belongs to another evaluation; use a new out_dir or delete it")
+            "cache in this out_dir belongs to another evaluation; use a new out_dir or delete it"
+        )
     return output
 
 
@@ -91,8 +95,13 @@ def _write_cached(path: Path, members: torch.Tensor, seeds: list[int], output: t
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def retrain_outputs(train_fn: TrainFn, subsets: torch.Tensor, out_dir: str | os.PathLike | None = None,
-                    progress: bool = True, seeds: Sequence[int] = (0,)) -> torch.Tensor:
+def retrain_outputs(
+    train_fn: TrainFn,
+    subsets: torch.Tensor,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    seeds: Sequence[int] = (0,),
+) -> torch.Tensor:
     """Retrain on every subset and collect the measured outputs: [M, n_test] float32.
 
     train_fn(subset_indices, seed) -> [n_test]: trains a model on the training examples
@@ -138,11 +147,23 @@ def retrain_outputs(train_fn: TrainFn, subsets: torch.Tensor, out_dir: str | os.
         return mean
 
     if todo and progress:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        columns = (TextColumn("retraining"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+        columns = (
+            TextColumn("retraining"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
         with Progress(*columns, transient=True) as bar:
             task = bar.add_task("retrain", total=len(todo))
             for j in todo:
@@ -154,8 +175,10 @@ def retrain_outputs(train_fn: TrainFn, subsets: torch.Tensor, out_dir: str | os.
 
     lengths = {r.numel() for r in rows}
     if len(lengths) > 1:
-        raise ValueError(f"the outputs of different subsets have different lengths {sorted(lengths)}: "
-                         "train_fn must measure the same test examples every time")
+        raise ValueError(
+            f"the outputs of different subsets have different lengths {sorted(lengths)}: "
+            "train_fn must measure the same test examples every time"
+        )
     return torch.stack(rows)
 
 
@@ -231,8 +254,9 @@ class LDSResult:
         return f"{self.mean:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}]"
 
 
-def bootstrap_ci(values: torch.Tensor, level: float = 0.95, n_boot: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: torch.Tensor, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of the mean of `values` [n] (NaNs dropped)."""
     v = torch.as_tensor(values, dtype=torch.float64)
     v = v[~torch.isnan(v)]
@@ -247,9 +271,16 @@ def bootstrap_ci(values: torch.Tensor, level: float = 0.95, n_boot: int = 2000,
     return float(q[0]), float(q[1])
 
 
-def lds(scores: torch.Tensor | np.ndarray, subsets: torch.Tensor | np.ndarray,
-        outputs: torch.Tensor | np.ndarray, *, output: str = "loss", level: float = 0.95,
-        n_boot: int = 2000, seed: int = 0) -> LDSResult:
+def lds(
+    scores: torch.Tensor | np.ndarray,
+    subsets: torch.Tensor | np.ndarray,
+    outputs: torch.Tensor | np.ndarray,
+    *,
+    output: str = "loss",
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> LDSResult:
     """The linear datamodeling score of `scores` against retraining results.
 
     scores [n_test, n_train] (positive = helps the test example, logix's convention);
@@ -265,14 +296,16 @@ def lds(scores: torch.Tensor | np.ndarray, subsets: torch.Tensor | np.ndarray,
     subsets = torch.as_tensor(subsets).to(torch.bool)
     outputs = torch.as_tensor(outputs).to(torch.float64)
     if scores.ndim != 2 or subsets.ndim != 2 or outputs.ndim != 2:
-        raise ValueError("scores [n_test, n_train], subsets [M, n_train] and outputs [M, n_test] "
-                         "must all be 2-D")
+        raise ValueError(
+            "scores [n_test, n_train], subsets [M, n_train] and outputs [M, n_test] must all be 2-D"
+        )
     n_test, n_train = scores.shape
     if subsets.shape[1] != n_train:
         raise ValueError(f"subsets cover {subsets.shape[1]} training examples, scores {n_train}")
     if outputs.shape != (subsets.shape[0], n_test):
-        raise ValueError(f"outputs must be [M={subsets.shape[0]}, n_test={n_test}], "
-                         f"got {tuple(outputs.shape)}")
+        raise ValueError(
+            f"outputs must be [M={subsets.shape[0]}, n_test={n_test}], got {tuple(outputs.shape)}"
+        )
     if subsets.shape[0] < 3:
         raise ValueError("a rank correlation needs at least 3 subsets")
     predicted = subsets.to(torch.float64) @ scores.T  # [M, n_test]
@@ -282,4 +315,3 @@ def lds(scores: torch.Tensor | np.ndarray, subsets: torch.Tensor | np.ndarray,
     mean = float(valid.mean()) if valid.numel() else float("nan")
     low, high = bootstrap_ci(per_test, level=level, n_boot=n_boot, seed=seed)
     return LDSResult(mean, low, high, per_test, int(valid.numel()), int(subsets.shape[0]), output, level)
-

@@ -29,9 +29,17 @@ def drop_subsets(n_train: int, n_subsets: int, fraction: float, seed: int = 0) -
     return sample_subsets(n_train, n_subsets, alpha=1.0 - fraction, seed=seed)
 
 
-def single_model_outputs(train_fn: TrainFn, n_train: int, fraction: float, n_subsets: int, *, seed: int = 0,
-                         subset_seed: int = 0, out_dir: str | os.PathLike | None = None,
-                         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def single_model_outputs(
+    train_fn: TrainFn,
+    n_train: int,
+    fraction: float,
+    n_subsets: int,
+    *,
+    seed: int = 0,
+    subset_seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept [M, n_train] bool, outputs [M, n_test]) for one drop fraction.
 
     train_fn(kept_indices, seed) must rerun the recorded recipe with that seed and its batch
@@ -42,14 +50,31 @@ def single_model_outputs(train_fn: TrainFn, n_train: int, fraction: float, n_sub
     return kept, retrain_outputs(train_fn, kept, out_dir=cache, progress=progress, seeds=[seed])
 
 
-def single_model_lds(scores: torch.Tensor | np.ndarray, train_fn: TrainFn, n_train: int, *,
-                     fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.5), n_subsets: int = 100,
-                     seed: int = 0, subset_seed: int = 0, out_dir: str | os.PathLike | None = None,
-                     output: str = "loss", progress: bool = True) -> dict[float, LDSResult]:
+def single_model_lds(
+    scores: torch.Tensor | np.ndarray,
+    train_fn: TrainFn,
+    n_train: int,
+    *,
+    fractions: Sequence[float] = (0.01, 0.05, 0.1, 0.5),
+    n_subsets: int = 100,
+    seed: int = 0,
+    subset_seed: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    output: str = "loss",
+    progress: bool = True,
+) -> dict[float, LDSResult]:
     """The LDS of scores [n_test, n_train] against single-model retraining, per drop fraction."""
     out = {}
     for fraction in fractions:
-        kept, outputs = single_model_outputs(train_fn, n_train, fraction, n_subsets, seed=seed,
-                                             subset_seed=subset_seed, out_dir=out_dir, progress=progress)
+        kept, outputs = single_model_outputs(
+            train_fn,
+            n_train,
+            fraction,
+            n_subsets,
+            seed=seed,
+            subset_seed=subset_seed,
+            out_dir=out_dir,
+            progress=progress,
+        )
         out[fraction] = lds(scores, kept, outputs, output=output)
     return out

@@ -33,72 +33,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from logix.capture.per_sample import full_precision
 from logix.errors import CaptureError
+from logix.integrations.hf_batches import (
+    PER_EXAMPLE_LOSSES,
+    batch_logits,
+    example_losses,
+    pop_ids,
+    shifts_labels,
+)
+from logix.integrations.hf_dataset import log_dataset  # noqa: F401  (public here)
 from logix.run import Block, Run
 from logix.vocabulary import FACTOR_STATISTICS
 
 try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "logix.integrations.huggingface needs transformers: pip install 'logix[hf]'"
-    ) from e
+    raise ImportError("logix.integrations.huggingface needs transformers: pip install 'logix[hf]'") from e
 
-PER_EXAMPLE_LOSSES = ("sum", "mean")
-IGNORE_INDEX = -100
 RATIO_TOLERANCE = 1e-4  # |Σ L_n / loss - N| / N: float32 sums agree to ~1e-6
-
-
-def shifts_labels(model: nn.Module) -> bool:
-    """Whether the model's loss predicts labels[t + 1] from position t (a causal LM)."""
-    loss_function = getattr(model, "loss_function", None)
-    return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
-
-
-def example_losses(logits: torch.Tensor, labels: torch.Tensor,
-                   shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each example's cross-entropy summed over its label tokens, and the number of those tokens.
-
-    logits [B, T, V] with labels [B, T] (token-level; `shift` for causal LMs), or logits [B, C]
-    with labels [B]. Returns sums [B] float32 (differentiable) and counts [B] int64. Cross-entropy
-    is taken in float32 with autocast off, as transformers' losses do.
-    """
-    labels = labels.to(logits.device)
-    with full_precision(logits.device):
-        if labels.ndim == 1:
-            per = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-            return per, (labels != IGNORE_INDEX).long()
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        batch, seq = labels.shape
-        per = F.cross_entropy(logits.reshape(batch * seq, -1).float(), labels.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none")
-        return per.view(batch, seq).sum(1), (labels != IGNORE_INDEX).sum(1)
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    logits = outputs.get("logits") if hasattr(outputs, "get") else None
-    if logits is None:
-        raise CaptureError(
-            "the model's output has no 'logits'; logix's Hugging Face integration needs a model "
-            "returning a ModelOutput with logits (return_dict=True)"
-        )
-    return logits
-
-
-def _ids(batch: dict, column: str, where: str) -> list:
-    if column not in batch:
-        raise CaptureError(
-            f"the {where} batch has no {column!r} column: give every example an id, e.g. "
-            f"dataset.map(lambda e, i: {{{column!r}: i}}, with_indices=True), or pass id_column=. "
-            "If the column exists, your Trainer drops it: set remove_unused_columns=False"
-        )
-    ids = batch.pop(column)
-    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
 
 
 @dataclass
@@ -144,24 +97,36 @@ class LogixCallback(TrainerCallback):
 class TrainerLogging:
     """The hooks `attach` put on one Trainer; `detach()` removes them."""
 
-    def __init__(self, trainer: Any, run: Run, id_column: str, per_example_loss: str,
-                 segment_per_epoch: bool, mask_column: str | None):
+    def __init__(
+        self,
+        trainer: Any,
+        run: Run,
+        id_column: str,
+        per_example_loss: str,
+        segment_per_epoch: bool,
+        mask_column: str | None,
+    ):
         if per_example_loss not in PER_EXAMPLE_LOSSES:
-            raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, "
-                             f"got {per_example_loss!r}")
+            raise ValueError(
+                f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}"
+            )
         if "_logix" in trainer.__dict__:
             raise CaptureError("this Trainer already logs to a logix run; detach() that one first")
         _check_supported(trainer, run)
         if run.config.capture.attribution_only:
-            raise CaptureError("capture.attribution_only freezes the parameters inside each logged "
-                               "block, which would stop the Trainer's training; it is for "
-                               "log_dataset() passes over a trained model. Log during training "
-                               "with attribution_only: false")
+            raise CaptureError(
+                "capture.attribution_only freezes the parameters inside each logged "
+                "block, which would stop the Trainer's training; it is for "
+                "log_dataset() passes over a trained model. Log during training "
+                "with attribution_only: false"
+            )
         if per_example_loss == "mean" and set(FACTOR_STATISTICS) & set(run.config.curvature.statistics):
-            raise CaptureError("per_example_loss='mean' weights each example's rows by 1/tokens, "
-                               "which K-FAC sums over the batch cannot take: log without "
-                               "kfac/ekfac in curvature.statistics (compute the factors later "
-                               "with run.fit_curvature()), or use per_example_loss='sum'")
+            raise CaptureError(
+                "per_example_loss='mean' weights each example's rows by 1/tokens, "
+                "which K-FAC sums over the batch cannot take: log without "
+                "kfac/ekfac in curvature.statistics (compute the factors later "
+                "with run.fit_curvature()), or use per_example_loss='sum'"
+            )
         self.trainer, self.run = trainer, run
         self.id_column, self.per_example_loss = id_column, per_example_loss
         self.mask_column = mask_column
@@ -172,8 +137,9 @@ class TrainerLogging:
         self.shift = shifts_labels(trainer.model)
         self._added_column = _keep_column(trainer, id_column)
         self._batch: _MicroBatch | None = None
-        self._saved = {name: trainer.__dict__.get(name) for name in
-                       ("training_step", "compute_loss", "prediction_step")}
+        self._saved = {
+            name: trainer.__dict__.get(name) for name in ("training_step", "compute_loss", "prediction_step")
+        }
         self._originals = {name: getattr(trainer, name) for name in self._saved}
         trainer.training_step = self._training_step
         trainer.compute_loss = self._compute_loss
@@ -196,11 +162,12 @@ class TrainerLogging:
 
     # -- the wrapped methods ----------------------------------------------------------------
     def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
-        ids = _ids(inputs, self.id_column, "training")
+        ids = pop_ids(inputs, self.id_column, "training")
         labels = inputs.get("labels")
         if labels is None:
-            raise CaptureError("the training batch has no 'labels': logix reads each example's "
-                               "loss from them")
+            raise CaptureError(
+                "the training batch has no 'labels': logix reads each example's loss from them"
+            )
         num_items = None if num_items_in_batch is None else float(num_items_in_batch)
         mask = inputs.get(self.mask_column) if self.mask_column else None
         with self.run(data_id=ids, mask=mask) as step:
@@ -215,12 +182,16 @@ class TrainerLogging:
     def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         batch = self._batch
         if batch is None or batch.loss is not None:  # evaluation, or a second call: not ours
-            return self._originals["compute_loss"](model, inputs, return_outputs=return_outputs,
-                                                   num_items_in_batch=num_items_in_batch, **kwargs)
-        loss, outputs = self._originals["compute_loss"](model, inputs, return_outputs=True,
-                                                        num_items_in_batch=num_items_in_batch, **kwargs)
+            return self._originals["compute_loss"](
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch, **kwargs
+            )
+        loss, outputs = self._originals["compute_loss"](
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch, **kwargs
+        )
         with torch.no_grad():
-            batch.sums, batch.counts = example_losses(_logits(outputs).detach(), batch.labels, self.shift)
+            batch.sums, batch.counts = example_losses(
+                batch_logits(outputs).detach(), batch.labels, self.shift
+            )
         batch.loss = loss.detach()
         return (loss, outputs) if return_outputs else loss
 
@@ -257,8 +228,10 @@ class TrainerLogging:
             )
         accumulation = loss / float(backward_loss)  # training_step's division by the accumulation steps
         if abs(accumulation - round(accumulation)) > 1e-3 or round(accumulation) < 1:
-            raise CaptureError(f"training_step scaled the loss by 1/{accumulation:.6g}, not 1/k for an "
-                               "integer k; logix cannot tell the per-example loss scale")
+            raise CaptureError(
+                f"training_step scaled the loss by 1/{accumulation:.6g}, not 1/k for an "
+                "integer k; logix cannot tell the per-example loss scale"
+            )
         c = _accelerator_scale(self.trainer.accelerator) / (n * round(accumulation))
         if self.per_example_loss == "sum":
             factor: torch.Tensor | float = 1.0 / c
@@ -282,14 +255,20 @@ def _check_supported(trainer: Any, run: Run) -> None:
     if run.mode != "log":
         raise CaptureError("attach() logs training gradients: use a run with mode='log'")
     if getattr(trainer.args, "n_gpu", 1) > 1:
-        raise CaptureError("the Trainer uses torch.nn.DataParallel (n_gpu > 1), whose replicas logix "
-                           "cannot watch; run one process per GPU (torchrun / accelerate launch)")
+        raise CaptureError(
+            "the Trainer uses torch.nn.DataParallel (n_gpu > 1), whose replicas logix "
+            "cannot watch; run one process per GPU (torchrun / accelerate launch)"
+        )
     if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise CaptureError("DeepSpeed and FSDP shard the watched layers' weights; logix's Trainer "
-                           "integration does not support them")
+        raise CaptureError(
+            "DeepSpeed and FSDP shard the watched layers' weights; logix's Trainer "
+            "integration does not support them"
+        )
     if getattr(trainer.args, "label_smoothing_factor", 0.0):
-        raise CaptureError("label smoothing changes the per-example loss logix attributes; set "
-                           "label_smoothing_factor=0 to log with the Trainer")
+        raise CaptureError(
+            "label smoothing changes the per-example loss logix attributes; set "
+            "label_smoothing_factor=0 to log with the Trainer"
+        )
 
 
 def _keep_column(trainer: Any, column: str) -> bool:
@@ -310,8 +289,15 @@ def _keep_column(trainer: Any, column: str) -> bool:
     return True
 
 
-def attach(trainer: Any, run: Run, *, id_column: str = "idx", per_example_loss: str = "sum",
-           segment_per_epoch: bool = True, mask_column: str | None = "attention_mask") -> TrainerLogging:
+def attach(
+    trainer: Any,
+    run: Run,
+    *,
+    id_column: str = "idx",
+    per_example_loss: str = "sum",
+    segment_per_epoch: bool = True,
+    mask_column: str | None = "attention_mask",
+) -> TrainerLogging:
     """Log the per-example gradient of every training example `trainer.train()` sees into `run`.
 
     trainer: a transformers `Trainer` (or subclass), optimizer and all, used as it is.
@@ -323,53 +309,3 @@ def attach(trainer: Any, run: Run, *, id_column: str = "idx", per_example_loss: 
     Returns a handle whose `detach()` restores the Trainer.
     """
     return TrainerLogging(trainer, run, id_column, per_example_loss, segment_per_epoch, mask_column)
-
-
-def log_dataset(model: nn.Module, dataset: Any, run: Run, *, id_column: str = "idx",
-                batch_size: int = 8, collate_fn: Any = None, per_example_loss: str = "sum",
-                shift_labels: bool | None = None, mask_column: str | None = "attention_mask") -> int:
-    """One attribution pass of a fixed model over `dataset`: each example's gradient goes to `run`
-    (the store of a log-mode run, or memory for a query-mode run: `run.gradients()`).
-
-    The model runs in eval mode (no dropout); each example's loss is its token cross-entropy
-    ("sum" or "mean" over its label tokens, as in `attach`), computed here from the logits.
-    Batches are dicts with `id_column`, "labels" and the model's inputs. Parameters' `.grad` are
-    left as they were (set capture.attribution_only to also skip the weight-gradient work).
-    Returns the number of examples logged.
-    """
-    if per_example_loss not in PER_EXAMPLE_LOSSES:
-        raise ValueError(f"per_example_loss must be one of {PER_EXAMPLE_LOSSES}, got {per_example_loss!r}")
-    if run.model is None:
-        run.watch(model)
-    shift = shifts_labels(model) if shift_labels is None else shift_labels
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         collate_fn=collate_fn)
-    reduction = run.config.capture.loss_reduction
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    for p in params:  # backward must not add into the caller's pending gradients
-        p.grad = None
-    was_training = model.training
-    model.eval()
-    logged = 0
-    try:
-        for batch in loader:
-            batch = dict(batch)
-            ids = _ids(batch, id_column, "dataset")
-            labels = batch.pop("labels", None)
-            if labels is None:
-                raise CaptureError("the dataset's batches have no 'labels': logix needs them for "
-                                   "each example's loss")
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            mask = batch.get(mask_column) if mask_column else None
-            with run(data_id=ids, mask=mask):
-                sums, counts = example_losses(_logits(model(**batch)), labels, shift)
-                per = sums if per_example_loss == "sum" else sums / counts.clamp(min=1)
-                (per.mean() if reduction == "mean" else per.sum()).backward()
-            logged += len(ids)
-    finally:
-        model.train(was_training)
-        for p, g in zip(params, grads):
-            p.grad = g
-    return logged

@@ -39,8 +39,11 @@ def local_share(store: Any) -> Any:
     rank, world = rank_and_world()
     shards = [(sh["file"], int(sh["rows"])) for sh in store.shards]
     key = hashlib.blake2b(json.dumps([store.segment, shards]).encode(), digest_size=16).hexdigest()
-    check_same(f"the shards of store {store.path}, segment {store.segment!r}", key,
-               "open the same finished store on every rank (is logging still writing to it?)")
+    check_same(
+        f"the shards of store {store.path}, segment {store.segment!r}",
+        key,
+        "open the same finished store on every rank (is logging still writing to it?)",
+    )
     first, stop = split_shards([n for _, n in shards], world)[rank]
     return store.shard_view(first, stop)
 

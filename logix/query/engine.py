@@ -81,17 +81,32 @@ class InfluenceEngine:
     Renamed (warn once): damping_absolute= → absolute_damping=; chunk_rows= (rows) → chunk_bytes=.
     """
 
-    def __init__(self, store: Store | str | os.PathLike, preconditioner: str | None = None,
-                 damping: float | None = None, *, absolute_damping: bool = False,
-                 refine: int | None = None, refine_method: str = "cg",
-                 modules: list[str] | str | None = None, device: str | torch.device | None = None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: ProgressFn | None = None,
-                 distributed: bool = False, fisher: str | None = None, mode: str | None = None,
-                 damping_absolute: bool | None = None, chunk_rows: int | None = None) -> None:
+    def __init__(
+        self,
+        store: Store | str | os.PathLike,
+        preconditioner: str | None = None,
+        damping: float | None = None,
+        *,
+        absolute_damping: bool = False,
+        refine: int | None = None,
+        refine_method: str = "cg",
+        modules: list[str] | str | None = None,
+        device: str | torch.device | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: ProgressFn | None = None,
+        distributed: bool = False,
+        fisher: str | None = None,
+        mode: str | None = None,
+        damping_absolute: bool | None = None,
+        chunk_rows: int | None = None,
+    ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
-        absolute_damping = bool(renamed("damping_absolute", "absolute_damping", damping_absolute,
-                                        absolute_damping, "InfluenceEngine"))
+        absolute_damping = bool(
+            renamed(
+                "damping_absolute", "absolute_damping", damping_absolute, absolute_damping, "InfluenceEngine"
+            )
+        )
         if chunk_rows is not None:
             renamed("chunk_rows", "chunk_bytes", chunk_rows, None, "InfluenceEngine")
             if int(chunk_rows) < 1:
@@ -105,22 +120,30 @@ class InfluenceEngine:
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
         self.progress = progress
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        self.device = (
+            torch.device(device)
+            if device is not None
+            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        )
         if len(store) == 0:
             raise StoreError(
                 f"store {store.path}, segment {store.segment!r} has no rows: log training data "
-                f"into it first, or pick another segment (segments: {store.segments})")
+                f"into it first, or pick another segment (segments: {store.segments})"
+            )
         if isinstance(refine, bool) or int(refine) != refine or refine < 0:
             raise ValueError(f"refine must be a whole number of passes >= 0, got {refine!r}")
         if refine and preconditioner != "ekfac":
-            raise ValueError(f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
-                             "the refinement is preconditioned by EK-FAC")
+            raise ValueError(
+                f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
+                "the refinement is preconditioned by EK-FAC"
+            )
         # fisher "auto" (the default) follows the store: its true-Fisher statistics if it holds them.
         fisher = held_fisher(store, preconditioner, "empirical" if fisher == "auto" and refine else fisher)
         if refine and fisher == "true":
-            raise ValueError("refine streams the stored rows, i.e. it converges to the empirical "
-                             "Fisher's solve; it cannot refine a fisher='true' preconditioner")
+            raise ValueError(
+                "refine streams the stored rows, i.e. it converges to the empirical "
+                "Fisher's solve; it cannot refine a fisher='true' preconditioner"
+            )
         self.modules = selected_modules(store, modules)
         self.distributed = bool(distributed)
         # The rows this process streams: its share of the shards, or all of them.
@@ -128,14 +151,22 @@ class InfluenceEngine:
 
         def build():
             return build_preconditioner(
-                store, preconditioner, damping, absolute_damping=absolute_damping,
-                modules=self.modules, device=self.device, chunk_rows=self.chunk_rows,
-                progress=progress, fisher=fisher)
+                store,
+                preconditioner,
+                damping,
+                absolute_damping=absolute_damping,
+                modules=self.modules,
+                device=self.device,
+                chunk_rows=self.chunk_rows,
+                progress=progress,
+                fisher=fisher,
+            )
 
         if self.distributed:  # statistics from a split pass; one preconditioner, sent to all
             if fisher != "true":  # true-Fisher statistics come from a model pass, not the rows
-                share_statistics(store, self._rows, preconditioner,
-                                 chunk_rows=self.chunk_rows, progress=progress)
+                share_statistics(
+                    store, self._rows, preconditioner, chunk_rows=self.chunk_rows, progress=progress
+                )
             self.preconditioner = comm.on_rank0(build)
         else:
             self.preconditioner = build()
@@ -145,9 +176,15 @@ class InfluenceEngine:
             # Distributed: every rank runs the same iterations, each F V pass streaming its own
             # share of the rows, the products summed over ranks.
             self.preconditioner = RefinedPreconditioner(
-                self.preconditioner, self._rows, self.refine, method=refine_method,
-                chunk_rows=self.chunk_rows, device=self.device, progress=progress,
-                reduce=comm.all_reduce_sum if self.distributed else None)
+                self.preconditioner,
+                self._rows,
+                self.refine,
+                method=refine_method,
+                chunk_rows=self.chunk_rows,
+                device=self.device,
+                progress=progress,
+                reduce=comm.all_reduce_sum if self.distributed else None,
+            )
         self._selected = self.preconditioner.selected
         self._resident: list[tuple[list, torch.Tensor]] | None = None  # a one-chunk store
 
@@ -158,12 +195,21 @@ class InfluenceEngine:
         return self.preconditioner.residuals if self.refine else None
 
     # ------------------------------------------------------------------------------ queries
-    def _shared_queries(self, q: Queries, streamed: bool = False,
-                        norms: bool = True) -> tuple[Any, torch.Tensor, list]:
+    def _shared_queries(
+        self, q: Queries, streamed: bool = False, norms: bool = True
+    ) -> tuple[Any, torch.Tensor, list]:
         """(Q' [n, D] float32 — or with `streamed` the `QuerySide` that `_score` takes —,
         √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on the engine's device; see `shared_queries`."""
-        return shared_queries(q, self.store, self.preconditioner, self.device, streamed, norms,
-                              self.distributed, self.refine > 0)
+        return shared_queries(
+            q,
+            self.store,
+            self.preconditioner,
+            self.device,
+            streamed,
+            norms,
+            self.distributed,
+            self.refine > 0,
+        )
 
     # ------------------------------------------------------------------------------ streaming
     def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
@@ -173,8 +219,9 @@ class InfluenceEngine:
         start = self._rows.row_offset  # global index of this process's first row
         if total <= self.chunk_rows:
             if self._resident is None:
-                self._resident = [(ids, x.clone()) for ids, x in
-                                  device_chunks(self._rows, self.device, self.chunk_rows)]
+                self._resident = [
+                    (ids, x.clone()) for ids, x in device_chunks(self._rows, self.device, self.chunk_rows)
+                ]
             source = iter(self._resident)
         else:
             source = device_chunks(self._rows, self.device, self.chunk_rows)
@@ -185,8 +232,9 @@ class InfluenceEngine:
             if self.progress is not None:
                 self.progress(phase, done, total)
 
-    def _score(self, qp: torch.Tensor, qnorm: torch.Tensor, x: torch.Tensor, start: int,
-               mode: str, per_module: bool) -> torch.Tensor:
+    def _score(
+        self, qp: torch.Tensor, qnorm: torch.Tensor, x: torch.Tensor, start: int, mode: str, per_module: bool
+    ) -> torch.Tensor:
         """Scores of the chunk of rows start..: [n_query, c] (or [n_modules, n_query, c]);
         `qp` is the streamed query side (`_shared_queries(q, streamed=True)`)."""
         pre = self.preconditioner
@@ -204,8 +252,7 @@ class InfluenceEngine:
     def _check_finite(self, flags: list[tuple[torch.Tensor, int, list]]) -> None:
         check_finite_chunks(flags, self.store)
 
-    def _mode(self, mode: str | None, choices: tuple[str, ...] = SCORE_MODES,
-              what: str = "mode") -> str:
+    def _mode(self, mode: str | None, choices: tuple[str, ...] = SCORE_MODES, what: str = "mode") -> str:
         return check_choice(self.mode if mode is None else mode, choices, what)
 
     # ------------------------------------------------------------------------------ public
@@ -215,11 +262,24 @@ class InfluenceEngine:
         out, qids = self._local_scores(q, mode, per_module)
         if self.distributed:
             out = comm.all_gather_columns(out)
-        return Scores(out, qids, list(self.store.data_ids), mode,
-                      [m.name for m in self._selected] if per_module else None, self._meta())
+        return Scores(
+            out,
+            qids,
+            list(self.store.data_ids),
+            mode,
+            [m.name for m in self._selected] if per_module else None,
+            self._meta(),
+        )
 
-    def save_scores(self, q: Queries, path: str | os.PathLike, mode: str | None = None,
-                    per_module: bool = False, *, block_bytes: int = 64 << 20) -> Path:
+    def save_scores(
+        self,
+        q: Queries,
+        path: str | os.PathLike,
+        mode: str | None = None,
+        per_module: bool = False,
+        *,
+        block_bytes: int = 64 << 20,
+    ) -> Path:
         """Write the full score matrix to `path` (.safetensors, read back by `load_result`)
         without holding it whole: in a distributed engine each rank computes its columns and
         rank 0 gathers and writes them a few matrix rows (about `block_bytes`) at a time (only
@@ -229,8 +289,14 @@ class InfluenceEngine:
             raise ValueError(f"save_scores writes .safetensors files, got {path}")
         mode = self._mode(mode)
         out, qids = self._local_scores(q, mode, per_module)
-        like = Scores(torch.empty(0), qids, list(self.store.data_ids), mode,
-                      [m.name for m in self._selected] if per_module else None, self._meta())
+        like = Scores(
+            torch.empty(0),
+            qids,
+            list(self.store.data_ids),
+            mode,
+            [m.name for m in self._selected] if per_module else None,
+            self._meta(),
+        )
         return save_columns(path, out, len(self.store), like, self.distributed, block_bytes)
 
     def _local_scores(self, q: Queries, mode: str, per_module: bool) -> tuple[torch.Tensor, list]:
@@ -245,7 +311,7 @@ class InfluenceEngine:
             for start, ids, x in self._chunks("scores"):
                 s = self._score(qp, qnorm, x, start, mode, per_module)
                 flags.append((~torch.isfinite(s).all(), start, ids))
-                out[..., start - offset:start - offset + len(ids)] = s.cpu()
+                out[..., start - offset : start - offset + len(ids)] = s.cpu()
             self._check_finite(flags)
             return out
 
@@ -284,8 +350,9 @@ class InfluenceEngine:
         data_ids = [[train[j] for j in row] for row in best_i.tolist()]
         return TopK(best_v, best_i, data_ids, qids, mode, self._meta())
 
-    def token_scores(self, q: Queries, tokens: TokenGradients, mode: str | None = None,
-                     per_module: bool = False) -> TokenScores:
+    def token_scores(
+        self, q: Queries, tokens: TokenGradients, mode: str | None = None, per_module: bool = False
+    ) -> TokenScores:
         """Per-position scores of a few recomputed sequences (`query.token_gradients()` of
         `per_token=True` blocks): `.values` [n_query, n_docs, T], summing over T to the
         sequences' `scores(q, mode)`. See `logix.query.tokens`."""
@@ -307,18 +374,28 @@ class InfluenceEngine:
                 parts.append((v.sqrt() if mode == "relative" else v).cpu())
             values = torch.cat(parts, dim=-1)
             if not bool(torch.isfinite(values).all()):
-                raise StoreError(f"the store holds NaN/inf values; check it with "
-                                 f"`logix inspect {self.store.path}`")
+                raise StoreError(
+                    f"the store holds NaN/inf values; check it with `logix inspect {self.store.path}`"
+                )
             return values
 
         values = comm.all_gather_columns(comm.together(compute)) if self.distributed else compute()
-        return SelfInfluence(values, list(self.store.data_ids), mode,
-                             [m.name for m in self._selected] if per_module else None, self._meta())
+        return SelfInfluence(
+            values,
+            list(self.store.data_ids),
+            mode,
+            [m.name for m in self._selected] if per_module else None,
+            self._meta(),
+        )
 
     def _meta(self) -> dict[str, Any]:
-        meta = {"preconditioner": self.preconditioner.kind, "fisher": self.fisher,
-                "segment": self.store.segment,
-                "modules": self.modules, "damping": self.preconditioner.dampings}
+        meta = {
+            "preconditioner": self.preconditioner.kind,
+            "fisher": self.fisher,
+            "segment": self.store.segment,
+            "modules": self.modules,
+            "damping": self.preconditioner.dampings,
+        }
         if self.refine:
             meta["refine"] = self.refine
         return meta

@@ -23,31 +23,43 @@ def checked_queries(q: Gradients | torch.Tensor, store: Store) -> tuple[torch.Te
                 f"the query gradients were captured with other projections or another model "
                 f"(fingerprint {q.fingerprint[:12]!r} vs the store's "
                 f"{store.fingerprint[:12]!r}): capture them with "
-                f"logix.init({str(store.path)!r}, mode='query') on this run's model")
+                f"logix.init({str(store.path)!r}, mode='query') on this run's model"
+            )
         if list(q.modules) != list(store.modules):
-            raise StoreError("the query gradients' module table differs from the store's: "
-                             + table_difference(list(q.modules), list(store.modules)))
+            raise StoreError(
+                "the query gradients' module table differs from the store's: "
+                + table_difference(list(q.modules), list(store.modules))
+            )
         values, ids = q.values, list(q.data_ids)
     elif isinstance(q, torch.Tensor):  # raw rows: the caller vouches for their layout
         values, ids = q, list(range(q.shape[0])) if q.ndim == 2 else []
     else:
         raise TypeError(f"queries must be logix Gradients (run.gradients()), got {type(q).__name__}")
     if values.ndim != 2 or values.shape[1] != store.width:
-        raise StoreError(f"query rows have shape {tuple(values.shape)}; the store's rows are "
-                         f"[n, {store.width}]")
+        raise StoreError(
+            f"query rows have shape {tuple(values.shape)}; the store's rows are [n, {store.width}]"
+        )
     if values.shape[0] == 0:
         raise ValueError("no query rows: capture at least one query example")
     finite = torch.isfinite(values).all(dim=1)
     if not bool(finite.all()):
         bad = [ids[i] for i in (~finite).nonzero().flatten().tolist()][:10]
-        raise ValueError(f"query gradients contain NaN/inf (query ids {bad}): the loss of "
-                         "these examples is not finite; check the model's outputs for them")
+        raise ValueError(
+            f"query gradients contain NaN/inf (query ids {bad}): the loss of "
+            "these examples is not finite; check the model's outputs for them"
+        )
     return values, ids
 
 
-def preconditioned_queries(q: Gradients | torch.Tensor, store: Store, preconditioner: Any,
-                           device: torch.device, precondition: bool = True, streamed: bool = False,
-                           norms: bool = True) -> tuple[Any, torch.Tensor, list]:
+def preconditioned_queries(
+    q: Gradients | torch.Tensor,
+    store: Store,
+    preconditioner: Any,
+    device: torch.device,
+    precondition: bool = True,
+    streamed: bool = False,
+    norms: bool = True,
+) -> tuple[Any, torch.Tensor, list]:
     """(Q' = Q (F + λI)⁻¹ [n, D] float32, √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on `device`, once
     per query batch. streamed: a `QuerySide` (float32) to score against the store's own rows
     (`Preconditioner.query_side`; norms=False may leave the norms out, as zeros) instead of Q'.
@@ -67,9 +79,16 @@ def preconditioned_queries(q: Gradients | torch.Tensor, store: Store, preconditi
     return qp.to(torch.float32), quad.sqrt().to(torch.float32), ids
 
 
-def shared_queries(q: Gradients | torch.Tensor, store: Store, preconditioner: Any,
-                   device: torch.device, streamed: bool, norms: bool, distributed: bool,
-                   collective: bool) -> tuple[Any, torch.Tensor, list]:
+def shared_queries(
+    q: Gradients | torch.Tensor,
+    store: Store,
+    preconditioner: Any,
+    device: torch.device,
+    streamed: bool,
+    norms: bool,
+    distributed: bool,
+    collective: bool,
+) -> tuple[Any, torch.Tensor, list]:
     """`preconditioned_queries`; in a distributed engine every rank checks its queries and rank
     0's result goes to all (the ranks must pass the same query ids; values may differ in the
     last bits, e.g. captured on different GPUs). collective: every rank preconditions
@@ -77,11 +96,15 @@ def shared_queries(q: Gradients | torch.Tensor, store: Store, preconditioner: An
     if not distributed:
         return preconditioned_queries(q, store, preconditioner, device, True, streamed, norms)
     precondition = comm.rank_and_world()[0] == 0 or collective
-    qp, qnorm, ids = comm.together(lambda: preconditioned_queries(
-        q, store, preconditioner, device, precondition, streamed, norms))
+    qp, qnorm, ids = comm.together(
+        lambda: preconditioned_queries(q, store, preconditioner, device, precondition, streamed, norms)
+    )
     dense = qp.dense if streamed else qp
-    comm.check_same("the queries", (tuple(dense.shape), ids),
-                    "pass the same query gradients (same ids, same order) on every rank")
+    comm.check_same(
+        "the queries",
+        (tuple(dense.shape), ids),
+        "pass the same query gradients (same ids, same order) on every rank",
+    )
     if not streamed:
         return comm.broadcast(qp), comm.broadcast(qnorm), ids
     # Rank 0's Gram score rows (if any) go along, through the CPU: tensors are pickled.

@@ -27,8 +27,9 @@ from logix.vocabulary import SCORE_MODES, check_choice
 Recompute = Callable[[list[DataId]], TokenGradients]
 
 
-def best_windows(terms: torch.Tensor, lengths: torch.Tensor,
-                 window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def best_windows(
+    terms: torch.Tensor, lengths: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """terms [..., n, T] (position terms), lengths [n] (real positions, from the start): the best
     window sum [..., n] and its start [..., n]; a sequence shorter than `window` is one window."""
     t = terms.shape[-1]
@@ -42,8 +43,17 @@ def best_windows(terms: torch.Tensor, lengths: torch.Tensor,
     return best, start
 
 
-def rerank_top_k(engine, q: Gradients, k: int, recompute: Recompute, *, candidates: int = 100,
-                 window: int = 1, mode: str = "cosine", query_batch: int = 32) -> TopK:
+def rerank_top_k(
+    engine,
+    q: Gradients,
+    k: int,
+    recompute: Recompute,
+    *,
+    candidates: int = 100,
+    window: int = 1,
+    mode: str = "cosine",
+    query_batch: int = 32,
+) -> TopK:
     """The top `k` (at most `candidates`) of each query's `candidates` best store rows (by
     `engine.top_k(q, mode=mode)`), re-ranked by their best window of `window` positions.
 
@@ -58,8 +68,8 @@ def rerank_top_k(engine, q: Gradients, k: int, recompute: Recompute, *, candidat
     k = min(int(k), first.indices.shape[1])
     values, indices, ids, spans = [], [], [], []
     for a in range(0, len(first.query_ids), int(query_batch)):
-        sub = replace(q, values=q.values[a:a + query_batch], data_ids=list(q.data_ids[a:a + query_batch]))
-        cand = first.indices[a:a + query_batch]  # [nq, c] store row indices
+        sub = replace(q, values=q.values[a : a + query_batch], data_ids=list(q.data_ids[a : a + query_batch]))
+        cand = first.indices[a : a + query_batch]  # [nq, c] store row indices
         union = sorted(set(cand.flatten().tolist()))
         union_ids = [engine.store.data_ids[i] for i in union]
         tokens = recompute(union_ids)
@@ -70,8 +80,9 @@ def rerank_top_k(engine, q: Gradients, k: int, recompute: Recompute, *, candidat
         ts = engine.token_scores(sub, tokens, mode=mode)  # values [nq, n_tok, T]
         lengths = _lengths(tokens, ts.values.shape[-1])
         best, start = best_windows(ts.values, lengths, window)  # [nq, n_tok]
-        column = torch.tensor([[where[engine.store.data_ids[i]] for i in row] for row in cand.tolist()],
-                              dtype=torch.long).reshape(cand.shape)
+        column = torch.tensor(
+            [[where[engine.store.data_ids[i]] for i in row] for row in cand.tolist()], dtype=torch.long
+        ).reshape(cand.shape)
         score = best.gather(1, column)  # [nq, c]
         order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :k]
         values.append(score.gather(1, order).float())

@@ -34,14 +34,19 @@ def _ids_array(ids: list) -> np.ndarray:
     return np.asarray([str(i) for i in ids], dtype=np.str_).reshape(-1)
 
 
-def _save(path: str | Path, kind: str, tensors: dict[str, torch.Tensor],
-          ids: dict[str, Any], meta: dict[str, Any]) -> Path:
+def _save(
+    path: str | Path, kind: str, tensors: dict[str, torch.Tensor], ids: dict[str, Any], meta: dict[str, Any]
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        md = {"format": RESULT_FORMAT, "kind": kind, "meta": json.dumps(meta),
-              **{k: json.dumps(v) for k, v in ids.items()}}
+        md = {
+            "format": RESULT_FORMAT,
+            "kind": kind,
+            "meta": json.dumps(meta),
+            **{k: json.dumps(v) for k, v in ids.items()},
+        }
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=md)
     elif suffix == ".npz":
         arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
@@ -71,9 +76,13 @@ class Scores:
         return self.values.cpu().numpy()
 
     def save(self, path: str | Path) -> Path:
-        return _save(path, "scores", {"values": self.values},
-                     {"query_ids": self.query_ids, "train_ids": self.train_ids},
-                     {"mode": self.mode, "modules": self.modules, **self.meta})
+        return _save(
+            path,
+            "scores",
+            {"values": self.values},
+            {"query_ids": self.query_ids, "train_ids": self.train_ids},
+            {"mode": self.mode, "modules": self.modules, **self.meta},
+        )
 
 
 @dataclass
@@ -95,15 +104,23 @@ class TopK:
     def save(self, path: str | Path) -> Path:
         meta = {"mode": self.mode, **self.meta}
         if Path(path).suffix.lower() == ".json":
-            return _save_json(path, {"kind": "top_k", "meta": meta, "results": [
-                {"query_id": q, "train_ids": ids, "scores": vals, "indices": idx}
-                for q, ids, vals, idx in zip(self.query_ids, self.data_ids,
-                                             self.values.tolist(), self.indices.tolist())]})
+            return _save_json(
+                path,
+                {
+                    "kind": "top_k",
+                    "meta": meta,
+                    "results": [
+                        {"query_id": q, "train_ids": ids, "scores": vals, "indices": idx}
+                        for q, ids, vals, idx in zip(
+                            self.query_ids, self.data_ids, self.values.tolist(), self.indices.tolist()
+                        )
+                    ],
+                },
+            )
         tensors = {"values": self.values, "indices": self.indices}
         if self.positions is not None:
             tensors["positions"] = self.positions
-        return _save(path, "top_k", tensors,
-                     {"query_ids": self.query_ids, "train_ids": self.data_ids}, meta)
+        return _save(path, "top_k", tensors, {"query_ids": self.query_ids, "train_ids": self.data_ids}, meta)
 
 
 @dataclass
@@ -128,14 +145,21 @@ class SelfInfluence:
     def save(self, path: str | Path) -> Path:
         meta = {"mode": self.mode, "modules": self.modules, **self.meta}
         if Path(path).suffix.lower() == ".json":
-            return _save_json(path, {"kind": "self_influence", "meta": meta,
-                                     "train_ids": self.train_ids, "values": self.values.tolist()})
-        return _save(path, "self_influence", {"values": self.values},
-                     {"train_ids": self.train_ids}, meta)
+            return _save_json(
+                path,
+                {
+                    "kind": "self_influence",
+                    "meta": meta,
+                    "train_ids": self.train_ids,
+                    "values": self.values.tolist(),
+                },
+            )
+        return _save(path, "self_influence", {"values": self.values}, {"train_ids": self.train_ids}, meta)
 
 
-def write_scores(path: str | Path, shape: tuple[int, ...], blocks: Iterable[torch.Tensor],
-                 like: Scores) -> Path:
+def write_scores(
+    path: str | Path, shape: tuple[int, ...], blocks: Iterable[torch.Tensor], like: Scores
+) -> Path:
     """Write a score matrix of `shape` ([n_query, n_train] or [n_modules, n_query, n_train])
     to a .safetensors file as `Scores.save` does, from `blocks` of consecutive matrix rows
     ([b, n_train] float32, the leading dims flattened), so it is never whole in memory. Ids,
@@ -147,10 +171,17 @@ def write_scores(path: str | Path, shape: tuple[int, ...], blocks: Iterable[torc
     for d in shape:
         total *= int(d)
     meta = {"mode": like.mode, "modules": like.modules, **like.meta}
-    md = {"format": RESULT_FORMAT, "kind": "scores", "meta": json.dumps(meta),
-          "query_ids": json.dumps(like.query_ids), "train_ids": json.dumps(like.train_ids)}
-    header = {"__metadata__": md,
-              "values": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 4 * total]}}
+    md = {
+        "format": RESULT_FORMAT,
+        "kind": "scores",
+        "meta": json.dumps(meta),
+        "query_ids": json.dumps(like.query_ids),
+        "train_ids": json.dumps(like.train_ids),
+    }
+    header = {
+        "__metadata__": md,
+        "values": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 4 * total]},
+    }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
 
@@ -161,27 +192,28 @@ def write_scores(path: str | Path, shape: tuple[int, ...], blocks: Iterable[torc
             for block in blocks:
                 block = block.detach().to("cpu", torch.float32).contiguous()
                 if block.ndim != 2 or block.shape[1] != n_train:
-                    raise ValueError(f"score block of shape {tuple(block.shape)}; expected "
-                                     f"[rows, {n_train}]")
+                    raise ValueError(f"score block of shape {tuple(block.shape)}; expected [rows, {n_train}]")
                 f.write(memoryview(block.numpy()).cast("B"))
                 written += block.numel()
         if written != total:
-            raise ValueError(f"the score blocks hold {written} values; the matrix {list(shape)} "
-                             f"has {total}")
+            raise ValueError(f"the score blocks hold {written} values; the matrix {list(shape)} has {total}")
 
     write_atomic(path, write)
     return path
 
 
-def save_columns(path: str | Path, out: torch.Tensor, n_train: int, like: Scores,
-                 distributed: bool, block_bytes: int) -> Path:
+def save_columns(
+    path: str | Path, out: torch.Tensor, n_train: int, like: Scores, distributed: bool, block_bytes: int
+) -> Path:
     """Write a score matrix whose last dim this process holds a column block of (`out`
     [..., n_local]; all of it in one process) as `write_scores` does: rank 0 gathers and
     writes about `block_bytes` of matrix rows at a time, the other ranks send theirs."""
     rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
     step = max(1, int(block_bytes) // (4 * n_train))
-    blocks = ((comm.gather_columns_to(rows[b:b + step]) if distributed else rows[b:b + step])
-              for b in range(0, rows.shape[0], step))
+    blocks = (
+        (comm.gather_columns_to(rows[b : b + step]) if distributed else rows[b : b + step])
+        for b in range(0, rows.shape[0], step)
+    )
     shape = (*out.shape[:-1], n_train)
 
     def write() -> None:
@@ -221,11 +253,19 @@ def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
         raise ValueError(f"cannot load {path}: use a .safetensors or .npz file")
     mode = meta.pop("mode", "dot")
     if kind == "scores":
-        return Scores(tensors["values"], ids["query_ids"], ids["train_ids"], mode,
-                      meta.pop("modules", None), meta)
+        return Scores(
+            tensors["values"], ids["query_ids"], ids["train_ids"], mode, meta.pop("modules", None), meta
+        )
     if kind == "top_k":
         # Older top-k files named their train ids `data_ids`; read both.
         train = ids["train_ids"] if "train_ids" in ids else ids["data_ids"]
-        return TopK(tensors["values"], tensors["indices"], train, ids["query_ids"], mode, meta,
-                    tensors.get("positions"))
+        return TopK(
+            tensors["values"],
+            tensors["indices"],
+            train,
+            ids["query_ids"],
+            mode,
+            meta,
+            tensors.get("positions"),
+        )
     return SelfInfluence(tensors["values"], ids["train_ids"], mode, meta.pop("modules", None), meta)

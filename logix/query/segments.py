@@ -44,10 +44,17 @@ def union_ids(segment_stores: list) -> tuple[list, dict]:
     return ids, position
 
 
-def combined_scores(store, queries: dict[str, Gradients], *, mode: str = "dot",
-                    preconditioner: str = "raw", damping: float = 0.1,
-                    weights: dict[str, float] | None = None, missing: str = "error",
-                    **engine_options) -> Scores:
+def combined_scores(
+    store,
+    queries: dict[str, Gradients],
+    *,
+    mode: str = "dot",
+    preconditioner: str = "raw",
+    damping: float = 0.1,
+    weights: dict[str, float] | None = None,
+    missing: str = "error",
+    **engine_options,
+) -> Scores:
     """Σ_s weight_s · scores of segment s: `.values` [n_query, n_train] with `train_ids`.
 
     store: a `Store` (any segment selected) or a run directory; queries: segment name ->
@@ -71,7 +78,8 @@ def combined_scores(store, queries: dict[str, Gradients], *, mode: str = "dot",
                 raise StoreError(
                     f"segment {name!r} holds other training ids than segment {first.segment!r}; "
                     "combined scores need the same examples logged in every segment, or "
-                    "missing='zero' for segments that trained on different examples")
+                    "missing='zero' for segments that trained on different examples"
+                )
     total: torch.Tensor | None = None
     query_ids: list | None = None
     used: dict[str, float] = {}
@@ -83,12 +91,19 @@ def combined_scores(store, queries: dict[str, Gradients], *, mode: str = "dot",
             query_ids = list(result.query_ids)
             total = torch.zeros(result.values.shape[0], len(train_ids), dtype=torch.float64)
         if list(result.query_ids) != query_ids:
-            raise ValueError(f"segment {name!r}: its queries have other ids than the first "
-                             "segment's; capture the same query examples at every checkpoint")
+            raise ValueError(
+                f"segment {name!r}: its queries have other ids than the first "
+                "segment's; capture the same query examples at every checkpoint"
+            )
         columns = torch.tensor([position[t] for t in result.train_ids], dtype=torch.long)
         total[:, columns] += weight * result.values.to(torch.float64)
-    meta = {"segments": list(queries), "weights": used, "missing": missing,
-            "preconditioner": preconditioner, "damping": damping}
+    meta = {
+        "segments": list(queries),
+        "weights": used,
+        "missing": missing,
+        "preconditioner": preconditioner,
+        "damping": damping,
+    }
     return Scores(total.to(torch.float32), query_ids, train_ids, mode, None, meta)
 
 
@@ -100,6 +115,8 @@ def _weight(segment_store, name: str, weights: dict[str, float] | None) -> float
         return float(weights[name])
     lr = segment_store.segment_meta.get("lr")
     if lr is None:
-        raise ValueError(f"segment {name!r} has no logged learning rate: pass weights=..., or log "
-                         "it with run.start_segment(name, lr=...)")
+        raise ValueError(
+            f"segment {name!r} has no logged learning rate: pass weights=..., or log "
+            "it with run.start_segment(name, lr=...)"
+        )
     return float(lr)

@@ -77,8 +77,9 @@ class SegmentSchedule:
         return self.lr * self.steps
 
 
-def segment_schedule(segment_store, horizon: float | None = None,
-                     examples: int | None = None) -> SegmentSchedule:
+def segment_schedule(
+    segment_store, horizon: float | None = None, examples: int | None = None
+) -> SegmentSchedule:
     """The schedule of the selected segment of `segment_store`, from its meta (see module doc)."""
     name, meta = segment_store.segment, segment_store.segment_meta
     n = int(examples) if examples is not None else int(meta.get("examples", len(segment_store)))
@@ -92,7 +93,8 @@ def segment_schedule(segment_store, horizon: float | None = None,
     if meta.get("lr") is None:
         raise ValueError(
             f"segment {name!r} has no logged learning rate: log it with "
-            f"run.start_segment({name!r}, lr=..., steps=...) or pass horizons={{{name!r}: lr * steps}}")
+            f"run.start_segment({name!r}, lr=..., steps=...) or pass horizons={{{name!r}: lr * steps}}"
+        )
     momentum = float(meta.get("momentum", 0.0))
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"segment {name!r}: momentum must be in [0, 1), got {momentum}")
@@ -104,14 +106,16 @@ def segment_schedule(segment_store, horizon: float | None = None,
     else:
         raise ValueError(
             f"segment {name!r} has no step count: log it with run.set_segment_meta(steps=K) (the "
-            f"optimizer steps the segment stands for) or pass horizons={{{name!r}: lr * steps}}")
+            f"optimizer steps the segment stands for) or pass horizons={{{name!r}: lr * steps}}"
+        )
     if not (math.isfinite(lr) and lr >= 0 and math.isfinite(steps) and steps >= 0):
         raise ValueError(f"segment {name!r}: lr and steps must be finite and ≥ 0, got {lr}, {steps}")
     return SegmentSchedule(name, lr, steps, n, source)
 
 
-def spectral_apply(q: torch.Tensor, pre: Preconditioner,
-                   fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def spectral_apply(
+    q: torch.Tensor, pre: Preconditioner, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Q ↦ Q f(F + λI) per selected module, with f applied to the damped eigenvalues:
     [n, D] float64 -> [n, D] float64; other modules' columns are zeroed."""
     out = torch.zeros_like(q)
@@ -123,12 +127,21 @@ def spectral_apply(q: torch.Tensor, pre: Preconditioner,
     return out
 
 
-def stagewise_scores(store, queries: Gradients, segments: list[str] | None = None, *,
-                     damping: float = 0.1, absolute_damping: bool = False,
-                     horizons: dict[str, float] | None = None, examples: dict[str, int] | None = None,
-                     modules: list[str] | str | None = None, device: str | torch.device | None = None,
-                     chunk_rows: int = 4096, progress: ProgressFn | None = None,
-                     damping_absolute: bool | None = None) -> Scores:
+def stagewise_scores(
+    store,
+    queries: Gradients,
+    segments: list[str] | None = None,
+    *,
+    damping: float = 0.1,
+    absolute_damping: bool = False,
+    horizons: dict[str, float] | None = None,
+    examples: dict[str, int] | None = None,
+    modules: list[str] | str | None = None,
+    device: str | torch.device | None = None,
+    chunk_rows: int = 4096,
+    progress: ProgressFn | None = None,
+    damping_absolute: bool | None = None,
+) -> Scores:
     """SOURCE scores of every training example on the queries: `.values` [n_query, n_train].
 
     store: a `Store` or a run directory; queries: gradients at the *final* model (captured with
@@ -139,8 +152,11 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
     horizons / examples: per-segment η·K and N,
     overriding the meta. `.meta["schedule"]` lists what was used for each segment.
     """
-    absolute_damping = bool(renamed("damping_absolute", "absolute_damping", damping_absolute,
-                                    absolute_damping, "stagewise_scores"))
+    absolute_damping = bool(
+        renamed(
+            "damping_absolute", "absolute_damping", damping_absolute, absolute_damping, "stagewise_scores"
+        )
+    )
     store = open_any(store)
     names = list(store.segments) if segments is None else list(segments)
     if not names:
@@ -155,10 +171,14 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
         raise ValueError(f"damping must be > 0 (it keeps H_ℓ⁻¹ finite), got {damping}")
     _check_queries(store, queries)
     views = [store.select(n) for n in names]
-    schedule = [segment_schedule(v, (horizons or {}).get(n), (examples or {}).get(n))
-                for n, v in zip(names, views)]
-    device = torch.device(device) if device is not None else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    schedule = [
+        segment_schedule(v, (horizons or {}).get(n), (examples or {}).get(n)) for n, v in zip(names, views)
+    ]
+    device = (
+        torch.device(device)
+        if device is not None
+        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    )
     for v in views:
         if len(v) == 0:
             raise StoreError(f"segment {v.segment!r} has no rows; drop it from segments=[...]")
@@ -168,9 +188,17 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
     per_segment: list[torch.Tensor | None] = [None] * len(views)
     selected = selected_modules(store, modules)
     for i in reversed(range(len(views))):
-        pre = build_preconditioner(views[i], "raw", damping, absolute_damping=absolute_damping,
-                                   form="eigen", modules=selected, device=device, chunk_rows=chunk_rows,
-                                   progress=progress)
+        pre = build_preconditioner(
+            views[i],
+            "raw",
+            damping,
+            absolute_damping=absolute_damping,
+            form="eigen",
+            modules=selected,
+            device=device,
+            chunk_rows=chunk_rows,
+            progress=progress,
+        )
         h, n = schedule[i].horizon, schedule[i].examples
         per_segment[i] = spectral_apply(carry, pre, lambda e, h=h: -torch.expm1(-h * e) / e) / n
         if i > 0:
@@ -180,26 +208,48 @@ def stagewise_scores(store, queries: Gradients, segments: list[str] | None = Non
     train_ids, position = union_ids(views)
     total = torch.zeros(carry.shape[0], len(train_ids), dtype=torch.float64)
     for view, q_seg in zip(views, per_segment):
-        engine = InfluenceEngine(view, "identity", modules=selected, device=device,
-                                 chunk_bytes=4 * chunk_rows * view.width, progress=progress)
+        engine = InfluenceEngine(
+            view,
+            "identity",
+            modules=selected,
+            device=device,
+            chunk_bytes=4 * chunk_rows * view.width,
+            progress=progress,
+        )
         result = engine.scores(q_seg.to(torch.float32))
         columns = torch.tensor([position[t] for t in result.train_ids], dtype=torch.long)
         total[:, columns] += result.values.to(torch.float64)
-    meta = {"method": "source", "segments": names, "damping": damping,
-            "absolute_damping": absolute_damping, "modules": selected,
-            "schedule": {s.name: {"lr": s.lr, "steps": s.steps, "horizon": s.horizon,
-                                  "examples": s.examples, "steps_from": s.steps_from}
-                         for s in schedule}}
+    meta = {
+        "method": "source",
+        "segments": names,
+        "damping": damping,
+        "absolute_damping": absolute_damping,
+        "modules": selected,
+        "schedule": {
+            s.name: {
+                "lr": s.lr,
+                "steps": s.steps,
+                "horizon": s.horizon,
+                "examples": s.examples,
+                "steps_from": s.steps_from,
+            }
+            for s in schedule
+        },
+    }
     return Scores(total.to(torch.float32), list(queries.data_ids), train_ids, "dot", None, meta)
 
 
 def _check_queries(store, queries: Gradients) -> None:
     if not isinstance(queries, Gradients):
-        raise TypeError(f"queries must be logix Gradients (run.gradients()) captured at the final "
-                        f"model, got {type(queries).__name__}")
+        raise TypeError(
+            f"queries must be logix Gradients (run.gradients()) captured at the final "
+            f"model, got {type(queries).__name__}"
+        )
     if queries.fingerprint != store.fingerprint or list(queries.modules) != list(store.modules):
-        raise StoreError(f"the query gradients were captured with other projections or another "
-                         f"model than the store's: capture them with "
-                         f"logix.init({os.fspath(store.path)!r}, mode='query') on the final model")
+        raise StoreError(
+            f"the query gradients were captured with other projections or another "
+            f"model than the store's: capture them with "
+            f"logix.init({os.fspath(store.path)!r}, mode='query') on the final model"
+        )
     if len(queries) == 0:
         raise ValueError("no query rows: capture at least one query example")

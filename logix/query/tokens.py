@@ -66,12 +66,16 @@ class TokenScores:
         if self.mask is not None and self.mask.shape[1] == row.shape[0]:
             row[self.mask[doc] == 0] = float("-inf")
         order = torch.sort(row, descending=True, stable=True).indices[: int(k)]
-        return [(p, None if tokens is None else int(tokens[doc, p]), float(row[p]))
-                for p in order.tolist() if row[p] != float("-inf")]
+        return [
+            (p, None if tokens is None else int(tokens[doc, p]), float(row[p]))
+            for p in order.tolist()
+            if row[p] != float("-inf")
+        ]
 
 
-def token_scores(engine: Any, q: Any, tokens: TokenGradients, mode: str = "dot",
-                 per_module: bool = False) -> TokenScores:
+def token_scores(
+    engine: Any, q: Any, tokens: TokenGradients, mode: str = "dot", per_module: bool = False
+) -> TokenScores:
     """Per-position scores of `tokens`' sequences against the queries `q` (see the module doc).
 
     engine: an `InfluenceEngine` (its preconditioner, modules and device are used); mode: dot,
@@ -79,13 +83,17 @@ def token_scores(engine: Any, q: Any, tokens: TokenGradients, mode: str = "dot",
     still sum to the sequence's score in that mode).
     """
     if not isinstance(tokens, TokenGradients):
-        raise TypeError("token gradients must come from a query run's token_gradients() "
-                        f"(`with query(data_id=ids, per_token=True)`), got {type(tokens).__name__}")
+        raise TypeError(
+            "token gradients must come from a query run's token_gradients() "
+            f"(`with query(data_id=ids, per_token=True)`), got {type(tokens).__name__}"
+        )
     store = engine.store
     if tokens.fingerprint != store.fingerprint or list(tokens.modules) != list(store.modules):
-        raise StoreError("the token gradients were captured with other projections or another "
-                         f"model than the store {store.path}: capture them with "
-                         f"logix.init({str(store.path)!r}, mode='query') on this run's model")
+        raise StoreError(
+            "the token gradients were captured with other projections or another "
+            f"model than the store {store.path}: capture them with "
+            f"logix.init({str(store.path)!r}, mode='query') on this run's model"
+        )
     qp, qnorm, qids = engine._shared_queries(q)  # Q' [n_query, D] float32, norms [n_query]
     selected = [m for m in engine._selected if m.name in tokens.factors]
     if not selected:
@@ -95,7 +103,8 @@ def token_scores(engine: Any, q: Any, tokens: TokenGradients, mode: str = "dot",
         raise ValueError(
             f"the selected modules have different numbers of positions {lengths} (e.g. Conv2d "
             "layers of different resolutions), so their terms cannot be added per position: "
-            "pass per_module=True, or choose modules of one length with the engine's modules=[...]")
+            "pass per_module=True, or choose modules of one length with the engine's modules=[...]"
+        )
     t = max(lengths.values())
     parts = []
     for m in selected:
@@ -109,8 +118,16 @@ def token_scores(engine: Any, q: Any, tokens: TokenGradients, mode: str = "dot",
         if mode == "cosine":
             denom = qnorm.cpu()[:, None] * denom
         values = torch.where(denom[..., None] > 0, values / denom[..., None], torch.zeros_like(values))
-    return TokenScores(values, qids, list(tokens.data_ids), tokens.token_ids, tokens.mask, mode,
-                       [m.name for m in selected] if per_module else None, engine._meta())
+    return TokenScores(
+        values,
+        qids,
+        list(tokens.data_ids),
+        tokens.token_ids,
+        tokens.mask,
+        mode,
+        [m.name for m in selected] if per_module else None,
+        engine._meta(),
+    )
 
 
 def _module_scores(qm: torch.Tensor, f: PositionFactors, device: torch.device) -> torch.Tensor:
@@ -127,23 +144,26 @@ def _module_scores(qm: torch.Tensor, f: PositionFactors, device: torch.device) -
         index, weight = f.index.reshape(positions), f.weight.reshape(positions)
         step = max(1, _BUDGET // max(1, n_query * r_out))
         for a in range(0, positions, step):
-            gb = g[a:a + step].to(device)
-            cols = qm[:, :, index[a:a + step].to(device)]  # [n_query, r_out, p]: Q' e_token
-            s = torch.einsum("qop,po->qp", cols, gb) * weight[a:a + step].to(device)
-            out[:, a:a + step] = s.cpu()
+            gb = g[a : a + step].to(device)
+            cols = qm[:, :, index[a : a + step].to(device)]  # [n_query, r_out, p]: Q' e_token
+            s = torch.einsum("qop,po->qp", cols, gb) * weight[a : a + step].to(device)
+            out[:, a : a + step] = s.cpu()
     else:
         x = f.x.reshape(positions, r_in)
         keep_in = r_in <= r_out  # contract the larger side first; the intermediate keeps the smaller
-        mat = (qm.permute(1, 0, 2).reshape(r_out, n_query * r_in) if keep_in
-               else qm.permute(2, 0, 1).reshape(r_in, n_query * r_out))
+        mat = (
+            qm.permute(1, 0, 2).reshape(r_out, n_query * r_in)
+            if keep_in
+            else qm.permute(2, 0, 1).reshape(r_in, n_query * r_out)
+        )
         step = max(1, _BUDGET // max(1, n_query * min(r_in, r_out)))
         for a in range(0, positions, step):
-            gb, xb = g[a:a + step].to(device), x[a:a + step].to(device)
+            gb, xb = g[a : a + step].to(device), x[a : a + step].to(device)
             if keep_in:  # (g̃ᵀ Q') x̃
                 h = (gb @ mat).view(-1, n_query, r_in)
                 s = torch.bmm(h, xb[:, :, None])[..., 0]
             else:  # g̃ᵀ (Q' x̃)
                 h = (xb @ mat).view(-1, n_query, r_out)
                 s = torch.bmm(h, gb[:, :, None])[..., 0]
-            out[:, a:a + step] = s.T.cpu()
+            out[:, a : a + step] = s.T.cpu()
     return out.view(n_query, n, k, t).sum(2)

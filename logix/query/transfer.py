@@ -38,11 +38,11 @@ def check_finite_chunks(flags: list[tuple[torch.Tensor, int, list]], store: Any)
         raise StoreError(
             f"train rows {start}..{start + len(ids) - 1} (ids {ids[0]!r}..{ids[-1]!r}) give "
             f"non-finite scores: the store holds NaN/inf values; check it with "
-            f"`logix inspect {store.path}` and log those examples again")
+            f"`logix inspect {store.path}` and log those examples again"
+        )
 
 
-def device_chunks(store: Any, device: torch.device,
-                  chunk_rows: int) -> Iterator[tuple[list, torch.Tensor]]:
+def device_chunks(store: Any, device: torch.device, chunk_rows: int) -> Iterator[tuple[list, torch.Tensor]]:
     """(ids, rows [c, D] float32 on `device`) of a `Store` (or its share), in row order."""
     cuda = device.type == "cuda"
     dtype = TORCH_DTYPES[store.dtype] if cuda else torch.float32
@@ -97,8 +97,13 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
             thread.join(timeout=0.05)
 
 
-def pinned_copies(items: Iterator[tuple[list, torch.Tensor]], device: torch.device, rows: int,
-                  width: int, dtype: torch.dtype) -> Iterator[tuple[list, torch.Tensor]]:
+def pinned_copies(
+    items: Iterator[tuple[list, torch.Tensor]],
+    device: torch.device,
+    rows: int,
+    width: int,
+    dtype: torch.dtype,
+) -> Iterator[tuple[list, torch.Tensor]]:
     """Copy host chunks to the device through two pinned buffers on a side stream.
 
     The compute stream waits for each copy; a pinned buffer is refilled only after its

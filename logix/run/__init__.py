@@ -19,8 +19,14 @@ from logix.run.passes import StatisticsPass
 from logix.run.run import Run
 
 
-def init(run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None, *,
-         mode: str = "log", resume: bool = False, overwrite: bool = False) -> Run:
+def init(
+    run_dir: str | Path,
+    config: LogixConfig | dict | str | Path | None = None,
+    *,
+    mode: str = "log",
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Run:
     """Open a run directory for logging (`mode="log"`) or for capturing queries (`mode="query"`).
 
     config: a YAML path, a dict or a LogixConfig (log mode; a query run reuses the store's).

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from logix.capture.hooks import CaptureBlock, Sink, attach_hooks
+from logix.capture.hooks import CaptureBlock, Sink, attach_hooks, check_mask_used
 from logix.errors import CaptureError
 from logix.store.gradients import DataId
 
@@ -61,16 +61,25 @@ class Pass:
         """After every block, failed or not: drop its partial sums."""
 
     def backward(self, logits: torch.Tensor, label_mask: torch.Tensor | None = None) -> None:
-        raise CaptureError("this pass backpropagates your loss: call loss.backward() inside the "
-                           "block; fit.backward(logits) is for fisher='true' passes")
+        raise CaptureError(
+            "this pass backpropagates your loss: call loss.backward() inside the "
+            "block; fit.backward(logits) is for fisher='true' passes"
+        )
 
 
 class Block:
     """One batch of a pass: its data ids, padding mask [B, T] and what the hooks captured."""
 
-    def __init__(self, owner: Pass, ids: list[DataId], mask: torch.Tensor | None, *,
-                 per_token: bool = False, token_ids: torch.Tensor | None = None,
-                 via_run: bool = False):
+    def __init__(
+        self,
+        owner: Pass,
+        ids: list[DataId],
+        mask: torch.Tensor | None,
+        *,
+        per_token: bool = False,
+        token_ids: torch.Tensor | None = None,
+        via_run: bool = False,
+    ):
         self.owner = owner
         self.ids = ids
         self.mask = mask
@@ -101,10 +110,13 @@ class Block:
         owner.check_block(self)
         self.sinks = owner.sinks(self)
         self.capture = CaptureBlock(
-            batch_size=len(self.ids) if owner.checks_batch else None, sinks=list(self.sinks.values()),
-            grad_scale=owner.grad_scale(self), mask=self.mask,
+            batch_size=len(self.ids) if owner.checks_batch else None,
+            sinks=list(self.sinks.values()),
+            grad_scale=owner.grad_scale(self),
+            mask=self.mask,
             attribution_only=owner.attribution_only(),
-            outputs=[] if owner.needs_logits else None)
+            outputs=[] if owner.needs_logits else None,
+        )
         self.handles = attach_hooks(run.captures(), self.capture)
         owner.enter_block(self)
         return self
@@ -117,6 +129,7 @@ class Block:
         try:
             self.owner.exit_block(self)
             if exc_type is None:
+                check_mask_used(self.capture)
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)
@@ -137,8 +150,9 @@ class Block:
         1 / scaler.get_scale()) or an integration's loss normalisation. Calls multiply."""
         if isinstance(factor, torch.Tensor) and factor.numel() != 1:
             if factor.shape != (len(self.ids),):
-                raise ValueError(f"factor must be a number or [batch={len(self.ids)}], "
-                                 f"got {tuple(factor.shape)}")
+                raise ValueError(
+                    f"factor must be a number or [batch={len(self.ids)}], got {tuple(factor.shape)}"
+                )
             factor = factor.detach().double()
         else:
             factor = float(factor)
@@ -152,6 +166,3 @@ class Block:
         """Store nothing, with a warning, if a row holds NaN/inf (instead of raising): for fp16
         loss scaling, whose optimizer skips an overflowed step too."""
         self.nonfinite = "skip"
-
-
-

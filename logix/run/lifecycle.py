@@ -43,8 +43,10 @@ class RunLifecycle:
         """The per-position factors captured in `per_token=True` blocks of a query-mode run, for
         `InfluenceEngine.token_scores`: one entry per sequence, positions padded to the longest."""
         if not self._token_parts:
-            raise CaptureError("no per-token gradients: capture them inside "
-                               "`with query(data_id=ids, mask=mask, per_token=True): loss.backward()`")
+            raise CaptureError(
+                "no per-token gradients: capture them inside "
+                "`with query(data_id=ids, mask=mask, per_token=True): loss.backward()`"
+            )
         return TokenGradients.concatenate(self._token_parts)
 
     def gradients(self) -> Gradients:

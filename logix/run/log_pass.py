@@ -31,7 +31,8 @@ class LogPass(Pass):
                 raise CaptureError(
                     f"projection.kind {run.config.projection.kind!r} needs its statistics pass "
                     "first: run some training "
-                    "batches inside `with run.fit_projections():`, then log")
+                    "batches inside `with run.fit_projections():`, then log"
+                )
             raise CaptureError("call run.watch(model) before `with run(data_id=...)`")
 
     def sinks(self, block: Block) -> dict[str, Sink]:
@@ -64,12 +65,16 @@ class LogPass(Pass):
             rows.mul_(row_scale.to(device=rows.device, dtype=rows.dtype).unsqueeze(1))
         elif row_scale != 1.0:
             rows.mul_(row_scale)
-        if block.nonfinite == "skip" and nonfinite_rows(rows):
-            warnings.warn(f"skipped a batch of {len(ids)} examples whose gradients are not finite "
-                          f"(first ids {ids[:5]}): nothing of it was stored", stacklevel=4)
+        nonfinite = nonfinite_rows(rows)  # once: the writer is told, not asked to look again
+        if block.nonfinite == "skip" and nonfinite:
+            warnings.warn(
+                f"skipped a batch of {len(ids)} examples whose gradients are not finite "
+                f"(first ids {ids[:5]}): nothing of it was stored",
+                stacklevel=4,
+            )
             return
         if run.mode == "query":
-            bad = [ids[i] for i in nonfinite_rows(rows)]
+            bad = [ids[i] for i in nonfinite]
             if bad:
                 raise CaptureError(
                     f"non-finite gradients (NaN/inf) for data ids {bad[:10]}"
@@ -80,17 +85,22 @@ class LogPass(Pass):
         factors = "factors" in block.sinks
         if factors:
             run.factor_log.check_scale(row_scale)  # before the rows are stored
-        run.writer.add(ids, rows)  # checks ids and finiteness; takes ownership of rows
+        # ids were normalised by `batch_ids`, rows are [B, D] by construction: the writer checks
+        # duplicates and refuses the non-finite rows found above; it takes ownership of rows.
+        run.writer.add_checked(ids, rows, nonfinite)
         if factors:
             run.factor_log.commit(run.writer.segment, ids, block.reached, row_scale)
         run.count_logged_batch()
 
     def _keep_tokens(self, block: Block) -> None:
         run = self.run
-        part = block.sinks["tokens"].finish(block.ids, list(run.modules), run.fingerprint or "",
-                                            block.mask, block.token_ids)
+        part = block.sinks["tokens"].finish(
+            block.ids, list(run.modules), run.fingerprint or "", block.mask, block.token_ids
+        )
         bad = [part.data_ids[i] for i in nonfinite_rows(part.gradients().values)]
         if bad:
-            raise CaptureError(f"non-finite gradients (NaN/inf) for data ids {bad[:10]}: is the "
-                               "loss NaN? Nothing of this batch was kept")
+            raise CaptureError(
+                f"non-finite gradients (NaN/inf) for data ids {bad[:10]}: is the "
+                "loss NaN? Nothing of this batch was kept"
+            )
         run.keep_token_part(part)

@@ -78,8 +78,10 @@ class StatisticsPass(Pass):
 
     def check_block(self, block: Block) -> None:
         if self.needs_logits and block.via_run:
-            raise CaptureError(f"inside {self.spelling} use `with fit(data_id=ids): "
-                               "fit.backward(model(x))`, not `with run(...)` and loss.backward()")
+            raise CaptureError(
+                f"inside {self.spelling} use `with fit(data_id=ids): "
+                "fit.backward(model(x))`, not `with run(...)` and loss.backward()"
+            )
 
     def grad_scale(self, block: Block) -> float:
         # The pseudo-gradients of a Fisher pass are already those of each example's own loss.
@@ -92,8 +94,9 @@ class StatisticsPass(Pass):
         if self.needs_logits and block.backwards == 0:
             raise CaptureError("call fit.backward(logits) inside `with fit(data_id=...)`")
 
-    def fisher_grads(self, logits: torch.Tensor, label_mask: torch.Tensor | None,
-                     mass: float = 1.0) -> FisherLogitGrads:
+    def fisher_grads(
+        self, logits: torch.Tensor, label_mask: torch.Tensor | None, mass: float = 1.0
+    ) -> FisherLogitGrads:
         """The open block's Fisher logit-gradients ℓ from `logits`, one per backward pass."""
         block = self.block
         if block is None:
@@ -163,8 +166,7 @@ class CurvaturePass(StatisticsPass):
 
     def commit(self, block: Block) -> None:
         if not block.discarded:
-            self.run.factor_log.commit_fit_step(block.ids, block.reached, block.row_scale,
-                                                block.nonfinite)
+            self.run.factor_log.commit_fit_step(block.ids, block.reached, block.row_scale, block.nonfinite)
 
     def reset(self, block: Block) -> None:
         self.run.factor_log.step.reset()

@@ -32,6 +32,7 @@ from logix.capture.pca import CovarianceSink
 from logix.capture.per_sample import has_bias
 from logix.capture.projection import ModuleProjection, load_projections, make_side
 from logix.capture.tokens import TokenGradients, check_token_request
+from logix.capture.trajectory import TrajectoryRecorder
 from logix.comm import all_reduce_sum, rank_and_world
 from logix.config import LogixConfig
 from logix.curvature.factor_log import FactorLog, check_factor_dims
@@ -41,7 +42,6 @@ from logix.run.block import Block
 from logix.run.lifecycle import RunLifecycle
 from logix.run.log_pass import LogPass
 from logix.run.passes import CurvaturePass, ProjectionPass, StatisticsPass, TrueFisherPass
-from logix.capture.trajectory import TrajectoryRecorder
 from logix.run.setup import create_run_store, module_dims, open_run_dir, open_trajectory, open_writer
 from logix.store.format import PROJECTIONS, ModuleInfo, total_width
 from logix.store.gradients import DataId
@@ -53,13 +53,19 @@ from logix.vocabulary import FACTOR_STATISTICS, FITTED_PROJECTION_KINDS
 class Run(RunLifecycle):
     """A logging (or query) run bound to one run directory and, after `watch`, one model."""
 
-    def __init__(self, run_dir: str | Path, config: LogixConfig | dict | str | Path | None = None,
-                 *, mode: str = "log", resume: bool = False, overwrite: bool = False):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: LogixConfig | dict | str | Path | None = None,
+        *,
+        mode: str = "log",
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
         self.run_dir = Path(run_dir)
         self.mode = mode
         self.rank, self.world_size = rank_and_world()
-        self._manifest, self.config = open_run_dir(self.run_dir, config, mode, resume, overwrite,
-                                                   self.rank)
+        self._manifest, self.config = open_run_dir(self.run_dir, config, mode, resume, overwrite, self.rank)
         self.modules: list[ModuleInfo] = []
         self.width = 0
         self.fingerprint: str | None = None
@@ -82,8 +88,14 @@ class Run(RunLifecycle):
         self._finalized = False
 
     # -- set-up ---------------------------------------------------------------------------
-    def watch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-              trajectory_every: int | None = None, total_steps: int | None = None) -> Run:
+    def watch(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        trajectory_every: int | None = None,
+        total_steps: int | None = None,
+    ) -> Run:
         """Choose the modules to capture (from the config), set up projections and the store.
         With `optimizer` (log mode), also record the trajectory for `logix.unroll`: every step's
         block ids and hyperparameters, a checkpoint every `trajectory_every` (≈√total_steps) steps."""
@@ -97,8 +109,10 @@ class Run(RunLifecycle):
             check_factor_dims(self.modules)  # before anything is written
         self._model = model
         bias = cfg.capture.bias
-        self._captures = [ModuleCapture(i, name, module, None, has_bias(module, bias), info.offset)
-                          for i, ((name, module), info) in enumerate(zip(selected, self.modules))]
+        self._captures = [
+            ModuleCapture(i, name, module, None, has_bias(module, bias), info.offset)
+            for i, ((name, module), info) in enumerate(zip(selected, self.modules))
+        ]
         if self._manifest is not None:
             check_model(self._manifest, self.modules, self.run_dir)
             self.fingerprint = self._manifest["fingerprint"]
@@ -109,33 +123,43 @@ class Run(RunLifecycle):
         else:
             notes: list[str] = []
             p = cfg.projection
-            self._start(self._create_store({
-                m.name: ModuleProjection(
-                    make_side(p.kind, m.name, "in", m.d_in, p.rank_in, p.seed, notes),
-                    make_side(p.kind, m.name, "out", m.d_out, p.rank_out, p.seed, notes),
+            self._start(
+                self._create_store(
+                    {
+                        m.name: ModuleProjection(
+                            make_side(p.kind, m.name, "in", m.d_in, p.rank_in, p.seed, notes),
+                            make_side(p.kind, m.name, "out", m.d_out, p.rank_out, p.seed, notes),
+                        )
+                        for m in self.modules
+                    },
+                    notes,
                 )
-                for m in self.modules
-            }, notes))
+            )
         if optimizer is not None:
-            self._trajectory = open_trajectory(self.run_dir, self.mode, model, optimizer,
-                                               trajectory_every, total_steps, cfg)
+            self._trajectory = open_trajectory(
+                self.run_dir, self.mode, model, optimizer, trajectory_every, total_steps, cfg
+            )
         return self
 
     def _start(self, projections: dict[str, ModuleProjection]) -> None:
         """Capture with these projections; in log mode, open the writer."""
         self._projections = projections
-        self._captures = [ModuleCapture(c.index, c.name, c.module, projections[c.name], c.bias,
-                                        c.offset) for c in self._captures]
+        self._captures = [
+            ModuleCapture(c.index, c.name, c.module, projections[c.name], c.bias, c.offset)
+            for c in self._captures
+        ]
         if self.mode == "log":
             self._factors.start(self.modules, self.config.curvature.statistics)
-            self._writer, self._statistics = open_writer(self.run_dir, self.config, self.modules,
-                                                         self.width, self.rank)
+            self._writer, self._statistics = open_writer(
+                self.run_dir, self.config, self.modules, self.width, self.rank
+            )
 
-    def _create_store(self, projections: dict[str, ModuleProjection], notes: list[str],
-                      info: dict | None = None) -> dict[str, ModuleProjection]:
+    def _create_store(
+        self, projections: dict[str, ModuleProjection], notes: list[str], info: dict | None = None
+    ) -> dict[str, ModuleProjection]:
         self._manifest, projections = create_run_store(
-            self.run_dir, self.config, self.modules, projections, notes, self.rank,
-            self.world_size, info)
+            self.run_dir, self.config, self.modules, projections, notes, self.rank, self.world_size, info
+        )
         self.fingerprint = self._manifest["fingerprint"]
         return projections
 
@@ -149,8 +173,10 @@ class Run(RunLifecycle):
     def projections(self) -> dict[str, ModuleProjection]:
         """Module name -> its projection (P_in, P_out), as the hooks apply them."""
         if self._projections is None:
-            raise CaptureError("the run has no projections yet: call run.watch(model) (and, for "
-                               "projection.kind 'pca', run the `with run.fit_projections():` pass)")
+            raise CaptureError(
+                "the run has no projections yet: call run.watch(model) (and, for "
+                "projection.kind 'pca', run the `with run.fit_projections():` pass)"
+            )
         return dict(self._projections)
 
     @property
@@ -181,8 +207,14 @@ class Run(RunLifecycle):
         return self._captures
 
     # -- the loop ---------------------------------------------------------------------------
-    def __call__(self, data_id: Any, mask: torch.Tensor | None = None, *, per_token: bool = False,
-                 token_ids: torch.Tensor | None = None) -> Block:
+    def __call__(
+        self,
+        data_id: Any,
+        mask: torch.Tensor | None = None,
+        *,
+        per_token: bool = False,
+        token_ids: torch.Tensor | None = None,
+    ) -> Block:
         """A context for one batch: `data_id` gives one id per example; `mask` [B, T] marks real
         (1) and padded (0) positions of sequence inputs. `per_token=True` (query mode) keeps each
         position's factors for `token_gradients()` instead of summing them into `gradients()`
@@ -197,10 +229,15 @@ class Run(RunLifecycle):
         owner = self._pass if self._pass is not None else self._log_pass
         return Block(owner, ids, mask, per_token=per_token, token_ids=token_ids, via_run=True)
 
-    def fit_curvature(self, segment: str | None = None, *, fisher: str = "empirical",
-                      statistics: list[str] | tuple[str, ...] | None = None, mass: float = 1.0,
-                      on_rows: Callable[[list, torch.Tensor], None] | None = None,
-                      ) -> StatisticsPass:
+    def fit_curvature(
+        self,
+        segment: str | None = None,
+        *,
+        fisher: str = "empirical",
+        statistics: list[str] | tuple[str, ...] | None = None,
+        mass: float = 1.0,
+        on_rows: Callable[[list, torch.Tensor], None] | None = None,
+    ) -> StatisticsPass:
         """A pass over training data that computes curvature statistics needing the model, for
         a segment (default: the current one), without writing rows. The files are saved on exit,
         replacing this rank's previous ones of that segment. For an existing store: open it with
@@ -226,14 +263,20 @@ class Run(RunLifecycle):
         if fisher not in ("empirical", "true"):
             raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
         if fisher == "empirical" and (statistics is not None or mass != 1.0 or on_rows is not None):
-            raise ValueError("statistics, mass and on_rows are options of fisher='true'; the "
-                             "empirical pass computes the K-FAC factors")
+            raise ValueError(
+                "statistics, mass and on_rows are options of fisher='true'; the "
+                "empirical pass computes the K-FAC factors"
+            )
         if self.mode != "log":
-            raise CaptureError("fit_curvature writes statistics into the store: open it with "
-                               "logix.init(run_dir, resume=True), not mode='query'")
+            raise CaptureError(
+                "fit_curvature writes statistics into the store: open it with "
+                "logix.init(run_dir, resume=True), not mode='query'"
+            )
         if self._covariances is not None:
-            raise CaptureError(f"projection.kind {self.config.projection.kind!r} needs `with "
-                               "run.fit_projections():` and some logged rows before fit_curvature")
+            raise CaptureError(
+                f"projection.kind {self.config.projection.kind!r} needs `with "
+                "run.fit_projections():` and some logged rows before fit_curvature"
+            )
         self._check_log_mode("fit_curvature")
         self._check_no_step("fit_curvature")
         self._check_open()
@@ -242,8 +285,10 @@ class Run(RunLifecycle):
         names = self._writer.segment_names()
         if segment is None:
             if self._writer.segment is None:
-                raise CaptureError("the store has no segment yet: log some rows first, or pass "
-                                   "fit_curvature(segment=NAME) of an existing segment")
+                raise CaptureError(
+                    "the store has no segment yet: log some rows first, or pass "
+                    "fit_curvature(segment=NAME) of an existing segment"
+                )
             segment = self._writer.segment
         elif segment not in names:
             raise CaptureError(f"segment {segment!r} does not exist in {self.run_dir}; its segments: {names}")
@@ -252,9 +297,16 @@ class Run(RunLifecycle):
             check_factor_dims(self.modules)
         if fisher == "empirical":
             return CurvaturePass(self, segment)
-        stats = TrueFisherStatistics(self.run_dir, segment, self.modules, rank=self.rank,
-                                     world_size=self.world_size, statistics=kinds, mass=mass,
-                                     on_rows=on_rows)
+        stats = TrueFisherStatistics(
+            self.run_dir,
+            segment,
+            self.modules,
+            rank=self.rank,
+            world_size=self.world_size,
+            statistics=kinds,
+            mass=mass,
+            on_rows=on_rows,
+        )
         return TrueFisherPass(self, stats)
 
     def fit_projections(self, fisher: str = "empirical") -> StatisticsPass:
@@ -283,9 +335,12 @@ class Run(RunLifecycle):
                     part[name] = all_reduce_sum(part[name])  # on the backend's device
         p = self.config.projection
         notes: list[str] = []
-        projections = {m.name: ModuleProjection(*sums.sides(
-            m.name, p.rank_in, p.rank_out, notes, kind=p.kind, damping=p.damping, seed=p.seed))
-            for m in self.modules}
+        projections = {
+            m.name: ModuleProjection(
+                *sums.sides(m.name, p.rank_in, p.rank_out, notes, kind=p.kind, damping=p.damping, seed=p.seed)
+            )
+            for m in self.modules
+        }
         self._start(self._create_store(projections, notes, {"pca_fisher": sums.fisher}))
 
     def begin_pass(self, owner: StatisticsPass) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from logix.capture.trajectory import TrajectoryRecorder
 from logix.capture.projection import ModuleProjection, load_projections, projections_bytes
+from logix.capture.trajectory import TrajectoryRecorder
 from logix.comm import barrier
 from logix.config import LogixConfig
 from logix.curvature.covariance import CurvatureStatistics
@@ -18,8 +18,14 @@ from logix.store.writer import StoreWriter
 from logix.vocabulary import FACTOR_STATISTICS, RUN_MODES
 
 
-def open_run_dir(run_dir: Path, config: LogixConfig | dict | str | Path | None, mode: str,
-                 resume: bool, overwrite: bool, rank: int) -> tuple[dict | None, LogixConfig]:
+def open_run_dir(
+    run_dir: Path,
+    config: LogixConfig | dict | str | Path | None,
+    mode: str,
+    resume: bool,
+    overwrite: bool,
+    rank: int,
+) -> tuple[dict | None, LogixConfig]:
     """Check the directory against the mode and flags; returns (its manifest or None, the config).
 
     A log-mode run replaces the store with `overwrite`, appends with `resume` (same config), and
@@ -27,8 +33,10 @@ def open_run_dir(run_dir: Path, config: LogixConfig | dict | str | Path | None, 
     if mode not in RUN_MODES:
         raise ConfigError(f"mode must be one of {RUN_MODES}, got {mode!r}")
     if resume and overwrite:
-        raise ConfigError("resume=True and overwrite=True contradict each other (resume appends "
-                          "to the store, overwrite deletes it): pass only one")
+        raise ConfigError(
+            "resume=True and overwrite=True contradict each other (resume appends "
+            "to the store, overwrite deletes it): pass only one"
+        )
     exists = (run_dir / MANIFEST).exists()
     if mode == "log":
         barrier()  # under torchrun: every rank has looked before rank 0 creates or removes it
@@ -64,18 +72,30 @@ def module_dims(modules: list[ModuleInfo]) -> dict[str, tuple[int, int, int, int
     return {m.name: (m.d_in, m.d_out, m.r_in, m.r_out) for m in modules}
 
 
-def create_run_store(run_dir: Path, config: LogixConfig, modules: list[ModuleInfo],
-                     projections: dict[str, ModuleProjection], notes: list[str], rank: int,
-                     world_size: int, info: dict | None = None,
-                     ) -> tuple[dict, dict[str, ModuleProjection]]:
+def create_run_store(
+    run_dir: Path,
+    config: LogixConfig,
+    modules: list[ModuleInfo],
+    projections: dict[str, ModuleProjection],
+    notes: list[str],
+    rank: int,
+    world_size: int,
+    info: dict | None = None,
+) -> tuple[dict, dict[str, ModuleProjection]]:
     """Create the store (rank 0); returns its manifest and the projections every rank captures
     with (rank 0's); `info` joins the manifest's projection entry."""
     manifest = None
     if rank == 0:
         p = config.projection
         manifest = create_store(
-            run_dir, config.to_dict(), config.to_yaml(), modules, projections_bytes(projections),
-            {"kind": p.kind, "seed": p.seed, "notes": notes, **(info or {})}, world_size)
+            run_dir,
+            config.to_dict(),
+            config.to_yaml(),
+            modules,
+            projections_bytes(projections),
+            {"kind": p.kind, "seed": p.seed, "notes": notes, **(info or {})},
+            world_size,
+        )
     if world_size > 1:  # every rank captures with rank 0's projections
         barrier()
         if rank != 0:
@@ -85,24 +105,44 @@ def create_run_store(run_dir: Path, config: LogixConfig, modules: list[ModuleInf
     return manifest, projections
 
 
-def open_writer(run_dir: Path, config: LogixConfig, modules: list[ModuleInfo], width: int,
-                rank: int) -> tuple[StoreWriter, CurvatureStatistics | None]:
+def open_writer(
+    run_dir: Path, config: LogixConfig, modules: list[ModuleInfo], width: int, rank: int
+) -> tuple[StoreWriter, CurvatureStatistics | None]:
     """The row writer, with the row statistics summed while logging (raw, …) as its observer."""
     curvature = config.curvature
     row_kinds = [k for k in curvature.statistics if k not in FACTOR_STATISTICS]
     statistics = None
     if row_kinds and curvature.during_logging:
         statistics = CurvatureStatistics(run_dir, modules, rank=rank, kinds=tuple(row_kinds))
-    writer = StoreWriter(run_dir, width=width, dtype=config.store.dtype,
-                         shard_rows=config.store.shard_rows, rank=rank,
-                         observers=[statistics] if statistics is not None else [])
+    writer = StoreWriter(
+        run_dir,
+        width=width,
+        dtype=config.store.dtype,
+        shard_rows=config.store.shard_rows,
+        rank=rank,
+        observers=[statistics] if statistics is not None else [],
+    )
     return writer, statistics
 
 
-def open_trajectory(run_dir: Path, mode: str, model, optimizer, every: int | None,
-                    total_steps: int | None, config: LogixConfig) -> TrajectoryRecorder:
+def open_trajectory(
+    run_dir: Path,
+    mode: str,
+    model,
+    optimizer,
+    every: int | None,
+    total_steps: int | None,
+    config: LogixConfig,
+) -> TrajectoryRecorder:
     """The recorder of `run.watch(model, optimizer=opt)`: a logging run's trajectory for replay."""
     if mode != "log":
         raise CaptureError("run.watch(model, optimizer=...) records a trajectory: use a logging run")
-    return TrajectoryRecorder(run_dir, model, optimizer, every=every, total_steps=total_steps,
-                              overwrite=True, reduction=config.capture.loss_reduction)
+    return TrajectoryRecorder(
+        run_dir,
+        model,
+        optimizer,
+        every=every,
+        total_steps=total_steps,
+        overwrite=True,
+        reduction=config.capture.loss_reduction,
+    )

@@ -66,12 +66,12 @@ def _notice(path: Path, where: str) -> None:
     directory = _key(path.parent)
     if directory not in _NOTICED:
         _NOTICED.add(directory)
-        warnings.warn(f"logix: {path.parent} is not writable; curvature caches are {where}",
-                      stacklevel=3)
+        warnings.warn(f"logix: {path.parent} is not writable; curvature caches are {where}", stacklevel=3)
 
 
-def load_cache(path: Path, formats: str | tuple[str, ...]) -> tuple[dict[str, torch.Tensor],
-                                                                     dict[str, str]] | None:
+def load_cache(
+    path: Path, formats: str | tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """(tensors, metadata) of the cache `path` from memory, the store or `$LOGIX_CACHE_DIR`;
     None when there is none, or it is damaged, foreign or fails its checksum (recompute)."""
     path = Path(path)

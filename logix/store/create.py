@@ -30,8 +30,15 @@ from logix.version import __version__
 CONFIG_COPY = "config.yaml"
 
 
-def create_store(run_dir: Path, config: dict[str, Any], config_yaml: str, modules: list[ModuleInfo],
-                 projections: bytes, projection_info: dict[str, Any], world_size: int) -> dict:
+def create_store(
+    run_dir: Path,
+    config: dict[str, Any],
+    config_yaml: str,
+    modules: list[ModuleInfo],
+    projections: bytes,
+    projection_info: dict[str, Any],
+    world_size: int,
+) -> dict:
     """Write the projections file (safetensors bytes), the config copy and the manifest, in
     that order; returns the manifest. `config` is the resolved config as a dict.
 
@@ -39,8 +46,10 @@ def create_store(run_dir: Path, config: dict[str, Any], config_yaml: str, module
     no manifest; every later one gets a StoreError and changes nothing."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise StoreError(f"{run_dir} is a file, not a directory: logix.init needs a directory "
-                         "path for the store (it is created if missing)")
+        raise StoreError(
+            f"{run_dir} is a file, not a directory: logix.init needs a directory "
+            "path for the store (it is created if missing)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = creation_lock(run_dir)
     try:
@@ -48,15 +57,22 @@ def create_store(run_dir: Path, config: dict[str, Any], config_yaml: str, module
             raise StoreError(
                 f"{run_dir} already holds a logix store: another process created it while this "
                 "one was starting (one writer per run directory). Log into another directory, "
-                "or join it with logix.init(path, resume=True) once that process is done")
-        return _write_store(run_dir, config, config_yaml, modules, projections, projection_info,
-                            world_size)
+                "or join it with logix.init(path, resume=True) once that process is done"
+            )
+        return _write_store(run_dir, config, config_yaml, modules, projections, projection_info, world_size)
     finally:
         lock.release()
 
 
-def _write_store(run_dir: Path, config: dict[str, Any], config_yaml: str, modules: list[ModuleInfo],
-                 projections: bytes, projection_info: dict[str, Any], world_size: int) -> dict:
+def _write_store(
+    run_dir: Path,
+    config: dict[str, Any],
+    config_yaml: str,
+    modules: list[ModuleInfo],
+    projections: bytes,
+    projection_info: dict[str, Any],
+    world_size: int,
+) -> dict:
     write_atomic(run_dir / PROJECTIONS, lambda tmp: tmp.write_bytes(projections))
     write_atomic(run_dir / CONFIG_COPY, lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
     manifest = {

@@ -27,11 +27,15 @@ def finish_logging(run_dir: str | Path, ok: bool = True) -> list[int]:
         raise StoreError(
             f"rank {rank} finished logging (its shards and index are final), but not every "
             f"rank reached run.finalize(): {e}. `logix inspect {run_dir}` shows which ranks did "
-            "not finalize; store.missing_ids(expected_ids) lists the rows to log again") from e
+            "not finalize; store.missing_ids(expected_ids) lists the rows to log again"
+        ) from e
     if failed and ok:
-        warnings.warn(f"rank(s) {failed} could not close their store writer; their rows after "
-                      "the last completed shard are missing (logix inspect shows which ranks "
-                      "did not finalize)", stacklevel=3)
+        warnings.warn(
+            f"rank(s) {failed} could not close their store writer; their rows after "
+            "the last completed shard are missing (logix inspect shows which ranks "
+            "did not finalize)",
+            stacklevel=3,
+        )
     return failed
 
 

@@ -82,15 +82,18 @@ def check_module_table(modules: list[ModuleInfo], where: str = "the module table
     seen = set()
     for m in modules:
         sizes = (m.d_in, m.d_out, m.r_in, m.r_out, m.offset)
-        if not isinstance(m.name, str) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                  and v >= 0 for v in sizes):
+        if not isinstance(m.name, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes
+        ):
             raise StoreError(f"{where}: module entry {m!r} is damaged (name or sizes)")
         if m.name in seen:
             raise StoreError(f"{where}: module {m.name!r} appears twice in the module table")
         seen.add(m.name)
         if m.offset != offset:
-            raise StoreError(f"{where}: module {m.name!r} starts at column {m.offset}, "
-                             f"expected {offset}: the module table is damaged")
+            raise StoreError(
+                f"{where}: module {m.name!r} starts at column {m.offset}, "
+                f"expected {offset}: the module table is damaged"
+            )
         offset += m.width
 
 

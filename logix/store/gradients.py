@@ -39,9 +39,7 @@ class Gradients:
         if self.values.ndim != 2:
             raise ValueError(f"values must be [n, D], got shape {tuple(self.values.shape)}")
         if len(self.data_ids) != self.values.shape[0]:
-            raise ValueError(
-                f"{len(self.data_ids)} data ids for {self.values.shape[0]} gradient rows"
-            )
+            raise ValueError(f"{len(self.data_ids)} data ids for {self.values.shape[0]} gradient rows")
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -73,16 +71,23 @@ class Gradients:
             "fingerprint": self.fingerprint,
             "meta": json.dumps(self.meta),
         }
-        save_file({"values": self.values.detach().to("cpu", torch.float32).contiguous()},
-                  str(path), metadata=metadata)
+        save_file(
+            {"values": self.values.detach().to("cpu", torch.float32).contiguous()},
+            str(path),
+            metadata=metadata,
+        )
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Gradients:
         path = Path(path)
-        tensors, md = read_tagged(path, "logix-gradients", "a logix gradients file",
-                                  "save one with `run.gradients().save(path)` from a query-mode run",
-                                  keys=["values"])
+        tensors, md = read_tagged(
+            path,
+            "logix-gradients",
+            "a logix gradients file",
+            "save one with `run.gradients().save(path)` from a query-mode run",
+            keys=["values"],
+        )
         try:
             return cls(
                 values=tensors["values"].float(),

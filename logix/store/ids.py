@@ -38,8 +38,7 @@ def normalise_ids(ids: Sequence[Any]) -> list[DataId]:
 
 
 def _one_id(i: Any) -> DataId:
-    if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.is_floating_point() \
-            and i.dtype != torch.bool:
+    if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.is_floating_point() and i.dtype != torch.bool:
         i = int(i.item())
     elif isinstance(i, np.integer):
         i = int(i)
@@ -64,8 +63,9 @@ def check_id_bounds(ids: list[DataId]) -> None:
             )
     ints = [i for i in ids if isinstance(i, int)]
     if ints and not -_INT_LIMIT <= min(ints) <= max(ints) < _INT_LIMIT:
-        raise StoreError(f"integer data ids must fit in 64 bits (|id| < 2**63); got one outside, "
-                         f"e.g. {max(ints, key=abs)}")
+        raise StoreError(
+            f"integer data ids must fit in 64 bits (|id| < 2**63); got one outside, e.g. {max(ints, key=abs)}"
+        )
 
 
 def id_json_bound(i: DataId) -> int:

@@ -25,14 +25,19 @@ def valid_segment(name: object, where: str) -> str:
     try:
         return check_segment_name(name)  # type: ignore[arg-type]
     except ValueError as e:
-        raise StoreError(f"{where} names segment {name!r}, which is not a valid segment name ({e}); "
-                         "the file is damaged or was not written by logix") from None
+        raise StoreError(
+            f"{where} names segment {name!r}, which is not a valid segment name ({e}); "
+            "the file is damaged or was not written by logix"
+        ) from None
 
 
 def check_index(idx: object, rank: int, where: Path) -> dict:
     """Validate one rank's index (types, segment names, shard paths) and return it."""
-    if not isinstance(idx, dict) or not isinstance(idx.get("shards", []), list) \
-            or not isinstance(idx.get("segments", []), list):
+    if (
+        not isinstance(idx, dict)
+        or not isinstance(idx.get("shards", []), list)
+        or not isinstance(idx.get("segments", []), list)
+    ):
         raise StoreError(f"{where} is not a logix shard index (no `shards` / `segments` lists)")
     if idx.get("rank") != rank:
         raise StoreError(f"{where} says rank {idx.get('rank')}; the file name says rank {rank}")
@@ -42,18 +47,23 @@ def check_index(idx: object, rank: int, where: Path) -> dict:
         valid_segment(s.get("name"), str(where))
     seen = set()
     for sh in idx.get("shards", []):
-        if not isinstance(sh, dict) or any(not isinstance(sh.get(k), t) or isinstance(sh.get(k), bool)
-                                           for k, t in _SHARD_KEYS.items()):
+        if not isinstance(sh, dict) or any(
+            not isinstance(sh.get(k), t) or isinstance(sh.get(k), bool) for k, t in _SHARD_KEYS.items()
+        ):
             raise StoreError(f"{where} has a damaged shard entry {sh!r}")
         segment = valid_segment(sh["segment"], str(where))
         expected = shard_relpath(segment, rank, sh["seq"])
         if sh["file"] != expected:
-            raise StoreError(f"{where} lists shard file {sh['file']!r}; a shard of rank {rank}, "
-                             f"segment {segment!r}, number {sh['seq']} must be {expected!r}. "
-                             "Nothing outside the run directory is read: the index is damaged")
+            raise StoreError(
+                f"{where} lists shard file {sh['file']!r}; a shard of rank {rank}, "
+                f"segment {segment!r}, number {sh['seq']} must be {expected!r}. "
+                "Nothing outside the run directory is read: the index is damaged"
+            )
         if sh["file"] in seen:
-            raise StoreError(f"{where} lists shard {sh['file']} twice: the index is damaged "
-                             "(its rows would be counted twice)")
+            raise StoreError(
+                f"{where} lists shard {sh['file']} twice: the index is damaged "
+                "(its rows would be counted twice)"
+            )
         seen.add(sh["file"])
         if sh["rows"] < 0 or sh["bytes"] < 0 or sh["seq"] < 0:
             raise StoreError(f"{where} has a shard entry with a negative count: {sh!r}")

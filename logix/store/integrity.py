@@ -32,14 +32,12 @@ def verify_shards(store: Any, full: bool) -> None:
             continue
         if size != sh["bytes"]:
             kind = "truncated" if size < sh["bytes"] else "longer than recorded"
-            problems.append(f"{sh['file']} is {kind}: {size} bytes on disk, the index "
-                            f"records {sh['bytes']}")
+            problems.append(f"{sh['file']} is {kind}: {size} bytes on disk, the index records {sh['bytes']}")
             continue
         if full:
             crc = file_crc32(file, buf)
             if crc != sh["crc32"]:
-                problems.append(f"{sh['file']} is corrupted: crc32 {crc}, the index records "
-                                f"{sh['crc32']}")
+                problems.append(f"{sh['file']} is corrupted: crc32 {crc}, the index records {sh['crc32']}")
                 continue
             try:
                 store.shard_offset(i)  # parses and checks the header
@@ -47,8 +45,7 @@ def verify_shards(store: Any, full: bool) -> None:
                 problems.append(str(e).split(". Nothing was changed")[0])
     if problems:
         first = problems[0].split(" ", 1)[0]
-        listing = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                             if len(problems) > 5 else "")
+        listing = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise StoreError(
             f"store {store.path}, segment {store.segment!r}: {len(problems)} damaged "
             f"shard(s): {listing}. {damage_fix(first)}"
@@ -71,8 +68,9 @@ def check_unique_ids(store: Any) -> None:
     cause = (
         "Each rank must log a disjoint share of the data: torch's DistributedSampler repeats "
         "examples to even out the ranks unless drop_last=True, so pass drop_last=True (or log "
-        "each id on one rank only)." if len(ranks) > 1 else
-        "One writer never stores an id twice in a segment, so the index or the shards were "
+        "each id on one rank only)."
+        if len(ranks) > 1
+        else "One writer never stores an id twice in a segment, so the index or the shards were "
         "changed outside logix (e.g. a shard listed twice or copied under another number)."
     )
     across = "across ranks" if len(ranks) > 1 else f"within rank {min(ranks)}"
@@ -98,8 +96,10 @@ def verify_curvature(directory: Path) -> list[str]:
             problems.append(f"curvature/{rel} is damaged ({str(e).split(' (', 1)[-1]}")
             continue
         if checksum_matches(tensors, md) is False:
-            problems.append(f"curvature/{rel} does not match its checksum (bit rot or an edit): "
-                            "delete it; caches are recomputed, statistics must be logged again")
+            problems.append(
+                f"curvature/{rel} does not match its checksum (bit rot or an edit): "
+                "delete it; caches are recomputed, statistics must be logged again"
+            )
     return problems
 
 

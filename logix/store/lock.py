@@ -53,8 +53,11 @@ class FileLock:
                 "process may write it at a time. Wait for that process to finish (or stop it), "
                 "or log into another run directory"
             ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(info).encode(), 0)
 
@@ -74,8 +77,7 @@ class FileLock:
 
 def writer_lock(run_dir: Path, rank: int) -> FileLock:
     """The lock of rank `rank`'s writer of `run_dir`; a StoreError naming the holder if taken."""
-    return FileLock(lock_path(run_dir, rank),
-                    what=f"rank {rank} of the store {run_dir}")
+    return FileLock(lock_path(run_dir, rank), what=f"rank {rank} of the store {run_dir}")
 
 
 def creation_lock(run_dir: Path) -> FileLock:

@@ -25,12 +25,16 @@ def read_manifest(run_dir: Path) -> dict:
     manifest_file = run_dir / MANIFEST
     if not manifest_file.is_file():
         if run_dir.exists() and not run_dir.is_dir():
-            raise StoreError(f"{run_dir} is a file, not a logix store directory: pass a directory "
-                             "path (logix.init(path) creates a store)")
+            raise StoreError(
+                f"{run_dir} is a file, not a logix store directory: pass a directory "
+                "path (logix.init(path) creates a store)"
+            )
         what = "does not exist" if not run_dir.exists() else "has no manifest.json"
-        raise StoreError(f"{run_dir} is not a logix store: it {what} ({manifest_file} does not "
-                         "exist; logix.init(path) creates a store and writes its manifest before "
-                         "any rows are logged)")
+        raise StoreError(
+            f"{run_dir} is not a logix store: it {what} ({manifest_file} does not "
+            "exist; logix.init(path) creates a store and writes its manifest before "
+            "any rows are logged)"
+        )
     manifest = read_json(manifest_file)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{manifest_file} is not a logix store manifest (format != {FORMAT_NAME!r})")
@@ -47,8 +51,10 @@ def read_manifest(run_dir: Path) -> dict:
         raise StoreError(f"{manifest_file} names an unknown storage dtype {manifest.get('dtype')!r}")
     table = manifest.get("modules")
     if not isinstance(table, list):
-        raise StoreError(f"{manifest_file} has no module table (`modules`): the manifest is damaged; "
-                         "restore it from a backup or log the store again")
+        raise StoreError(
+            f"{manifest_file} has no module table (`modules`): the manifest is damaged; "
+            "restore it from a backup or log the store again"
+        )
     try:
         modules = [ModuleInfo.from_dict(m) for m in table]
     except (KeyError, TypeError) as e:
@@ -56,6 +62,8 @@ def read_manifest(run_dir: Path) -> dict:
     check_module_table(modules, str(manifest_file))
     width = manifest.get("width")
     if width != total_width(modules):
-        raise StoreError(f"{manifest_file} says width {width!r}, its module table gives "
-                         f"{total_width(modules)}: the manifest is damaged")
+        raise StoreError(
+            f"{manifest_file} says width {width!r}, its module table gives "
+            f"{total_width(modules)}: the manifest is damaged"
+        )
     return manifest

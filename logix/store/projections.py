@@ -27,8 +27,10 @@ def check_projections(run_dir: Path, manifest: dict, required: bool = False) -> 
     path = Path(run_dir) / PROJECTIONS
     if not path.is_file():
         if required:
-            raise StoreError(f"{path} is missing: the store's projections are lost; it cannot be "
-                             "extended or queried with new gradients (its rows stay readable)")
+            raise StoreError(
+                f"{path} is missing: the store's projections are lost; it cannot be "
+                "extended or queried with new gradients (its rows stay readable)"
+            )
         return
     modules = [ModuleInfo.from_dict(m) for m in manifest["modules"]]
     if fingerprint(modules, file_sha256(path)) != manifest.get("fingerprint"):
@@ -36,4 +38,5 @@ def check_projections(run_dir: Path, manifest: dict, required: bool = False) -> 
             f"{path} does not match the store's manifest (its digest differs from the "
             "fingerprint): the projections are damaged or were replaced, and gradients captured "
             "with them would give wrong scores. Restore the file from a backup; the rows already "
-            "stored stay valid (open_store(path, verify='none') reads them)")
+            "stored stay valid (open_store(path, verify='none') reads them)"
+        )

@@ -2,8 +2,9 @@
 
 The reader merges the per-rank indexes, checks the listed shards (size, optionally crc32 and
 every header) and streams rows in chunks of a fixed number of rows that span shard boundaries.
-Shard data is read with `pread` straight into the chunk's tensor (`shard_io.RowReader`), so a
-chunk is the only sizeable allocation and a store larger than RAM streams. Complete shards that
+Shard data is read with `pread` straight into the chunk's tensor, a few reads in flight and one
+chunk ahead (`row_reader.RowReader`), so a few chunks are the only sizeable allocations, a store
+larger than RAM streams, and a cold one streams at the disk's rate. Complete shards that
 no index lists yet (a writer stopped, or is, between renaming a shard and updating its index)
 are reported, not read: a resumed writer adopts them.
 """
@@ -26,7 +27,8 @@ from logix.store.index import read_indexes, valid_segment
 from logix.store.manifest import read_manifest
 from logix.store.projections import check_projections
 from logix.store.recovery import unindexed_shards
-from logix.store.shard_io import TORCH_DTYPES, RowReader, damage_fix
+from logix.store.row_reader import RowReader
+from logix.store.shard_io import TORCH_DTYPES, damage_fix
 from logix.vocabulary import VERIFY_LEVELS, check_choice
 
 __all__ = ["open_store", "Store", "TORCH_DTYPES", "DataId"]
@@ -58,8 +60,15 @@ def open_store(path: str | Path, segment: str | None = None, verify: str = "quic
 class Store:
     """A view of one segment of a store: ids and rows in (rank, seq) shard order."""
 
-    def __init__(self, path: Path, manifest: dict, indexes: dict[int, dict],
-                 segment: str | None, verify: str, unindexed: list[dict] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict,
+        indexes: dict[int, dict],
+        segment: str | None,
+        verify: str,
+        unindexed: list[dict] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.config: dict = manifest.get("config", {})
@@ -87,14 +96,16 @@ class Store:
         if segment is None:
             segment = self.segments[-1] if self.segments else "0"
         elif segment not in metas:
-            raise StoreError(
-                f"{self.path} has no segment {segment!r}; its segments are {self.segments}"
-            )
+            raise StoreError(f"{self.path} has no segment {segment!r}; its segments are {self.segments}")
         self.segment: str = valid_segment(segment, "the segment asked for")
         self.segment_meta: dict = dict(metas.get(segment, {}))
         self.shards: list[dict] = sorted(
-            ({**sh, "rank": rank} for rank in self.ranks
-             for sh in indexes[rank].get("shards", []) if sh["segment"] == segment),
+            (
+                {**sh, "rank": rank}
+                for rank in self.ranks
+                for sh in indexes[rank].get("shards", [])
+                if sh["segment"] == segment
+            ),
             key=lambda sh: (sh["rank"], sh["seq"]),
         )
         self.starts = [0]  # row index of each shard's first row, then the total
@@ -110,7 +121,9 @@ class Store:
                 f"shard(s) ({rows} rows) are not in the index yet (a writer stopped between writing "
                 "a shard and updating its index, or is doing so now); they are not included here. "
                 "logix.init(run_dir, resume=True) adopts them; after run.watch(model), "
-                "run.logged_ids() lists every stored id", stacklevel=3)
+                "run.logged_ids() lists every stored id",
+                stacklevel=3,
+            )
         if verify != "none":
             self.verify(full=verify == "full")
             if verify == "full" or len({sh["rank"] for sh in self.shards}) > 1:
@@ -121,8 +134,10 @@ class Store:
         return self.starts[-1]
 
     def __repr__(self) -> str:
-        return (f"Store({str(self.path)!r}, segment={self.segment!r}, rows={len(self)}, "
-                f"width={self.width}, dtype={self.dtype}, shards={len(self.shards)})")
+        return (
+            f"Store({str(self.path)!r}, segment={self.segment!r}, rows={len(self)}, "
+            f"width={self.width}, dtype={self.dtype}, shards={len(self.shards)})"
+        )
 
     @property
     def nbytes(self) -> int:
@@ -151,8 +166,14 @@ class Store:
 
     def select(self, segment: str, verify: str | None = None) -> Store:
         """The same store viewed on another segment (checked with this store's verify mode)."""
-        return Store(self.path, self.manifest, self._indexes, segment,
-                     self._verify_mode if verify is None else verify, self._unindexed)
+        return Store(
+            self.path,
+            self.manifest,
+            self._indexes,
+            segment,
+            self._verify_mode if verify is None else verify,
+            self._unindexed,
+        )
 
     def shard_offset(self, i: int) -> int:
         """The file offset of row 0 of shard i."""
@@ -176,8 +197,9 @@ class Store:
             except FileNotFoundError:
                 raise StoreError(f"shard {sh['file']} is missing. {damage_fix(sh['file'])}") from None
             except (KeyError, ValueError) as e:
-                raise StoreError(f"shard {sh['file']} has damaged metadata ({e}). "
-                                 f"{damage_fix(sh['file'])}") from e
+                raise StoreError(
+                    f"shard {sh['file']} has damaged metadata ({e}). {damage_fix(sh['file'])}"
+                ) from e
             if rows != sh["rows"] or len(ids) != rows:
                 raise StoreError(
                     f"shard {sh['file']} holds {rows} rows and {len(ids)} ids, the index records "
@@ -187,7 +209,8 @@ class Store:
                 raise StoreError(
                     f"shard {sh['file']} says segment {meta.get('segment')!r}, rank "
                     f"{meta.get('rank')!r} in its header; the index says segment "
-                    f"{sh['segment']!r}, rank {sh['rank']}. {damage_fix(sh['file'])}")
+                    f"{sh['segment']!r}, rank {sh['rank']}. {damage_fix(sh['file'])}"
+                )
             self._layouts[i] = (offset, ids)
         return self._layouts[i]  # type: ignore[return-value]
 
@@ -208,10 +231,11 @@ class Store:
             raise ValueError(f"shard range [{first}, {stop}) is outside 0..{len(self.shards)}")
         view = copy.copy(self)
         view.shards = self.shards[first:stop]
-        view.starts = [s - self.starts[first] for s in self.starts[first:stop + 1]]
+        view.starts = [s - self.starts[first] for s in self.starts[first : stop + 1]]
         view._layouts = self._layouts[first:stop]
-        view._data_ids = None if self._data_ids is None else \
-            self._data_ids[self.starts[first]:self.starts[stop]]
+        view._data_ids = (
+            None if self._data_ids is None else self._data_ids[self.starts[first] : self.starts[stop]]
+        )
         view.row_offset = self.row_offset + self.starts[first]
         return view
 
@@ -232,8 +256,7 @@ class Store:
 
     def rows_by_rank(self) -> dict[int, int]:
         """Rows in each rank's completed shards, over all segments."""
-        return {r: sum(int(sh["rows"]) for sh in idx.get("shards", []))
-                for r, idx in self._indexes.items()}
+        return {r: sum(int(sh["rows"]) for sh in idx.get("shards", [])) for r, idx in self._indexes.items()}
 
     @property
     def unfinalized_ranks(self) -> list[int]:
@@ -262,13 +285,16 @@ class Store:
         integrity.verify_shards(self, full)
 
     # ----------------------------------------------------------------------------- rows
-    def iter_chunks(self, rows: int = 4096, *, dtype: torch.dtype = torch.float32,
-                    buffers: int = 0) -> Iterator[tuple[list[DataId], torch.Tensor]]:
+    def iter_chunks(
+        self, rows: int = 4096, *, dtype: torch.dtype = torch.float32, buffers: int = 0
+    ) -> Iterator[tuple[list[DataId], torch.Tensor]]:
         """Yield (ids, tensor [rows, D]) in row order; the last chunk may be smaller.
 
-        buffers=0: each chunk is a fresh tensor (safe to keep). buffers=k >= 1: chunks cycle
-        through k preallocated tensors, so a chunk stays valid only until k more chunks have been
-        yielded (use k = prefetch depth + 2 behind a read-ahead thread). Reusing memory is
+        Each chunk is read as a few pieces in flight on a small thread pool. buffers=0: each
+        chunk is a fresh tensor (safe to keep), and the next one is read while the consumer
+        holds this one. buffers=k >= 1: chunks cycle through k preallocated tensors, so a chunk
+        stays valid only until k more chunks have been yielded (behind a read-ahead thread of
+        depth d use k = d + 2); nothing is read before it is asked for. Reusing memory is
         several times faster on cached data (no page faults) and keeps the heap from growing.
         """
         if rows < 1 or buffers < 0:
@@ -279,20 +305,28 @@ class Store:
         ids = self.data_ids
         reader = RowReader(self)
         pool: list[torch.Tensor] = []
+
+        def start_reading(start: int) -> tuple[torch.Tensor, list]:
+            k = min(rows, n - start)
+            if buffers > 0:
+                slot = (start // rows) % buffers
+                if len(pool) <= slot:
+                    pool.append(torch.empty((min(rows, n), self.width), dtype=dtype))
+                out = pool[slot][:k]
+            else:
+                out = torch.empty((k, self.width), dtype=dtype)
+            return out, reader.submit(out, start)
+
         try:
-            reader.advise(0, min(rows, n))
+            ahead = start_reading(0)
             for start in range(0, n, rows):
-                k = min(rows, n - start)
-                if buffers > 0:
-                    slot = (start // rows) % buffers
-                    if len(pool) <= slot:
-                        pool.append(torch.empty((min(rows, n), self.width), dtype=dtype))
-                    out = pool[slot][:k]
-                else:
-                    out = torch.empty((k, self.width), dtype=dtype)
-                reader.read_into(out, start)
-                reader.advise(start + k, min(rows, n - start - k))  # kernel reads ahead meanwhile
-                yield ids[start:start + k], out
+                out, reads = ahead if ahead is not None else start_reading(start)
+                reader.wait(reads)
+                ahead = None
+                if start + rows < n and buffers == 0:
+                    ahead = start_reading(start + rows)
+                reader.release_before(start)
+                yield ids[start : start + out.shape[0]], out
         finally:
             reader.close()
 

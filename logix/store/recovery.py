@@ -29,8 +29,14 @@ def remove_tmp_files(run_dir: Path, rank: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def unindexed_shards(run_dir: Path, indexes: dict[int, dict], width: int, dtype: str,
-                     rank: int | None = None, checksum: bool = False) -> list[dict]:
+def unindexed_shards(
+    run_dir: Path,
+    indexes: dict[int, dict],
+    width: int,
+    dtype: str,
+    rank: int | None = None,
+    checksum: bool = False,
+) -> list[dict]:
     """Complete shard files (of `rank`, or of every rank) that no index lists, as index entries
     with "rank", "data_ids" and "unindexed": True; `checksum` computes their crc32 (else None).
     A file that fails the checks is left in place with a warning."""
@@ -51,16 +57,29 @@ def unindexed_shards(run_dir: Path, indexes: dict[int, dict], width: int, dtype:
             if not isinstance(ids, list) or len(ids) != rows:
                 raise StoreError(f"{len(ids)} ids for {rows} rows")
             if meta.get("segment") != path.parent.name or meta.get("rank") != str(shard_rank):
-                raise StoreError(f"its header names segment {meta.get('segment')!r}, rank "
-                                 f"{meta.get('rank')!r}")
+                raise StoreError(
+                    f"its header names segment {meta.get('segment')!r}, rank {meta.get('rank')!r}"
+                )
         except (StoreError, KeyError, ValueError, TypeError) as e:
-            warnings.warn(f"{path} is not listed in any index and cannot be adopted ({e}); it is "
-                          "left in place and ignored (move it away to silence this)", stacklevel=3)
+            warnings.warn(
+                f"{path} is not listed in any index and cannot be adopted ({e}); it is "
+                "left in place and ignored (move it away to silence this)",
+                stacklevel=3,
+            )
             continue
-        found.append({"file": rel, "segment": path.parent.name, "seq": seq, "rows": rows,
-                      "bytes": path.stat().st_size,
-                      "crc32": file_crc32(path) if checksum else None,
-                      "rank": shard_rank, "data_ids": ids, "unindexed": True})
+        found.append(
+            {
+                "file": rel,
+                "segment": path.parent.name,
+                "seq": seq,
+                "rows": rows,
+                "bytes": path.stat().st_size,
+                "crc32": file_crc32(path) if checksum else None,
+                "rank": shard_rank,
+                "data_ids": ids,
+                "unindexed": True,
+            }
+        )
     return found
 
 
@@ -78,7 +97,8 @@ def adopt_unindexed(run_dir: Path, index: dict, width: int, dtype: str) -> list[
         warnings.warn(
             f"adopted {sh['file']} ({sh['rows']} rows): it was completely written but missing from "
             "the index (the previous writer stopped between writing it and updating the index)",
-            stacklevel=3)
+            stacklevel=3,
+        )
     index["shards"].sort(key=lambda s: s["seq"])
     seqs = [s["seq"] for s in index["shards"]]
     for path in (Path(run_dir) / SHARD_DIR).glob(f"*/r{rank:05d}-*.safetensors"):

@@ -24,9 +24,16 @@ class ShardQueue:
     Shard buffers are [shard_rows, width] float32; at most `min(depth, 2) + 1` exist (one being
     filled, the others queued or being written), which bounds the rows a crash can lose."""
 
-    def __init__(self, write_shard: Callable[[str, list, torch.Tensor], None],
-                 write_index: Callable[[], None], shard_rows: int, width: int, depth: int,
-                 name: str, where: str) -> None:
+    def __init__(
+        self,
+        write_shard: Callable[[str, list, torch.Tensor], None],
+        write_index: Callable[[], None],
+        shard_rows: int,
+        width: int,
+        depth: int,
+        name: str,
+        where: str,
+    ) -> None:
         self._write_shard, self._write_index = write_shard, write_index
         self.shard_rows, self.width, self._where = shard_rows, width, where
         self._free: queue.Queue = queue.Queue()  # buffers the thread has finished with
@@ -60,8 +67,7 @@ class ShardQueue:
 
     def queued_rows(self) -> int:
         """Rows in shards queued and not yet written (approximate while the thread runs)."""
-        return sum(len(job[2]) for job in list(self._jobs.queue)
-                   if job is not _STOP and job[0] == "shard")
+        return sum(len(job[2]) for job in list(self._jobs.queue) if job is not _STOP and job[0] == "shard")
 
     def join(self) -> None:
         """Wait until every queued job is done."""
@@ -89,7 +95,7 @@ class ShardQueue:
                     if job[0] == "shard":
                         _, segment, ids, buffer = job
                         try:
-                            self._write_shard(segment, ids, buffer[:len(ids)])
+                            self._write_shard(segment, ids, buffer[: len(ids)])
                         finally:
                             self._free.put(buffer)
                     else:

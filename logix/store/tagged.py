@@ -17,9 +17,14 @@ from logix.errors import StoreError
 CHECKSUM_KEY = "checksum"
 
 
-def read_tagged(path: str | Path, formats: str | tuple[str, ...], what: str, fix: str = "",
-                error: type[Exception] = StoreError, keys: list[str] | None = None,
-                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tagged(
+    path: str | Path,
+    formats: str | tuple[str, ...],
+    what: str,
+    fix: str = "",
+    error: type[Exception] = StoreError,
+    keys: list[str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of the safetensors file at `path`, whose metadata "format" must be
     one of `formats`; anything else raises `error` saying it is not `what`, with `fix`.
     `keys` reads only those tensors (default: all)."""
@@ -29,8 +34,10 @@ def read_tagged(path: str | Path, formats: str | tuple[str, ...], what: str, fix
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
             if md.get("format") not in formats:
-                raise error(f"{path} is not {what} (its metadata names format "
-                            f"{md.get('format')!r}, expected {' or '.join(formats)}){_tail(fix)}")
+                raise error(
+                    f"{path} is not {what} (its metadata names format "
+                    f"{md.get('format')!r}, expected {' or '.join(formats)}){_tail(fix)}"
+                )
             tensors = {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
     except FileNotFoundError:
         raise

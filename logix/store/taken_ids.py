@@ -19,8 +19,15 @@ from logix.store.ids import DataId
 class TakenIds:
     """segment -> set of ids taken; `own_shards()` gives this rank's index entries."""
 
-    def __init__(self, run_dir: Path, width: int, dtype: str, own_shards: Callable[[], list],
-                 others: list[dict], lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        width: int,
+        dtype: str,
+        own_shards: Callable[[], list],
+        others: list[dict],
+        lock: threading.Lock,
+    ) -> None:
         self.run_dir, self.width, self.dtype = Path(run_dir), width, dtype
         self._own_shards, self._others, self._lock = own_shards, others, lock
         self._ids: dict[str, set[DataId]] = {}

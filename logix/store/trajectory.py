@@ -67,21 +67,31 @@ class TrajectoryWriter:
     def __init__(self, run_dir: str | Path, header: dict[str, Any], overwrite: bool = False):
         self.root = trajectory_dir(run_dir)
         if (self.root / INDEX).exists() and not overwrite:
-            raise StoreError(f"{self.root} already holds a recorded trajectory; pass overwrite=True "
-                             "to replace it, or record into another run directory")
+            raise StoreError(
+                f"{self.root} already holds a recorded trajectory; pass overwrite=True "
+                "to replace it, or record into another run directory"
+            )
         if self.root.exists():
             shutil.rmtree(self.root)
         (self.root / "steps").mkdir(parents=True)
         (self.root / "checkpoints").mkdir()
-        self.index = {"format": TRAJECTORY_FORMAT, "version": TRAJECTORY_VERSION, **header,
-                      "checkpoints": [], "steps_files": [], "n_steps": 0, "complete": False}
+        self.index = {
+            "format": TRAJECTORY_FORMAT,
+            "version": TRAJECTORY_VERSION,
+            **header,
+            "checkpoints": [],
+            "steps_files": [],
+            "n_steps": 0,
+            "complete": False,
+        }
         write_json_atomic(self.root / INDEX, self.index)
 
     def write_steps(self, first: int, records: list[dict[str, Any]]) -> None:
         """The records of steps first, first+1, ...: {"blocks": [[ids]...], "groups": [{hp}...]}."""
         if first != self.index["n_steps"]:
-            raise StoreError(f"steps must be written in order: expected step {self.index['n_steps']}, "
-                             f"got {first}")
+            raise StoreError(
+                f"steps must be written in order: expected step {self.index['n_steps']}, got {first}"
+            )
         path = self.root / steps_name(first)
         text = json.dumps(records, separators=(",", ":"))
         write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -95,8 +105,12 @@ class TrajectoryWriter:
         tensors = {f"param/{n}": t.detach().cpu().contiguous() for n, t in ckpt.params.items()}
         for key, per_name in ckpt.state.items():
             tensors.update({f"state/{key}/{n}": t.detach().cpu().contiguous() for n, t in per_name.items()})
-        meta = {"format": CHECKPOINT_FORMAT, "step": str(ckpt.step), "counts": json.dumps(ckpt.counts),
-                "initialised": json.dumps(sorted(ckpt.initialised))}
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": str(ckpt.step),
+            "counts": json.dumps(ckpt.counts),
+            "initialised": json.dumps(sorted(ckpt.initialised)),
+        }
         path = self.root / checkpoint_name(ckpt.step)
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.index["checkpoints"].append({"step": ckpt.step, "crc32": file_crc32(path)})
@@ -109,8 +123,9 @@ class TrajectoryWriter:
 
 def _int(value: Any, what: str, path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StoreError(f"{path}: {what} must be a non-negative integer, got {value!r}; "
-                         "the index is damaged")
+        raise StoreError(
+            f"{path}: {what} must be a non-negative integer, got {value!r}; the index is damaged"
+        )
     return value
 
 
@@ -124,14 +139,18 @@ class Trajectory:
         self.root = trajectory_dir(run_dir)
         path = self.root / INDEX
         if not path.exists():
-            raise StoreError(f"no recorded trajectory in {run_dir}: record one with "
-                             "run.watch(model, optimizer=opt) or logix.record_trajectory(...)")
+            raise StoreError(
+                f"no recorded trajectory in {run_dir}: record one with "
+                "run.watch(model, optimizer=opt) or logix.record_trajectory(...)"
+            )
         index = read_json(path)
         if not isinstance(index, dict) or index.get("format") != TRAJECTORY_FORMAT:
             raise StoreError(f"{path} is not a logix trajectory index")
         if index.get("version") != TRAJECTORY_VERSION:
-            raise StoreError(f"{path} has trajectory format version {index.get('version')!r}; this logix "
-                             f"reads version {TRAJECTORY_VERSION}")
+            raise StoreError(
+                f"{path} has trajectory format version {index.get('version')!r}; this logix "
+                f"reads version {TRAJECTORY_VERSION}"
+            )
         self.optimizer = str(index.get("optimizer"))
         self.every = _int(index.get("every"), "every", path)
         self.reduction = str(index.get("reduction", "mean"))
@@ -139,9 +158,15 @@ class Trajectory:
         params = index.get("parameters")
         if not isinstance(params, list) or not params:
             raise StoreError(f"{path} has no parameter table")
-        self.parameters = [{"name": str(p["name"]), "shape": [_int(s, "a shape", path) for s in p["shape"]],
-                            "dtype": str(p["dtype"]), "group": _int(p["group"], "a group", path)}
-                           for p in params]
+        self.parameters = [
+            {
+                "name": str(p["name"]),
+                "shape": [_int(s, "a shape", path) for s in p["shape"]],
+                "dtype": str(p["dtype"]),
+                "group": _int(p["group"], "a group", path),
+            }
+            for p in params
+        ]
         self._checkpoint_crc = {}
         for c in index.get("checkpoints", []):
             self._checkpoint_crc[_int(c.get("step"), "a checkpoint step", path)] = str(c.get("crc32"))
@@ -177,8 +202,11 @@ class Trajectory:
             if not isinstance(records, list) or len(records) != count:
                 raise StoreError(f"{path} should hold {count} step records")
             for r in records:
-                if not isinstance(r, dict) or not isinstance(r.get("blocks"), list) \
-                        or not isinstance(r.get("groups"), list):
+                if (
+                    not isinstance(r, dict)
+                    or not isinstance(r.get("blocks"), list)
+                    or not isinstance(r.get("groups"), list)
+                ):
                     raise StoreError(f"{path} holds a malformed step record")
             out.extend(records)
         return out[: self.n_steps]

@@ -46,9 +46,18 @@ class StoreWriter:
     a warning (see `_close_at_exit`).
     """
 
-    def __init__(self, run_dir: str | Path, *, width: int, dtype: str = "float32",
-                 shard_rows: int = 4096, rank: int = 0, observers: Sequence[Observer] = (),
-                 queue_depth: int = 4, max_shard_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        width: int,
+        dtype: str = "float32",
+        shard_rows: int = 4096,
+        rank: int = 0,
+        observers: Sequence[Observer] = (),
+        queue_depth: int = 4,
+        max_shard_bytes: int = 64 << 20,
+    ) -> None:
         self.run_dir = Path(run_dir)
         manifest = read_manifest(self.run_dir)
         if dtype not in STORAGE_DTYPES:
@@ -88,14 +97,22 @@ class StoreWriter:
         own = [s["name"] for s in self._index["segments"]]
         other_names = [s["name"] for idx in self._others for s in idx.get("segments", [])]
         self._segment: str | None = (own or other_names or [None])[-1]
-        self._taken = TakenIds(self.run_dir, self.width, self.dtype,
-                               lambda: self._index["shards"], self._others, self._lock)
+        self._taken = TakenIds(
+            self.run_dir, self.width, self.dtype, lambda: self._index["shards"], self._others, self._lock
+        )
         self._buf: torch.Tensor | None = None  # the shard being filled, [shard_rows, D] float32
         self._buf_ids: list[DataId] = []
         self._buf_id_bytes = 0
         self._closed = False
-        self._jobs = ShardQueue(self._write_rows, self._write_index, self.shard_rows, self.width,
-                                queue_depth, f"logix-writer-{rank}", str(self.run_dir))
+        self._jobs = ShardQueue(
+            self._write_rows,
+            self._write_index,
+            self.shard_rows,
+            self.width,
+            queue_depth,
+            f"logix-writer-{rank}",
+            str(self.run_dir),
+        )
         atexit.register(self._close_at_exit)
 
     @property
@@ -175,9 +192,17 @@ class StoreWriter:
         ids = normalise_ids(ids)
         if len(ids) != rows.shape[0]:
             raise StoreError(f"{len(ids)} data ids for {rows.shape[0]} rows: pass one id per row")
+        self.add_checked(ids, rows, nonfinite_rows(rows))
+
+    def add_checked(self, ids: list[DataId], rows: torch.Tensor, nonfinite: list[int]) -> None:
+        """`add` for a caller that has already checked what it needs itself: `ids` normalised
+        (`batch_ids` / `normalise_ids`), rows a float tensor [len(ids), D], `nonfinite` the
+        indices `nonfinite_rows(rows)` gave. The run's logging path; duplicates are checked
+        here, and a batch with non-finite rows is refused, as by `add`."""
+        self._check_open()
         segment = self._segment if self._segment is not None else self._next_segment_name()
         taken = self._taken.check_new(segment, ids)
-        bad = [ids[j] for j in nonfinite_rows(rows)]
+        bad = [ids[j] for j in nonfinite]
         if bad:
             raise StoreError(
                 f"non-finite gradient rows (NaN/inf) for data id(s) {bad[:10]}: check the loss "
@@ -205,10 +230,10 @@ class StoreWriter:
             if start and bounds[done + take] - bounds[done] > budget:
                 self._cut()  # the ids would not fit this shard's header budget
                 continue
-            target = self._buf[start:start + take]
+            target = self._buf[start : start + take]
             if target.data_ptr() != rows[done:].data_ptr():  # rows from reserve() are in place
-                target.copy_(rows[done:done + take])
-            self._buf_ids += ids[done:done + take]
+                target.copy_(rows[done : done + take])
+            self._buf_ids += ids[done : done + take]
             self._buf_id_bytes += bounds[done + take] - bounds[done]
             done += take
             if len(self._buf_ids) == self.shard_rows:
@@ -221,7 +246,7 @@ class StoreWriter:
             self._buf = self._jobs.take_buffer()
         start = len(self._buf_ids)
         if self._buf is not None and start + n <= self.shard_rows:
-            return self._buf[start:start + n]
+            return self._buf[start : start + n]
         return torch.empty(n, self.width)
 
     def _cut(self) -> None:
@@ -283,13 +308,19 @@ class StoreWriter:
             self._jobs.stop()
             self._held.release()
         error = self._jobs.error
-        outcome = (f"its {pending} pending rows were written" if error is None else
-                   f"its pending rows are lost ({error!r})")
+        outcome = (
+            f"its {pending} pending rows were written"
+            if error is None
+            else f"its pending rows are lost ({error!r})"
+        )
         warnings.warn(
             f"logix: the store writer of {self.run_dir} (rank {self.rank}) was never closed: "
             f"run.finalize() was not called. At exit {outcome}; the rank stays marked not "
             "finalized and statistics kept in memory were not saved. Call run.finalize() at the "
-            "end (or use `with logix.init(...) as run:`)", RuntimeWarning, stacklevel=1)
+            "end (or use `with logix.init(...) as run:`)",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -37,20 +37,30 @@ class ParametrisedLoss:
     def per_example(self, params: tuple[torch.Tensor, ...], fn: LossFn, batch: Any) -> torch.Tensor:
         out = functional_call(self.bound, dict(zip(self.keys, params)), (fn, batch))
         if not isinstance(out, torch.Tensor) or out.ndim != 1:
-            raise CaptureError("loss_fn(model, batch) must return the per-example losses, a 1-D tensor "
-                               f"[B]; got {getattr(out, 'shape', type(out).__name__)} (use reduction='none')")
+            raise CaptureError(
+                "loss_fn(model, batch) must return the per-example losses, a 1-D tensor "
+                f"[B]; got {getattr(out, 'shape', type(out).__name__)} (use reduction='none')"
+            )
         return out
 
-    def step_loss(self, params: tuple[torch.Tensor, ...], weights: tuple[torch.Tensor, ...], fn: LossFn,
-                  batches: list[Any], reduction: str) -> torch.Tensor:
+    def step_loss(
+        self,
+        params: tuple[torch.Tensor, ...],
+        weights: tuple[torch.Tensor, ...],
+        fn: LossFn,
+        batches: list[Any],
+        reduction: str,
+    ) -> torch.Tensor:
         """The loss one optimizer step differentiated: Σ over its blocks of the block's reduced,
         weighted per-example losses (weights ε = 1 reproduce the recorded step)."""
         total = None
         for w, batch in zip(weights, batches):
             losses = self.per_example(params, fn, batch)
             if losses.shape != w.shape:
-                raise CaptureError(f"examples(ids) gave a batch whose loss has {losses.shape[0]} entries "
-                                   f"for {w.shape[0]} recorded ids: it must return exactly those examples")
+                raise CaptureError(
+                    f"examples(ids) gave a batch whose loss has {losses.shape[0]} entries "
+                    f"for {w.shape[0]} recorded ids: it must return exactly those examples"
+                )
             block = (w * losses).sum()
             block = block / w.shape[0] if reduction == "mean" else block
             total = block if total is None else total + block
@@ -65,11 +75,15 @@ def check_model(model: nn.Module, parameters: list[dict[str, Any]]) -> list[torc
     for p in parameters:
         t = own.get(p["name"])
         if t is None:
-            raise StoreError(f"the model has no parameter {p['name']!r}, which the recorded training "
-                             "updated: replay with the model the trajectory was recorded with")
+            raise StoreError(
+                f"the model has no parameter {p['name']!r}, which the recorded training "
+                "updated: replay with the model the trajectory was recorded with"
+            )
         dtype = str(t.dtype).removeprefix("torch.")
         if list(t.shape) != p["shape"] or dtype != p["dtype"]:
-            raise StoreError(f"parameter {p['name']} is {dtype} {list(t.shape)} but was recorded as "
-                             f"{p['dtype']} {p['shape']}: replay with the recorded model")
+            raise StoreError(
+                f"parameter {p['name']} is {dtype} {list(t.shape)} but was recorded as "
+                f"{p['dtype']} {p['shape']}: replay with the recorded model"
+            )
         out.append(t)
     return out

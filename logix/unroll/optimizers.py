@@ -32,15 +32,23 @@ class FunctionalOptimizer:
         self.kind = check_choice(kind, OPTIMIZER_KINDS, "optimizer kind")
         self.state_keys = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
 
-    def step(self, params: Tensors, state: State, grads: Tensors, hps: list[dict[str, Any]],
-             counts: list[int], initialised: list[bool]) -> tuple[Tensors, State]:
+    def step(
+        self,
+        params: Tensors,
+        state: State,
+        grads: Tensors,
+        hps: list[dict[str, Any]],
+        counts: list[int],
+        initialised: list[bool],
+    ) -> tuple[Tensors, State]:
         """One update of every parameter i with its group's hyperparameters hps[i]."""
         if self.kind == "sgd":
             return self._sgd(params, state, grads, hps, initialised)
         return self._adam(params, state, grads, hps, counts)
 
-    def advance(self, hps: list[dict[str, Any]], counts: list[int],
-                initialised: list[bool]) -> tuple[list[int], list[bool]]:
+    def advance(
+        self, hps: list[dict[str, Any]], counts: list[int], initialised: list[bool]
+    ) -> tuple[list[int], list[bool]]:
         """The Python-side state after one step: counts + 1, buffers created where momentum ≠ 0."""
         if self.kind == "sgd":
             return counts, [init or h["momentum"] != 0 for init, h in zip(initialised, hps)]
@@ -71,8 +79,8 @@ class FunctionalOptimizer:
                     g = g.add(p, alpha=wd)
             m = m.lerp(g, 1 - beta1)
             v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
-            step_size = lr / (1 - beta1 ** step)
-            denom = (_safe_sqrt(v) / (1 - beta2 ** step) ** 0.5).add(h["eps"])
+            step_size = lr / (1 - beta1**step)
+            denom = (_safe_sqrt(v) / (1 - beta2**step) ** 0.5).add(h["eps"])
             new_params.append(p.addcdiv(m, denom, value=-step_size))
             new_m.append(m)
             new_v.append(v)

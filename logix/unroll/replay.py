@@ -37,8 +37,10 @@ Examples = Callable[[list], Any]
 def _state_of(ckpt: Checkpoint, names: list[str], keys: tuple[str, ...], params: tuple[torch.Tensor, ...]):
     """The checkpoint's optimizer state in the trajectory's parameter order (zeros where the
     state does not exist yet), with the Python-side counts and 'initialised' flags."""
-    state = {k: tuple(ckpt.state.get(k, {}).get(n, torch.zeros_like(p)).to(p.dtype)
-                      for n, p in zip(names, params)) for k in keys}
+    state = {
+        k: tuple(ckpt.state.get(k, {}).get(n, torch.zeros_like(p)).to(p.dtype) for n, p in zip(names, params))
+        for k in keys
+    }
     counts = [ckpt.counts.get(n, 0) for n in names]
     init = [n in set(ckpt.initialised) for n in names]
     return state, counts, init
@@ -59,27 +61,46 @@ def _check_optimizer(optimizer: torch.optim.Optimizer | None, model: nn.Module, 
         return
     kind = optimizer_kind(optimizer)
     if kind != traj.optimizer:
-        raise StoreError(f"the trajectory was recorded with {traj.optimizer!r}, not {kind!r}: replay "
-                         "reproduces the recorded optimizer; pass that one (or none)")
+        raise StoreError(
+            f"the trajectory was recorded with {traj.optimizer!r}, not {kind!r}: replay "
+            "reproduces the recorded optimizer; pass that one (or none)"
+        )
     name_of = {id(p): n for n, p in model.named_parameters()}
-    groups = [(name_of.get(id(p)), g) for g, group in enumerate(optimizer.param_groups)
-              for p in group["params"]]
+    groups = [
+        (name_of.get(id(p)), g) for g, group in enumerate(optimizer.param_groups) for p in group["params"]
+    ]
     if groups != [(p["name"], p["group"]) for p in traj.parameters]:
-        raise StoreError("the optimizer's parameter groups differ from the recorded ones: replay with the "
-                         "optimizer (and model) the trajectory was recorded with")
+        raise StoreError(
+            "the optimizer's parameter groups differ from the recorded ones: replay with the "
+            "optimizer (and model) the trajectory was recorded with"
+        )
 
 
-def _max_relative_gap(a: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor],
-                      names: list[str]) -> tuple[float, str]:
-    gaps = [(float((x - b[n].to(x.dtype)).abs().max() / b[n].abs().max().clamp(min=1e-30)), n)
-            for x, n in zip(a, names)]
+def _max_relative_gap(
+    a: tuple[torch.Tensor, ...], b: dict[str, torch.Tensor], names: list[str]
+) -> tuple[float, str]:
+    gaps = [
+        (float((x - b[n].to(x.dtype)).abs().max() / b[n].abs().max().clamp(min=1e-30)), n)
+        for x, n in zip(a, names)
+    ]
     return max(gaps)
 
 
-def unroll(run_dir: str | Path, model: nn.Module, loss_fn: LossFn, examples: Examples,
-           queries: tuple[Sequence, Any], *, measure: LossFn | None = None, from_step: int = 0,
-           optimizer: torch.optim.Optimizer | None = None, train_ids: Sequence | None = None,
-           query_chunk: int | None = None, tolerance: float = 1e-3, progress: bool = True) -> Scores:
+def unroll(
+    run_dir: str | Path,
+    model: nn.Module,
+    loss_fn: LossFn,
+    examples: Examples,
+    queries: tuple[Sequence, Any],
+    *,
+    measure: LossFn | None = None,
+    from_step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    train_ids: Sequence | None = None,
+    query_chunk: int | None = None,
+    tolerance: float = 1e-3,
+    progress: bool = True,
+) -> Scores:
     """Scores [n_query, n_train]: −∂f_q(θ_T)/∂εᵢ for every training example i, summed over the
     recorded steps ≥ `from_step` (a checkpoint) in which i appeared; positive = i helps q.
 
@@ -110,8 +131,9 @@ def unroll(run_dir: str | Path, model: nn.Module, loss_fn: LossFn, examples: Exa
     theta = tuple(final.params[n] for n in names)
     values, pull = vjp(lambda p: loss.per_example(p, measure, query_batch), theta)
     if values.shape != (len(query_ids),):
-        raise StoreError(f"measure(model, batch) gave {tuple(values.shape)} values for "
-                         f"{len(query_ids)} query ids")
+        raise StoreError(
+            f"measure(model, batch) gave {tuple(values.shape)} values for {len(query_ids)} query ids"
+        )
     eye = torch.eye(len(query_ids), dtype=values.dtype)
     lam = vmap(pull, chunk_size=query_chunk)(eye)[0]  # [Q, ...] per parameter
     mu = {k: tuple(torch.zeros_like(x) for x in lam) for k in opt.state_keys}
@@ -142,10 +164,12 @@ def unroll(run_dir: str | Path, model: nn.Module, loss_fn: LossFn, examples: Exa
             counts, init = opt.advance(hps, counts, init)
         gap, where = _max_relative_gap(p, traj.checkpoint(stop).params, names)
         if not gap <= tolerance:
-            raise StoreError(f"the replay does not reproduce the recorded training: after steps "
-                             f"{start}..{stop - 1} parameter {where} differs from the recorded checkpoint "
-                             f"by {gap:.2e} (relative). Replay with the recorded model, and the loss_fn "
-                             "and examples(ids) of the training loop")
+            raise StoreError(
+                f"the replay does not reproduce the recorded training: after steps "
+                f"{start}..{stop - 1} parameter {where} differs from the recorded checkpoint "
+                f"by {gap:.2e} (relative). Replay with the recorded model, and the loss_fn "
+                "and examples(ids) of the training loop"
+            )
         for t in range(stop - 1, start - 1, -1):  # the adjoint, backwards through the interval
             batches, ones, hps, blocks = batches_of(steps[t])
             p, s, counts, init = trail[t - start]
@@ -158,8 +182,13 @@ def unroll(run_dir: str | Path, model: nn.Module, loss_fn: LossFn, examples: Exa
                 scores.index_add_(1, torch.tensor([cols[k] for k in keep], dtype=torch.long), -d[:, keep])
             bar.advance()
     bar.close()
-    meta = {"method": "unroll", "from_step": from_step, "steps": end - from_step, "optimizer": traj.optimizer,
-            "measurement": "measure" if measure is not loss_fn else "loss_fn"}
+    meta = {
+        "method": "unroll",
+        "from_step": from_step,
+        "steps": end - from_step,
+        "optimizer": traj.optimizer,
+        "measurement": "measure" if measure is not loss_fn else "loss_fn",
+    }
     return Scores(scores, query_ids, list(columns), mode="unroll", meta=meta)
 
 
@@ -171,8 +200,13 @@ class _progress:
         if show and total:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._bar = Progress(TextColumn("unroll: adjoint"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), transient=True)
+            self._bar = Progress(
+                TextColumn("unroll: adjoint"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+            )
             self._task = self._bar.add_task("unroll", total=total)
             self._bar.start()
 
@@ -183,4 +217,3 @@ class _progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
