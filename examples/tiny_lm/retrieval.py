@@ -12,7 +12,7 @@ full gradient as TrackStar does, or its rank-one Kronecker factorisation folded 
 projection; computed offline from the exact rows); token-level re-ranking of the top
 `--candidates` (`logix.query.rerank`); the word-overlap baselines.
 
-    .venv/bin/python examples/tiny_lm/retrieval.py                     # ~15 minutes on 2 busy cores
+    .venv/bin/python examples/tiny_lm/retrieval.py    # ~35 min on 2 busy cores after training (~40 min)
     .venv/bin/python examples/tiny_lm/retrieval.py --entities 20 --epochs 20 --ranks 8  # smoke
 """
 
