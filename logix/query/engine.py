@@ -17,12 +17,13 @@ section, `query/defaults.py`), exactly as for `logix query`.
 With `refine=k` (EK-FAC only) the queries are refined towards (F_raw + λI)⁻¹q by k more passes
 over the store (`curvature/refine.py`); the train-side norms of cosine / relative scores and
 self-influence stay in the EK-FAC metric.
+
+The preconditioner's set-up is in `engine_setup.py`; one process's passes over its rows in `local_rows.py`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,22 +31,15 @@ import torch
 
 from logix import comm
 from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import build_preconditioner
-from logix.curvature.reduce import share_statistics
-from logix.curvature.refine import RefinedPreconditioner
-from logix.curvature.true_fisher import held_fisher
 from logix.errors import StoreError
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
+from logix.query.engine_setup import checked_fisher, engine_preconditioner
+from logix.query.local_rows import LocalRows
 from logix.query.queries import selected_modules, shared_queries
 from logix.query.results import Scores, SelfInfluence, TopK, save_columns
-from logix.query.topk import INDEX_BITS, new_best, unpack, update_best
-from logix.query.transfer import (
-    DEFAULT_CHUNK_BYTES,
-    check_finite_chunks,
-    device_chunks,
-    rows_per_chunk,
-)
+from logix.query.topk import INDEX_BITS, unpack
+from logix.query.transfer import DEFAULT_CHUNK_BYTES, rows_per_chunk
 from logix.store.gradients import Gradients
 from logix.store.reader import Store, open_store
 from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice, renamed
@@ -130,63 +124,32 @@ class InfluenceEngine:
                 f"store {store.path}, segment {store.segment!r} has no rows: log training data "
                 f"into it first, or pick another segment (segments: {store.segments})"
             )
-        if isinstance(refine, bool) or int(refine) != refine or refine < 0:
-            raise ValueError(f"refine must be a whole number of passes >= 0, got {refine!r}")
-        if refine and preconditioner != "ekfac":
-            raise ValueError(
-                f"refine={refine} needs preconditioner='ekfac' (got {preconditioner!r}): "
-                "the refinement is preconditioned by EK-FAC"
-            )
-        # fisher "auto" (the default) follows the store: its true-Fisher statistics if it holds them.
-        fisher = held_fisher(store, preconditioner, "empirical" if fisher == "auto" and refine else fisher)
-        if refine and fisher == "true":
-            raise ValueError(
-                "refine streams the stored rows, i.e. it converges to the empirical "
-                "Fisher's solve; it cannot refine a fisher='true' preconditioner"
-            )
+        fisher = checked_fisher(store, preconditioner, refine, fisher)
         self.modules = selected_modules(store, modules)
         self.distributed = bool(distributed)
         # The rows this process streams: its share of the shards, or all of them.
         self._rows = local_share(store) if self.distributed else store
-
-        def build():
-            return build_preconditioner(
-                store,
-                preconditioner,
-                damping,
-                absolute_damping=absolute_damping,
-                modules=self.modules,
-                device=self.device,
-                chunk_rows=self.chunk_rows,
-                progress=progress,
-                fisher=fisher,
-            )
-
-        if self.distributed:  # statistics from a split pass; one preconditioner, sent to all
-            if fisher != "true":  # true-Fisher statistics come from a model pass, not the rows
-                share_statistics(
-                    store, self._rows, preconditioner, chunk_rows=self.chunk_rows, progress=progress
-                )
-            self.preconditioner = comm.on_rank0(build)
-        else:
-            self.preconditioner = build()
+        self.preconditioner = engine_preconditioner(
+            store,
+            self._rows,
+            preconditioner,
+            damping,
+            refine,
+            fisher,
+            absolute_damping=absolute_damping,
+            refine_method=refine_method,
+            modules=self.modules,
+            device=self.device,
+            chunk_rows=self.chunk_rows,
+            progress=progress,
+            distributed=self.distributed,
+        )
         self.fisher = fisher
         self.refine = int(refine)
-        if self.refine:
-            # Distributed: every rank runs the same iterations, each F V pass streaming its own
-            # share of the rows, the products summed over ranks.
-            self.preconditioner = RefinedPreconditioner(
-                self.preconditioner,
-                self._rows,
-                self.refine,
-                method=refine_method,
-                chunk_rows=self.chunk_rows,
-                device=self.device,
-                progress=progress,
-                reduce=comm.all_reduce_sum if self.distributed else None,
-            )
         self._selected = self.preconditioner.selected
-        self._resident: list[tuple[list, torch.Tensor]] | None = None  # a one-chunk store
+        self._local = LocalRows(
+            self._rows, store, self.preconditioner, self.device, self.chunk_rows, progress
+        )
 
     @property
     def refinement_residuals(self) -> torch.Tensor | None:
@@ -210,47 +173,6 @@ class InfluenceEngine:
             self.distributed,
             self.refine > 0,
         )
-
-    # ------------------------------------------------------------------------------ streaming
-    def _chunks(self, phase: str) -> Iterator[tuple[int, list, torch.Tensor]]:
-        """(first row index, ids, rows [c, D] float32 on the device), in row order. Rows that
-        fit in one chunk are read once and kept: the memory one streamed chunk would take."""
-        total, done = len(self._rows), 0
-        start = self._rows.row_offset  # global index of this process's first row
-        if total <= self.chunk_rows:
-            if self._resident is None:
-                self._resident = [
-                    (ids, x.clone()) for ids, x in device_chunks(self._rows, self.device, self.chunk_rows)
-                ]
-            source = iter(self._resident)
-        else:
-            source = device_chunks(self._rows, self.device, self.chunk_rows)
-        for ids, x in source:
-            yield start, ids, x
-            start += len(ids)
-            done += len(ids)
-            if self.progress is not None:
-                self.progress(phase, done, total)
-
-    def _score(
-        self, qp: torch.Tensor, qnorm: torch.Tensor, x: torch.Tensor, start: int, mode: str, per_module: bool
-    ) -> torch.Tensor:
-        """Scores of the chunk of rows start..: [n_query, c] (or [n_modules, n_query, c]);
-        `qp` is the streamed query side (`_shared_queries(q, streamed=True)`)."""
-        pre = self.preconditioner
-        if per_module:
-            s = torch.stack([pre.score_module(qp, x, m, start) for m in self._selected])
-        else:
-            s = pre.score(qp, x, start)
-        if mode != "dot":
-            denom = self.preconditioner.quadratic(x, start=start).sqrt()[None, :]
-            if mode == "cosine":
-                denom = qnorm[:, None] * denom
-            s = torch.where(denom > 0, s / denom, torch.zeros_like(s))
-        return s
-
-    def _check_finite(self, flags: list[tuple[torch.Tensor, int, list]]) -> None:
-        check_finite_chunks(flags, self.store)
 
     def _mode(self, mode: str | None, choices: tuple[str, ...] = SCORE_MODES, what: str = "mode") -> str:
         return check_choice(self.mode if mode is None else mode, choices, what)
@@ -304,16 +226,7 @@ class InfluenceEngine:
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            n, offset = len(self._rows), self._rows.row_offset
-            shape = (len(self._selected), qnorm.shape[0], n) if per_module else (qnorm.shape[0], n)
-            out = torch.empty(shape, dtype=torch.float32)
-            flags = []
-            for start, ids, x in self._chunks("scores"):
-                s = self._score(qp, qnorm, x, start, mode, per_module)
-                flags.append((~torch.isfinite(s).all(), start, ids))
-                out[..., start - offset : start - offset + len(ids)] = s.cpu()
-            self._check_finite(flags)
-            return out
+            return self._local.score_columns(qp, qnorm, mode, per_module)
 
         return (comm.together(compute) if self.distributed else compute()), qids
 
@@ -332,14 +245,7 @@ class InfluenceEngine:
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            best = new_best(qnorm.shape[0], self.device)
-            flags = []
-            for start, ids, x in self._chunks("top_k"):
-                s = self._score(qp, qnorm, x, start, mode, False)
-                flags.append((~torch.isfinite(s).all(), start, ids))
-                best = update_best(best, s, start, k)
-            self._check_finite(flags)
-            return best
+            return self._local.best(qp, qnorm, mode, k)
 
         if self.distributed:  # keys carry global train indices: the merge is one more top-k
             best = merge_top_k(comm.together(compute), k)
@@ -368,16 +274,7 @@ class InfluenceEngine:
         mode = self._mode(mode, SELF_INFLUENCE_MODES, "self-influence mode")
 
         def compute() -> torch.Tensor:
-            parts = [torch.zeros((len(self._selected), 0) if per_module else (0,))]
-            for start, _, x in self._chunks("self_influence"):
-                v = self.preconditioner.quadratic(x, per_module=per_module, start=start)
-                parts.append((v.sqrt() if mode == "relative" else v).cpu())
-            values = torch.cat(parts, dim=-1)
-            if not bool(torch.isfinite(values).all()):
-                raise StoreError(
-                    f"the store holds NaN/inf values; check it with `logix inspect {self.store.path}`"
-                )
-            return values
+            return self._local.self_influence(mode, per_module)
 
         values = comm.all_gather_columns(comm.together(compute)) if self.distributed else compute()
         return SelfInfluence(

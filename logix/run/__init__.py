@@ -1,7 +1,8 @@
 """The run: `logix.init`, `Run` and its blocks and passes, the stage that ties capture, store
 and curvature together (DESIGN §4).
 
-- `run.py`: `Run` (set-up, the loop's entry points, the passes it hands out) and `init`;
+- `run.py`: `Run` (set-up, the loop's entry points); `init` is here;
+- `fit_passes.py`: the statistics passes a Run hands out (`fit_curvature`, `fit_projections`);
 - `lifecycle.py`: where results go, segments, flush and finalize;
 - `setup.py`: the run directory and config, store creation, the row writer;
 - `block.py`: `Block` (one batch of any pass) and the `Pass` protocol;
