@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logix.eval.lds import LDSResult, TrainFn, lds, retrain_outputs, sample_subsets
+from logix.eval.lds import LDSResult, lds
+from logix.eval.retrain import TrainFn, retrain_outputs, sample_subsets
 
 
 def drop_subsets(n_train: int, n_subsets: int, fraction: float, seed: int = 0) -> torch.Tensor:

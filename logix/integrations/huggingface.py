@@ -22,14 +22,12 @@ Per-example loss. A row is the gradient of example n's own loss L_n, where L_n i
 The Trainer backpropagates c · Σ_n L_n^sum, with c = 1/(tokens in the accumulated batch), over
 the accumulation steps, times a GradScaler's scale under fp16; `attach` recomputes Σ_n L_n^sum from
 the logits, checks that the loss has this form (label smoothing or a custom loss raise an error
-naming the fix) and divides c out of each row. Rows are therefore independent of batch size,
-padding and gradient accumulation.
+naming the fix) and divides c out of each row (`hf_row_scale.scale_rows`). Rows are therefore
+independent of batch size, padding and gradient accumulation.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,27 +41,15 @@ from logix.integrations.hf_batches import (
     shifts_labels,
 )
 from logix.integrations.hf_dataset import log_dataset  # noqa: F401  (public here)
-from logix.run import Block, Run
+from logix.integrations.hf_row_scale import MicroBatch, scale_rows
+from logix.integrations.hf_trainer_checks import check_supported, keep_column
+from logix.run import Run
 from logix.vocabulary import FACTOR_STATISTICS
 
 try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("logix.integrations.huggingface needs transformers: pip install 'logix[hf]'") from e
-
-RATIO_TOLERANCE = 1e-4  # |Σ L_n / loss - N| / N: float32 sums agree to ~1e-6
-
-
-@dataclass
-class _MicroBatch:
-    """What one training_step learns about its loss, for the row scale."""
-
-    step: Block
-    labels: torch.Tensor
-    num_items: float | None
-    loss: torch.Tensor | None = None  # what compute_loss returned
-    sums: torch.Tensor | None = None  # [B] Σ_t CE per example
-    counts: torch.Tensor | None = None  # [B] label tokens per example
 
 
 class LogixCallback(TrainerCallback):
@@ -112,7 +98,7 @@ class TrainerLogging:
             )
         if "_logix" in trainer.__dict__:
             raise CaptureError("this Trainer already logs to a logix run; detach() that one first")
-        _check_supported(trainer, run)
+        check_supported(trainer, run)
         if run.config.capture.attribution_only:
             raise CaptureError(
                 "capture.attribution_only freezes the parameters inside each logged "
@@ -135,8 +121,8 @@ class TrainerLogging:
         elif run.model is not trainer.model:
             raise CaptureError("the run already watches another model than trainer.model; use a new run")
         self.shift = shifts_labels(trainer.model)
-        self._added_column = _keep_column(trainer, id_column)
-        self._batch: _MicroBatch | None = None
+        self._added_column = keep_column(trainer, id_column)
+        self._batch: MicroBatch | None = None
         self._saved = {
             name: trainer.__dict__.get(name) for name in ("training_step", "compute_loss", "prediction_step")
         }
@@ -171,10 +157,10 @@ class TrainerLogging:
         num_items = None if num_items_in_batch is None else float(num_items_in_batch)
         mask = inputs.get(self.mask_column) if self.mask_column else None
         with self.run(data_id=ids, mask=mask) as step:
-            self._batch = _MicroBatch(step, labels, num_items)
+            self._batch = MicroBatch(step, labels, num_items)
             try:
                 loss = self._originals["training_step"](model, inputs, num_items_in_batch, *args, **kwargs)
-                self._scale_rows(self._batch, loss)
+                scale_rows(self._batch, loss, self.trainer.accelerator, self.per_example_loss)
             finally:
                 self._batch = None
         return loss
@@ -198,95 +184,6 @@ class TrainerLogging:
     def _prediction_step(self, model, inputs, *args, **kwargs):
         inputs.pop(self.id_column, None)
         return self._originals["prediction_step"](model, inputs, *args, **kwargs)
-
-    # -- the loss scale ------------------------------------------------------------------------
-    def _scale_rows(self, batch: _MicroBatch, backward_loss: torch.Tensor) -> None:
-        """Divide out the factor c of backward loss = c · Σ_n L_n^sum (see the module docstring)."""
-        step = batch.step
-        step.skip_if_nonfinite()  # an fp16 overflow: the optimizer skips this step too
-        if batch.loss is None:
-            raise CaptureError(
-                "the Trainer's training_step did not call compute_loss; logix's integration reads "
-                "the logits there (a Trainer subclass that computes its loss elsewhere is not supported)"
-            )
-        loss = float(batch.loss)
-        total = float(batch.sums.double().sum())
-        if total == 0.0 or loss == 0.0 or not (math.isfinite(loss) and torch.isfinite(backward_loss)):
-            return  # nothing to attribute (no label tokens: zero rows) or a non-finite step (skipped)
-        ratio = total / loss  # the N of loss = Σ_n L_n / N
-        candidates = [float(batch.counts.sum())]
-        if batch.num_items is not None:
-            world = max(1, int(getattr(self.trainer.accelerator, "num_processes", 1)))
-            candidates += [batch.num_items, batch.num_items / world]
-        n = min(candidates, key=lambda c: abs(ratio - c))
-        if abs(ratio - n) > RATIO_TOLERANCE * n:
-            raise CaptureError(
-                f"the Trainer's loss ({loss:.6g}) is not the token cross-entropy summed over the "
-                f"batch's label tokens and divided by their number (Σ = {total:.6g}, ratio {ratio:.6g}, "
-                f"counts {candidates}): label smoothing, a compute_loss_func or a custom loss is not "
-                "supported; train with the model's own loss (label_smoothing_factor=0)"
-            )
-        accumulation = loss / float(backward_loss)  # training_step's division by the accumulation steps
-        if abs(accumulation - round(accumulation)) > 1e-3 or round(accumulation) < 1:
-            raise CaptureError(
-                f"training_step scaled the loss by 1/{accumulation:.6g}, not 1/k for an "
-                "integer k; logix cannot tell the per-example loss scale"
-            )
-        c = _accelerator_scale(self.trainer.accelerator) / (n * round(accumulation))
-        if self.per_example_loss == "sum":
-            factor: torch.Tensor | float = 1.0 / c
-        else:
-            factor = 1.0 / (c * batch.counts.double().clamp(min=1))
-        # the hooks already multiplied by the run's loss_reduction scale (B for "mean")
-        step.scale_rows(factor / step.grad_scale)
-
-
-def _accelerator_scale(accelerator: Any) -> float:
-    """The factor accelerate's backward applies to the loss: 1/its accumulation steps, times a
-    GradScaler's current scale under fp16."""
-    factor = 1.0 / max(1, int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1))
-    scaler = getattr(accelerator, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
-        factor *= float(scaler.get_scale())
-    return factor
-
-
-def _check_supported(trainer: Any, run: Run) -> None:
-    if run.mode != "log":
-        raise CaptureError("attach() logs training gradients: use a run with mode='log'")
-    if getattr(trainer.args, "n_gpu", 1) > 1:
-        raise CaptureError(
-            "the Trainer uses torch.nn.DataParallel (n_gpu > 1), whose replicas logix "
-            "cannot watch; run one process per GPU (torchrun / accelerate launch)"
-        )
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise CaptureError(
-            "DeepSpeed and FSDP shard the watched layers' weights; logix's Trainer "
-            "integration does not support them"
-        )
-    if getattr(trainer.args, "label_smoothing_factor", 0.0):
-        raise CaptureError(
-            "label smoothing changes the per-example loss logix attributes; set "
-            "label_smoothing_factor=0 to log with the Trainer"
-        )
-
-
-def _keep_column(trainer: Any, column: str) -> bool:
-    """Keep the id column through the Trainer's removal of columns the model does not accept
-    (the list of accepted columns is the Trainer's own, extended by one name). True if added."""
-    if not trainer.args.remove_unused_columns:
-        return False
-    setup = getattr(trainer, "_set_signature_columns_if_needed", None)
-    if setup is None:
-        raise CaptureError(
-            f"this transformers version removes the {column!r} column in a way logix does not know; "
-            "set remove_unused_columns=False in TrainingArguments"
-        )
-    setup()
-    if column in trainer._signature_columns:
-        return False
-    trainer._signature_columns.append(column)
-    return True
 
 
 def attach(
