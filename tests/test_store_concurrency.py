@@ -183,9 +183,9 @@ def test_over_long_ids_are_refused_at_the_batch(tmp_path):
 
 
 def test_shards_are_cut_before_their_ids_outgrow_the_header(tmp_path, monkeypatch):
-    import logix.store.writer as writer
+    import logix.store.pending_shard as pending_shard
 
-    monkeypatch.setattr(writer, "MAX_SHARD_ID_BYTES", 50_000)
+    monkeypatch.setattr(pending_shard, "MAX_SHARD_ID_BYTES", 50_000)
     run_dir = make_store(tmp_path / "run")
     ids = [f"{i:04d}" + "é" * 1000 for i in range(40)]  # ~6 KB of escaped JSON each
     with StoreWriter(run_dir, width=WIDTH, shard_rows=4096) as w:

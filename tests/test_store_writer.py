@@ -211,7 +211,7 @@ def test_reserved_rows_are_written_in_place_and_buffers_are_reused(run_dir):
         for step in range(20):
             rows = w.reserve(2)
             rows.copy_(torch.full((2, WIDTH), float(step)))
-            pointers.add(w._buf.data_ptr())
+            pointers.add(w._pending.buffer.data_ptr())
             w.add([2 * step, 2 * step + 1], rows)
         assert w.buffers <= 2 and len(pointers) <= 2
         wide = w.reserve(5)  # more than a shard: a separate tensor, copied on add

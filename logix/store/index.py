@@ -103,3 +103,31 @@ def segment_entry(index: dict, name: str) -> dict:
 def next_segment_name(names: list[str]) -> str:
     """The next unused number among segment `names`."""
     return str(max((int(n) for n in names if n.isdigit()), default=-1) + 1)
+
+
+def segment_metas(indexes: dict[int, dict]) -> dict[str, dict]:
+    """Every segment of the ranks' `indexes` (also one only a shard names) -> its merged meta,
+    in order of first appearance by rank; the lowest rank wins a meta key."""
+    metas: dict[str, dict] = {}
+    for rank in sorted(indexes):
+        idx = indexes[rank]
+        for s in idx.get("segments", []):
+            metas.setdefault(s["name"], {})
+            metas[s["name"]] = {**s.get("meta", {}), **metas[s["name"]]}
+        for sh in idx.get("shards", []):
+            metas.setdefault(sh["segment"], {})
+    return metas
+
+
+def segment_shards(indexes: dict[int, dict], segment: str) -> list[dict]:
+    """The shard entries of `segment` over every rank, each with its "rank", in (rank, seq)
+    order: the order of the segment's rows."""
+    return sorted(
+        (
+            {**sh, "rank": rank}
+            for rank in sorted(indexes)
+            for sh in indexes[rank].get("shards", [])
+            if sh["segment"] == segment
+        ),
+        key=lambda sh: (sh["rank"], sh["seq"]),
+    )

@@ -12,7 +12,6 @@ are reported, not read: a resumed writer adopts them.
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +20,15 @@ import torch
 
 from logix.errors import StoreError
 from logix.store import integrity
-from logix.store.format import ModuleInfo, curvature_dir, shard_layout
+from logix.store.format import ModuleInfo, curvature_dir
 from logix.store.ids import DataId
-from logix.store.index import read_indexes, valid_segment
+from logix.store.index import read_indexes, segment_metas, segment_shards, valid_segment
 from logix.store.manifest import read_manifest
 from logix.store.projections import check_projections
 from logix.store.recovery import unindexed_shards
-from logix.store.row_reader import RowReader
-from logix.store.shard_io import TORCH_DTYPES, damage_fix
+from logix.store.row_reader import RowReader, read_chunks
+from logix.store.shard_header import read_listed_header
+from logix.store.shard_io import TORCH_DTYPES
 from logix.vocabulary import VERIFY_LEVELS, check_choice
 
 __all__ = ["open_store", "Store", "TORCH_DTYPES", "DataId"]
@@ -83,14 +83,7 @@ class Store:
             unindexed = unindexed_shards(self.path, indexes, self.width, self.dtype)
         self._unindexed = unindexed
 
-        metas: dict[str, dict] = {}
-        for rank in self.ranks:  # first appearance wins the order; the lowest rank wins meta keys
-            idx = indexes[rank]
-            for s in idx.get("segments", []):
-                metas.setdefault(s["name"], {})
-                metas[s["name"]] = {**s.get("meta", {}), **metas[s["name"]]}
-            for sh in idx.get("shards", []):
-                metas.setdefault(sh["segment"], {})
+        metas = segment_metas(indexes)
         self.segments: list[str] = list(metas)
         self._metas = metas
         if segment is None:
@@ -99,15 +92,7 @@ class Store:
             raise StoreError(f"{self.path} has no segment {segment!r}; its segments are {self.segments}")
         self.segment: str = valid_segment(segment, "the segment asked for")
         self.segment_meta: dict = dict(metas.get(segment, {}))
-        self.shards: list[dict] = sorted(
-            (
-                {**sh, "rank": rank}
-                for rank in self.ranks
-                for sh in indexes[rank].get("shards", [])
-                if sh["segment"] == segment
-            ),
-            key=lambda sh: (sh["rank"], sh["seq"]),
-        )
+        self.shards: list[dict] = segment_shards(indexes, segment)
         self.starts = [0]  # row index of each shard's first row, then the total
         for sh in self.shards:
             self.starts.append(self.starts[-1] + int(sh["rows"]))
@@ -187,31 +172,7 @@ class Store:
         """(absolute data offset, data ids) of shard i, read from its header once and checked
         against the index and the manifest (width, dtype, rows, segment, rank)."""
         if self._layouts[i] is None:
-            sh = self.shards[i]
-            file = self.path / sh["file"]
-            try:
-                rows, offset, meta = shard_layout(file, self.width, self.dtype)
-                ids = json.loads(meta["data_ids"])
-                if not isinstance(ids, list):
-                    raise ValueError("data_ids is not a list")
-            except FileNotFoundError:
-                raise StoreError(f"shard {sh['file']} is missing. {damage_fix(sh['file'])}") from None
-            except (KeyError, ValueError) as e:
-                raise StoreError(
-                    f"shard {sh['file']} has damaged metadata ({e}). {damage_fix(sh['file'])}"
-                ) from e
-            if rows != sh["rows"] or len(ids) != rows:
-                raise StoreError(
-                    f"shard {sh['file']} holds {rows} rows and {len(ids)} ids, the index records "
-                    f"{sh['rows']} rows. {damage_fix(sh['file'])}"
-                )
-            if meta.get("segment") != sh["segment"] or meta.get("rank") != str(sh["rank"]):
-                raise StoreError(
-                    f"shard {sh['file']} says segment {meta.get('segment')!r}, rank "
-                    f"{meta.get('rank')!r} in its header; the index says segment "
-                    f"{sh['segment']!r}, rank {sh['rank']}. {damage_fix(sh['file'])}"
-                )
-            self._layouts[i] = (offset, ids)
+            self._layouts[i] = read_listed_header(self.path, self.shards[i], self.width, self.dtype)
         return self._layouts[i]  # type: ignore[return-value]
 
     @property
@@ -297,38 +258,7 @@ class Store:
         depth d use k = d + 2); nothing is read before it is asked for. Reusing memory is
         several times faster on cached data (no page faults) and keeps the heap from growing.
         """
-        if rows < 1 or buffers < 0:
-            raise ValueError(f"rows per chunk must be >= 1 and buffers >= 0, got {rows}, {buffers}")
-        n = len(self)
-        if n == 0:
-            return
-        ids = self.data_ids
-        reader = RowReader(self)
-        pool: list[torch.Tensor] = []
-
-        def start_reading(start: int) -> tuple[torch.Tensor, list]:
-            k = min(rows, n - start)
-            if buffers > 0:
-                slot = (start // rows) % buffers
-                if len(pool) <= slot:
-                    pool.append(torch.empty((min(rows, n), self.width), dtype=dtype))
-                out = pool[slot][:k]
-            else:
-                out = torch.empty((k, self.width), dtype=dtype)
-            return out, reader.submit(out, start)
-
-        try:
-            ahead = start_reading(0)
-            for start in range(0, n, rows):
-                out, reads = ahead if ahead is not None else start_reading(start)
-                reader.wait(reads)
-                ahead = None
-                if start + rows < n and buffers == 0:
-                    ahead = start_reading(start + rows)
-                reader.release_before(start)
-                yield ids[start : start + out.shape[0]], out
-        finally:
-            reader.close()
+        yield from read_chunks(self, rows, dtype, buffers)
 
     def load(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All rows of the selected segment as one tensor [N, D] (for stores that fit in RAM)."""

@@ -134,3 +134,43 @@ class RowReader:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+def read_chunks(
+    store: Any, rows: int, dtype: torch.dtype, buffers: int
+) -> Iterator[tuple[list, torch.Tensor]]:
+    """(ids, tensor [rows, D]) of `store`'s segment in row order, the next chunk read while the
+    consumer holds this one (buffers=0: fresh tensors), or cycling through `buffers` tensors
+    with nothing read ahead (see `Store.iter_chunks`)."""
+    if rows < 1 or buffers < 0:
+        raise ValueError(f"rows per chunk must be >= 1 and buffers >= 0, got {rows}, {buffers}")
+    n = len(store)
+    if n == 0:
+        return
+    ids = store.data_ids
+    reader = RowReader(store)
+    pool: list[torch.Tensor] = []
+
+    def start_reading(start: int) -> tuple[torch.Tensor, list]:
+        k = min(rows, n - start)
+        if buffers > 0:
+            slot = (start // rows) % buffers
+            if len(pool) <= slot:
+                pool.append(torch.empty((min(rows, n), store.width), dtype=dtype))
+            out = pool[slot][:k]
+        else:
+            out = torch.empty((k, store.width), dtype=dtype)
+        return out, reader.submit(out, start)
+
+    try:
+        ahead = start_reading(0)
+        for start in range(0, n, rows):
+            out, reads = ahead if ahead is not None else start_reading(start)
+            reader.wait(reads)
+            ahead = None
+            if start + rows < n and buffers == 0:
+                ahead = start_reading(start + rows)
+            reader.release_before(start)
+            yield ids[start : start + out.shape[0]], out
+    finally:
+        reader.close()

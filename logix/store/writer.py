@@ -11,10 +11,7 @@ One writer per (run directory, rank): it holds the rank's lock (`store.lock`) wh
 from __future__ import annotations
 
 import atexit
-import copy
-import itertools
 import json
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,11 +19,13 @@ from pathlib import Path
 import torch
 
 from logix.errors import StoreError
-from logix.store.format import SHARD_DIR, check_segment_name, index_path, write_json_atomic
-from logix.store.ids import MAX_SHARD_ID_BYTES, DataId, batch_ids, id_json_bound, normalise_ids
-from logix.store.index import new_index, next_segment_name, read_index, read_indexes, segment_entry
+from logix.store.format import SHARD_DIR, check_segment_name, index_path
+from logix.store.ids import DataId, batch_ids, normalise_ids
+from logix.store.index import new_index, read_index, read_indexes
 from logix.store.lock import writer_lock
 from logix.store.manifest import read_manifest
+from logix.store.pending_shard import PendingShard
+from logix.store.rank_index import RankIndex
 from logix.store.recovery import adopt_unindexed, remove_tmp_files
 from logix.store.shard_io import nonfinite_rows, write_shard
 from logix.store.shard_queue import ShardQueue
@@ -79,40 +78,34 @@ class StoreWriter:
 
         self._held = writer_lock(self.run_dir, self.rank)  # before touching any file of the rank
         try:
-            self._index_file = index_path(self.run_dir, self.rank)
             (self.run_dir / SHARD_DIR).mkdir(exist_ok=True)
             remove_tmp_files(self.run_dir, self.rank)  # their owner is gone: we hold its lock
-            self._index = read_index(self.run_dir, self.rank) or new_index(self.rank)
-            others = {r: i for r, i in read_indexes(self.run_dir).items() if r != self.rank}
-            adopt_unindexed(self.run_dir, self._index, self.width, self.dtype)
+            index = read_index(self.run_dir, self.rank) or new_index(self.rank)
+            others = [i for r, i in read_indexes(self.run_dir).items() if r != self.rank]
+            adopt_unindexed(self.run_dir, index, self.width, self.dtype)
+            self._index = RankIndex(index_path(self.run_dir, self.rank), index, others)
             # "finalized" turns true when this writer closes cleanly: a reader tells a rank that
             # stopped early (killed, crashed) from one that finished.
-            self._index["finalized"] = False
-            write_json_atomic(self._index_file, self._index)
+            self._index.set_finalized(False)
+            self._index.write()
         except BaseException:
             self._held.release()
             raise
-        self._others = list(others.values())
-        self._lock = threading.Lock()  # guards self._index (caller mutates segments, thread shards)
-        own = [s["name"] for s in self._index["segments"]]
-        other_names = [s["name"] for idx in self._others for s in idx.get("segments", [])]
-        self._segment: str | None = (own or other_names or [None])[-1]
+        self._segment: str | None = self._index.last_segment()
         self._taken = TakenIds(
-            self.run_dir, self.width, self.dtype, lambda: self._index["shards"], self._others, self._lock
+            self.run_dir, self.width, self.dtype, self._index.shards, others, self._index.lock
         )
-        self._buf: torch.Tensor | None = None  # the shard being filled, [shard_rows, D] float32
-        self._buf_ids: list[DataId] = []
-        self._buf_id_bytes = 0
         self._closed = False
         self._jobs = ShardQueue(
             self._write_rows,
-            self._write_index,
+            self._index.write,
             self.shard_rows,
             self.width,
             queue_depth,
             f"logix-writer-{rank}",
             str(self.run_dir),
         )
+        self._pending = PendingShard(self._jobs, self.shard_rows, self.width)
         atexit.register(self._close_at_exit)
 
     @property
@@ -128,25 +121,18 @@ class StoreWriter:
 
     def segment_names(self) -> list[str]:
         """The names of every segment of the store (this rank's and the others')."""
-        return list(dict.fromkeys(self._all_segment_names()))
-
-    def _all_segment_names(self) -> list[str]:
-        with self._lock:
-            names = [s["name"] for s in self._index["segments"]]
-        return names + [s["name"] for idx in self._others for s in idx.get("segments", [])]
+        return list(dict.fromkeys(self._index.segment_names()))
 
     def start_segment(self, name: str | None = None, meta: dict | None = None) -> str:
         """Flush the current segment's rows and make `name` current (default: next number)."""
         self._check_usable()
         if name is None:
-            name = self._next_segment_name()
+            name = self._index.next_segment_name()
         check_segment_name(name)
         if meta is not None:
             json.dumps(meta)  # fail here, not in the background thread
         self._cut()
-        with self._lock:
-            entry = self._segment_entry(name)
-            entry["meta"].update(meta or {})
+        self._index.merge_meta(name, meta or {})
         self._segment = name
         self._jobs.put_index()
         return name
@@ -158,23 +144,12 @@ class StoreWriter:
         if self._segment is None:
             self.start_segment(meta=meta)
             return
-        with self._lock:
-            self._segment_entry(self._segment)["meta"].update(meta)
+        self._index.merge_meta(self._segment, meta)
         self._jobs.put_index()
 
     def segment_meta(self, name: str) -> dict:
         """A copy of segment `name`'s meta as this rank's index holds it ({} if unknown)."""
-        with self._lock:
-            for s in self._index["segments"]:
-                if s["name"] == name:
-                    return dict(s["meta"])
-        return {}
-
-    def _segment_entry(self, name: str) -> dict:
-        return segment_entry(self._index, name)  # caller holds the lock
-
-    def _next_segment_name(self) -> str:
-        return next_segment_name(self._all_segment_names())
+        return self._index.segment_meta(name)
 
     # ----------------------------------------------------------------------------- adding rows
     def add(self, ids: Sequence[DataId], rows: torch.Tensor) -> None:
@@ -200,7 +175,7 @@ class StoreWriter:
         indices `nonfinite_rows(rows)` gave. The run's logging path; duplicates are checked
         here, and a batch with non-finite rows is refused, as by `add`."""
         self._check_open()
-        segment = self._segment if self._segment is not None else self._next_segment_name()
+        segment = self._segment if self._segment is not None else self._index.next_segment_name()
         taken = self._taken.check_new(segment, ids)
         bad = [ids[j] for j in nonfinite]
         if bad:
@@ -212,49 +187,16 @@ class StoreWriter:
         if self._segment is None:
             self.start_segment(segment)
         taken.update(ids)
-        self._append(ids, rows.detach())
-
-    def _append(self, ids: list[DataId], rows: torch.Tensor) -> None:
-        """Copy checked rows into shard buffers, cutting a shard when it is full in rows or in
-        the JSON bytes of its ids (which bound its header)."""
-        bounds = [0, *itertools.accumulate(map(id_json_bound, ids))]
-        done = 0
-        while done < len(ids):
-            if self._buf is None:
-                self._buf = self._jobs.take_buffer()
-            start = len(self._buf_ids)
-            take = min(self.shard_rows - start, len(ids) - done)
-            budget = MAX_SHARD_ID_BYTES - self._buf_id_bytes
-            while take > 1 and bounds[done + take] - bounds[done] > budget:
-                take //= 2
-            if start and bounds[done + take] - bounds[done] > budget:
-                self._cut()  # the ids would not fit this shard's header budget
-                continue
-            target = self._buf[start : start + take]
-            if target.data_ptr() != rows[done:].data_ptr():  # rows from reserve() are in place
-                target.copy_(rows[done : done + take])
-            self._buf_ids += ids[done : done + take]
-            self._buf_id_bytes += bounds[done + take] - bounds[done]
-            done += take
-            if len(self._buf_ids) == self.shard_rows:
-                self._cut()
+        self._pending.append(segment, ids, rows.detach())
 
     def reserve(self, n: int) -> torch.Tensor:
         """A [n, D] float32 CPU tensor to fill and pass to `add`: a slice of the current shard
         buffer when the rows fit in it (then `add` copies nothing), else a new tensor."""
-        if self._buf is None and not self._closed and self._jobs.error is None:
-            self._buf = self._jobs.take_buffer()
-        start = len(self._buf_ids)
-        if self._buf is not None and start + n <= self.shard_rows:
-            return self._buf[start : start + n]
-        return torch.empty(n, self.width)
+        return self._pending.reserve(n, take_buffer=not self._closed and self._jobs.error is None)
 
     def _cut(self) -> None:
         """Queue the current shard buffer (full, or partial at a flush) for writing."""
-        if self._buf is None or not self._buf_ids:
-            return
-        self._jobs.put_shard(self._segment, self._buf_ids, self._buf)
-        self._buf, self._buf_ids, self._buf_id_bytes = None, [], 0
+        self._pending.cut(self._segment)
 
     def logged_ids(self, segment: str | None = None) -> set[DataId]:
         """Ids in `segment` (default: current): on disk at open time (adopted shards included)
@@ -287,9 +229,8 @@ class StoreWriter:
                 self._closed = True
                 self._jobs.stop()
             self._raise_error()
-            with self._lock:
-                self._index["finalized"] = True
-            self._write_index()
+            self._index.set_finalized(True)
+            self._index.write()
         finally:
             self._held.release()
 
@@ -299,7 +240,7 @@ class StoreWriter:
         finalized" (so `logix inspect` shows the run did not finish) and warn."""
         if self._closed:
             return
-        pending = len(self._buf_ids) + self._jobs.queued_rows()
+        pending = len(self._pending.ids) + self._jobs.queued_rows()
         try:
             if self._jobs.error is None:
                 self._cut()
@@ -346,20 +287,11 @@ class StoreWriter:
     def _raise_error(self) -> None:
         self._jobs.raise_error()
 
-    def _write_index(self) -> None:
-        with self._lock:
-            snapshot = copy.deepcopy(self._index)
-        write_json_atomic(self._index_file, snapshot)
-
     def _write_rows(self, segment: str, ids: list[DataId], rows: torch.Tensor) -> None:
         """On the background thread: observers, then the shard file, then the index."""
         for fn in self.observers:
             fn(segment, rows)
-        with self._lock:
-            seq = self._index["next_seq"]
+        seq = self._index.next_seq()
         entry = write_shard(self.run_dir, segment, self.rank, seq, ids, rows, self.width, self.dtype)
-        with self._lock:
-            self._index["shards"].append(entry)
-            self._index["next_seq"] = seq + 1
-            self._segment_entry(segment)
-        self._write_index()
+        self._index.add_shard(entry)
+        self._index.write()
