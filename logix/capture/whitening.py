@@ -32,27 +32,43 @@ WHITENED_KIND = "kfac-whitened"
 def inverse_sqrt(cov: torch.Tensor, damping: float) -> torch.Tensor:
     """(C + λI)^{-1/2} with λ = damping · mean eigenvalue of C; cov [d, d] (or its diagonal [d],
     then the result is the diagonal [d]). float64; negative eigenvalues (rounding) count as 0."""
+    return inverse_power(cov, damping, 0.5)
+
+
+def inverse_power(cov: torch.Tensor, damping: float, power: float) -> torch.Tensor:
+    """(C + λI)^{-power}, λ as in `inverse_sqrt`; power 1/2 whitens by C read as a Fisher
+    factor, other powers serve optimizer factors (Shampoo applies L^{-1/4}: whitening 1/8)."""
     if not damping > 0:
         raise CaptureError(f"projection.damping must be > 0 for kind {WHITENED_KIND!r}, got {damping}")
+    if not power > 0:
+        raise CaptureError(f"the whitening power must be > 0, got {power}")
     cov = cov.double()
+    tiny = torch.finfo(torch.float64).tiny
     if cov.ndim == 1:
         lam = damping * float(cov.clamp_min(0).mean())
-        return (cov.clamp_min(0) + lam).clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        return (cov.clamp_min(0) + lam).clamp_min(tiny).pow(-power)
     values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
     values = values.clamp_min(0)
     lam = damping * float(values.mean())
-    scale = (values + lam).clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+    scale = (values + lam).clamp_min(tiny).pow(-power)
     return (vectors * scale) @ vectors.T
 
 
 def whitened_side(
-    cov: torch.Tensor, rank: int, damping: float, seed: int, name: str, side: str, notes: list[str]
+    cov: torch.Tensor,
+    rank: int,
+    damping: float,
+    seed: int,
+    name: str,
+    side: str,
+    notes: list[str],
+    power: float = 0.5,
 ) -> SideProjection:
-    """One side G (C + λI)^{-1/2} [rank, d] float32 of module `name`; cov: the normalised factor
-    [d, d] (or its diagonal [d] for one-hot inputs). A rank at or above d keeps the whitening
-    matrix [d, d] alone (r = d), noted."""
+    """One side G (C + λI)^{-power} [rank, d] float32 of module `name`; cov: the normalised
+    factor [d, d] (or its diagonal [d] for one-hot inputs). A rank at or above d keeps the
+    whitening matrix [d, d] alone (r = d), noted."""
     d = cov.shape[0]
-    white = inverse_sqrt(cov, damping)
+    white = inverse_power(cov, damping, power)
     if rank >= d:
         notes.append(
             f"{name}: rank_{side} {rank} >= d_{side} {d}, side whitened without projection (r_{side} = {d})"

@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 import torch
 
+from logix.capture.kronecker import KroneckerFactors, kronecker_projections
 from logix.capture.projection import ModuleProjection
+from logix.capture.whitening import WHITENED_KIND
 from logix.comm import all_reduce_sum
 from logix.curvature.factor_log import check_factor_dims
 from logix.curvature.fit import TrueFisherStatistics
@@ -131,6 +133,30 @@ class RunFitPasses:
             for m in self.modules
         }
         self._start(self._create_store(projections, notes, {"pca_fisher": sums.fisher}))
+
+    def use_kronecker_factors(self, factors: dict[str, KroneckerFactors], power: float = 0.5) -> None:
+        """`projection.kind: kfac-whitened` with the factors supplied instead of fitted: each
+        module's left [d_out, d_out] and right [d_in, d_in] factor (e.g. a Shampoo/SOAP
+        optimizer's L, R; bias column last, `logix.capture.kronecker`) whiten its sides by
+        (C + λ)^{-power}; creates the store and starts capturing. Replaces `fit_projections()`."""
+        if self._covariances is None or self.config.projection.kind != WHITENED_KIND:
+            raise CaptureError(
+                "use_kronecker_factors() is for a new store with projection.kind "
+                f"{WHITENED_KIND!r}, after run.watch(model) and before any fit_projections() pass"
+            )
+        if self._pass is not None or self._covariances.gg:
+            raise CaptureError(
+                "use_kronecker_factors() replaces the fit_projections() pass: use one or the other"
+            )
+        p = self.config.projection
+        notes: list[str] = []
+        dims = {m.name: (m.d_in, m.d_out) for m in self.modules}
+        projections = kronecker_projections(
+            dims, factors, p.rank_in, p.rank_out, p.damping, p.seed, notes, power=power
+        )
+        self._covariances = None
+        info = {"whitening_factors": "supplied", "whitening_power": power}
+        self._start(self._create_store(projections, notes, info))
 
     def begin_pass(self, owner: StatisticsPass) -> None:
         if self._pass is not None:
