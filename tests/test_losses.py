@@ -90,3 +90,60 @@ def test_check_batch_reduction_names_the_fix(tmp_path):
         losses.check_batch_reduction(torch.tensor(2.5), per, run)
     with pytest.raises(logix.ChoiceError):
         losses.next_token_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), per_example="token")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_check_loop_loss_detects_each_reduction_and_the_token_mean(tmp_path, reduction):
+    run = logix.init(tmp_path / "r", config={"capture": {"loss_reduction": reduction}})
+    gen = torch.Generator().manual_seed(3)
+    ids, mask = batch(gen)  # three sequences of 6, 4 and 2 tokens
+    logits = torch.randn(3, 6, 7, generator=gen)
+    other = "sum" if reduction == "mean" else "mean"
+    for per in ("sum", "mean"):
+        per_example = losses.next_token_loss(logits, ids, mask, per_example=per)
+        own = per_example.mean() if reduction == "mean" else per_example.sum()
+        assert losses.check_loop_loss(own, logits, ids, mask, run) == per
+        wrong = per_example.sum() if reduction == "mean" else per_example.mean()
+        with pytest.raises(logix.ConfigError, match=f"set it to '{other}'"):
+            losses.check_loop_loss(wrong, logits, ids, mask, run)
+    # The usual LM loop: cross-entropy over every real target token of the batch at once.
+    targets = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
+    token_mean = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten())
+    with pytest.raises(logix.ConfigError, match="mean over every target token of the batch"):
+        losses.check_loop_loss(token_mean, logits, ids, mask, run)
+    with pytest.raises(logix.ConfigError, match="no mean or sum over the batch"):
+        losses.check_loop_loss(token_mean * 1.5, logits, ids, mask, run)
+    run.finalize()
+
+
+def test_token_mean_rows_are_not_per_sequence_gradients(tmp_path):
+    """Why the check exists: with a token-mean loop loss, each logged row is its sequence's
+    gradient scaled by B·n_b/N (n_b its targets, N the batch's), not the sequence's own."""
+    torch.manual_seed(0)
+    model = BigramLM()
+    ids, mask = batch(torch.Generator().manual_seed(1))
+    cfg = {"projection": {"kind": "identity"}, "capture": {"loss_reduction": "mean", "exclude": ["pos"]}}
+    targets = torch.where(mask[:, 1:] == 1, ids[:, 1:], -100)
+    with logix.init(tmp_path / "s", config=cfg) as run:
+        run.watch(model)
+        with run(data_id=[0, 1, 2], mask=mask):
+            logits = model(ids)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten())
+            loss.backward()
+        with pytest.raises(logix.ConfigError, match="mean over every target token"):
+            losses.check_loop_loss(loss, logits, ids, mask, run)
+    rows = logix.open_store(tmp_path / "s").load().double()
+    n = mask[:, 1:].sum(1).double()
+    own = []
+    for b in range(3):  # each sequence's own per-example mean loss, alone
+        model.zero_grad()
+        losses.next_token_loss(
+            model(ids[b : b + 1]), ids[b : b + 1], mask[b : b + 1], "mean"
+        ).sum().backward()
+        logged = [p for name, p in model.named_parameters() if not name.startswith("pos.")]
+        own.append(torch.cat([p.grad.flatten() for p in logged]))
+    for b in range(3):
+        ratio = rows[b].norm() / own[b].double().norm()
+        assert abs(float(ratio) - float(3 * n[b] / n.sum())) < 1e-4
+        if n[b] != n.mean():  # a sequence of other than the mean length: not its own gradient
+            assert abs(float(ratio) - 1.0) > 0.05
