@@ -122,6 +122,21 @@ def test_segments_keep_epochs_apart(tmp_path):
     assert not torch.equal(a, b)  # the weights changed between the epochs
 
 
+def test_resume_names_the_differing_keys_and_ignores_query_defaults(tmp_path):
+    cfg = {"projection": {"rank_in": 4, "rank_out": 4}}
+    model = mlp()
+    with logix.init(tmp_path / "r", config=cfg) as run:
+        run.watch(model)
+        train(model, batches(1), run)
+    with pytest.raises(logix.StoreError, match=r"\(projection\.rank_in\)"):
+        logix.init(tmp_path / "r", config={"projection": {"rank_in": 5, "rank_out": 4}}, resume=True)
+    # Query defaults do not change what is logged: a resume with other ones is accepted, and the
+    # store keeps the defaults it was created with.
+    other_query = {**cfg, "query": {"damping": 1.0, "mode": "cosine"}}
+    with logix.init(tmp_path / "r", config=other_query, resume=True) as run:
+        assert run.config.query.damping == 0.1
+
+
 def test_resume_appends_and_checks_config(tmp_path):
     data = batches(4)
     cfg = {"projection": {"rank_in": 4, "rank_out": 4}}

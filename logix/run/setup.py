@@ -60,12 +60,28 @@ def open_run_dir(
     if manifest is None:
         return None, LogixConfig.load(config)
     stored = LogixConfig.load(manifest["config"])
-    if config is not None and LogixConfig.load(config).to_dict() != stored.to_dict():
-        raise StoreError(
-            f"the config differs from the one {run_dir} was logged with; resume with "
-            "the same config (or config=None to reuse it), or log into a new directory"
-        )
+    if config is not None:
+        differ = logging_differences(LogixConfig.load(config), stored)
+        if differ:
+            raise StoreError(
+                f"the config differs from the one {run_dir} was logged with ({', '.join(differ)}); "
+                "resume with the same config (or config=None to reuse it), or log into a new directory"
+            )
     return manifest, stored
+
+
+def logging_differences(config: LogixConfig, stored: LogixConfig) -> list[str]:
+    """The keys, as `section.key`, in which `config` would log differently from `stored`. The
+    `query:` section only holds the engine's defaults, so a resumed run may differ there (a
+    store logged before a query default changed resumes with today's config file)."""
+    new, old = config.to_dict(), stored.to_dict()
+    return [
+        f"{section}.{key}"
+        for section in new
+        if section != "query"
+        for key in new[section]
+        if new[section][key] != old.get(section, {}).get(key)
+    ]
 
 
 def module_dims(modules: list[ModuleInfo]) -> dict[str, tuple[int, int, int, int]]:
