@@ -8,7 +8,7 @@ from logix.capture.tokens import TokenGradients
 from logix.capture.trajectory import record_trajectory
 from logix.config import LogixConfig
 from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, StoreError
-from logix.run import Run, init
+from logix.run import Block, Run, StatisticsPass, init
 from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
 
@@ -22,6 +22,9 @@ _LAZY = {
     "Store": ("logix.store.reader", "Store"),
     "InfluenceEngine": ("logix.query.engine", "InfluenceEngine"),
     "TokenScores": ("logix.query.tokens", "TokenScores"),
+    "Scores": ("logix.query.results", "Scores"),
+    "TopK": ("logix.query.results", "TopK"),
+    "SelfInfluence": ("logix.query.results", "SelfInfluence"),
     "combined_scores": ("logix.query.segments", "combined_scores"),
     "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
     "measurements": ("logix.measurements", None),
@@ -40,6 +43,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Block",
     "CaptureError",
     "ChoiceError",
     "ConfigError",
@@ -49,10 +53,14 @@ __all__ = [
     "LogixConfig",
     "ModuleInfo",
     "Run",
+    "Scores",
+    "SelfInfluence",
+    "StatisticsPass",
     "Store",
     "StoreError",
     "TokenGradients",
     "TokenScores",
+    "TopK",
     "combined_scores",
     "init",
     "losses",
