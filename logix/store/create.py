@@ -59,37 +59,25 @@ def create_store(
                 "one was starting (one writer per run directory). Log into another directory, "
                 "or join it with logix.init(path, resume=True) once that process is done"
             )
-        return _write_store(run_dir, config, config_yaml, modules, projections, projection_info, world_size)
+        write_atomic(run_dir / PROJECTIONS, lambda tmp: tmp.write_bytes(projections))
+        write_atomic(run_dir / CONFIG_COPY, lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": config,
+            "modules": [m.to_dict() for m in modules],
+            "width": total_width(modules),
+            "dtype": config["store"]["dtype"],
+            "fingerprint": fingerprint(modules, hashlib.sha256(projections).hexdigest()),
+            "projection": projection_info,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "logix_version": __version__,
+            "ranks": list(range(world_size)),  # the ranks that log into this store
+        }
+        write_json_atomic(run_dir / MANIFEST, manifest)  # the commit point
+        return manifest
     finally:
         lock.release()
-
-
-def _write_store(
-    run_dir: Path,
-    config: dict[str, Any],
-    config_yaml: str,
-    modules: list[ModuleInfo],
-    projections: bytes,
-    projection_info: dict[str, Any],
-    world_size: int,
-) -> dict:
-    write_atomic(run_dir / PROJECTIONS, lambda tmp: tmp.write_bytes(projections))
-    write_atomic(run_dir / CONFIG_COPY, lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "config": config,
-        "modules": [m.to_dict() for m in modules],
-        "width": total_width(modules),
-        "dtype": config["store"]["dtype"],
-        "fingerprint": fingerprint(modules, hashlib.sha256(projections).hexdigest()),
-        "projection": projection_info,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "logix_version": __version__,
-        "ranks": list(range(world_size)),  # the ranks that log into this store
-    }
-    write_json_atomic(run_dir / MANIFEST, manifest)  # the commit point
-    return manifest
 
 
 def remove_store(run_dir: Path) -> None:

@@ -222,17 +222,21 @@ class StoreWriter:
             return
         atexit.unregister(self._close_at_exit)
         try:
-            try:
-                if self._jobs.error is None:
-                    self._cut()
-            finally:
-                self._closed = True
-                self._jobs.stop()
+            self._stop()
             self._raise_error()
             self._index.set_finalized(True)
             self._index.write()
         finally:
             self._held.release()
+
+    def _stop(self) -> None:
+        """Hand the pending shard to the background thread (unless it failed), then stop it."""
+        try:
+            if self._jobs.error is None:
+                self._cut()
+        finally:
+            self._closed = True
+            self._jobs.stop()
 
     def _close_at_exit(self) -> None:
         """At interpreter exit, write the rows this writer accepted (each is complete and
@@ -242,11 +246,8 @@ class StoreWriter:
             return
         pending = len(self._pending.ids) + self._jobs.queued_rows()
         try:
-            if self._jobs.error is None:
-                self._cut()
+            self._stop()
         finally:
-            self._closed = True
-            self._jobs.stop()
             self._held.release()
         error = self._jobs.error
         outcome = (
