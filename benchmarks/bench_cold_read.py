@@ -15,13 +15,13 @@ odd runs, second on even ones) so that drift in the disk's rate hits both alike.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from page_cache import evict_files, read_files
 
 from logix.store.create import create_store
 from logix.store.format import ModuleInfo
@@ -49,27 +49,9 @@ def shard_files(run_dir: Path) -> list[Path]:
 
 def evict(files: list[Path], drop_all: bool) -> None:
     """Drop the files' pages from the page cache (written back first)."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    evict_files(files)
     if drop_all:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def plain_read(files: list[Path]) -> int:
-    """Read every file start to end with 8 MiB readinto calls; returns the bytes read."""
-    buf = bytearray(8 << 20)
-    view = memoryview(buf)
-    total = 0
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                total += n
-    return total
 
 
 def store_read(run_dir: Path, chunk_rows: int) -> int:
@@ -122,7 +104,7 @@ def main() -> None:
             for kind in order:
                 evict(files, args.drop_all)
                 if kind == "plain":
-                    seconds, n = timed(plain_read, files)
+                    seconds, n = timed(read_files, files)
                 else:
                     seconds, n = timed(store_read, run_dir, args.chunk_rows)
                 rates[kind] = n / seconds / (1 << 20)

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from page_cache import evict_files, read_files
 from rich.console import Console
 from rich.table import Table
 
 from logix.curvature.covariance import CurvatureStatistics
 from logix.query.engine import InfluenceEngine
-from logix.store.format import FORMAT_NAME, FORMAT_VERSION, ModuleInfo, write_json_atomic
+from logix.store.create import create_store
+from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
 from logix.store.reader import open_store
 from logix.store.writer import StoreWriter
@@ -39,21 +41,7 @@ def build(run: Path, rows: int, width: int, dtype: str, shard_rows: int) -> None
         ModuleInfo(f"m{i}", "Linear", 32, 32, 32, block // 32, False, off)
         for i, off in enumerate(range(0, width, block))
     ]
-    write_json_atomic(
-        run / "manifest.json",
-        {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "config": {},
-            "modules": [m.to_dict() for m in modules],
-            "width": width,
-            "dtype": dtype,
-            "fingerprint": "bench",
-            "projection": {"kind": "random", "notes": []},
-            "created": "",
-            "logix_version": "bench",
-        },
-    )
+    create_store(run, {"store": {"dtype": dtype}}, f"store:\n  dtype: {dtype}\n", modules, b"", {}, 1)
     stats = CurvatureStatistics(run, modules)
     gen = torch.Generator().manual_seed(0)
     with StoreWriter(run, width=width, dtype=dtype, shard_rows=shard_rows, observers=[stats]) as w:
@@ -72,25 +60,14 @@ def drop_cache(files: list[Path]) -> str:
             f.write("3\n")
         return "drop_caches"
     except OSError:
-        pass
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return "posix_fadvise(DONTNEED)"
+        evict_files(files)
+        return "posix_fadvise(DONTNEED)"
 
 
-def sequential_read(files: list[Path], block: int = 8 << 20) -> float:
-    """Seconds to read `files` front to back in large blocks (what `dd bs=8M` does)."""
-    buf = bytearray(block)
+def sequential_read(files: list[Path]) -> float:
+    """Seconds to read `files` front to back in 8 MiB blocks (what `dd bs=8M` does)."""
     t = time.perf_counter()
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
+    read_files(files)
     return time.perf_counter() - t
 
 
