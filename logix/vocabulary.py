@@ -20,6 +20,7 @@ FISHERS = ("empirical", "true")  # whose labels the curvature averages over: the
 QUERY_FISHERS = ("auto",) + FISHERS  # auto: the true Fisher when the store holds it
 SCORE_MODES = ("dot", "cosine", "relative")
 SELF_INFLUENCE_MODES = ("dot", "relative")
+RERANK_NORMS = ("window", "sequence")  # whose norm a re-ranked window is divided by
 RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly

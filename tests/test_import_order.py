@@ -145,12 +145,13 @@ def test_walker_sees_top_level_and_local_imports(tmp_path, source, expected):
 def test_public_types_are_exported():
     """The error, result and gradient types users catch or receive come from `logix` itself."""
     import logix
+    from logix.query.rerank import Rerank
     from logix.query.results import Scores, SelfInfluence, TopK
     from logix.query.tokens import TokenScores
     from logix.run.block import Block
     from logix.run.passes import StatisticsPass
 
-    for cls in (Scores, TopK, SelfInfluence, TokenScores, Block, StatisticsPass):
+    for cls in (Scores, TopK, SelfInfluence, TokenScores, Rerank, Block, StatisticsPass):
         assert getattr(logix, cls.__name__) is cls
     for name in ("LogixError", "ConfigError", "StoreError", "CaptureError", "ChoiceError"):
         assert issubclass(getattr(logix, name), logix.LogixError)

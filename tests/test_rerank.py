@@ -1,15 +1,21 @@
 """Token-level re-ranking: the re-ranked lists are permutations of the candidates, scored by the
-best window of position terms (checked by brute force), and a window covering whole sequences
-gives back the store-wide scores."""
+best window of position terms (norm="sequence") or by the cosine of the best window's own
+gradient (norm="window"; the window's row captured through the ordinary logging path with a
+window mask), both checked by brute force; a window covering whole sequences gives back the
+store-wide scores."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 from kfac_helpers import SeqNet, make_batches, seq_loss
 
 import logix
-from logix.query.rerank import rerank_top_k
+from logix.curvature.gram import GramBlock
+from logix.curvature.precondition import build_preconditioner
+from logix.query.rerank import Rerank, rerank_top_k, window_norms
 
 
 @pytest.fixture()
@@ -21,6 +27,7 @@ def setting(tmp_path):
     config = {
         "projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1},
         "capture": {"loss_reduction": "mean"},
+        "curvature": {"statistics": ["raw", "kfac"]},
     }
     with logix.init(tmp_path / "s", config=config) as run:
         run.watch(model)
@@ -44,14 +51,16 @@ def setting(tmp_path):
     with query(data_id=[0, 1, 2], mask=qmask):
         seq_loss(model(qx), qy, qmask, "mean").backward()
     engine = logix.InfluenceEngine(tmp_path / "s", preconditioner="raw", damping=0.1)
-    return engine, query.gradients(), recompute
+    return engine, query.gradients(), recompute, (tmp_path / "s", model, by_id)
 
 
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_reranked_lists_are_candidates_with_their_best_window(setting, window):
-    engine, q, recompute = setting
+    engine, q, recompute, _ = setting
     first = engine.top_k(q, k=7, mode="cosine")
-    top = rerank_top_k(engine, q, k=7, recompute=recompute, candidates=7, window=window, query_batch=2)
+    top = rerank_top_k(
+        engine, q, k=7, recompute=recompute, candidates=7, window=window, norm="sequence", query_batch=2
+    )
     ids = list(engine.store.data_ids)
     terms = engine.token_scores(q, recompute(ids), mode="cosine")  # [n_query, n_docs, T]
     lengths = terms.mask.sum(1).long().tolist()
@@ -67,10 +76,76 @@ def test_reranked_lists_are_candidates_with_their_best_window(setting, window):
         assert torch.all(top.values[i, :-1] >= top.values[i, 1:])
 
 
-def test_a_window_over_whole_sequences_gives_the_store_scores(setting):
-    engine, q, recompute = setting
+def window_row(run_dir, model, by_id, doc, start, stop) -> torch.Tensor:
+    """The projected gradient row of `doc` with only positions start..stop-1 captured [D]."""
+    x, y, mask = by_id[doc]
+    keep = torch.zeros_like(mask)
+    keep[start:stop] = 1
+    q = logix.init(run_dir, mode="query")
+    q.watch(model)
+    with q(data_id=[doc], mask=(keep * mask)[None]):
+        seq_loss(model(x[None]), y[None], mask[None], "mean").backward()
+    return q.gradients().values[0]
+
+
+@pytest.mark.parametrize("preconditioner", ["identity", "raw", "kfac", "ekfac"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_window_norm_scores_each_window_as_its_own_gradient(setting, preconditioner, window):
+    """identity / kfac / ekfac take the rotated-factor path of `window_norms`, raw the whitened
+    window rows: each must match the window's own captured row."""
+    engine, q, recompute, (run_dir, model, by_id) = setting
+    engine = logix.InfluenceEngine(run_dir, preconditioner=preconditioner, damping=0.1)
+    rerank = Rerank(recompute, candidates=6, window=window, query_batch=2)
+    top = engine.top_k(q, k=4, mode="cosine", rerank=rerank)
+    first = engine.top_k(q, k=6, mode="cosine")
+    quad = engine.preconditioner.quadratic
+    for i in range(len(q)):
+        assert set(top.indices[i].tolist()) <= set(first.indices[i].tolist())
+        qi = q.values[i].double()
+        qn = float(quad(qi[None]).sqrt())
+        best_of = {}
+        for doc in first.indices[i].tolist():
+            length = int(by_id[doc][2].sum())
+            w = min(window, length)
+            cos = {}
+            for s in range(length - w + 1):
+                g = window_row(run_dir, model, by_id, doc, s, s + w).double()
+                if preconditioner == "identity":  # a dense reference: the plain cosine of the rows
+                    c = float(qi @ g / (qi.norm() * g.norm()))
+                else:  # polarisation: qᵀ(F+λI)⁻¹g from the metric's quadratic form alone
+                    dot = float(quad((qi + g)[None]) - quad((qi - g)[None])) / 4
+                    c = dot / (qn * float(quad(g[None]).sqrt()))
+                cos[(s, s + w)] = c
+            span = max(cos, key=cos.get)
+            best_of[doc] = (cos[span], span)
+        want = sorted(best_of.values(), key=lambda v: -v[0])[:4]
+        got = top.values[i].tolist()
+        assert all(abs(a - b[0]) < 2e-4 * max(1.0, abs(b[0])) for a, b in zip(got, want))
+        for j, doc in enumerate(top.indices[i].tolist()):
+            assert abs(got[j] - best_of[doc][0]) < 2e-4
+            assert tuple(top.positions[i, j].tolist()) == best_of[doc][1]
+    assert top.meta["rerank"] == {"candidates": 6, "window": window, "norm": "window"}
+
+
+def test_gram_form_window_norms_equal_the_eigen_form(setting):
+    engine, _, recompute, _ = setting
+    tokens = recompute(list(engine.store.data_ids))
+    t = max(f.positions for f in tokens.factors.values())
+    gram = build_preconditioner(engine.store, "raw", 0.1, form="gram")
+    assert all(isinstance(b, GramBlock) for b in gram.blocks.values())
+    in_gram_form = SimpleNamespace(preconditioner=gram, device=torch.device("cpu"))
+    for window in (1, 2):
+        want = window_norms(engine, tokens, window, t)
+        got = window_norms(in_gram_form, tokens, window, t)
+        assert want.shape == (len(tokens), t - window + 1) and want.abs().sum() > 0
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["window", "sequence"])
+def test_a_window_over_whole_sequences_gives_the_store_scores(setting, norm):
+    engine, q, recompute, _ = setting
     full = engine.scores(q, mode="cosine").values
-    top = rerank_top_k(engine, q, k=5, recompute=recompute, candidates=5, window=100)
+    top = rerank_top_k(engine, q, k=5, recompute=recompute, candidates=5, window=100, norm=norm)
     want = full.gather(1, top.indices)
     assert torch.allclose(top.values, want, atol=1e-5)
     first = engine.top_k(q, k=5, mode="cosine")
@@ -78,6 +153,32 @@ def test_a_window_over_whole_sequences_gives_the_store_scores(setting):
 
 
 def test_missing_recomputed_documents_are_an_error(setting):
-    engine, q, recompute = setting
+    engine, q, recompute, _ = setting
     with pytest.raises(ValueError, match="no per-token gradients"):
         rerank_top_k(engine, q, k=3, recompute=lambda ids: recompute(ids[:1]), candidates=3)
+    with pytest.raises(logix.ChoiceError, match="window"):
+        rerank_top_k(engine, q, k=3, recompute=recompute, norm="windows")
+
+
+def test_window_rows_of_a_one_hot_input_equal_the_dense_construction():
+    """An Embedding kept whole stores (index, weight) per position; its window rows must equal
+    the windows of the same factors with x̃ written out as weight · e_index."""
+    from logix.capture.tokens import PositionFactors, TokenGradients
+    from logix.query.rerank import window_rows
+    from logix.store.format import ModuleInfo
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, t, r_out, vocab = 3, 2, 5, 4, 7
+    g = torch.randn(n, k, t, r_out, generator=gen)
+    index = torch.randint(0, vocab, (n, k, t), generator=gen)
+    weight = torch.rand(n, k, t, generator=gen)
+    dense_x = torch.nn.functional.one_hot(index, vocab).float() * weight[..., None]
+    info = [ModuleInfo("emb", "Embedding", vocab, 8, vocab, r_out, False, 0)]
+    one_hot = TokenGradients([0, 1, 2], info, "f", {"emb": PositionFactors(g, None, index, weight, vocab)})
+    dense = TokenGradients([0, 1, 2], info, "f", {"emb": PositionFactors(g, dense_x, r_in=vocab)})
+    for window in (1, 2, 5):
+        a, b = window_rows(one_hot, window, t), window_rows(dense, window, t)
+        assert a.shape == (n, t - window + 1, r_out * vocab)
+        assert torch.allclose(a, b, atol=1e-6)
+    whole = window_rows(dense, t, t)[:, 0]  # one window: the sequence's gradient
+    assert torch.allclose(whole, dense.gradients().values, atol=1e-5)

@@ -94,7 +94,7 @@ class Preconditioner:
         """Q' = Q (F + λI)⁻¹ per block: [n, D] -> [n, D] float64 (on q's device)."""
         q = q.to(torch.float64)
         out = torch.zeros_like(q)
-        blocks = self._blocks_on(q.device, q.dtype)
+        blocks = self.blocks_on(q.device, q.dtype)
         for m in self.selected:
             block = q[:, m.columns]
             out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
@@ -110,7 +110,7 @@ class Preconditioner:
         dense = torch.zeros_like(q)
         rows: dict[str, torch.Tensor] = {}
         quad = q.new_zeros(q.shape[0])
-        blocks = self._blocks_on(q.device, q.dtype)
+        blocks = self.blocks_on(q.device, q.dtype)
         for m in self.selected:
             block = q[:, m.columns]
             b = None if blocks is None else blocks[m.name]
@@ -140,7 +140,7 @@ class Preconditioner:
             return side.rows[module.name][:, start : start + x.shape[0]].to(side.dense.dtype)
         b = (self.blocks or {}).get(module.name)
         if isinstance(b, GramBlock):
-            b = self._blocks_on(x.device, x.dtype)[module.name]
+            b = self.blocks_on(x.device, x.dtype)[module.name]
             rows = b.train_rows(start, start + x.shape[0]).to(side.dense.dtype)
             return side.dense[:, module.columns] @ rows.T
         return side.dense[:, module.columns] @ x[:, module.columns].T
@@ -169,7 +169,7 @@ class Preconditioner:
         store's own rows `start`.. once X̃ is kept (no cancellation), else the float64 Woodbury
         form.
         """
-        blocks = self._blocks_on(x.device, x.dtype)
+        blocks = self.blocks_on(x.device, x.dtype)
         parts = []
         for m in self.selected:
             block = x[:, m.columns]
@@ -187,7 +187,7 @@ class Preconditioner:
         stacked = torch.stack(parts)
         return stacked if per_module else stacked.sum(dim=0)
 
-    def _blocks_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, AnyBlock] | None:
+    def blocks_on(self, device: torch.device, dtype: torch.dtype) -> dict[str, AnyBlock] | None:
         """The selected blocks on `device` in `dtype` (moved once, then kept). A Gram block
         keeps its dtypes, so one copy per device serves every dtype (and its X̃ is built once)."""
         if self.blocks is None:

@@ -46,6 +46,7 @@ from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice, re
 
 if TYPE_CHECKING:
     from logix.capture.tokens import TokenGradients
+    from logix.query.rerank import Rerank
     from logix.query.tokens import TokenScores
 
 Queries = Gradients | torch.Tensor
@@ -109,16 +110,13 @@ class InfluenceEngine:
         else:
             self.chunk_rows = rows_per_chunk(chunk_bytes, store.width)
         chosen = resolve(store, preconditioner, damping, refine, fisher, mode)
-        preconditioner, damping, refine = chosen["preconditioner"], chosen["damping"], chosen["refine"]
-        fisher = chosen["fisher"]
+        preconditioner, damping, refine, fisher = (
+            chosen[k] for k in ("preconditioner", "damping", "refine", "fisher")
+        )
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
         self.progress = progress
-        self.device = (
-            torch.device(device)
-            if device is not None
-            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if len(store) == 0:
             raise StoreError(
                 f"store {store.path}, segment {store.segment!r} has no rows: log training data "
@@ -230,13 +228,16 @@ class InfluenceEngine:
 
         return (comm.together(compute) if self.distributed else compute()), qids
 
-    def top_k(self, q: Queries, k: int = 10, mode: str | None = None) -> TopK:
+    def top_k(self, q: Queries, k: int = 10, mode: str | None = None, rerank: Rerank | None = None) -> TopK:
         """The k highest-scoring train rows per query, best first; `.values`/`.indices` [n_query, k].
 
         Ties go to the lower train index (the result equals a stable descending argsort of the
         full matrix). A k above the number of train rows returns all rows (k = n_train).
+        `rerank`: re-rank the top candidates by their best window of positions (`query/rerank.py`).
         """
         mode = self._mode(mode)
+        if rerank is not None:
+            return rerank.top_k(self, q, k, mode)
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         k = min(int(k), len(self.store))

@@ -2,29 +2,65 @@
 
 A document's gradient is dominated by the tokens the model has not memorised (names, filler);
 the few positions that state a fact contribute little to the store-wide score. Re-ranking takes
-each query's top `candidates` by that score, recomputes their per-position terms with the model
-(`InfluenceEngine.token_scores`: nothing extra is stored) and ranks them by their best window:
+each query's top `candidates` by that score, recomputes their per-position gradients with the
+model (`query.token_gradients()`: nothing extra is stored) and ranks them by their best window
+of `window` consecutive real positions. With the window's gradient G_{n,s} = Σ_{t=s}^{s+w-1} g̃_t x̃_tᵀ:
 
-    score(q, n) = max_s Σ_{t=s}^{s+w-1} s_t(q, n)      (s_t: the position terms of `mode`)
+    norm="window"    score(q, n) = max_s ⟨q, (F+λI)⁻¹ G_{n,s}⟩ / (‖q‖ ‖G_{n,s}‖)   (cosine)
+    norm="sequence"  score(q, n) = max_s Σ_{t=s}^{s+w-1} s_t(q, n)   (s_t: `token_scores` of mode)
 
-over windows of `window` consecutive real positions (a sequence shorter than the window is one
-window; sequences are right-padded: a mask's count is the length). The result is the usual
-`TopK`, with `positions[i, j] = (start, stop)` of the window that carries each score.
+"window" (the default) scores the statement as if it were the whole document, so a memorised
+fact whose gradient is small still counts; "sequence" keeps each window's share of the
+document's score (the norms are the whole sequence's). In `relative` mode the query norm is
+left out, in `dot` mode both reductions are the window's dot product. A sequence shorter than the
+window is one window; sequences are right-padded (a mask's count is the length). The result is
+the usual `TopK`, with `positions[i, j] = (start, stop)` of the window that carries each score.
+`engine.top_k(q, k, rerank=Rerank(recompute, ...))` is the same call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from logix.capture.tokens import TokenGradients
+from logix.capture.tokens import PositionFactors, TokenGradients
+from logix.curvature.gram import GramBlock
+from logix.curvature.kfac import KroneckerBlock
 from logix.query.results import TopK
 from logix.store.gradients import DataId, Gradients
-from logix.vocabulary import SCORE_MODES, check_choice
+from logix.vocabulary import RERANK_NORMS, SCORE_MODES, check_choice
 
 Recompute = Callable[[list[DataId]], TokenGradients]
+_BUDGET = 1 << 24  # elements of the window rows built at once (64 MB in float32)
+
+
+@dataclass(frozen=True)
+class Rerank:
+    """How `InfluenceEngine.top_k` re-ranks its candidates (see the module doc): recompute(ids)
+    returns the per-position gradients of those data ids (`query.token_gradients()` of
+    `per_token=True` blocks over them, in any order)."""
+
+    recompute: Recompute
+    candidates: int = 100
+    window: int = 1
+    norm: str = "window"
+    query_batch: int = 32
+
+    def top_k(self, engine, q: Gradients, k: int, mode: str = "cosine") -> TopK:
+        """`rerank_top_k` with these settings."""
+        return rerank_top_k(
+            engine,
+            q,
+            k,
+            self.recompute,
+            candidates=self.candidates,
+            window=self.window,
+            mode=mode,
+            norm=self.norm,
+            query_batch=self.query_batch,
+        )
 
 
 def best_windows(
@@ -52,6 +88,7 @@ def rerank_top_k(
     candidates: int = 100,
     window: int = 1,
     mode: str = "cosine",
+    norm: str = "window",
     query_batch: int = 32,
 ) -> TopK:
     """The top `k` (at most `candidates`) of each query's `candidates` best store rows (by
@@ -62,6 +99,7 @@ def rerank_top_k(
     any order); it is called once per group of `query_batch` queries with the union of their
     candidates. Returns `TopK` with `positions` [n_query, k, 2] (start, stop) per entry."""
     check_choice(mode, SCORE_MODES, "mode")
+    check_choice(norm, RERANK_NORMS, "rerank norm")
     if int(window) < 1:
         raise ValueError(f"window must be at least 1 position, got {window}")
     first = engine.top_k(q, k=int(candidates), mode=mode)
@@ -77,9 +115,12 @@ def rerank_top_k(
         missing = [d for d in union_ids if d not in where]
         if missing:
             raise ValueError(f"recompute returned no per-token gradients for data ids {missing[:5]}")
-        ts = engine.token_scores(sub, tokens, mode=mode)  # values [nq, n_tok, T]
-        lengths = _lengths(tokens, ts.values.shape[-1])
-        best, start = best_windows(ts.values, lengths, window)  # [nq, n_tok]
+        if norm == "sequence" or mode == "dot":
+            ts = engine.token_scores(sub, tokens, mode=mode)  # values [nq, n_tok, T]
+            lengths = _lengths(tokens, ts.values.shape[-1])
+            best, start = best_windows(ts.values, lengths, window)  # [nq, n_tok]
+        else:
+            best, start, lengths = _window_cosines(engine, sub, tokens, window, mode)
         column = torch.tensor(
             [[where[engine.store.data_ids[i]] for i in row] for row in cand.tolist()], dtype=torch.long
         ).reshape(cand.shape)
@@ -93,8 +134,100 @@ def rerank_top_k(
     idx = torch.cat(indices)
     for row in idx.tolist():
         ids.append([engine.store.data_ids[i] for i in row])
-    meta = {**first.meta, "rerank": {"candidates": int(first.indices.shape[1]), "window": int(window)}}
+    meta = {
+        **first.meta,
+        "rerank": {"candidates": int(first.indices.shape[1]), "window": int(window), "norm": norm},
+    }
     return TopK(torch.cat(values), idx, ids, first.query_ids, mode, meta, positions=torch.cat(spans))
+
+
+def _window_cosines(
+    engine, q: Gradients, tokens: TokenGradients, window: int, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """norm="window": (best score [nq, n], its start [nq, n], lengths [n]), each window's dot
+    product divided by its own norm √(Gᵀ(F+λI)⁻¹G) (and by the query's in cosine mode)."""
+    dots = engine.token_scores(q, tokens, mode="dot").values  # [nq, n, T]
+    t = dots.shape[-1]
+    lengths = _lengths(tokens, t)
+    w = min(int(window), t)
+    csum = torch.nn.functional.pad(dots.double().cumsum(-1), (1, 0))
+    sums = csum[..., w:] - csum[..., :-w]  # [nq, n, nw]
+    norms = window_norms(engine, tokens, w, t)  # [n, nw]
+    denom = norms[None]
+    if mode == "cosine":
+        denom = denom * engine._shared_queries(q)[1].double().cpu()[:, None, None]
+    scores = torch.where(denom > 0, sums / denom.clamp_min(1e-300), torch.zeros_like(sums))
+    valid = torch.arange(sums.shape[-1])[None, :] + w <= lengths.clamp_min(w)[:, None]  # [n, nw]
+    best, start = scores.masked_fill(~valid[None], float("-inf")).max(-1)
+    return best, start, lengths
+
+
+def window_norms(engine, tokens: TokenGradients, window: int, t: int) -> torch.Tensor:
+    """√(G_sᵀ (F+λI)⁻¹ G_s) [n, T - w + 1] (float64) of every window's gradient G_s, in the
+    engine's metric over its selected modules, a few sequences at a time.
+
+    identity / kfac / ekfac blocks rotate the per-position factors into the eigenbases first
+    (Q_Sᵀ G_s Q_A = Σ_t (Q_Sᵀ g̃_t)(Q_Aᵀ x̃_t)ᵀ), so no window's row is ever rotated whole;
+    raw and Gram blocks whiten the window's rows."""
+    pre, device = engine.preconditioner, engine.device
+    blocks = pre.blocks_on(device, torch.float32)
+    n, nw = len(tokens), t - window + 1
+    out = torch.zeros(n, nw, dtype=torch.float64)
+    widest = max((m.width for m in pre.selected), default=1)
+    step = max(1, _BUDGET // max(1, nw * widest))
+    for m in pre.selected:
+        f = tokens.factors.get(m.name)
+        if f is None:
+            continue
+        b = None if blocks is None else blocks[m.name]
+        for a in range(0, n, step):
+            part = f.select(torch.arange(a, min(n, a + step))).padded(f.g.shape[1], t)
+            if not part.one_hot and (b is None or isinstance(b, KroneckerBlock)):
+                g, x = part.g.to(device), part.x.to(device)
+                if b is not None:
+                    g, x = g @ b.q_out, x @ b.q_in
+                win = _windows(g, x, window)  # [n_part, nw, r_out, r_in], rotated
+                if b is not None:
+                    win = win * (b.eigenvalues + b.damping).rsqrt()
+                quad = win.pow(2).sum((-1, -2)).reshape(-1)
+            else:
+                rows = _module_windows(part, window).reshape(-1, m.width).to(device)
+                quad = b.quadratic(rows) if isinstance(b, GramBlock) else b.whiten(rows).pow(2).sum(1)
+            out[a : a + len(part.g)] += quad.double().cpu().reshape(-1, nw)
+    return out.clamp_min(0).sqrt()
+
+
+def window_rows(tokens: TokenGradients, window: int, t: int) -> torch.Tensor:
+    """[n, T - w + 1, D]: per window start s, Σ_{t=s}^{s+w-1} g̃_t x̃_tᵀ of every module, laid
+    out at the store's columns (positions padded to `t`)."""
+    n, width = len(tokens), sum(m.width for m in tokens.modules)
+    rows = torch.zeros(n, t - window + 1, width)
+    for m in tokens.modules:
+        f = tokens.factors.get(m.name)
+        if f is not None:
+            rows[:, :, m.columns] = _module_windows(f.padded(f.g.shape[1], t), window).flatten(2)
+    return rows
+
+
+def _module_windows(f: PositionFactors, window: int) -> torch.Tensor:
+    """[n, T - w + 1, r_out, r_in]: one module's window gradients (T: f's positions)."""
+    if not f.one_hot:
+        return _windows(f.g, f.x, window)
+    n, _, t, _ = f.g.shape
+    out = []
+    for s in range(t - window + 1):  # the outer products are vocabulary-wide: one masked sum each
+        keep = torch.zeros(t)
+        keep[s : s + window] = 1.0
+        one = PositionFactors(f.g * keep[None, None, :, None], None, f.index, f.weight, f.r_in)
+        out.append(one.sequence_gradient())
+    return torch.stack(out, dim=1)
+
+
+def _windows(g: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tensor:
+    """g [n, K, T, r_out], x [n, K, T, r_in] -> Σ_{t=s}^{s+w-1} Σ_k g_t x_tᵀ [n, T - w + 1, r_out, r_in]."""
+    outer = torch.einsum("nktr,nkts->ntrs", g, x)
+    nw = outer.shape[1] - window + 1
+    return sum(outer[:, j : j + nw] for j in range(window))  # no cumsum: tiny windows stay exact
 
 
 def _lengths(tokens: TokenGradients, t: int) -> torch.Tensor:
