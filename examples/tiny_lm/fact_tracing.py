@@ -100,11 +100,15 @@ def train(
     console: Console,
     keep: set[int],
     second_moments: dict[str, torch.Tensor] | None = None,
+    shampoo: dict[str, torch.Tensor] | None = None,
 ) -> tuple[list[float], list[Checkpoint]]:
     """AdamW on the documents and the training questions (whole-sequence loss for both), with a
     linear warm-up and cosine decay. Returns the mean token loss of each epoch and the
     checkpoints at the end of the epochs in `keep` (1-based); `second_moments`, if a dict,
-    receives AdamW's bias-corrected second moments v̂ per parameter name at the end."""
+    receives AdamW's bias-corrected second moments v̂ per parameter name at the end; `shampoo`, if
+    a dict, Shampoo's statistics of every nn.Linear, summed over the steps: `{name}.left` Σ G Gᵀ
+    [d_out, d_out] and `{name}.right` Σ Gᵀ G [d_in + 1, d_in + 1] of the mini-batch gradient
+    G = [∇W, ∇b] (bias column last, logix's row convention)."""
     texts = [d.text for d in corpus.documents]
     texts += [f"{q.prompt} {q.answer}" for q in corpus.train_questions]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -127,6 +131,8 @@ def train(
             batch = document_batch(corpus, [texts[i] for i in order[start : start + batch_size]])
             loss = sequence_losses(model, batch).sum() / batch.loss_mask.sum()
             loss.backward()
+            if shampoo is not None:
+                accumulate_shampoo(model, shampoo)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
@@ -146,6 +152,20 @@ def train(
             steps_done = float(state["step"])
             second_moments[name] = state["exp_avg_sq"].detach().clone() / (1 - beta2**steps_done)
     return history, checkpoints
+
+
+@torch.no_grad()
+def accumulate_shampoo(model: torch.nn.Module, stats: dict[str, torch.Tensor]) -> None:
+    """Add this step's G Gᵀ and Gᵀ G of every nn.Linear to `stats` (see `train`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.grad is not None:
+            g = module.weight.grad
+            if module.bias is not None:
+                g = torch.cat([g, module.bias.grad[:, None]], dim=1)
+            g = g.double()
+            for side, c in (("left", g @ g.T), ("right", g.T @ g)):
+                key = f"{name}.{side}"
+                stats[key] = stats[key] + c if key in stats else c
 
 
 def save_checkpoints(path: Path, checkpoints: list[Checkpoint]) -> None:

@@ -30,6 +30,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 import logix
+from logix.capture.kronecker import KroneckerFactors
 from logix.capture.projection import gaussian_matrix
 
 HERE = Path(__file__).resolve().parent
@@ -52,12 +53,15 @@ from models import TinyDecoder  # noqa: E402
 RAW_DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 WHITEN_DAMPINGS = (1e-6, 1e-5, 1e-4, 1e-3)
 EKFAC_DAMPINGS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-WINDOWS = (1, 2, 4)
+WINDOWS = (1, 2)
 
 
-def build_store(model, corpus, run_dir: Path, projection: dict, batch: int, statistics=("raw",)) -> Path:
-    """Fit the projections when the kind needs it (one pass over the documents), then log one
-    row per document (its summed token loss)."""
+def build_store(
+    model, corpus, run_dir: Path, projection: dict, batch: int, statistics=("raw",), supplied=None
+) -> Path:
+    """Fit the projections when the kind needs it (one pass over the documents), or whiten by
+    `supplied` = (Kronecker factors, power) instead; then log one row per document (its summed
+    token loss)."""
     config = {
         "capture": {"types": ["Linear"], "loss_reduction": "mean", "attribution_only": True},
         "projection": projection,
@@ -76,7 +80,9 @@ def build_store(model, corpus, run_dir: Path, projection: dict, batch: int, stat
             with run(data_id=[d.doc_id for d in chunk], mask=b.pad_mask):
                 sequence_losses(model, b).mean().backward()
 
-    if projection["kind"] in ("pca", "kfac-whitened"):
+    if supplied is not None:
+        run.use_kronecker_factors(*supplied)
+    elif projection["kind"] in ("pca", "kfac-whitened"):
         with run.fit_projections():
             one_pass()
     one_pass()
@@ -98,6 +104,20 @@ def token_recompute(model, corpus, run_dir: Path, batch: int):
         return q.token_gradients()
 
     return recompute
+
+
+def memoised(recompute):
+    """recompute(ids) that computes each document's per-position gradients once."""
+    cache: dict = {}
+
+    def cached(ids):
+        todo = [i for i in ids if i not in cache]
+        if todo:
+            got = recompute(todo)
+            cache.update({d: got.select([j]) for j, d in enumerate(got.data_ids)})
+        return logix.TokenGradients.concatenate([cache[i] for i in ids])
+
+    return cached
 
 
 def kronecker_second_moments(
@@ -133,11 +153,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = args.out / f"retrieval-{key}"
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "model.safetensors").exists():
-        final = load_checkpoints(out / "model.safetensors")[-1]
-        v = load_file(out / "second_moments.safetensors")
-    else:
-        v = {}
+    files = [out / f for f in ("model.safetensors", "second_moments.safetensors", "shampoo.safetensors")]
+    if all(f.exists() for f in files):
+        final = load_checkpoints(files[0])[-1]
+        v, shampoo = load_file(files[1]), load_file(files[2])
+    else:  # the same seed and initialisation: a cached model of an older run is retrained bit for bit
+        v, shampoo = {}, {}
         _, ckpts = train(
             model,
             corpus,
@@ -148,10 +169,16 @@ def main(argv: list[str] | None = None) -> dict:
             console,
             {args.epochs},
             second_moments=v,
+            shampoo=shampoo,
         )
         final = ckpts[-1]
-        save_checkpoints(out / "model.safetensors", [final])
-        save_file({k: t.contiguous() for k, t in v.items()}, out / "second_moments.safetensors")
+        if files[0].exists():
+            old = load_checkpoints(files[0])[-1].state
+            if any(not torch.equal(old[k], final.state[k]) for k in old):
+                raise SystemExit(f"retraining did not reproduce {files[0]}: delete {out} and rerun")
+        save_checkpoints(files[0], [final])
+        for f, tensors in zip(files[1:], (v, shampoo)):
+            save_file({k: t.contiguous() for k, t in tensors.items()}, f)
     model.load_state_dict(final.state)
     model.eval()
     questions = corpus.test_questions
@@ -220,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         full,
     )
     kron = kronecker_second_moments(v, exact)
+    factors = {
+        m.name: KroneckerFactors(shampoo[f"{m.name}.left"], shampoo[f"{m.name}.right"]) for m in exact.modules
+    }
     stores = {}
     for rank in args.ranks:
         # Offline: the random projection of the raw and of the v̂-rescaled exact rows.
@@ -263,27 +293,53 @@ def main(argv: list[str] | None = None) -> dict:
             s, g, d = found[best_wd]
             choose(f"{kind} r={rank}, raw", {dm: cosine(s, g, "raw", dm) for dm in RAW_DAMPINGS}, s.width)
             stores[(kind, rank)] = (s, g, d)
+        # Optimizer-aware whitening: Shampoo's L, R (summed over the training steps) in place of
+        # the fitted K-FAC factors (`run.use_kronecker_factors`), power and damping chosen on tune.
+        found = {}
+        for power in (0.5, 0.25):
+            for wd in WHITEN_DAMPINGS:
+                proj = {"kind": "kfac-whitened", "rank_in": rank, "rank_out": rank, "seed": args.seed}
+                d = build_store(
+                    model,
+                    corpus,
+                    out / f"shampoo-r{rank}-p{power}-w{wd}",
+                    {**proj, "damping": wd},
+                    args.batch,
+                    supplied=(factors, power),
+                )
+                grads = query_gradients(model, corpus, d, questions, args.batch)
+                found[(power, wd)] = cosine(logix.open_store(d), grads, "identity")
+        choose(f"Shampoo-whitened r={rank}, identity", found, stores[("kfac-whitened", rank)][0].width)
     # Token-level re-ranking of the largest-rank stores and of the exact EK-FAC: the window's own
-    # cosine (norm="window", the default) and its share of the document's (norm="sequence").
+    # cosine (norm="window", the default) and its share of the document's (norm="sequence", the
+    # whitened store only). The candidates are the top `--candidates` or every document; the
+    # top-c list is the all-documents list restricted to the first stage's top c (the same scores).
     ekfac_damping = next(r["choice"] for r in rows if r["setting"] == "identity projection, ekfac")
     reranked = [
         (kind, max(args.ranks), "identity", 0.1, stores[(kind, max(args.ranks))])
         for kind in ("random", "kfac-whitened")
     ]
     reranked.append(("identity projection", None, "ekfac", ekfac_damping, (exact, exact_q, exact_dir)))
+    n_docs = len(corpus.documents)
     for kind, rank, pre, damp, (s, g, d) in reranked:
         engine = logix.InfluenceEngine(s, preconditioner=pre, damping=damp)
-        recompute = token_recompute(model, corpus, d, args.batch)
-        for norm in ("window", "sequence"):
+        recompute = memoised(token_recompute(model, corpus, d, args.batch))
+        first = engine.scores(g, mode="cosine").values
+        in_first = torch.zeros_like(first, dtype=torch.bool)
+        in_first.scatter_(1, first.topk(min(args.candidates, n_docs), dim=1).indices, True)
+        for norm in ("window", "sequence") if kind == "kfac-whitened" else ("window",):
             found, started = {}, time.perf_counter()
             for w in WINDOWS:
-                rerank = logix.Rerank(recompute, args.candidates, w, norm, query_batch=len(questions))
-                top = engine.top_k(g, k=args.candidates, mode="cosine", rerank=rerank)
-                scores = torch.full((len(questions), len(corpus.documents)), -1e30, dtype=torch.float64)
-                scores.scatter_(1, top.indices, top.values.double())  # outside the candidates: last
-                found[w] = scores
+                rerank = logix.Rerank(recompute, n_docs, w, norm, query_batch=len(questions))
+                top = engine.top_k(g, k=n_docs, mode="cosine", rerank=rerank)
+                scores = torch.full((len(questions), n_docs), -1e30, dtype=torch.float64)
+                scores.scatter_(1, top.indices, top.values.double())
+                found[(w, "all")] = scores
+                found[(w, args.candidates)] = scores.masked_fill(~in_first, -1e30)  # others last
             name = f"{kind} r={rank}" if rank else kind
-            choose(f"{name}, {pre}, re-ranked (window, norm={norm})", found, s.width)
+            for c in (args.candidates, "all"):
+                one = {w: v for (w, cc), v in found.items() if cc == c}
+                choose(f"{name}, {pre}, re-ranked top {c} (window; norm={norm})", one, s.width)
             console.print(f"    {len(WINDOWS)} windows re-ranked in {time.perf_counter() - started:.0f} s")
     choose("word overlap (question)", {"-": overlap_scores(corpus, [qq.prompt for qq in questions])})
     choose(

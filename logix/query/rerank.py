@@ -186,10 +186,12 @@ def window_norms(engine, tokens: TokenGradients, window: int, t: int) -> torch.T
                 g, x = part.g.to(device), part.x.to(device)
                 if b is not None:
                     g, x = g @ b.q_out, x @ b.q_in
-                win = _windows(g, x, window)  # [n_part, nw, r_out, r_in], rotated
-                if b is not None:
-                    win = win * (b.eigenvalues + b.damping).rsqrt()
-                quad = win.pow(2).sum((-1, -2)).reshape(-1)
+                win = _windows(g, x, window).square_()  # [n_part, nw, r_out, r_in], rotated
+                if b is None:
+                    quad = win.sum((-1, -2)).reshape(-1)
+                else:  # Σ_ij W_ij² / (Λ_ij + λ): one product with the flattened inverse
+                    inverse = (b.eigenvalues + b.damping).reciprocal().reshape(-1)
+                    quad = win.reshape(-1, m.width) @ inverse
             else:
                 rows = _module_windows(part, window).reshape(-1, m.width).to(device)
                 quad = b.quadratic(rows) if isinstance(b, GramBlock) else b.whiten(rows).pow(2).sum(1)
@@ -226,6 +228,8 @@ def _module_windows(f: PositionFactors, window: int) -> torch.Tensor:
 def _windows(g: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tensor:
     """g [n, K, T, r_out], x [n, K, T, r_in] -> Σ_{t=s}^{s+w-1} Σ_k g_t x_tᵀ [n, T - w + 1, r_out, r_in]."""
     outer = torch.einsum("nktr,nkts->ntrs", g, x)
+    if window == 1:
+        return outer
     nw = outer.shape[1] - window + 1
     return sum(outer[:, j : j + nw] for j in range(window))  # no cumsum: tiny windows stay exact
 
