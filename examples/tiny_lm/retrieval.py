@@ -1,19 +1,21 @@
 """Which logix setting finds the documents that taught the model a fact, on the final model alone?
 
-The corpus, model and training of `fact_tracing.py` (cached the same way, with AdamW's second
-moments kept). One store per projection (random, pca, kfac-whitened at each rank; identity for
-exact gradients), the held-out questions' answer-token gradients as queries, `cosine` scores.
-Every damping (the engine's, the whitening's) and every re-ranking window is chosen on the
-*tuning* half of the questions (even positions) and reported on the other half (odd positions).
+The corpus and training of `fact_tracing.py` with a 128-wide model (so that r = 64 per side is
+8.7% of the exact width), cached with AdamW's second moments and Shampoo's statistics. One
+store per projection (random, pca, kfac-whitened at each rank; identity for exact gradients),
+the held-out questions' answer-token gradients as queries, `cosine` scores. Every damping (the
+engine's, the whitening's), whitening power, re-ranking window and candidate count is chosen on
+the *tuning* half of the questions (even positions) and reported on the other half (odd ones).
 
 Rows: each projection with the `identity` preconditioner (plain cosine) and `raw` (projected-
-space Fisher); identity-projection EK-FAC; optimizer-aware curvature (AdamW's v̂, diagonal on the
-full gradient as TrackStar does, or its rank-one Kronecker factorisation folded into the random
-projection; computed offline from the exact rows); token-level re-ranking of the top
-`--candidates` (`logix.query.rerank`); the word-overlap baselines.
+space Fisher); K-FAC and EK-FAC on exact gradients; optimizer-aware curvature (AdamW's v̂,
+diagonal on the full gradient as TrackStar does, or its rank-one Kronecker factorisation folded
+into the random projection, both offline from the exact rows; Shampoo's Σ G Gᵀ, Σ Gᵀ G as
+whitening factors through `run.use_kronecker_factors`); token-level re-ranking of the top
+`--candidates` or of every document (`logix.Rerank`); the word-overlap baselines.
 
-    .venv/bin/python examples/tiny_lm/retrieval.py    # ~35 min on 2 busy cores after training (~40 min)
-    .venv/bin/python examples/tiny_lm/retrieval.py --entities 20 --epochs 20 --ranks 8  # smoke
+    .venv/bin/python examples/tiny_lm/retrieval.py    # ~9 min on 2 idle cores after training (~1.5 min)
+    .venv/bin/python examples/tiny_lm/retrieval.py --entities 20 --epochs 20 --ranks 8 --d-model 32  # smoke
 """
 
 from __future__ import annotations
