@@ -160,12 +160,11 @@ def test_missing_recomputed_documents_are_an_error(setting):
         rerank_top_k(engine, q, k=3, recompute=recompute, norm="windows")
 
 
-def test_window_rows_of_a_one_hot_input_equal_the_dense_construction():
-    """An Embedding kept whole stores (index, weight) per position; its window rows must equal
-    the windows of the same factors with x̃ written out as weight · e_index."""
-    from logix.capture.tokens import PositionFactors, TokenGradients
-    from logix.query.rerank import window_rows
-    from logix.store.format import ModuleInfo
+def test_window_gradients_of_a_one_hot_input_equal_the_dense_construction():
+    """An Embedding kept whole stores (index, weight) per position; its window gradients must
+    equal the windows of the same factors with x̃ written out as weight · e_index."""
+    from logix.capture.tokens import PositionFactors
+    from logix.query.rerank import module_windows
 
     gen = torch.Generator().manual_seed(0)
     n, k, t, r_out, vocab = 3, 2, 5, 4, 7
@@ -173,12 +172,12 @@ def test_window_rows_of_a_one_hot_input_equal_the_dense_construction():
     index = torch.randint(0, vocab, (n, k, t), generator=gen)
     weight = torch.rand(n, k, t, generator=gen)
     dense_x = torch.nn.functional.one_hot(index, vocab).float() * weight[..., None]
-    info = [ModuleInfo("emb", "Embedding", vocab, 8, vocab, r_out, False, 0)]
-    one_hot = TokenGradients([0, 1, 2], info, "f", {"emb": PositionFactors(g, None, index, weight, vocab)})
-    dense = TokenGradients([0, 1, 2], info, "f", {"emb": PositionFactors(g, dense_x, r_in=vocab)})
+    one_hot = PositionFactors(g, None, index, weight, vocab)
+    dense = PositionFactors(g, dense_x, r_in=vocab)
     for window in (1, 2, 5):
-        a, b = window_rows(one_hot, window, t), window_rows(dense, window, t)
-        assert a.shape == (n, t - window + 1, r_out * vocab)
+        a, b = module_windows(one_hot, window), module_windows(dense, window)
+        assert a.shape == (n, t - window + 1, r_out, vocab)
         assert torch.allclose(a, b, atol=1e-6)
-    whole = window_rows(dense, t, t)[:, 0]  # one window: the sequence's gradient
-    assert torch.allclose(whole, dense.gradients().values, atol=1e-5)
+    by_hand = torch.einsum("nktr,nkts->nrs", g[:, :, 1:3], dense_x[:, :, 1:3])  # positions 1, 2
+    assert torch.allclose(module_windows(dense, 2)[:, 1], by_hand, atol=1e-5)
+    assert torch.allclose(module_windows(one_hot, t)[:, 0], one_hot.sequence_gradient(), atol=1e-5)

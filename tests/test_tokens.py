@@ -346,3 +346,30 @@ def test_token_attribution_example_runs(tmp_path):
     )
     assert result["questions"] > 0 and result["sum_relative_gap"] < 1e-4
     assert (tmp_path / "token_attribution.json").exists()
+
+
+@pytest.mark.parametrize("preconditioner", ["identity", "raw"])
+def test_window_reranking_with_a_one_hot_embedding(tmp_path_factory, preconditioner):
+    """Re-ranking by the window's own cosine on a decoder whose token Embedding is kept whole:
+    a window over whole documents gives back their store cosine; single positions are cosines."""
+    from logix.query.rerank import rerank_top_k
+
+    c, model, query, run_dir = setup_lm(tmp_path_factory, 1000)
+    engine = logix.InfluenceEngine(run_dir, preconditioner=preconditioner, damping=DAMPING)
+    q = query.gradients()
+
+    def recompute(ids):
+        run = logix.init(run_dir, mode="query")
+        run.watch(model)
+        b = document_batch(c, [c.documents[i].text for i in ids])
+        with run(data_id=list(ids), mask=b.pad_mask, per_token=True):
+            sequence_losses(model, b).mean().backward()
+        return run.token_gradients()
+
+    whole = rerank_top_k(engine, q, k=6, recompute=recompute, candidates=6, window=1000)
+    assert recompute([0]).factors["tok"].one_hot
+    full = engine.scores(q, mode="cosine").values
+    assert torch.allclose(whole.values, full.gather(1, whole.indices), atol=1e-5)
+    single = rerank_top_k(engine, q, k=6, recompute=recompute, candidates=6, window=1)
+    assert torch.isfinite(single.values).all() and (single.values.abs() <= 1 + 1e-5).all()
+    assert torch.all(single.positions[..., 1] - single.positions[..., 0] == 1)

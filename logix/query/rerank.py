@@ -193,25 +193,16 @@ def window_norms(engine, tokens: TokenGradients, window: int, t: int) -> torch.T
                     inverse = (b.eigenvalues + b.damping).reciprocal().reshape(-1)
                     quad = win.reshape(-1, m.width) @ inverse
             else:
-                rows = _module_windows(part, window).reshape(-1, m.width).to(device)
-                quad = b.quadratic(rows) if isinstance(b, GramBlock) else b.whiten(rows).pow(2).sum(1)
+                rows = module_windows(part, window).reshape(-1, m.width).to(device)
+                if isinstance(b, GramBlock):
+                    quad = b.quadratic(rows)
+                else:
+                    quad = (rows if b is None else b.whiten(rows)).pow(2).sum(1)
             out[a : a + len(part.g)] += quad.double().cpu().reshape(-1, nw)
     return out.clamp_min(0).sqrt()
 
 
-def window_rows(tokens: TokenGradients, window: int, t: int) -> torch.Tensor:
-    """[n, T - w + 1, D]: per window start s, Σ_{t=s}^{s+w-1} g̃_t x̃_tᵀ of every module, laid
-    out at the store's columns (positions padded to `t`)."""
-    n, width = len(tokens), sum(m.width for m in tokens.modules)
-    rows = torch.zeros(n, t - window + 1, width)
-    for m in tokens.modules:
-        f = tokens.factors.get(m.name)
-        if f is not None:
-            rows[:, :, m.columns] = _module_windows(f.padded(f.g.shape[1], t), window).flatten(2)
-    return rows
-
-
-def _module_windows(f: PositionFactors, window: int) -> torch.Tensor:
+def module_windows(f: PositionFactors, window: int) -> torch.Tensor:
     """[n, T - w + 1, r_out, r_in]: one module's window gradients (T: f's positions)."""
     if not f.one_hot:
         return _windows(f.g, f.x, window)
