@@ -6,6 +6,7 @@ store-wide scores."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -158,6 +159,14 @@ def test_missing_recomputed_documents_are_an_error(setting):
         rerank_top_k(engine, q, k=3, recompute=lambda ids: recompute(ids[:1]), candidates=3)
     with pytest.raises(logix.ChoiceError, match="window"):
         rerank_top_k(engine, q, k=3, recompute=recompute, norm="windows")
+
+
+@pytest.mark.parametrize("norm", ["window", "sequence"])
+def test_token_gradients_of_another_store_are_refused(setting, norm):
+    engine, q, recompute, _ = setting
+    foreign = lambda ids: replace(recompute(ids), fingerprint="another store")  # noqa: E731
+    with pytest.raises(logix.StoreError, match="other projections"):
+        rerank_top_k(engine, q, k=3, recompute=foreign, candidates=3, norm=norm)
 
 
 def test_window_gradients_of_a_one_hot_input_equal_the_dense_construction():

@@ -29,6 +29,7 @@ from logix.capture.tokens import PositionFactors, TokenGradients
 from logix.curvature.gram import GramBlock
 from logix.curvature.kfac import KroneckerBlock
 from logix.query.results import TopK
+from logix.query.tokens import position_terms
 from logix.store.gradients import DataId, Gradients
 from logix.vocabulary import RERANK_NORMS, SCORE_MODES, check_choice
 
@@ -63,20 +64,24 @@ class Rerank:
         )
 
 
-def best_windows(
-    terms: torch.Tensor, lengths: torch.Tensor, window: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """terms [..., n, T] (position terms), lengths [n] (real positions, from the start): the best
-    window sum [..., n] and its start [..., n]; a sequence shorter than `window` is one window."""
-    t = terms.shape[-1]
-    w = min(int(window), t)
+def window_sums(terms: torch.Tensor, window: int) -> torch.Tensor:
+    """terms [..., n, T] (position terms) -> Σ_{t=s}^{s+w-1} terms_t [..., n, T - w + 1] float64,
+    w = min(window, T)."""
+    w = min(int(window), terms.shape[-1])
     csum = torch.nn.functional.pad(terms.double().cumsum(-1), (1, 0))  # [..., n, T + 1]
-    sums = csum[..., w:] - csum[..., :-w]  # [..., n, T - w + 1]: the window starting at s
-    starts = torch.arange(sums.shape[-1])
+    return csum[..., w:] - csum[..., :-w]
+
+
+def best_windows(
+    scores: torch.Tensor, lengths: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [..., n, T - w + 1] of the windows starting at each s, lengths [n] (real positions,
+    from the start): the best score [..., n] and its start [..., n] among the windows inside the
+    sequence (a sequence shorter than the window is its first window)."""
+    w = int(window)
+    starts = torch.arange(scores.shape[-1])
     valid = starts[None, :] + w <= lengths.clamp_min(w)[:, None]  # [n, T - w + 1]
-    sums = sums.masked_fill(~valid, float("-inf"))
-    best, start = sums.max(-1)
-    return best, start
+    return scores.masked_fill(~valid, float("-inf")).max(-1)
 
 
 def rerank_top_k(
@@ -116,11 +121,17 @@ def rerank_top_k(
         if missing:
             raise ValueError(f"recompute returned no per-token gradients for data ids {missing[:5]}")
         if norm == "sequence" or mode == "dot":
-            ts = engine.token_scores(sub, tokens, mode=mode)  # values [nq, n_tok, T]
-            lengths = _lengths(tokens, ts.values.shape[-1])
-            best, start = best_windows(ts.values, lengths, window)  # [nq, n_tok]
-        else:
-            best, start, lengths = _window_cosines(engine, sub, tokens, window, mode)
+            terms = engine.token_scores(sub, tokens, mode=mode).values  # [nq, n_tok, T]
+        else:  # the window's own norms: dot terms, from queries preconditioned once
+            qp, qnorm, _ = engine._shared_queries(sub)
+            terms = position_terms(engine, qp, tokens)[0]
+        t = terms.shape[-1]
+        w = min(int(window), t)
+        scores = window_sums(terms, w)  # [nq, n_tok, T - w + 1]
+        if norm == "window" and mode != "dot":
+            scores = _over_window_norms(scores, engine, tokens, w, qnorm if mode == "cosine" else None)
+        lengths = _lengths(tokens, t)
+        best, start = best_windows(scores, lengths, w)  # [nq, n_tok]
         column = torch.tensor(
             [[where[engine.store.data_ids[i]] for i in row] for row in cand.tolist()], dtype=torch.long
         ).reshape(cand.shape)
@@ -129,8 +140,8 @@ def rerank_top_k(
         values.append(score.gather(1, order).float())
         indices.append(cand.gather(1, order))
         s = start.gather(1, column).gather(1, order)
-        w = torch.minimum(torch.full_like(s, int(window)), lengths[column.gather(1, order)])
-        spans.append(torch.stack([s, s + w], dim=-1))
+        width = torch.minimum(torch.full_like(s, int(window)), lengths[column.gather(1, order)])
+        spans.append(torch.stack([s, s + width], dim=-1))
     idx = torch.cat(indices)
     for row in idx.tolist():
         ids.append([engine.store.data_ids[i] for i in row])
@@ -141,25 +152,16 @@ def rerank_top_k(
     return TopK(torch.cat(values), idx, ids, first.query_ids, mode, meta, positions=torch.cat(spans))
 
 
-def _window_cosines(
-    engine, q: Gradients, tokens: TokenGradients, window: int, mode: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """norm="window": (best score [nq, n], its start [nq, n], lengths [n]), each window's dot
-    product divided by its own norm √(Gᵀ(F+λI)⁻¹G) (and by the query's in cosine mode)."""
-    dots = engine.token_scores(q, tokens, mode="dot").values  # [nq, n, T]
-    t = dots.shape[-1]
-    lengths = _lengths(tokens, t)
-    w = min(int(window), t)
-    csum = torch.nn.functional.pad(dots.double().cumsum(-1), (1, 0))
-    sums = csum[..., w:] - csum[..., :-w]  # [nq, n, nw]
-    norms = window_norms(engine, tokens, w, t)  # [n, nw]
-    denom = norms[None]
-    if mode == "cosine":
-        denom = denom * engine._shared_queries(q)[1].double().cpu()[:, None, None]
-    scores = torch.where(denom > 0, sums / denom.clamp_min(1e-300), torch.zeros_like(sums))
-    valid = torch.arange(sums.shape[-1])[None, :] + w <= lengths.clamp_min(w)[:, None]  # [n, nw]
-    best, start = scores.masked_fill(~valid[None], float("-inf")).max(-1)
-    return best, start, lengths
+def _over_window_norms(
+    sums: torch.Tensor, engine, tokens: TokenGradients, window: int, qnorm: torch.Tensor | None
+) -> torch.Tensor:
+    """Window dot products sums [nq, n, T - w + 1] divided by each window's own norm
+    √(Gᵀ(F+λI)⁻¹G) and by the query norms qnorm [nq] if given (cosine); 0 where a norm is 0."""
+    t = sums.shape[-1] + window - 1
+    denom = window_norms(engine, tokens, window, t)[None]  # [1, n, nw]
+    if qnorm is not None:
+        denom = denom * qnorm.double().cpu()[:, None, None]
+    return torch.where(denom > 0, sums / denom.clamp_min(1e-300), torch.zeros_like(sums))
 
 
 def window_norms(engine, tokens: TokenGradients, window: int, t: int) -> torch.Tensor:

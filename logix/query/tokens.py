@@ -82,36 +82,8 @@ def token_scores(
     cosine or relative (each position's term divided by the sequence's norms, so the positions
     still sum to the sequence's score in that mode).
     """
-    if not isinstance(tokens, TokenGradients):
-        raise TypeError(
-            "token gradients must come from a query run's token_gradients() "
-            f"(`with query(data_id=ids, per_token=True)`), got {type(tokens).__name__}"
-        )
-    store = engine.store
-    if tokens.fingerprint != store.fingerprint or list(tokens.modules) != list(store.modules):
-        raise StoreError(
-            "the token gradients were captured with other projections or another "
-            f"model than the store {store.path}: capture them with "
-            f"logix.init({str(store.path)!r}, mode='query') on this run's model"
-        )
     qp, qnorm, qids = engine._shared_queries(q)  # Q' [n_query, D] float32, norms [n_query]
-    selected = [m for m in engine._selected if m.name in tokens.factors]
-    if not selected:
-        raise ValueError("no selected module was reached in the per-token capture")
-    lengths = {m.name: tokens.factors[m.name].positions for m in selected}
-    if not per_module and len(set(lengths.values())) > 1:
-        raise ValueError(
-            f"the selected modules have different numbers of positions {lengths} (e.g. Conv2d "
-            "layers of different resolutions), so their terms cannot be added per position: "
-            "pass per_module=True, or choose modules of one length with the engine's modules=[...]"
-        )
-    t = max(lengths.values())
-    parts = []
-    for m in selected:
-        qm = qp[:, m.columns].reshape(-1, m.r_out, m.r_in)
-        s = _module_scores(qm, tokens.factors[m.name], engine.device)
-        parts.append(torch.nn.functional.pad(s, (0, t - s.shape[-1])))
-    values = torch.stack(parts) if per_module else torch.stack(parts).sum(0)
+    values, selected = position_terms(engine, qp, tokens, per_module)
     if mode != "dot":
         rows = tokens.gradients().values.to(engine.device)
         denom = engine.preconditioner.quadratic(rows).sqrt().cpu()[None, :]  # [1, n_docs]
@@ -128,6 +100,42 @@ def token_scores(
         [m.name for m in selected] if per_module else None,
         engine._meta(),
     )
+
+
+def position_terms(
+    engine: Any, qp: torch.Tensor, tokens: TokenGradients, per_module: bool = False
+) -> tuple[torch.Tensor, list]:
+    """The dot-mode terms s_t of the prepared queries Q' [n_query, D] (`engine._shared_queries`):
+    ([n_query, n_docs, T] or [n_modules, ...] with per_module, the modules they cover)."""
+    if not isinstance(tokens, TokenGradients):
+        raise TypeError(
+            "token gradients must come from a query run's token_gradients() "
+            f"(`with query(data_id=ids, per_token=True)`), got {type(tokens).__name__}"
+        )
+    store = engine.store
+    if tokens.fingerprint != store.fingerprint or list(tokens.modules) != list(store.modules):
+        raise StoreError(
+            "the token gradients were captured with other projections or another "
+            f"model than the store {store.path}: capture them with "
+            f"logix.init({str(store.path)!r}, mode='query') on this run's model"
+        )
+    selected = [m for m in engine._selected if m.name in tokens.factors]
+    if not selected:
+        raise ValueError("no selected module was reached in the per-token capture")
+    lengths = {m.name: tokens.factors[m.name].positions for m in selected}
+    if not per_module and len(set(lengths.values())) > 1:
+        raise ValueError(
+            f"the selected modules have different numbers of positions {lengths} (e.g. Conv2d "
+            "layers of different resolutions), so their terms cannot be added per position: "
+            "pass per_module=True, or choose modules of one length with the engine's modules=[...]"
+        )
+    t = max(lengths.values())
+    parts = []
+    for m in selected:
+        qm = qp[:, m.columns].reshape(-1, m.r_out, m.r_in)
+        s = _module_scores(qm, tokens.factors[m.name], engine.device)
+        parts.append(torch.nn.functional.pad(s, (0, t - s.shape[-1])))
+    return (torch.stack(parts) if per_module else torch.stack(parts).sum(0)), selected
 
 
 def _module_scores(qm: torch.Tensor, f: PositionFactors, device: torch.device) -> torch.Tensor:
