@@ -25,6 +25,17 @@ from logix.store.writer import StoreWriter
 HERE = Path(__file__).parent
 
 
+def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh Python process with this test's import path (2 min at most)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        timeout=120,
+    )
+
+
 def _racer(run_dir: str, barrier, results, ids: list[int]) -> None:
     torch.set_num_threads(1)
     try:
@@ -108,13 +119,7 @@ clean_run(sys.argv[1])
 @pytest.mark.slow
 def test_kill_between_rename_and_index_update_then_readme_recipe(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER_RENAME, str(run_dir), "3"],
-        cwd=HERE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        capture_output=True,
-        timeout=120,
-    )
+    proc = run_child(KILL_AFTER_RENAME, str(run_dir), "3")
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     with pytest.warns(UserWarning, match=r"1 complete shard\(s\) \(8 rows\) are not in the index"):
         store = logix.open_store(run_dir)
@@ -154,13 +159,7 @@ import gc; gc.collect()  # the Run is garbage now
 @pytest.mark.slow
 def test_unfinalized_run_flushes_at_exit_and_warns(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-c", UNFINALIZED, str(run_dir)],
-        cwd=HERE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        capture_output=True,
-        timeout=120,
-    )
+    proc = run_child(UNFINALIZED, str(run_dir))
     err = proc.stderr.decode()
     assert proc.returncode == 0, err
     assert "was never closed: run.finalize() was not called" in err
@@ -232,13 +231,7 @@ CHILD_SCRIPT = textwrap.dedent("""
 def test_second_process_is_told_the_holder(tmp_path):
     run_dir = make_store(tmp_path / "run")
     w = StoreWriter(run_dir, width=WIDTH)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD_SCRIPT, str(run_dir)],
-        cwd=HERE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        capture_output=True,
-        timeout=120,
-    )
+    proc = run_child(CHILD_SCRIPT, str(run_dir))
     assert proc.returncode != 0
     assert f"in use by process {os.getpid()}" in proc.stderr.decode()
     w.close()
