@@ -116,7 +116,8 @@ class InfluenceEngine:
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
         self.progress = progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(default if device is None else device)  # device=0 is cuda:0
         if len(store) == 0:
             raise StoreError(
                 f"store {store.path}, segment {store.segment!r} has no rows: log training data "
