@@ -47,6 +47,7 @@ class CaptureConfig:
     bias: bool = True
     loss_reduction: str = field(default="mean", metadata=_choices(*LOSS_REDUCTIONS))
     attribution_only: bool = False
+    check_loss: bool = True  # check the loop's loss reduction on the first block (capture/loss_probe.py)
 
 
 @dataclass
