@@ -92,6 +92,7 @@ class HeadEvidence:
 
     name: str
     nonfinite: bool = False
+    rejected: bool = False  # its gradients do not sum to 0 over the last axis: no logits
     rtol: float = RTOL  # grows with the rounding of the gradients' dtype (fp16 / bf16 under autocast)
     weights: list[torch.Tensor] = field(default_factory=list)
     fits: list[torch.Tensor] = field(default_factory=list)
@@ -104,16 +105,26 @@ class HeadEvidence:
             self.nonfinite = True  # an overflowed step (fp16 loss scaling): no evidence
         if g.dtype.is_floating_point:
             self.rtol = max(self.rtol, 16 * torch.finfo(g.dtype).eps, 16 * torch.finfo(z.dtype).eps)
+        if self.rejected or not self._sums_to_zero(g):
+            self.rejected = True  # a hidden layer: skip the softmax over its outputs
+            return
         w, ok = position_weights(z, g, self.rtol)
         self.weights.append(w.cpu())
         self.fits.append(ok.cpu())
         self.touched.append((g != 0).any(-1).cpu())
 
+    def _sums_to_zero(self, g: torch.Tensor) -> bool:
+        """A cheap test on the first 256 positions: a cross-entropy gradient c (p − e_y) sums to
+        0 over the classes, the gradient at a hidden layer's output does not."""
+        sample = g.reshape(-1, g.shape[-1])[:256].double()
+        size = sample.abs().sum(-1)
+        return bool((sample.sum(-1).abs() <= self.rtol * size).all())
+
     def per_example(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight c_n [B] of each example's target positions, their number T_n [B]) when at
         least 90% of the touched positions are cross-entropy positions and each example's
         weights agree; else None (not a cross-entropy head, or per-token weights)."""
-        if not self.weights:
+        if not self.weights or self.rejected:
             return None
         w, ok, touched = (torch.cat(t, dim=1) for t in (self.weights, self.fits, self.touched))
         if not bool(touched.any()) or int(ok.sum()) < 0.9 * int(touched.sum()):
