@@ -32,6 +32,7 @@ from logix.capture.per_sample import layer_type
 
 RTOL = 1e-3  # agreement of weights read off float32 gradients
 FIT_TOL = 1e-3  # |g − c (p − e_y)| ≤ FIT_TOL |g| at a cross-entropy position
+SAMPLES = 16  # positions per example (and call) whose weight is read exactly
 CHUNK_ELEMENTS = 1 << 22  # positions are analysed in chunks of about this many logits
 LOGIX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,8 +88,11 @@ def position_weights(
 
 @dataclass
 class HeadEvidence:
-    """What one watched module's outputs showed in the block: per call, the position weights,
-    fits and which positions received any gradient (all [B, P])."""
+    """What one watched module's outputs showed in the block, per call: which positions received
+    any gradient (touched [B, P]) and, at up to SAMPLES of each example's touched positions
+    spread over them, the exact position weight and whether it fits (weights, fits, sampled
+    [B, SAMPLES]). Sampling keeps the check to one pass over the gradient plus a softmax over
+    B · SAMPLES positions; every sampled weight is exact, and all of them must agree."""
 
     name: str
     nonfinite: bool = False
@@ -96,40 +100,49 @@ class HeadEvidence:
     rtol: float = RTOL  # grows with the rounding of the gradients' dtype (fp16 / bf16 under autocast)
     weights: list[torch.Tensor] = field(default_factory=list)
     fits: list[torch.Tensor] = field(default_factory=list)
+    sampled: list[torch.Tensor] = field(default_factory=list)
     touched: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, logits: torch.Tensor, grad: torch.Tensor) -> None:
         B, V = grad.shape[0], grad.shape[-1]
         z, g = logits.reshape(B, -1, V), grad.detach().reshape(B, -1, V)
-        if not bool(torch.isfinite(g).all()):
+        if not bool(torch.isfinite(g.sum())):
             self.nonfinite = True  # an overflowed step (fp16 loss scaling): no evidence
         if g.dtype.is_floating_point:
             self.rtol = max(self.rtol, 16 * torch.finfo(g.dtype).eps, 16 * torch.finfo(z.dtype).eps)
         if self.rejected or not self._sums_to_zero(g):
             self.rejected = True  # a hidden layer: skip the softmax over its outputs
             return
-        w, ok = position_weights(z, g, self.rtol)
+        touched = (g != 0).any(-1)  # [B, P]
+        rank = torch.cumsum(touched.long(), dim=1)  # [B, P]: touched positions up to here
+        count = rank[:, -1:]  # [B, 1]
+        wanted = torch.arange(SAMPLES, device=g.device).unsqueeze(0) * count // SAMPLES + 1  # [B, S]
+        sampled = wanted <= count
+        pos = torch.searchsorted(rank, wanted).clamp(max=g.shape[1] - 1)  # the wanted-th touched
+        pick = pos.unsqueeze(-1).expand(-1, -1, V)
+        w, ok = position_weights(z.gather(1, pick), g.gather(1, pick), self.rtol)
         self.weights.append(w.cpu())
-        self.fits.append(ok.cpu())
-        self.touched.append((g != 0).any(-1).cpu())
+        self.fits.append((ok & sampled).cpu())
+        self.sampled.append(sampled.cpu())
+        self.touched.append(touched.cpu())
 
     def _sums_to_zero(self, g: torch.Tensor) -> bool:
         """A cheap test on the first 256 positions: a cross-entropy gradient c (p − e_y) sums to
         0 over the classes, the gradient at a hidden layer's output does not."""
-        sample = g.reshape(-1, g.shape[-1])[:256].double()
+        sample = g.reshape(-1, g.shape[-1])[:256].float()
         size = sample.abs().sum(-1)
         return bool((sample.sum(-1).abs() <= self.rtol * size).all())
 
     def per_example(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(weight c_n [B] of each example's target positions, their number T_n [B]) when at
-        least 90% of the touched positions are cross-entropy positions and each example's
+        least 90% of the sampled positions are cross-entropy positions and each example's
         weights agree; else None (not a cross-entropy head, or per-token weights)."""
         if not self.weights or self.rejected:
             return None
-        w, ok, touched = (torch.cat(t, dim=1) for t in (self.weights, self.fits, self.touched))
-        if not bool(touched.any()) or int(ok.sum()) < 0.9 * int(touched.sum()):
+        w, ok, sampled = (torch.cat(t, dim=1) for t in (self.weights, self.fits, self.sampled))
+        counts = torch.cat(self.touched, dim=1).sum(1)
+        if not bool(sampled.any()) or int(ok.sum()) < 0.9 * int(sampled.sum()):
             return None
-        counts = touched.sum(1)
         c = torch.zeros(w.shape[0], dtype=torch.float64)
         for n in range(w.shape[0]):
             mine = w[n][ok[n]]

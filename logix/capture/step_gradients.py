@@ -118,6 +118,10 @@ class StepGradients:
                 continue
             ratios.append((after / before, name))
         if not ratios or all(abs(r - 1) <= SAME for r, _ in ratios):
+            # Barely clipped (c within SAME of 1) still differentiates through the clip: known
+            # only once a max_norm is, from an earlier step.
+            if self.max_norm is not None and 1 - SAME <= self.max_norm / (math.sqrt(total) + 1e-6) < 1:
+                return self.max_norm
             return None
         c = sum(r for r, _ in ratios) / len(ratios)
         for r, name in ratios:
