@@ -161,3 +161,26 @@ def test_under_bf16_autocast(tmp_path, reduction, fires):
 
     got = caught(tmp_path, loss_of, TinyLM(), mask=MASK)
     assert [w.category for w in got] == ([LossReductionWarning] if fires else [])
+
+
+def test_long_sequences_are_read_at_sampled_positions(tmp_path):
+    """40 positions per sequence (more than the 16 sampled): token mean warns, per-example mean
+    is silent, per-token weights are said to be unreadable."""
+    ids = torch.randint(1, 7, (3, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 30:], mask[2, 9:] = 0, 0
+    per = lambda m, run: losses.batch_loss(losses.next_token_loss(m(ids), ids, mask, "mean"), run)  # noqa: E731
+
+    def token_mean(m, run):
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return F.cross_entropy(m(ids)[:, :-1].reshape(-1, 7), targets.reshape(-1), ignore_index=-100)
+
+    def per_token_weights(m, run):
+        ce = F.cross_entropy(m(ids)[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return (ce * torch.linspace(0.5, 1.5, 39) * mask[:, 1:]).sum(1).mean()
+
+    assert caught(tmp_path / "a", per, TinyLM(), mask=mask) == []
+    got = caught(tmp_path / "b", token_mean, TinyLM(), mask=mask)
+    assert len(got) == 1 and "(76 tokens)" in str(got[0].message)
+    got = caught(tmp_path / "c", per_token_weights, TinyLM(), mask=mask)
+    assert len(got) == 1 and got[0].category is LossCheckNotice and "per-token weights" in str(got[0].message)

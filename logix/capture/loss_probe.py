@@ -274,7 +274,9 @@ def report_loss_check(
     if best is None:
         warn_at_user_line(
             "logix could not check the loop's loss reduction: no watched Linear output received "
-            "a softmax cross-entropy gradient in the first block. Make sure the backpropagated "
+            "a softmax cross-entropy gradient with one weight per example in the first block (a "
+            "regression loss, label smoothing, per-token weights, an unwatched head?). Make sure "
+            "the backpropagated "
             f"loss is the {reduction} over the batch of per-example losses, as "
             "capture.loss_reduction says (logix.losses.check_batch_reduction checks it from "
             f"per-example losses) {off}",
