@@ -34,7 +34,7 @@ RTOL = 1e-3  # agreement of weights read off float32 gradients
 FIT_TOL = 1e-3  # |g − c (p − e_y)| ≤ FIT_TOL |g| at a cross-entropy position
 SAMPLES = 16  # positions per example (and call) whose weight is read exactly
 CHUNK_ELEMENTS = 1 << 22  # positions are analysed in chunks of about this many logits
-LOGIX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGIX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class LossReductionWarning(UserWarning):

@@ -132,8 +132,8 @@ class StepGradients:
         if math.frexp(c)[0] == 0.5:
             raise CaptureError(
                 f"the gradients at step {step} are exactly 2^{math.frexp(c)[1] - 1} times those "
-                f"backward produced: a GradScaler's unscale (mixed precision). {SUPPORTED}; "
-                "record the training without loss scaling"
+                f"backward produced: a GradScaler's unscale (mixed precision), or gradients divided "
+                f"by hand. {SUPPORTED}; record the training without loss scaling"
             )
         max_norm = infer_max_norm(c, math.sqrt(total))
         if self.max_norm is None:
