@@ -29,6 +29,7 @@ class Pass:
 
     needs_logits = False  # True: a block ends with `pass.backward(logits)`, not loss.backward()
     checks_batch = True  # the hooks check each module's batch size against the block's ids
+    checks_loss = True  # the first block checks the loss reduction (rows and statistics scale with it)
 
     def __init__(self, run: Any):
         self.run = run
@@ -51,7 +52,12 @@ class Pass:
     def loss_probe(self, block: Block) -> LossProbe | None:
         """Until one block has been checked: the probe that checks the loop's loss reduction
         (passes that backpropagate the user's loss, unless capture.check_loss is false)."""
-        if self.loss_checked or self.needs_logits or not self.run.config.capture.check_loss:
+        if (
+            self.loss_checked
+            or self.needs_logits
+            or not self.checks_loss
+            or not self.run.config.capture.check_loss
+        ):
             return None
         return LossProbe([(c.name, c.module) for c in self.run.captures()], len(block.ids))
 
