@@ -183,3 +183,37 @@ def test_a_damaged_clip_record_is_a_clear_error():
     with pytest.raises(logix.StoreError, match="clip_max_norm"):
         recorded_max_norm({"clip_max_norm": -1.0}, 3)
     assert recorded_max_norm({}, 0) is None
+
+
+def test_recording_a_clipped_run_changes_no_weight_and_replays_through_run_watch(tmp_path):
+    plain, recorded = train_clipped("adam"), train_clipped("adam", record=tmp_path / "r")
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), recorded.parameters()))
+    x, y, _, _ = data()
+    model = make_model()
+    opt = OPTIMIZERS["sgd"](model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    with logix.init(tmp_path / "run", config={"projection": {"kind": "identity"}}) as run:
+        run.watch(model, optimizer=opt, trajectory_every=2)
+        for t, blocks in enumerate(STEPS):
+            for ids in blocks:
+                with run(data_id=[t * 100 + i for i in ids]):  # ids unique per store segment
+                    loss_fn(model, (x[ids], y[ids])).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    assert MAX_NORM in clipped_steps(tmp_path / "run")
+    logged = logix.unroll(
+        tmp_path / "run",
+        make_model(),
+        loss_fn,
+        lambda ids: examples([i % 100 for i in ids]),
+        queries(),
+        progress=False,
+    )
+    train_clipped("sgd", record=tmp_path / "alone")
+    alone = logix.unroll(tmp_path / "alone", make_model(), loss_fn, examples, queries(), progress=False)
+    total = torch.zeros_like(alone.values)
+    for j, i in enumerate(logged.train_ids):
+        total[:, i % 100] += logged.values[:, j]
+    assert torch.allclose(total, alone.values, rtol=1e-10, atol=1e-14)
