@@ -217,3 +217,14 @@ def test_recording_a_clipped_run_changes_no_weight_and_replays_through_run_watch
     for j, i in enumerate(logged.train_ids):
         total[:, i % 100] += logged.values[:, j]
     assert torch.allclose(total, alone.values, rtol=1e-10, atol=1e-14)
+
+
+def test_a_frozen_parameter_in_the_optimizer_keeps_its_clear_error(tmp_path):
+    model = make_model()
+    model[0].weight.requires_grad_(False)  # no gradient hook can be registered on it
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = logix.record_trajectory(tmp_path / "f", model, opt)
+    rec.add_block([0, 1])
+    loss_fn(model, examples([0, 1])).mean().backward()
+    with pytest.raises(logix.CaptureError, match="0.weight has no gradient"):
+        opt.step()

@@ -63,7 +63,11 @@ class StepGradients:
         self.max_norm: float | None = None  # of the first clipped step (later ones must agree)
         self._backward: dict[int, torch.Tensor] = {}  # id(param) -> norm of .grad after backward
         self._finite: torch.Tensor | None = None  # all backward gradients finite since the last step
-        self._hooks = [p.register_post_accumulate_grad_hook(self._after_backward) for _, p, _ in params]
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._after_backward)
+            for _, p, _ in params
+            if p.requires_grad
+        ]
         self._hooks.append(model.register_forward_pre_hook(self._before_forward))
         self._device_type = params[0][1].device.type if params else "cpu"
 
@@ -91,9 +95,14 @@ class StepGradients:
         finite, self._finite = self._finite, None
         left = [self._backward.pop(id(p), None) for _, p, _ in self.params]
         self._backward.clear()
-        now = [torch.linalg.vector_norm(p.grad.detach()).to(torch.float64) for _, p, _ in self.params]
-        missing = torch.tensor(-1.0, dtype=torch.float64)
-        pairs = [torch.stack([missing.to(a) if b is None else b.to(a), a]) for b, a in zip(left, now)]
+        device = self.params[0][1].device if self.params else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        now = [
+            zero if p.grad is None else torch.linalg.vector_norm(p.grad.detach()).to(zero)
+            for _, p, _ in self.params
+        ]
+        missing = zero - 1.0
+        pairs = [torch.stack([missing if b is None else b.to(zero), a]) for b, a in zip(left, now)]
         values = torch.stack(pairs).tolist()  # one synchronisation per step
         if finite is not None and not bool(finite):
             raise CaptureError(
