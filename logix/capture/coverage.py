@@ -12,6 +12,7 @@ matrix parameters (ndim ≥ 2) into an error when `capture.uncovered: error`.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -100,13 +101,13 @@ def _matches(patterns: list[str], *names: str) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
-def _why_not(name: str, module: nn.Module, local: str, param: torch.Tensor, cfg: CaptureConfig) -> str:
+def _why_not(name: str, module: nn.Module, local: str, trainable: bool, cfg: CaptureConfig) -> str:
     """Why parameter `local` of module `name` is not captured (the module is not watched, or
     the parameter is not part of what a watched module captures)."""
     full = f"{name}.{local}" if name else local
     if _matches(cfg.exclude, name, full):
         return EXCLUDED
-    if not param.requires_grad:
+    if not trainable:
         return FROZEN
     if not name:
         return MODEL_OWN
@@ -118,6 +119,28 @@ def _why_not(name: str, module: nn.Module, local: str, param: torch.Tensor, cfg:
     if kind not in cfg.types:
         return NOT_IN_TYPES
     return NOT_INCLUDED  # a layer of a chosen type that is not watched: include left it out
+
+
+def _parameters(model: nn.Module) -> dict[object, list]:
+    """Every distinct parameter of `model`: key -> [holders (module name, module, local name),
+    shape, requires_grad]. A parameter shared by several modules (tied) has several holders; an
+    FSDP (v1) flat parameter is unpacked into the original parameters it holds."""
+    names = {id(m): n for n, m in named_modules(model)}
+    entries: dict[object, list] = {}
+    for name, module in named_modules(model):
+        for local, param in module.named_parameters(recurse=False):
+            infos, shapes = getattr(param, "_param_infos", None), getattr(param, "_shapes", None)
+            if infos is not None and shapes is not None:
+                for info, shape in zip(infos, shapes):
+                    owner = info.module
+                    entry = entries.setdefault(
+                        (id(owner), info.param_name), [[], tuple(shape), param.requires_grad]
+                    )
+                    entry[0].append((names.get(id(owner), ""), owner, info.param_name))
+                continue
+            entry = entries.setdefault(id(param), [[], tuple(param.shape), param.requires_grad])
+            entry[0].append((name, module, local))
+    return entries
 
 
 def model_coverage(
@@ -132,49 +155,48 @@ def model_coverage(
     captured, their modules under that label."""
     watched = {id(m) for _, m in selected}
     watched_names = [name for name, _ in selected]
-    captured_ids: dict[int, str] = {}
     captured_types: dict[str, int] = {}
-    type_parameters: dict[str, int] = {}
     for _, module in selected:
         kind = layer_type(module)
         captured_types[kind] = captured_types.get(kind, 0) + 1
-        captured_ids[id(module.weight)] = kind
-        if cfg.bias and getattr(module, "bias", None) is not None:
-            captured_ids[id(module.bias)] = kind
+    extra: dict[int, str] = {}
     extra_modules: set[tuple[str, str]] = set()
     for name, kind, param in also_captured:
         if (name, kind) not in extra_modules:
             extra_modules.add((name, kind))
             captured_types[kind] = captured_types.get(kind, 0) + 1
-        captured_ids[id(param)] = kind
-    seen: set[int] = set()
+        extra[id(param)] = kind
+
+    def captured_by(key: object, holders: list) -> str | None:
+        for _, module, local in holders:
+            if id(module) in watched and (local == "weight" or (local == "bias" and cfg.bias)):
+                return layer_type(module)
+        return extra.get(key)
+
     total = matrix = got = got_matrix = 0
+    type_parameters: dict[str, int] = {}
     groups: dict[tuple[str, str], list] = {}
-    holders = named_modules(model)
-    for name, module in holders:
-        for local, param in module.named_parameters(recurse=False):
-            if param is None or id(param) in seen:
-                continue
-            seen.add(id(param))
-            n, is_matrix = param.numel(), param.ndim >= 2
-            total += n
-            matrix += n if is_matrix else 0
-            if id(param) in captured_ids:
-                kind = captured_ids[id(param)]
-                type_parameters[kind] = type_parameters.get(kind, 0) + n
-                got += n
-                got_matrix += n if is_matrix else 0
-                continue
-            if id(module) in watched:
-                reason = BIAS_OFF if local == "bias" else EXTRA
-            else:
-                reason = _why_not(name, module, local, param, cfg)
-            entry = groups.setdefault((type(module).__name__, reason), [[], 0, 0])
-            holder = name or local  # the model's own parameters are named as such
-            if holder not in entry[0]:
-                entry[0].append(holder)
-            entry[1] += n
-            entry[2] += n if is_matrix else 0
+    for key, (holders, shape, trainable) in _parameters(model).items():
+        n, is_matrix = math.prod(shape), len(shape) >= 2
+        total += n
+        matrix += n if is_matrix else 0
+        kind = captured_by(key, holders)
+        if kind is not None:
+            type_parameters[kind] = type_parameters.get(kind, 0) + n
+            got += n
+            got_matrix += n if is_matrix else 0
+            continue
+        name, module, local = holders[0]
+        if id(module) in watched:
+            reason = BIAS_OFF if local == "bias" else EXTRA
+        else:
+            reason = _why_not(name, module, local, trainable, cfg)
+        entry = groups.setdefault((type(module).__name__, reason), [[], 0, 0])
+        holder = name or local  # the model's own parameters are named as such
+        if holder not in entry[0]:
+            entry[0].append(holder)
+        entry[1] += n
+        entry[2] += n if is_matrix else 0
     uncovered = tuple(
         sorted(
             (

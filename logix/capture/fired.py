@@ -22,6 +22,7 @@ import warnings
 from functools import partial
 
 import torch
+from torch import nn
 
 from logix.capture.hooks import CaptureBlock, ModuleCapture
 from logix.errors import CaptureError
@@ -36,7 +37,9 @@ class FirstBlockWatch:
         self.handles = []
         for c in captures:
             weight = getattr(c.module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            # Parameters only: a wrapper's views of a flat parameter (FSDP v1) are left alone
+            # (such a module is then reported as taking no part, the message's other case).
+            if isinstance(weight, nn.Parameter) and weight.requires_grad:
                 self.handles.append(weight.register_hook(partial(self._used, c.index)))
 
     def _used(self, index: int, grad: torch.Tensor) -> None:

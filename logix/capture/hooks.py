@@ -219,6 +219,13 @@ class ModuleCapture:
             output = output.detach().requires_grad_(True)
             replaced = True
         x = inputs[0]
+        if isinstance(module, nn.Embedding) and x.shape[0] == 1 and (block.batch_size or 1) > 1:
+            # One lookup for the whole batch (position ids [1, T]): each example gets its own copy
+            # (a view: the model computes the same values and the same weight gradient, summed
+            # over the copies as broadcasting would), so backward brings each example's ∂ℓ/∂y.
+            x = x.expand(block.batch_size, *x.shape[1:])
+            output = output.expand(block.batch_size, *output.shape[1:])
+            replaced = True
         if block.batch_size is not None and x.shape[0] != block.batch_size:
             raise CaptureError(
                 f"module {self.name!r} saw a batch of {x.shape[0]} examples but data_id has "
