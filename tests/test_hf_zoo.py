@@ -116,7 +116,8 @@ def test_zoo_coverage_and_rows(tmp_path, capsys, kind):
         logits = model(inputs, mask)
         per_example_loss(kind, logits, inputs, labels, mask).sum().backward()
     got = query.gradients().values.double()
-    want = projected_rows(model, query.modules, query.projections, reference_grads(model, inputs, mask, labels))
+    reference = reference_grads(model, inputs, mask, labels)
+    want = projected_rows(model, query.modules, query.projections, reference)
     for m in query.modules:  # module by module, so that a failure names the module
         block, ref = got[:, m.columns], want[:, m.columns]
         torch.testing.assert_close(block, ref, rtol=1e-4, atol=1e-6, msg=f"{kind}: module {m.name}")
