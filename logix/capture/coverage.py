@@ -25,14 +25,14 @@ from logix.config import CaptureConfig
 from logix.errors import CaptureError
 
 # Why a parameter is not captured, and what would capture it (or say it is on purpose).
-NOT_A_LAYER = "not a layer type logix captures"
+NOT_A_LAYER = "a layer type logix does not capture"
 NOT_IN_TYPES = "type not in capture.types"
 NOT_INCLUDED = "no capture.include pattern matches"
 EXCLUDED = "capture.exclude"
 BIAS_OFF = "bias (capture.bias: false)"
 FROZEN = "frozen (requires_grad=False)"
 EXTRA = "not part of the layer's linear map"
-MODEL_OWN = "a parameter of the model itself"
+MODEL_OWN = "the model's own parameter"
 ON_PURPOSE = (EXCLUDED, BIAS_OFF, FROZEN)  # never an error
 
 
@@ -61,7 +61,7 @@ class UncoveredGroup:
         if self.reason == NOT_INCLUDED:
             return "match them in capture.include"
         if self.reason in (NOT_A_LAYER, EXTRA, MODEL_OWN):
-            return "cannot be captured: exclude to mark it on purpose"
+            return "capture.exclude marks it intended"
         return "left out on purpose"
 
 

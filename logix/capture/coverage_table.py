@@ -66,6 +66,6 @@ def _share(n: int, total: int) -> str:
 
 def print_coverage(coverage: Coverage, file: TextIO | None = None) -> None:
     """Print the coverage table to `file` (stderr by default)."""
-    console = Console(file=file if file is not None else sys.stderr, width=120, soft_wrap=False)
+    console = Console(file=file if file is not None else sys.stderr, width=150, soft_wrap=False)
     console.print(escape(headline(coverage)))
     console.print(coverage_table(coverage))
