@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,7 +94,7 @@ def test_cnn_under_linear_only_config_is_said(tmp_path, capsys):
         run.watch(model)
     assert "add 'Conv2d' to capture.types" in capsys.readouterr().err
     assert run.coverage().uncovered_matrices()[0].modules == ("0",)
-    cfg = logix.LogixConfig.from_yaml("configs/retrieval.yaml")
+    cfg = logix.LogixConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "retrieval.yaml")
     assert {"Conv1d", "Conv2d", "Conv1D", "Linear"} <= set(cfg.capture.types)
 
 
