@@ -166,7 +166,7 @@ class CaptureBlock:
     mask_skipped: dict[str, tuple] = field(default_factory=dict)  # modules it did not apply to
     # Watched modules whose parameters' use this block accounted for by another path than their
     # own forward hook (a functional interception, a notice that says why it is skipped): the
-    # first block's unfired-module check (`coverage.check_fired`) counts them as fired.
+    # first block's unfired-module check (`fired.check_fired`) counts them as fired.
     fired: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
