@@ -4,6 +4,7 @@ Log in three lines (`init`, `watch`, `with run(data_id=ids):`), then open the st
 training examples made the model behave as it does (`open_store`, `InfluenceEngine`).
 """
 
+from logix.capture.loss_probe import LossCheckNotice, LossReductionWarning
 from logix.capture.tokens import TokenGradients
 from logix.capture.trajectory import record_trajectory
 from logix.config import LogixConfig
@@ -49,6 +50,8 @@ __all__ = [
     "ChoiceError",
     "ConfigError",
     "LogixError",
+    "LossCheckNotice",
+    "LossReductionWarning",
     "Gradients",
     "InfluenceEngine",
     "LogixConfig",
