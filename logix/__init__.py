@@ -7,6 +7,7 @@ training examples made the model behave as it does (`open_store`, `InfluenceEngi
 from logix.capture.tokens import TokenGradients
 from logix.capture.trajectory import record_trajectory
 from logix.config import LogixConfig
+from logix.data import collate_with_ids, with_ids
 from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, StoreError
 from logix.run import Block, Run, StatisticsPass, init
 from logix.store.format import ModuleInfo
@@ -63,6 +64,7 @@ __all__ = [
     "TokenGradients",
     "TokenScores",
     "TopK",
+    "collate_with_ids",
     "combined_scores",
     "init",
     "losses",
@@ -71,5 +73,6 @@ __all__ = [
     "record_trajectory",
     "stagewise_scores",
     "unroll",
+    "with_ids",
     "__version__",
 ]
