@@ -1,6 +1,6 @@
 """Data ids without friction: a map-style dataset whose items carry their ids, and the collate
 function for dict batches, so that `for ids, x, y in loader: with run(data_id=ids): ...` works
-with any `torch.utils.data.Dataset` and any DataLoader order (shuffled, sampled, several workers).
+with any `torch.utils.data.Dataset` and any DataLoader order (shuffled, sampled).
 
     loader = DataLoader(logix.with_ids(train_set), batch_size=64, shuffle=True)
     for ids, x, y in loader:              # items (idx, x, y): ids [B] follow each example
