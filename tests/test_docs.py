@@ -212,10 +212,20 @@ def test_python_blocks_parse_and_name_real_logix_api():
 
 
 def test_the_readmes_cli_commands_run_as_written(tmp_path, monkeypatch):
-    """The README's `logix` commands, run against a small store where the demo puts its own."""
+    """The README's `logix` commands, run as written (from a fresh directory) against a small
+    store and query file at the paths they name (the demo's: examples/digits/out/...)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = [
+        shlex.split(c) for c in shell_commands(readme) if c.startswith("logix ") and "--help" not in c
+    ]
+    assert commands
+    store_dirs = {c[2] for c in commands if c[1] == "inspect"}
+    query_files = {c[c.index("--queries") + 1] for c in commands if "--queries" in c}
+    assert len(store_dirs) == 1 and len(query_files) <= 1, "the README's commands name one store"
+    monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    run_dir = tmp_path / "examples" / "digits" / "out" / "run"
+    run_dir = tmp_path / store_dirs.pop()
     x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
     with logix.init(run_dir, config={"projection": {"rank_in": 3, "rank_out": 2}}) as run:
         run.watch(model)
@@ -225,13 +235,11 @@ def test_the_readmes_cli_commands_run_as_written(tmp_path, monkeypatch):
     query.watch(model)
     with query(data_id=["q0", "q1"]):
         F.cross_entropy(model(x[:2]), y[:2]).backward()
-    monkeypatch.chdir(tmp_path)
-    query.gradients().save("q.safetensors")  # as the README says
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    commands = [c for c in shell_commands(readme) if c.startswith("logix ") and "--help" not in c]
-    assert commands
+    for path in query_files:  # the README says: query.gradients().save(path)
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        query.gradients().save(tmp_path / path)
     for command in commands:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            assert logix_main(shlex.split(command)[1:]) == 0, command
-    if any("--output top.json" in c for c in commands):
-        assert (tmp_path / "top.json").is_file()
+            assert logix_main(command[1:]) == 0, " ".join(command)
+        if "--output" in command:
+            assert (tmp_path / command[command.index("--output") + 1]).is_file()
