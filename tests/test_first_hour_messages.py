@@ -143,7 +143,7 @@ def test_an_id_repeated_within_one_batch_is_said_as_such(tmp_path):
     model = mlp()
     with logix.init(tmp_path / "r", config={"projection": {"kind": "identity"}}) as run:
         run.watch(model)
-        with pytest.raises(StoreError, match=r"\[7\] appear more than once in this batch of 4") as e:
+        with pytest.raises(StoreError, match=r"duplicate data id\(s\) \[7\] within this batch of 4") as e:
             log_one_batch(run, model, [7, 7, 8, 9])
         assert "resum" not in str(e.value)  # no crash-resume advice for a batch's own mistake
         log_one_batch(run, model, [7, 8, 9, 10])  # nothing of the refused batch was stored

@@ -260,7 +260,7 @@ def test_duplicate_ids_rejected(logged):
             F.cross_entropy(model(x), y).backward()
 
     _assert_untouched(run, path, dup_old, logix.StoreError, "duplicate")
-    _assert_untouched(run, path, dup_within, logix.StoreError, "more than once in this batch")
+    _assert_untouched(run, path, dup_within, logix.StoreError, "duplicate data id.* within this batch of 8")
 
 
 def test_nan_loss_rejected(logged):

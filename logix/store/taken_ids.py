@@ -63,8 +63,8 @@ class TakenIds:
             seen.add(i)
         if repeated:
             raise StoreError(
-                f"data id(s) {sorted(set(repeated), key=str)[:10]} appear more than once in this "
-                f"batch of {len(ids)}: each example of a batch needs its own id (check how the "
+                f"duplicate data id(s) {sorted(set(repeated), key=str)[:10]} within this batch of "
+                f"{len(ids)}: each example of a batch needs its own id (check how the "
                 "ids are built, e.g. logix.with_ids(dataset)); nothing of this batch was stored"
             )
         dups = [i for i in ids if i in taken]
