@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.util
 import io
 import re
 import shlex
@@ -108,6 +109,10 @@ def test_every_documented_command_is_real(page, command):
         assert (ROOT / tokens[1]).is_file(), f"{page}: {tokens[1]} does not exist"
         for arg in tokens[2:]:
             assert (ROOT / arg.split("::")[0]).exists(), f"{page}: {arg} does not exist"
+    elif word == "python" and tokens[1] == "-m":
+        assert importlib.util.find_spec(tokens[2]) is not None, f"{page}: no module {tokens[2]}"
+        if tokens[2] == "logix" and tokens[3:]:  # alone, it names the program
+            check_logix_command(["logix", *tokens[3:]])
     elif word in ("python", "torchrun"):
         check_python_script(tokens)
     elif word == "logix":
@@ -241,5 +246,5 @@ def test_the_readmes_cli_commands_run_as_written(tmp_path, monkeypatch):
     for command in commands:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert logix_main(command[1:]) == 0, " ".join(command)
-        if "--output" in command:
-            assert (tmp_path / command[command.index("--output") + 1]).is_file()
+        for flag in set(command) & {"--output", "-o"}:
+            assert (tmp_path / command[command.index(flag) + 1]).is_file(), " ".join(command)
