@@ -134,14 +134,10 @@ class Block:
             attribution_only=owner.attribution_only(),
             outputs=[] if owner.needs_logits else None,
         )
-        if run.mode == "query":
+        self.handles = attach_hooks(run.captures(), self.capture)
+        owner.enter_block(self)
+        if run.mode == "query":  # last: nothing after it can fail and skip the restore
             self.held_grads = hold_grads(run.model)
-        try:
-            self.handles = attach_hooks(run.captures(), self.capture)
-            owner.enter_block(self)
-        except BaseException:
-            restore_grads(self.held_grads)
-            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
