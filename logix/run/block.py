@@ -92,6 +92,22 @@ class Pass:
         )
 
 
+def hold_grads(model: torch.nn.Module | None) -> list[tuple[torch.nn.Parameter, Any]]:
+    """Set aside every parameter's `.grad` (None or its tensor) and clear it, so that a query
+    block's backward fills fresh gradients instead of adding to the training step's."""
+    held = [] if model is None else [(p, p.grad) for p in model.parameters()]
+    for p, _ in held:
+        p.grad = None
+    return held
+
+
+def restore_grads(held: list[tuple[torch.nn.Parameter, Any]]) -> None:
+    """Put back the `.grad` of each parameter as `hold_grads` found it (the same tensor, or
+    None): querying mid-training leaves the next optimizer step as it would have been."""
+    for p, grad in held:
+        p.grad = grad
+
+
 class Block:
     """One batch of a pass: its data ids, padding mask [B, T] and what the hooks captured."""
 
@@ -120,6 +136,7 @@ class Block:
         self.discarded = False
         self.nonfinite = "raise"
         self.backwards = 0  # `backward(logits)` calls (passes that need logits)
+        self.held_grads: list = []  # a query-mode block's parameters' `.grad`, set aside
 
     @property
     def batch_size(self) -> int:
@@ -149,6 +166,8 @@ class Block:
         if self.loss_probe is not None:
             self.handles += self.loss_probe.attach()
         owner.enter_block(self)
+        if run.mode == "query":  # last: nothing after it can fail and skip the restore
+            self.held_grads = hold_grads(run.model)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -165,6 +184,8 @@ class Block:
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)
+            restore_grads(self.held_grads)
+            self.held_grads = []
         return False
 
     @property
