@@ -19,9 +19,6 @@ this way, which is said once, with the manual check that works for it.
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -29,12 +26,12 @@ import torch
 from torch import nn
 
 from logix.capture.per_sample import layer_type
+from logix.notices import warn
 
 RTOL = 1e-3  # agreement of weights read off float32 gradients
 FIT_TOL = 1e-3  # |g − c (p − e_y)| ≤ FIT_TOL |g| at a cross-entropy position
 SAMPLES = 16  # positions per example (and call) whose weight is read exactly
 CHUNK_ELEMENTS = 1 << 22  # positions are analysed in chunks of about this many logits
-LOGIX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 class LossReductionWarning(UserWarning):
@@ -43,22 +40,6 @@ class LossReductionWarning(UserWarning):
 
 class LossCheckNotice(UserWarning):
     """The automatic loss check could not tell the loop's reduction (said once per run)."""
-
-
-def warn_at_user_line(message: str, category: type[Warning]) -> None:
-    """warnings.warn attributed to the first frame outside logix (the user's `with run(...)`)."""
-    frame = sys._getframe(1)
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(LOGIX_DIR):
-        frame = frame.f_back
-    warnings.warn_explicit(
-        message,
-        category,
-        frame.f_code.co_filename,
-        frame.f_lineno,
-        module=frame.f_globals.get("__name__"),
-        registry=frame.f_globals.setdefault("__warningregistry__", {}),
-        module_globals=frame.f_globals,
-    )
 
 
 def position_weights(
@@ -272,7 +253,7 @@ def report_loss_check(
     off = "(capture.check_loss: false turns this check off)"
     best = probe.best()
     if best is None:
-        warn_at_user_line(
+        warn(
             "logix could not check the loop's loss reduction: no watched Linear output received "
             "a softmax cross-entropy gradient with one weight per example in the first block (a "
             "regression loss, label smoothing, per-token weights, an unwatched head?). Make sure "
@@ -288,11 +269,9 @@ def report_loss_check(
     scale = scale.detach().double().cpu().expand_as(c)
     kind, message = loss_verdict(c, counts, reduction, grad_scale, scale, ev.rtol)
     if kind == "warn":
-        warn_at_user_line(
-            f"logix: {message} (read off the gradients of {ev.name!r}) {off}", LossReductionWarning
-        )
+        warn(f"logix: {message} (read off the gradients of {ev.name!r}) {off}", LossReductionWarning)
     elif kind == "unknown":
-        warn_at_user_line(
+        warn(
             f"logix could not check the loop's loss reduction: {message} (at {ev.name!r}); make sure "
             f"each example's loss enters as the config's {reduction} over the batch {off}",
             LossCheckNotice,
