@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from child_process import start_python
 from distributed_worker import CONFIG, N_TRAIN, make_model, train
 from safetensors.torch import load_file
 from store_helpers import WIDTH, make_store, rows_for
@@ -43,16 +42,12 @@ TIMEOUT = 240
 
 def launch(scenario: str, out: Path, world: int = 2) -> list[subprocess.Popen]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = {"WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
     return [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "distributed_worker.py"), scenario, str(out)],
-            cwd=HERE,
+        start_python(
+            HERE / "distributed_worker.py",
+            scenario,
+            out,
             env={**env, "RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
