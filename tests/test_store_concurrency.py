@@ -209,9 +209,8 @@ def test_run_directory_that_is_a_file(tmp_path):
     path.write_text("x")
     with pytest.raises(StoreError, match="is a file"):
         logix.open_store(path)
-    run = logix.init(path, config=CONFIG)
-    with pytest.raises(StoreError, match="is a file, not a directory"):
-        run.watch(model())
+    with pytest.raises(StoreError, match="is a file, not a directory"):  # at init or at watch
+        logix.init(path, config=CONFIG).watch(model())
 
 
 CHILD_SCRIPT = textwrap.dedent("""

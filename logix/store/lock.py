@@ -17,12 +17,13 @@ from pathlib import Path
 
 from logix.errors import StoreError
 from logix.store.format import INDEX_DIR
+from logix.store.paths import glob_inside, inside
 
 CREATE_LOCK = "create.lock"
 
 
 def lock_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / INDEX_DIR / f"rank-{rank:05d}.lock"
+    return inside(run_dir, INDEX_DIR, f"rank-{rank:05d}.lock")
 
 
 def _holder(fd: int) -> str:
@@ -40,8 +41,11 @@ class FileLock:
 
     def __init__(self, path: Path, *, wait: bool = False, what: str = "") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            raise not_writable(self.path.parent.parent, e) from e
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -75,6 +79,15 @@ class FileLock:
                 self._fd = None
 
 
+def not_writable(run_dir: Path, error: OSError) -> StoreError:
+    """The error of a writer that cannot write the store (read-only media, permissions)."""
+    return StoreError(
+        f"the store {run_dir} cannot be written here ({error}): logging into it or resuming it "
+        "needs write access (a read-only mount, another user's files?). A read-only store can "
+        "still be read and queried (logix.open_store, logix.init(path, mode='query'))"
+    )
+
+
 def writer_lock(run_dir: Path, rank: int) -> FileLock:
     """The lock of rank `rank`'s writer of `run_dir`; a StoreError naming the holder if taken."""
     return FileLock(lock_path(run_dir, rank), what=f"rank {rank} of the store {run_dir}")
@@ -82,7 +95,7 @@ def writer_lock(run_dir: Path, rank: int) -> FileLock:
 
 def creation_lock(run_dir: Path) -> FileLock:
     """Serialises store creation and removal in `run_dir` (waits for another creator)."""
-    return FileLock(Path(run_dir) / INDEX_DIR / CREATE_LOCK, wait=True)
+    return FileLock(inside(run_dir, INDEX_DIR, CREATE_LOCK), wait=True)
 
 
 def lock_all_writers(run_dir: Path) -> list[FileLock]:
@@ -90,7 +103,7 @@ def lock_all_writers(run_dir: Path) -> list[FileLock]:
     naming the holder when a writer is live (the locks taken so far are released)."""
     held: list[FileLock] = []
     try:
-        for p in sorted((Path(run_dir) / INDEX_DIR).glob("rank-*.lock")):
+        for p in glob_inside(run_dir, INDEX_DIR, "rank-*.lock"):
             number = p.stem.split("-", 1)[1]
             if number.isdigit():
                 held.append(writer_lock(run_dir, int(number)))

@@ -22,8 +22,9 @@ from logix.errors import StoreError
 from logix.store.format import SHARD_DIR, check_segment_name, index_path
 from logix.store.ids import DataId, batch_ids, normalise_ids
 from logix.store.index import new_index, read_index, read_indexes
-from logix.store.lock import writer_lock
+from logix.store.lock import not_writable, writer_lock
 from logix.store.manifest import read_manifest
+from logix.store.paths import inside
 from logix.store.pending_shard import PendingShard
 from logix.store.rank_index import RankIndex
 from logix.store.recovery import adopt_unindexed, remove_tmp_files
@@ -78,7 +79,7 @@ class StoreWriter:
 
         self._held = writer_lock(self.run_dir, self.rank)  # before touching any file of the rank
         try:
-            (self.run_dir / SHARD_DIR).mkdir(exist_ok=True)
+            inside(self.run_dir, SHARD_DIR).mkdir(exist_ok=True)
             remove_tmp_files(self.run_dir, self.rank)  # their owner is gone: we hold its lock
             index = read_index(self.run_dir, self.rank) or new_index(self.rank)
             others = [i for r, i in read_indexes(self.run_dir).items() if r != self.rank]
@@ -88,6 +89,9 @@ class StoreWriter:
             # stopped early (killed, crashed) from one that finished.
             self._index.set_finalized(False)
             self._index.write()
+        except OSError as e:
+            self._held.release()
+            raise not_writable(self.run_dir, e) from e
         except BaseException:
             self._held.release()
             raise
@@ -176,6 +180,7 @@ class StoreWriter:
         here, and a batch with non-finite rows is refused, as by `add`."""
         self._check_open()
         segment = self._segment if self._segment is not None else self._index.next_segment_name()
+        self._taken.check_kind(ids)
         taken = self._taken.check_new(segment, ids)
         bad = [ids[j] for j in nonfinite]
         if bad:
@@ -187,6 +192,8 @@ class StoreWriter:
         if self._segment is None:
             self.start_segment(segment)
         taken.update(ids)
+        if self._taken.kind is None and ids:
+            self._taken.kind = type(ids[0])
         self._pending.append(segment, ids, rows.detach())
 
     def reserve(self, n: int) -> torch.Tensor:
