@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from logix.errors import StoreError
@@ -20,6 +21,10 @@ from logix.store.format import INDEX_DIR
 from logix.store.paths import glob_inside, inside
 
 CREATE_LOCK = "create.lock"
+# Locks held in this process: their file (resolved) -> whether their holder gives them up. A
+# lock held by an earlier writer of this same process whose run failed (its loop raised, its
+# disk filled) and was never finalized is handed over instead of refused with this process's pid.
+_GIVE_WAY: dict[str, Callable[[], bool]] = {}
 
 
 def lock_path(run_dir: Path, rank: int) -> Path:
@@ -37,25 +42,42 @@ def _holder(fd: int) -> str:
 
 
 class FileLock:
-    """An exclusive flock on `path`, held until `release()` (or the process ends)."""
+    """An exclusive flock on `path`, held until `release()` (or the process ends).
 
-    def __init__(self, path: Path, *, wait: bool = False, what: str = "") -> None:
+    `give_way`: asked when a later locker of this same process wants the lock; it returns True
+    after giving the lock up (`release()`), False to keep it (the later locker is refused)."""
+
+    def __init__(
+        self, path: Path, *, wait: bool = False, what: str = "", give_way: Callable[[], bool] | None = None
+    ) -> None:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise not_writable(self.path.parent.parent, e) from e
+        self._key = os.path.realpath(self.path)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                if not self._earlier_gives_way():
+                    raise
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(self._fd)
             os.close(self._fd)
             self._fd = None
+            ours = (
+                " That is this process: an earlier run of this directory is still open; call its "
+                "run.finalize() first."
+                if holder.startswith(f"process {os.getpid()} on {socket.gethostname()} ")
+                else ""
+            )
             raise StoreError(
                 f"{what or self.path} is in use by {holder or 'another process'}: only one "
                 "process may write it at a time. Wait for that process to finish (or stop it), "
-                "or log into another run directory"
+                f"or log into another run directory.{ours}"
             ) from None
         info = {
             "pid": os.getpid(),
@@ -64,6 +86,21 @@ class FileLock:
         }
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(info).encode(), 0)
+        if give_way is not None:
+            _GIVE_WAY[self._key] = give_way
+
+    def _earlier_gives_way(self) -> bool:
+        """Whether a holder of this lock in this process gave it up (a failed one writes what
+        it has and lets go)."""
+        earlier = _GIVE_WAY.get(self._key)
+        if earlier is None:
+            return False
+        try:
+            return earlier()
+        except BaseException:
+            os.close(self._fd)  # type: ignore[arg-type]
+            self._fd = None
+            raise
 
     @property
     def held(self) -> bool:
@@ -72,6 +109,7 @@ class FileLock:
     def release(self) -> None:
         """Drop the lock (the file stays: removing it would race with the next locker)."""
         if self._fd is not None:
+            _GIVE_WAY.pop(self._key, None)
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
@@ -88,9 +126,10 @@ def not_writable(run_dir: Path, error: OSError) -> StoreError:
     )
 
 
-def writer_lock(run_dir: Path, rank: int) -> FileLock:
-    """The lock of rank `rank`'s writer of `run_dir`; a StoreError naming the holder if taken."""
-    return FileLock(lock_path(run_dir, rank), what=f"rank {rank} of the store {run_dir}")
+def writer_lock(run_dir: Path, rank: int, give_way: Callable[[], bool] | None = None) -> FileLock:
+    """The lock of rank `rank`'s writer of `run_dir`; a StoreError naming the holder if taken
+    (by another process, or by a writer of this one without `give_way`)."""
+    return FileLock(lock_path(run_dir, rank), what=f"rank {rank} of the store {run_dir}", give_way=give_way)
 
 
 def creation_lock(run_dir: Path) -> FileLock:

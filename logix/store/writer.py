@@ -31,6 +31,7 @@ from logix.store.recovery import adopt_unindexed, remove_tmp_files
 from logix.store.shard_io import nonfinite_rows, write_shard
 from logix.store.shard_queue import ShardQueue
 from logix.store.taken_ids import TakenIds
+from logix.store.unclosed import pending_outcome, warn_closed_at_exit, warn_taken_over
 from logix.vocabulary import STORAGE_DTYPES
 
 __all__ = ["StoreWriter", "DataId", "batch_ids", "normalise_ids", "nonfinite_rows"]
@@ -77,7 +78,9 @@ class StoreWriter:
         self.shard_rows = max(1, min(int(shard_rows), int(max_shard_bytes) // (4 * self.width)))
         self.observers = list(observers)
 
-        self._held = writer_lock(self.run_dir, self.rank)  # before touching any file of the rank
+        self._closed_why, self._failed = "", False
+        # before touching any file of the rank; an abandoned writer of this process gives way
+        self._held = writer_lock(self.run_dir, self.rank, give_way=self._give_way)
         try:
             inside(self.run_dir, SHARD_DIR).mkdir(exist_ok=True)
             remove_tmp_files(self.run_dir, self.rank)  # their owner is gone: we hold its lock
@@ -245,6 +248,37 @@ class StoreWriter:
             self._closed = True
             self._jobs.stop()
 
+    def abandon(self, why: str) -> None:
+        """Stop without finalizing: write the rows accepted so far, leave this rank marked "not
+        finalized" and release the lock (a run whose set-up failed, or one taken over). Any
+        later use raises a StoreError saying `why`. Raises nothing (after a failed `close()`
+        it only makes sure the thread is stopped and the lock released)."""
+        self._closed_why = self._closed_why or why
+        atexit.unregister(self._close_at_exit)
+        try:
+            if not self._closed:
+                self._stop()
+        except Exception:  # noqa: BLE001 - the caller reports the error that led here
+            pass
+        finally:
+            self._held.release()
+
+    def mark_failed(self) -> None:
+        """The run of this writer failed (an exception left one of its blocks): should a later
+        writer of this process ask for this rank, this one gives way (see `_give_way`)."""
+        self._failed = True
+
+    def _give_way(self) -> bool:
+        """A later writer of this process wants this rank's lock. A writer whose run failed (see
+        `mark_failed`) or whose disk writes failed ends now, loudly, and gives way (True); a
+        healthy one keeps its rank (False: the later writer is refused)."""
+        if not (self._failed or self._jobs.error is not None):
+            return False
+        pending = len(self._pending.ids) + self._jobs.queued_rows()
+        self.abandon("another writer of this process has taken over its rank")
+        warn_taken_over(self.run_dir, self.rank, pending_outcome(pending, self._jobs.error))
+        return True
+
     def _close_at_exit(self) -> None:
         """At interpreter exit, write the rows this writer accepted (each is complete and
         checked; losing them silently is the worse outcome), leave the rank marked "not
@@ -256,20 +290,7 @@ class StoreWriter:
             self._stop()
         finally:
             self._held.release()
-        error = self._jobs.error
-        outcome = (
-            f"its {pending} pending rows were written"
-            if error is None
-            else f"its pending rows are lost ({error!r})"
-        )
-        warnings.warn(
-            f"logix: the store writer of {self.run_dir} (rank {self.rank}) was never closed: "
-            f"run.finalize() was not called. At exit {outcome}; the rank stays marked not "
-            "finalized and statistics kept in memory were not saved. Call run.finalize() at the "
-            "end (or use `with logix.init(...) as run:`)",
-            RuntimeWarning,
-            stacklevel=1,
-        )
+        warn_closed_at_exit(self.run_dir, self.rank, pending_outcome(pending, self._jobs.error))
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -286,7 +307,8 @@ class StoreWriter:
     # ----------------------------------------------------------------------------- internals
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreError("the store writer is closed")
+            why = f": {self._closed_why}" if self._closed_why else ""
+            raise StoreError(f"the store writer is closed{why}")
 
     def _check_usable(self) -> None:
         self._check_open()
