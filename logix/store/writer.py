@@ -19,15 +19,12 @@ from pathlib import Path
 import torch
 
 from logix.errors import StoreError
-from logix.store.format import SHARD_DIR, check_segment_name, index_path
+from logix.store.format import check_segment_name
 from logix.store.ids import DataId, batch_ids, normalise_ids
-from logix.store.index import new_index, read_index, read_indexes
-from logix.store.lock import not_writable, writer_lock
+from logix.store.lock import writer_lock
 from logix.store.manifest import read_manifest
-from logix.store.paths import inside
 from logix.store.pending_shard import PendingShard
-from logix.store.rank_index import RankIndex
-from logix.store.recovery import adopt_unindexed, remove_tmp_files
+from logix.store.rank_index import open_rank_index
 from logix.store.shard_io import nonfinite_rows, write_shard
 from logix.store.shard_queue import ShardQueue
 from logix.store.taken_ids import TakenIds
@@ -82,25 +79,13 @@ class StoreWriter:
         # before touching any file of the rank; an abandoned writer of this process gives way
         self._held = writer_lock(self.run_dir, self.rank, give_way=self._give_way)
         try:
-            inside(self.run_dir, SHARD_DIR).mkdir(exist_ok=True)
-            remove_tmp_files(self.run_dir, self.rank)  # their owner is gone: we hold its lock
-            index = read_index(self.run_dir, self.rank) or new_index(self.rank)
-            others = [i for r, i in read_indexes(self.run_dir).items() if r != self.rank]
-            adopt_unindexed(self.run_dir, index, self.width, self.dtype)
-            self._index = RankIndex(index_path(self.run_dir, self.rank), index, others)
-            # "finalized" turns true when this writer closes cleanly: a reader tells a rank that
-            # stopped early (killed, crashed) from one that finished.
-            self._index.set_finalized(False)
-            self._index.write()
-        except OSError as e:
-            self._held.release()
-            raise not_writable(self.run_dir, e) from e
+            self._index = open_rank_index(self.run_dir, self.rank, self.width, self.dtype)
         except BaseException:
             self._held.release()
             raise
         self._segment: str | None = self._index.last_segment()
         self._taken = TakenIds(
-            self.run_dir, self.width, self.dtype, self._index.shards, others, self._index.lock
+            self.run_dir, self.width, self.dtype, self._index.shards, self._index.others, self._index.lock
         )
         self._closed = False
         self._jobs = ShardQueue(
