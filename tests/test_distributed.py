@@ -309,11 +309,15 @@ def test_rank_status_and_missing_ids(tmp_path):
     open_writer = StoreWriter(run_dir, width=WIDTH, rank=1, shard_rows=2)
     open_writer.add([2, 3, 4], rows_for([2, 3, 4]))
     open_writer.flush()  # rows on disk, writer not closed: as if the rank was killed now
-    store = logix.open_store(run_dir, verify="full")
+    with pytest.raises(logix.StoreError, match=r"rank\(s\) \[2\] are named in the manifest"):
+        logix.open_store(run_dir, verify="full")  # rank 2's rows are missing: not silently
+    with pytest.warns(UserWarning, match=r"rank\(s\) \[2\] are named in the manifest"):
+        store = logix.open_store(run_dir, verify="full", missing_ranks="warn")
     assert store.rank_status() == {0: "finalized", 1: "not finalized", 2: "no index"}
     assert store.unfinalized_ranks == [1, 2]
     assert store.rows_by_rank() == {0: 2, 1: 3}
     assert store.missing_ids([5, 4, 0, 9]) == [5, 9]
     assert store.missing_ids(torch.arange(3)) == []
     open_writer.close()
-    assert logix.open_store(run_dir).rank_status()[1] == "finalized"
+    with pytest.warns(UserWarning, match="have no index"):
+        assert logix.open_store(run_dir, missing_ranks="warn").rank_status()[1] == "finalized"

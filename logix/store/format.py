@@ -128,6 +128,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover (or a planted link) of this name is not ours
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
