@@ -23,16 +23,20 @@ def _disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def _same_rows_as_a_clean_run(run_dir, tmp_path) -> None:
-    clean_dir = tmp_path / "clean"
-    clean = rows_by_id(clean_dir if clean_dir.exists() else clean_run(clean_dir))
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> dict:
+    """id -> row of a clean run of every id (the reference of each test)."""
+    return rows_by_id(clean_run(tmp_path_factory.mktemp("locks") / "clean"))
+
+
+def _same_rows_as_a_clean_run(run_dir, clean: dict) -> None:
     got = rows_by_id(run_dir)
     assert sorted(got) == sorted(clean)
     for i, row in clean.items():
         assert torch.equal(got[i], row), i
 
 
-def test_disk_full_while_logging_then_resume_in_the_same_process(tmp_path, monkeypatch):
+def test_disk_full_while_logging_then_resume_in_the_same_process(tmp_path, monkeypatch, clean):
     """The shard writes fail (disk full) partway; finalize() raises; the same process resumes
     with the README recipe and ends with every id once."""
     run_dir = tmp_path / "run"
@@ -51,15 +55,15 @@ def test_disk_full_while_logging_then_resume_in_the_same_process(tmp_path, monke
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         resume_recipe(run_dir, list(range(N_IDS)))  # was: "in use by process <this pid>"
-    _same_rows_as_a_clean_run(run_dir, tmp_path)
+    _same_rows_as_a_clean_run(run_dir, clean)
 
 
-def test_finalize_failing_in_the_trajectory_releases_the_lock(tmp_path, monkeypatch):
+def test_finalize_failing_in_the_trajectory_releases_the_lock(tmp_path, monkeypatch, clean):
     run_dir = tmp_path / "run"
     run = logix.init(run_dir, config=CONFIG)
     m = model()
     opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: the rows stay those of a clean run
-    run.watch(m, optimizer=opt)
+    run.watch(m, optimizer=opt, trajectory_every=10)
     for start in range(0, len(HALF), 6):
         batch = HALF[start : start + 6]
         x, y = data(batch)
@@ -72,10 +76,10 @@ def test_finalize_failing_in_the_trajectory_releases_the_lock(tmp_path, monkeypa
         run.finalize()
     monkeypatch.undo()
     resume_recipe(run_dir, list(range(N_IDS)))
-    _same_rows_as_a_clean_run(run_dir, tmp_path)
+    _same_rows_as_a_clean_run(run_dir, clean)
 
 
-def test_a_failed_watch_leaves_no_lock(tmp_path):
+def test_a_failed_watch_leaves_no_lock(tmp_path, clean):
     """watch() opens the writer, then refuses the optimizer: the lock goes with the failure."""
     run_dir = tmp_path / "run"
     run = logix.init(run_dir, config=CONFIG)
@@ -85,11 +89,11 @@ def test_a_failed_watch_leaves_no_lock(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "writer never closed" either
         resume_recipe(run_dir, list(range(N_IDS)))
-    _same_rows_as_a_clean_run(run_dir, tmp_path)
+    _same_rows_as_a_clean_run(run_dir, clean)
     run.finalize()  # the failed run ends without a word
 
 
-def test_an_abandoned_run_does_not_block_the_next_one(tmp_path):
+def test_an_abandoned_run_does_not_block_the_next_one(tmp_path, clean):
     """A first run whose loop raised and that never finalized (a notebook cell that failed):
     a second run of the same process on the same directory takes over, after writing the rows
     the first one accepted, and says so."""
@@ -108,9 +112,9 @@ def test_an_abandoned_run_does_not_block_the_next_one(tmp_path):
             m.zero_grad()
     with pytest.warns(RuntimeWarning, match=r"an earlier writer of .* in this process was never closed"):
         resume_recipe(run_dir, list(range(N_IDS)))
-    _same_rows_as_a_clean_run(run_dir, tmp_path)
+    _same_rows_as_a_clean_run(run_dir, clean)
     with pytest.raises(StoreError, match="taken over"):  # the abandoned run writes nothing more
         log(first, m, [N_IDS + 1])
     with pytest.raises(StoreError, match="taken over"):
         first.finalize()
-    _same_rows_as_a_clean_run(run_dir, tmp_path)
+    _same_rows_as_a_clean_run(run_dir, clean)
