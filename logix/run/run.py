@@ -146,9 +146,14 @@ class Run(RunFitPasses, RunLifecycle):
                 )
             )
         if optimizer is not None:
-            self._trajectory = open_trajectory(
-                self.run_dir, self.mode, model, optimizer, trajectory_every, total_steps, cfg
-            )
+            try:
+                self._trajectory = open_trajectory(
+                    self.run_dir, self.mode, model, optimizer, trajectory_every, total_steps, cfg
+                )
+            except BaseException:
+                if self._writer is not None:  # a failed watch holds no lock (nothing was logged)
+                    self._writer.abandon("run.watch failed; open the run again with logix.init")
+                raise
         return self
 
     def _start(self, projections: dict[str, ModuleProjection]) -> None:
