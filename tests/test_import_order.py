@@ -18,6 +18,7 @@ STAGES = {
     "logix.config": 0,
     "logix.comm": 0,
     "logix.version": 0,
+    "logix.progress": 0,
     "logix.store": 1,
     "logix.capture": 2,
     "logix.curvature": 3,

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from logix import comm
-from logix.curvature.covariance import ProgressFn
 from logix.errors import StoreError
+from logix.progress import ProgressBars, ProgressFn, closes_progress
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
 from logix.query.engine_setup import checked_fisher, engine_preconditioner
@@ -65,8 +65,9 @@ class InfluenceEngine:
     statistics for the preconditioner (with a notice), else "empirical"; mode: the default score mode of the
     methods; modules: names to include (default all); device: default CUDA when available;
     chunk_bytes: bytes of one float32 chunk of train rows (three host buffers: scored, read
-    ahead, being read; a store of one chunk is kept resident); progress:
-    optional `fn(phase, rows_done, rows_total)`.
+    ahead, being read; a store of one chunk is kept resident); progress: a callback
+    `fn(phase, done, total)` for every pass (default: rich bars on stderr, rows/s and ETA, when
+    stderr is a terminal, `logix.progress.ProgressBars`); quiet: no bars.
 
     distributed=True: every rank of the torch.distributed group builds the engine on the same
     store and calls the same methods with the same queries; each rank streams only its share
@@ -76,6 +77,7 @@ class InfluenceEngine:
     Renamed (warn once): damping_absolute= → absolute_damping=; chunk_rows= (rows) → chunk_bytes=.
     """
 
+    @closes_progress
     def __init__(
         self,
         store: Store | str | os.PathLike,
@@ -94,6 +96,7 @@ class InfluenceEngine:
         mode: str | None = None,
         damping_absolute: bool | None = None,
         chunk_rows: int | None = None,
+        quiet: bool = False,
     ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
@@ -115,7 +118,7 @@ class InfluenceEngine:
         )
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
-        self.progress = progress
+        self.progress = progress = ProgressBars(quiet=quiet) if progress is None else progress
         default = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(default if device is None else device)  # device=0 is cuda:0
         if len(store) == 0:
@@ -177,6 +180,7 @@ class InfluenceEngine:
         return check_choice(self.mode if mode is None else mode, choices, what)
 
     # ------------------------------------------------------------------------------ public
+    @closes_progress
     def scores(self, q: Queries, mode: str | None = None, per_module: bool = False) -> Scores:
         """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module)."""
         mode = self._mode(mode)
@@ -192,6 +196,7 @@ class InfluenceEngine:
             self._meta(),
         )
 
+    @closes_progress
     def save_scores(
         self,
         q: Queries,
@@ -229,6 +234,7 @@ class InfluenceEngine:
 
         return (comm.together(compute) if self.distributed else compute()), qids
 
+    @closes_progress
     def top_k(self, q: Queries, k: int = 10, mode: str | None = None, rerank: Rerank | None = None) -> TopK:
         """The k highest-scoring train rows per query, best first; `.values`/`.indices` [n_query, k].
 
@@ -268,6 +274,7 @@ class InfluenceEngine:
 
         return token_scores(self, q, tokens, mode=self._mode(mode), per_module=per_module)
 
+    @closes_progress
     def self_influence(self, mode: str = "dot", per_module: bool = False) -> SelfInfluence:
         """I(z, z) = xᵀ(F+λI)⁻¹x per train row: `.values` [n_train] ([n_modules, n_train]).
 
