@@ -11,7 +11,6 @@ unless given their own callback. It lives at the base of the stages so that ever
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -88,22 +87,6 @@ def closing(progress: ProgressFn | None) -> Iterator[None]:
         close = getattr(progress, "close", None)
         if callable(close):
             close()
-
-
-def closes_progress(method: Callable) -> Callable:
-    """Decorate a method of an object whose `.progress` is a `ProgressFn`: its display is
-    stopped when the method returns or raises."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            close = getattr(getattr(self, "progress", None), "close", None)
-            if callable(close):
-                close()
-
-    return wrapper
 
 
 def _new_progress(console: Any) -> Any:

@@ -69,12 +69,17 @@ def test_no_bars_when_quiet_or_not_a_terminal(store_dir, monkeypatch):
     assert piped.getvalue() == "" and not bars.enabled
 
 
-def test_display_stopped_after_an_error(store_dir):
+def test_display_stopped_after_an_error_mid_pass(store_dir, monkeypatch):
     console, _ = terminal()
     bars = ProgressBars(console=console)
-    bars("scores", 3, 10)
-    assert bars._progress is not None
     engine = InfluenceEngine(store_dir, "raw", 0.1, progress=bars)
-    with pytest.raises(ValueError):
-        engine.top_k(queries(mlp_rows(1, seed=5), mlp_modules()), k=0)
+
+    def failing(*args):
+        bars("top_k", 3, N_TRAIN)
+        assert bars._progress is not None
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(engine._local, "best", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        engine.top_k(queries(mlp_rows(1, seed=5), mlp_modules()), k=2)
     assert bars._progress is None

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     q = query.gradients()
     engine = logix.InfluenceEngine(store, preconditioner="raw", damping=args.damping)
     top = engine.top_k(q, k=1, mode=args.mode)
-    top_docs = [corpus.documents[store.data_ids.index(row[0])] for row in top.data_ids]
+    top_docs = [corpus.documents[store.data_ids.index(row[0])] for row in top.train_ids]
 
     # Recompute the top documents position by position (one document per query).
     for start in range(0, len(top_docs), args.batch):

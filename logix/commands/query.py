@@ -171,7 +171,7 @@ def _table(top, engine, show: int) -> Table:
     table.add_column("rank", justify="right")
     table.add_column("train id")
     table.add_column("score", justify="right")
-    for q, ids, values in list(zip(top.query_ids, top.data_ids, top.values.tolist()))[: max(show, 0)]:
+    for q, ids, values in list(zip(top.query_ids, top.train_ids, top.values.tolist()))[: max(show, 0)]:
         for rank, (tid, score) in enumerate(zip(ids, values), start=1):
             table.add_row(escape(str(q)) if rank == 1 else "", str(rank), escape(str(tid)), f"{score:.4g}")
         table.add_section()

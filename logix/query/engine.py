@@ -31,13 +31,14 @@ import torch
 
 from logix import comm
 from logix.errors import StoreError
-from logix.progress import ProgressBars, ProgressFn, closes_progress
+from logix.progress import ProgressBars, ProgressFn, closing
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
 from logix.query.engine_setup import checked_fisher, engine_preconditioner
 from logix.query.local_rows import LocalRows
 from logix.query.queries import selected_modules, shared_queries
-from logix.query.results import Scores, SelfInfluence, TopK, save_columns
+from logix.query.result_files import save_columns
+from logix.query.results import Scores, SelfInfluence, TopK
 from logix.query.topk import INDEX_BITS, unpack
 from logix.query.transfer import DEFAULT_CHUNK_BYTES, rows_per_chunk
 from logix.store.gradients import Gradients
@@ -77,7 +78,6 @@ class InfluenceEngine:
     Renamed (warn once): damping_absolute= → absolute_damping=; chunk_rows= (rows) → chunk_bytes=.
     """
 
-    @closes_progress
     def __init__(
         self,
         store: Store | str | os.PathLike,
@@ -131,21 +131,22 @@ class InfluenceEngine:
         self.distributed = bool(distributed)
         # The rows this process streams: its share of the shards, or all of them.
         self._rows = local_share(store) if self.distributed else store
-        self.preconditioner = engine_preconditioner(
-            store,
-            self._rows,
-            preconditioner,
-            damping,
-            refine,
-            fisher,
-            absolute_damping=absolute_damping,
-            refine_method=refine_method,
-            modules=self.modules,
-            device=self.device,
-            chunk_rows=self.chunk_rows,
-            progress=progress,
-            distributed=self.distributed,
-        )
+        with closing(progress):  # an error mid-build leaves no bar drawn
+            self.preconditioner = engine_preconditioner(
+                store,
+                self._rows,
+                preconditioner,
+                damping,
+                refine,
+                fisher,
+                absolute_damping=absolute_damping,
+                refine_method=refine_method,
+                modules=self.modules,
+                device=self.device,
+                chunk_rows=self.chunk_rows,
+                progress=progress,
+                distributed=self.distributed,
+            )
         self.fisher = fisher
         self.refine = int(refine)
         self._selected = self.preconditioner.selected
@@ -180,7 +181,6 @@ class InfluenceEngine:
         return check_choice(self.mode if mode is None else mode, choices, what)
 
     # ------------------------------------------------------------------------------ public
-    @closes_progress
     def scores(self, q: Queries, mode: str | None = None, per_module: bool = False) -> Scores:
         """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module)."""
         mode = self._mode(mode)
@@ -196,7 +196,6 @@ class InfluenceEngine:
             self._meta(),
         )
 
-    @closes_progress
     def save_scores(
         self,
         q: Queries,
@@ -230,11 +229,11 @@ class InfluenceEngine:
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            return self._local.score_columns(qp, qnorm, mode, per_module)
+            with closing(self.progress):
+                return self._local.score_columns(qp, qnorm, mode, per_module)
 
         return (comm.together(compute) if self.distributed else compute()), qids
 
-    @closes_progress
     def top_k(self, q: Queries, k: int = 10, mode: str | None = None, rerank: Rerank | None = None) -> TopK:
         """The k highest-scoring train rows per query, best first; `.values`/`.indices` [n_query, k].
 
@@ -253,7 +252,8 @@ class InfluenceEngine:
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            return self._local.best(qp, qnorm, mode, k)
+            with closing(self.progress):
+                return self._local.best(qp, qnorm, mode, k)
 
         if self.distributed:  # keys carry global train indices: the merge is one more top-k
             best = merge_top_k(comm.together(compute), k)
@@ -261,8 +261,8 @@ class InfluenceEngine:
             best = compute()
         best_v, best_i = unpack(best.cpu())
         train = self.store.data_ids
-        data_ids = [[train[j] for j in row] for row in best_i.tolist()]
-        return TopK(best_v, best_i, data_ids, qids, mode, self._meta())
+        train_ids = [[train[j] for j in row] for row in best_i.tolist()]
+        return TopK(best_v, best_i, train_ids, qids, mode, self._meta())
 
     def token_scores(
         self, q: Queries, tokens: TokenGradients, mode: str | None = None, per_module: bool = False
@@ -274,7 +274,6 @@ class InfluenceEngine:
 
         return token_scores(self, q, tokens, mode=self._mode(mode), per_module=per_module)
 
-    @closes_progress
     def self_influence(self, mode: str = "dot", per_module: bool = False) -> SelfInfluence:
         """I(z, z) = xᵀ(F+λI)⁻¹x per train row: `.values` [n_train] ([n_modules, n_train]).
 
@@ -283,7 +282,8 @@ class InfluenceEngine:
         mode = self._mode(mode, SELF_INFLUENCE_MODES, "self-influence mode")
 
         def compute() -> torch.Tensor:
-            return self._local.self_influence(mode, per_module)
+            with closing(self.progress):
+                return self._local.self_influence(mode, per_module)
 
         values = comm.all_gather_columns(comm.together(compute)) if self.distributed else compute()
         return SelfInfluence(
