@@ -30,6 +30,7 @@ _LAZY = {
     "combined_scores": ("logix.query.segments", "combined_scores"),
     "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
     "measurements": ("logix.measurements", None),
+    "render": ("logix.query.render", None),
     "losses": ("logix.losses", None),
 }
 
@@ -71,6 +72,7 @@ __all__ = [
     "measurements",
     "open_store",
     "record_trajectory",
+    "render",
     "stagewise_scores",
     "unroll",
     "__version__",
