@@ -32,7 +32,7 @@ section.query { border-top: 2px solid #ccc; padding: 12px 0 18px; }
 .side h3 { font-size: 13px; margin: 8px 0 4px; text-transform: uppercase; letter-spacing: .04em; }
 .side.helpful h3 { color: #15803d; } .side.harmful h3 { color: #b91c1c; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 6px; width: 160px; background: #fff; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 6px; width: 136px; background: #fff; }
 .card.helpful { border-top: 4px solid #16a34a; } .card.harmful { border-top: 4px solid #dc2626; }
 .card .id { font: 12px ui-monospace, monospace; color: #333; overflow-wrap: anywhere; }
 .bar { height: 6px; background: #eee; border-radius: 3px; margin: 4px 0 2px; }
@@ -42,6 +42,7 @@ img.pixels { image-rendering: pixelated; image-rendering: crisp-edges; display: 
   border: 1px solid #ccc; }
 .tokens { font: 12px ui-monospace, monospace; white-space: pre-wrap; overflow-wrap: anywhere; }
 .tok { border-radius: 2px; } .text { white-space: pre-wrap; overflow-wrap: anywhere; }
+.caption { font-size: 12px; color: #333; margin-top: 2px; }
 .id-only { font: 13px ui-monospace, monospace; padding: 4px 0; }
 """
 

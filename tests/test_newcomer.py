@@ -1,0 +1,77 @@
+"""A newcomer's first hour as a test: a fresh checkout (the repository's files, nothing built) →
+the digits demo → every `logix ...` command it prints, run as printed → `logix report` → the
+page in a real headless browser (skipped without Chromium)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from browser_helpers import chromium, colour_count, load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fresh_checkout(to: Path) -> Path:
+    """The files git knows (tracked, and new ones not ignored): what a clone would hold."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        src = ROOT / name.decode()
+        if src.is_file():
+            (to / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, to / name.decode())
+    return to
+
+
+@pytest.mark.slow
+def test_fresh_checkout_demo_commands_report(tmp_path):
+    chromium()  # skip early, before minutes of work, when there is no browser
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    repo = fresh_checkout(tmp_path / "logix")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    demo = subprocess.run(
+        [sys.executable, "examples/digits/demo.py", "--epochs", "1", "--queries", "3", "--k", "3"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    out = repo / "examples/digits/out"
+    assert (out / "report.html").is_file() and (out / "queries.safetensors").is_file()
+    printed = demo.stdout.split("ask more from a shell")[-1].splitlines()[1:]
+    commands = [line.strip() for line in printed if line.strip().startswith("logix ")]
+    names = [c.split()[1] for c in commands]
+    assert names[0] == "inspect" and {"top-k", "self-influence", "report"} <= set(names), demo.stdout[-2000:]
+    for command in commands:
+        argv = shlex.split(command)
+        done = subprocess.run(
+            [sys.executable, "-m", "logix", *argv[1:]],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        assert "error" not in done.stdout.lower().split("integrity")[0], done.stdout
+    page = out / "report-cli.html"
+    assert page.is_file()
+    html = page.read_text()
+    assert html.count('class="card helpful"') == 15 and html.count('class="card harmful"') == 15  # -k 5
+    got = load(page, tmp_path / "browser", size=(1400, 1600))
+    assert got.console == []
+    assert got.dom.count("data:image/png;base64,") == 3 * (1 + 5 + 5)  # queries and examples drawn
+    assert colour_count(got.screenshot, (0, 0, 0)) > 3000  # dark ink of the digits on screen
