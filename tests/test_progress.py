@@ -83,3 +83,29 @@ def test_display_stopped_after_an_error_mid_pass(store_dir, monkeypatch):
     with pytest.raises(OSError, match="disk gone"):
         engine.top_k(queries(mlp_rows(1, seed=5), mlp_modules()), k=2)
     assert bars._progress is None
+
+
+@pytest.mark.parametrize("spelling", ["fit", "run"])
+def test_a_statistics_pass_given_its_length_draws_a_bar(tmp_path, monkeypatch, spelling):
+    import torch
+    from kfac_helpers import SeqNet, log_model, make_batches, seq_loss
+
+    import logix
+
+    model = SeqNet()
+    batches = make_batches(torch.Generator().manual_seed(0))
+    log_model(tmp_path / "run", model, batches, statistics=("raw",))
+    console, out = terminal()
+    monkeypatch.setattr("rich.console.Console", lambda *a, **k: console)
+    run = logix.init(tmp_path / "run", resume=True)
+    run.watch(model)
+    seen = []
+    with run.fit_curvature(total=len(batches)) as fit:
+        for ids, x, y, mask in batches:
+            with fit(data_id=ids, mask=mask) if spelling == "fit" else run(data_id=ids, mask=mask):
+                seq_loss(model(x), y, mask, "mean").backward()
+            model.zero_grad()
+            seen.append(fit.blocks if fit.progress._tasks else None)
+    run.finalize()
+    assert seen == [1, 2, None]  # the bar's task is gone once the last batch is done
+    assert "statistics pass" in out.getvalue() and "3/3 batches" in out.getvalue()
