@@ -30,6 +30,7 @@ STAGES = {
     "logix.integrations": 6,
     "logix.commands": 6,
     "logix.cli": 6,
+    "logix.__main__": 6,
     "logix.eval": 6,
 }
 
