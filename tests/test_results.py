@@ -49,8 +49,9 @@ def test_one_id_name_for_every_result(results):
     _, _, scores, top, si = results
     for r in (scores, top, si):
         assert hasattr(r, "train_ids") and not hasattr(r, "data_ids")
-    with pytest.raises(AttributeError, match="train_ids"):
-        top.data_ids  # noqa: B018 (the old name is an error, never a different answer)
+    for r in (scores, top, si):  # the old name is an error naming the new one, never a fallback
+        with pytest.raises(AttributeError, match=rf"{type(r).__name__}.train_ids"):
+            r.data_ids  # noqa: B018
     assert top.train_ids[0] == [scores.train_ids[j] for j in top.indices[0].tolist()]
 
 

@@ -78,7 +78,7 @@ def write_report(
         _legend(helpful.mode, harmful is not None),
     ]
     for i, qid in enumerate(helpful.query_ids):
-        shown = [v for v in helpful.values[i].tolist()]
+        shown = helpful.values[i].tolist()
         if harmful is not None:
             shown += harmful.values[i].tolist()
         peak = max((abs(v) for v in shown), default=0.0)

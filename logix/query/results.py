@@ -44,6 +44,13 @@ def _describe(name: str, values: torch.Tensor, mode: str, meta: dict, ids: str) 
     return f"{name}(values {list(values.shape)} {dtype}, mode={mode!r}{pre}, {ids})"
 
 
+def _no_data_ids(result: Any) -> Any:
+    """`.data_ids` of a result: an error naming `.train_ids` (TopK's old name for them), never
+    a fallback that quietly gives something else."""
+    name = type(result).__name__
+    raise AttributeError(f"{name} has no .data_ids: its training examples' ids are {name}.train_ids")
+
+
 def _pandas() -> Any:
     try:
         import pandas
@@ -65,6 +72,8 @@ class Scores:
     mode: str = "dot"
     modules: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    data_ids = property(lambda self: _no_data_ids(self))
 
     def __repr__(self) -> str:
         mods = f"modules={self.modules}, " if self.modules else ""
@@ -141,9 +150,7 @@ class TopK:
     meta: dict[str, Any] = field(default_factory=dict)
     positions: torch.Tensor | None = None  # [n_query, k, 2] (start, stop): see `query.rerank`
 
-    @property
-    def data_ids(self) -> Any:
-        raise AttributeError("TopK.data_ids is now TopK.train_ids (one id name for every result)")
+    data_ids = property(lambda self: _no_data_ids(self))
 
     def __repr__(self) -> str:
         first = self.train_ids[0] if self.train_ids else []
@@ -220,6 +227,8 @@ class SelfInfluence:
     mode: str = "dot"
     modules: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    data_ids = property(lambda self: _no_data_ids(self))
 
     def __repr__(self) -> str:
         mods = f"modules={self.modules}, " if self.modules else ""
