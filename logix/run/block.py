@@ -130,6 +130,7 @@ class Block:
             self.owner.exit_block(self)
             if exc_type is None:
                 check_mask_used(self.capture)
+                self.owner.run.check_first_block(self)
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)
