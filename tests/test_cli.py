@@ -179,3 +179,13 @@ def test_progress_bars_of_a_command_and_quiet(run, monkeypatch):
     assert terminal.getvalue() == ""
     assert call(argv)[0] == 0
     assert "self-influence" in terminal.getvalue() and "30/30" in terminal.getvalue()
+
+
+def test_inspect_full_accepts_the_gram_cache(tmp_path):
+    # 10 rows, blocks 24 and 15 wide: the raw preconditioner's Gram form, cached in
+    # curvature/0/gram-raw.safetensors, which `inspect --full` called damaged
+    build_store(tmp_path / "run", mlp_modules(), mlp_rows(10, seed=1))
+    InfluenceEngine(tmp_path / "run", "raw", 0.1)
+    assert (tmp_path / "run/curvature/0/gram-raw.safetensors").is_file()
+    code, text = call(["inspect", str(tmp_path / "run"), "--full"])
+    assert code == 0 and "integrity full (crc32): ok" in text, text

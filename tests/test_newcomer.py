@@ -32,6 +32,15 @@ def fresh_checkout(to: Path) -> Path:
     return to
 
 
+def documented(page: Path) -> list[str]:
+    """The `logix ...` lines of a page's bash blocks, continuations joined, comments dropped."""
+    commands = []
+    for block in page.read_text().split("```bash")[1:]:
+        text = block.split("```")[0].replace("\\\n", " ")
+        commands += [line.split("  #")[0].strip() for line in text.splitlines() if line.startswith("logix ")]
+    return commands
+
+
 @pytest.mark.slow
 def test_fresh_checkout_demo_commands_report(tmp_path):
     chromium()  # skip early, before minutes of work, when there is no browser
@@ -54,6 +63,8 @@ def test_fresh_checkout_demo_commands_report(tmp_path):
     commands = [line.strip() for line in printed if line.strip().startswith("logix ")]
     names = [c.split()[1] for c in commands]
     assert names[0] == "inspect" and {"top-k", "self-influence", "report"} <= set(names), demo.stdout[-2000:]
+    assert {"scores", "report"} <= {c.split()[1] for c in documented(repo / "docs/cli.md")}
+    commands += documented(repo / "docs/cli.md")  # and docs/cli.md's, as written
     # Every command as printed, in one interpreter (one torch import, not one per command).
     runner = (
         "import shlex, sys\n"
