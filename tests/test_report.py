@@ -131,3 +131,18 @@ def test_the_browser_check_sees_console_errors(tmp_path):
     bad.write_text("<!DOCTYPE html><html><body><p>x</p><script>missing();</script></body></html>")
     got = load(bad, tmp_path / "browser")
     assert any("missing is not defined" in line for line in got.console)
+
+
+def test_a_renderer_naming_query_id_gets_the_query(scores, tmp_path):
+    seen = []
+
+    def draw(train_id, query_id):
+        seen.append((query_id, train_id))
+        return render.tokens([str(train_id), str(query_id)], [1.0, -1.0])
+
+    scores.report(tmp_path / "q.html", k=2, render=draw)
+    want = scores.top_k(2)
+    bad = scores.top_k(2, harmful=True)
+    assert seen == [
+        (q, t) for i, q in enumerate(scores.query_ids) for t in want.train_ids[i] + bad.train_ids[i]
+    ]

@@ -2,6 +2,8 @@
 
 A renderer is any `fn(data_id) -> Html | str | array`: an `Html` is placed as it is, a `str`
 is shown as escaped text, an array (numpy or torch, [H, W] or [H, W, 3]) is drawn as an image.
+A train-side renderer with a parameter named `query_id` is called `fn(train_id, query_id=q)`:
+what it draws may depend on the query (e.g. per-token scores of that query and that document).
 The helpers build the common kinds, each self-contained (images are inline PNG data URIs):
 
     report(path, render=lambda i: logix.render.image(x_train[i].reshape(8, 8)))
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import html
+import inspect
 import struct
 import zlib
 from typing import Any
@@ -104,9 +107,10 @@ def tokens(words: list[str], scores: Any, sep: str = " ") -> Html:
     return Html(f'<div class="tokens">{html.escape(sep).join(spans)}</div>')
 
 
-def rendered(render: Any, data_id: Any) -> str:
-    """The HTML of one example through `render` (see the module doc)."""
-    out = render(data_id)
+def rendered(render: Any, data_id: Any, query_id: Any = None) -> str:
+    """The HTML of one example through `render` (see the module doc); `query_id` goes to a
+    renderer that names it."""
+    out = render(data_id, query_id=query_id) if _takes_query_id(render) else render(data_id)
     if isinstance(out, Html):
         return str(out)
     if isinstance(out, str):
@@ -117,3 +121,10 @@ def rendered(render: Any, data_id: Any) -> str:
         f"a report renderer returned {type(out).__name__} for id {data_id!r}: return logix.render.Html "
         "(e.g. logix.render.image(...), .tokens(...)), a str, or an image array"
     )
+
+
+def _takes_query_id(render: Any) -> bool:
+    try:
+        return "query_id" in inspect.signature(render).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False

@@ -33,6 +33,7 @@ section.query { border-top: 2px solid #ccc; padding: 12px 0 18px; }
 .side.helpful h3 { color: #15803d; } .side.harmful h3 { color: #b91c1c; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 6px; width: 136px; background: #fff; }
+.card:has(.tokens), .card:has(.text) { width: 320px; }
 .card.helpful { border-top: 4px solid #16a34a; } .card.harmful { border-top: 4px solid #dc2626; }
 .card .id { font: 12px ui-monospace, monospace; color: #333; overflow-wrap: anywhere; }
 .bar { height: 6px; background: #eee; border-radius: 3px; margin: 4px 0 2px; }
@@ -60,8 +61,8 @@ def write_report(
 
     helpful: a `TopK` (values/indices [n_query, k], best first); harmful: optionally a `TopK` of
     the same queries, most negative first (`scores.top_k(k, harmful=True)`). render: train id ->
-    HTML (`logix.query.render`; default: the id), render_query: the same for query ids (default:
-    the id only in the heading)."""
+    HTML (`logix.query.render`; default: the id; one with a `query_id` parameter also gets the
+    query's id), render_query: the same for query ids (default: the id only in the heading)."""
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"a report is an HTML page: name it *.html, got {path}")
@@ -87,9 +88,9 @@ def write_report(
             f'<section class="query"><div class="qhead">{head}<h2>query {html.escape(str(qid))}</h2></div>'
         )
         parts.append('<div class="sides">')
-        parts.append(_side("most helpful", "helpful", helpful, i, peak, render))
+        parts.append(_side("most helpful", "helpful", helpful, i, peak, render, qid))
         if harmful is not None:
-            parts.append(_side("most harmful", "harmful", harmful, i, peak, render))
+            parts.append(_side("most harmful", "harmful", harmful, i, peak, render, qid))
         parts.append("</div></section>")
     parts.append("</body></html>")
     page = "\n".join(parts) + "\n"
@@ -128,13 +129,15 @@ def _legend(mode: str, with_harmful: bool) -> str:
     )
 
 
-def _side(heading: str, kind: str, top: Any, i: int, peak: float, render: Callable[[Any], Any]) -> str:
+def _side(
+    heading: str, kind: str, top: Any, i: int, peak: float, render: Callable[..., Any], qid: Any
+) -> str:
     cards = []
     for tid, value, index in zip(top.train_ids[i], top.values[i].tolist(), top.indices[i].tolist()):
         scaled = value / peak if peak > 0 else 0.0
         colour = "#16a34a" if value >= 0 else "#dc2626"
         cards.append(
-            f'<div class="card {kind}">{rendered(render, tid)}'
+            f'<div class="card {kind}">{rendered(render, tid, qid)}'
             f'<div class="id">id {html.escape(str(tid))} · row {int(index)}</div>'
             f'<div class="bar"><div style="width:{abs(scaled) * 100:.1f}%;background:{colour}"></div></div>'
             f'<span class="score">{scaled:+.2f}</span> <span class="raw">raw {value:+.4g}</span></div>'
