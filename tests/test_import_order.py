@@ -19,6 +19,7 @@ STAGES = {
     "logix.comm": 0,
     "logix.version": 0,
     "logix.progress": 0,
+    "logix.notices": 0,
     "logix.store": 1,
     "logix.capture": 2,
     "logix.curvature": 3,
@@ -32,6 +33,7 @@ STAGES = {
     "logix.cli": 6,
     "logix.__main__": 6,
     "logix.eval": 6,
+    "logix.data": 6,
 }
 
 

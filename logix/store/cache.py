@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
 from logix.errors import StoreError
+from logix.notices import warn
 from logix.store.format import write_atomic
 from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 
@@ -66,7 +66,7 @@ def _notice(path: Path, where: str) -> None:
     directory = _key(path.parent)
     if directory not in _NOTICED:
         _NOTICED.add(directory)
-        warnings.warn(f"logix: {path.parent} is not writable; curvature caches are {where}", stacklevel=3)
+        warn(f"logix: {path.parent} is not writable; curvature caches are {where}")
 
 
 def load_cache(
