@@ -25,6 +25,9 @@ _LAZY = {
     "Scores": ("logix.query.results", "Scores"),
     "TopK": ("logix.query.results", "TopK"),
     "Rerank": ("logix.query.rerank", "Rerank"),
+    "ApproximateIndex": ("logix.query.index", "ApproximateIndex"),
+    "build_index": ("logix.query.index_build", "build_index"),
+    "open_index": ("logix.query.index", "open_index"),
     "SelfInfluence": ("logix.query.results", "SelfInfluence"),
     "combined_scores": ("logix.query.segments", "combined_scores"),
     "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
@@ -44,6 +47,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ApproximateIndex",
     "Block",
     "CaptureError",
     "ChoiceError",
@@ -63,10 +67,12 @@ __all__ = [
     "TokenGradients",
     "TokenScores",
     "TopK",
+    "build_index",
     "combined_scores",
     "init",
     "losses",
     "measurements",
+    "open_index",
     "open_store",
     "record_trajectory",
     "stagewise_scores",

@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "inspect": "summarise a store: modules, ranks, rows, segments, dtype, size, integrity",
     "query": "score query gradients against a store and print the top influential examples",
+    "index": "build or describe a store's approximate (FAISS) index for fast top-k",
 }
 
 

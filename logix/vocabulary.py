@@ -24,6 +24,7 @@ RERANK_NORMS = ("window", "sequence")  # whose norm a re-ranked window is divide
 RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
+INDEX_METRICS = ("cosine", "dot")  # approximate indexes: unit rows (cosine, relative modes) or rows as stored
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
