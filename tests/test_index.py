@@ -17,6 +17,7 @@ import logix
 from logix.cli import build_parser
 from logix.commands import index as index_command
 from logix.errors import ConfigError, StoreError
+from logix.query.index_calibrate import ExactNeighbours
 from logix.store.ann import ann_dir, record_path
 from logix.store.create import remove_store
 from logix.store.format import ModuleInfo
@@ -64,14 +65,23 @@ def recall(found: torch.Tensor, exact: torch.Tensor) -> float:
 def test_index_top_k_finds_the_exact_top_k_on_a_clustered_store(store_dir, q):
     store = logix.open_store(store_dir)
     x = store.load()
-    index = logix.build_index(store, nlist=32)  # default nprobe: 2 of 32 cells
-    assert index.nprobe == 2 and record_path(store_dir, "0", "cosine").is_file()
+    index = logix.build_index(store, nlist=32)  # nprobe: the fewest cells reaching recall 0.95
+    assert record_path(store_dir, "0", "cosine").is_file()
+    calibration = index.record["calibration"]
+    assert calibration["recall"] >= 0.95 and calibration["nprobe"] == index.nprobe < 32
+    fewer = logix.build_index(store, nlist=32, nprobe=index.nprobe - 1, save=False)
+    assert fewer.record["calibration"]["recall"] < 0.95 and fewer.nprobe == index.nprobe - 1
     exact = logix.InfluenceEngine(store, preconditioner="identity", mode="cosine")
     fast = logix.InfluenceEngine(store, preconditioner="identity", mode="cosine", index=index)
     for mode in ("cosine", "relative"):
         ref = dense_top(q, x, 50, mode)
         got = fast.top_k(q, k=50, mode=mode)
-        assert got.meta["index"] == {"kind": "ivf-flat", "metric": "cosine", "nlist": 32, "nprobe": 2}
+        assert got.meta["index"] == {
+            "kind": "ivf-flat",
+            "metric": "cosine",
+            "nlist": 32,
+            "nprobe": index.nprobe,
+        }
         assert got.values.shape == (12, 50) and got.data_ids[0][0] == store.data_ids[got.indices[0, 0]]
         assert recall(got.indices, ref) >= 0.95
         # Every returned row carries its exact score, in the exact scan's order.
@@ -96,6 +106,16 @@ def test_exhaustive_index_equals_the_exact_scan(store_dir, q, metric, mode):
     assert torch.equal(got.indices, dense_top(q, store.load(), 20, mode))
     assert torch.allclose(got.values, want.values, atol=1e-5, rtol=1e-5)
     assert got.data_ids == want.data_ids and got.query_ids == want.query_ids
+
+
+def test_calibration_neighbours_are_the_dense_top_k_without_the_own_row():
+    x = torch.nn.functional.normalize(clustered(500, 6).float(), dim=1)
+    own = torch.tensor([3, 250, 499])
+    exact = ExactNeighbours(x[own], own, 40)
+    for start in range(0, 500, 64):  # chunks as the build's pass gives them
+        exact.add(x[start : start + 64], start)
+    order = dense_top(x[own], x, 41, "dot").tolist()
+    assert exact.neighbours() == [set([j for j in row if j != o][:40]) for row, o in zip(order, own.tolist())]
 
 
 def test_zero_queries_and_k_above_rows_match_the_exact_scan(tmp_path):
@@ -194,7 +214,7 @@ def test_cli_builds_and_describes_the_index(store_dir):
     code, text = cli([str(store_dir)])
     assert code == 1 and "no cosine index" in text
     code, text = cli([str(store_dir), "--build", "--nlist", "8"])
-    assert code == 0 and "3000 rows, 8 cells (nprobe 1)" in text, text
+    assert code == 0 and "3000 rows, 8 cells, nprobe" in text and "recall@100" in text, text
     code, text = cli([str(store_dir), "--info"])
     assert code == 0 and "current" in text and "8 cells" in text, text
     (path,) = ann_dir(store_dir, "0").glob("cosine-*.faiss")

@@ -28,7 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment", help="store segment (default: the last one)")
     parser.add_argument("--nlist", type=int, metavar="N", help="k-means cells (default about 4·√rows)")
     parser.add_argument(
-        "--nprobe", type=int, metavar="N", help="cells a query scans by default (default nlist/16)"
+        "--nprobe",
+        type=int,
+        metavar="N",
+        help="cells a query scans by default (default: the fewest that reach --recall on sampled rows)",
+    )
+    parser.add_argument(
+        "--recall",
+        type=float,
+        default=0.95,
+        help="the recall@100 of sampled rows' exact neighbours that picks nprobe (default 0.95)",
     )
     parser.add_argument("--sample-rows", type=int, metavar="N", help="rows the cells are trained on")
 
@@ -73,13 +82,15 @@ def _build(args: argparse.Namespace, store, console: Console) -> int:
             args.metric,
             nlist=args.nlist,
             nprobe=args.nprobe,
+            recall=args.recall,
             sample_rows=args.sample_rows,
             progress=progress,
         )
     r = index.record
     console.print(
         f"built the {r['metric']} index of {escape(str(store.path))}, segment {store.segment!r}: "
-        f"{r['rows']} rows, {r['nlist']} cells (nprobe {r['nprobe']}), {r['seconds']:.1f} s"
+        f"{r['rows']} rows, {r['nlist']} cells, nprobe {r['nprobe']} ({_calibration(r)}), "
+        f"{r['seconds']:.1f} s"
         + (f", {r['bytes'] / 2**20:.1f} MiB in {r['file']}" if "file" in r else " (kept in memory only)"),
         highlight=False,
     )
@@ -106,9 +117,15 @@ def _info(args: argparse.Namespace, store, console: Console) -> int:
     console.print(
         f"{args.metric} index of {escape(str(store.path))}, segment {store.segment!r}: ivf-flat, "
         f"{record.get('rows')} rows × {record.get('width')}, {record.get('nlist')} cells, nprobe "
-        f"{record.get('nprobe')}, {int(record.get('bytes', 0)) / 2**20:.1f} MiB, built "
+        f"{record.get('nprobe')} ({_calibration(record)}), "
+        f"{int(record.get('bytes', 0)) / 2**20:.1f} MiB, built "
         f"{record.get('built')} in {record.get('seconds')} s\n{state}",
         highlight=False,
         soft_wrap=True,
     )
     return 0 if state == "current" else 1
+
+
+def _calibration(record: dict) -> str:
+    c = record.get("calibration") or {}
+    return f"recall@{c.get('k')} {c.get('recall')} on {c.get('queries')} sampled rows"

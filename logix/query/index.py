@@ -26,7 +26,6 @@ checksums: `logix/store/ann.py`; building: `index_build.py`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +53,6 @@ def metric_for(mode: str) -> str:
     """The index metric that answers a score mode: "dot" for dot, "cosine" for cosine and
     relative (one ranking: ⟨q, x/‖x‖⟩)."""
     return "dot" if mode == "dot" else "cosine"
-
-
-def default_nprobe(nlist: int) -> int:
-    """Cells scanned per query by default: nlist/16 (at least 1)."""
-    return max(1, int(math.ceil(nlist / 16)))
 
 
 @dataclass
@@ -173,9 +167,7 @@ def open_index(store: Store | Any, metric: str = "cosine", nprobe: int | None = 
         or loaded.metric_type != faiss.METRIC_INNER_PRODUCT
     ):
         raise StoreError(f"the index file {path} does not describe this store; {rebuild_fix(store.path)}")
-    chosen = (
-        int(record.get("nprobe", default_nprobe(int(record["nlist"])))) if nprobe is None else int(nprobe)
-    )
+    chosen = int(record["nprobe"]) if nprobe is None else int(nprobe)
     if chosen < 1:
         raise ValueError(f"nprobe must be at least 1 cell, got {nprobe}")
     return ApproximateIndex(loaded, record, chosen)

@@ -6,6 +6,8 @@ crash-safely inside the run directory (`logix/store/ann.py`).
 2. Train the k-means quantizer (`nlist` cells) on the sample.
 3. Add every row chunk by chunk from `store.iter_chunks` (row order, so faiss ids are row
    indices), normalised for the cosine metric; non-finite rows are an error, as in the engine.
+   The same chunks give the exact neighbours of 64 sampled rows, from which nprobe is chosen
+   for a measured recall (`index_calibrate.py`).
 4. Save: faiss's own format (not pickle) under a temporary name, renamed to a name carrying its
    sha256, then the record (the commit point) replaced atomically.
 
@@ -25,7 +27,14 @@ import torch
 
 from logix.curvature.covariance import ProgressFn
 from logix.errors import StoreError
-from logix.query.index import ApproximateIndex, default_nprobe, faiss_module
+from logix.query.index import ApproximateIndex, faiss_module
+from logix.query.index_calibrate import (
+    CALIBRATION_K,
+    CALIBRATION_QUERIES,
+    ExactNeighbours,
+    calibrated_nprobe,
+    recall_at,
+)
 from logix.query.transfer import DEFAULT_CHUNK_BYTES, rows_per_chunk
 from logix.store.ann import ann_dir, content_key, file_sha256, write_record
 from logix.store.format import fsync_dir
@@ -48,6 +57,7 @@ def build_index(
     *,
     nlist: int | None = None,
     nprobe: int | None = None,
+    recall: float = 0.95,
     sample_rows: int | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     seed: int = 0,
@@ -58,7 +68,9 @@ def build_index(
     the run directory (replacing an older one of that metric), unless save=False.
 
     nlist: k-means cells (default about 4·√N); nprobe: the cells a query scans by default
-    (default nlist/16; recorded, overridable per `open_index`); sample_rows: the quantizer's
+    (recorded, overridable per `open_index`); default: the fewest cells whose measured recall
+    of 64 sampled rows' exact top 100 (each row's own left out) reaches `recall`; the recall at
+    the recorded nprobe is in `record["calibration"]` either way; sample_rows: the quantizer's
     training rows (default min(N, 64·nlist), capped at 512 MiB of float32); progress: optional
     `fn(phase, done, total)` with phases "sample", "train", "index", "save". A directory that
     cannot be written keeps the index in memory, with a warning."""
@@ -72,9 +84,10 @@ def build_index(
     nlist = default_nlist(n) if nlist is None else int(nlist)
     if not 1 <= nlist <= n:
         raise ValueError(f"nlist must be between 1 and the store's {n} rows, got {nlist}")
-    nprobe = default_nprobe(nlist) if nprobe is None else int(nprobe)
-    if nprobe < 1:
+    if nprobe is not None and int(nprobe) < 1:
         raise ValueError(f"nprobe must be at least 1 cell, got {nprobe}")
+    if not 0.0 < float(recall) <= 1.0:
+        raise ValueError(f"recall must be a target share in (0, 1], got {recall}")
     if sample_rows is None:
         sample_rows = min(n, max(39 * nlist, min(64 * nlist, SAMPLE_BYTES // (4 * width))))
     sample_rows = min(n, int(sample_rows))
@@ -83,9 +96,11 @@ def build_index(
     report = progress or (lambda phase, done, total: None)
     started = time.perf_counter()
 
-    sample = _sample(store, sample_rows, report)
+    sample, sample_index = _sample(store, sample_rows, report)
     if metric == "cosine":
         _normalise(sample)
+    picks = torch.linspace(0, sample_rows - 1, min(CALIBRATION_QUERIES, sample_rows)).long().unique()
+    exact = ExactNeighbours(sample[picks].clone(), sample_index[picks], min(CALIBRATION_K, n - 1))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = int(seed)
     report("train", 0, 1)
@@ -105,9 +120,16 @@ def build_index(
         if metric == "cosine":
             _normalise(chunk)
         index.add(chunk.numpy())
+        exact.add(chunk, done)
         done += x.shape[0]
         report("index", done, n)
 
+    if exact.k < 1:  # a one-row store: the one cell holds it
+        nprobe, measured = int(nprobe or 1), 1.0
+    elif nprobe is None:
+        nprobe, measured = calibrated_nprobe(index, exact, nlist, float(recall))
+    else:
+        nprobe, measured = int(nprobe), recall_at(index, exact, int(nprobe))
     record = {
         "metric": metric,
         "kind": "ivf-flat",
@@ -116,6 +138,13 @@ def build_index(
         "rows": n,
         "width": width,
         "sample_rows": sample_rows,
+        "calibration": {
+            "queries": len(picks),
+            "k": exact.k,
+            "target": float(recall),
+            "recall": round(measured, 4),
+            "nprobe": nprobe,
+        },
         "content_key": content_key(store),
         "segment": store.segment,
         "fingerprint": store.fingerprint,
@@ -136,18 +165,20 @@ def build_index(
     return ApproximateIndex(index, record, nprobe)
 
 
-def _sample(store: Store, rows: int, report: ProgressFn) -> torch.Tensor:
-    """`rows` rows [rows, D] float32 read as up to SAMPLE_RUNS contiguous runs at evenly spaced
-    starts over the segment (all rows when rows = N)."""
+def _sample(store: Store, rows: int, report: ProgressFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`rows` rows [rows, D] float32 read as up to SAMPLE_RUNS contiguous runs at evenly spaced
+    starts over the segment (all rows when rows = N), their row indices [rows])."""
     n = len(store)
     runs = min(SAMPLE_RUNS, rows)
     sizes = [rows // runs + (1 if r < rows % runs else 0) for r in range(runs)]
     out = torch.empty((rows, store.width), dtype=torch.float32)
+    where = torch.empty(rows, dtype=torch.long)
     reader, pos = RowReader(store), 0
     try:
         for r, size in enumerate(sizes):
             start = min(n - size, (r * n) // runs)
             reader.read_into(out[pos : pos + size], start)
+            where[pos : pos + size] = torch.arange(start, start + size)
             pos += size
             report("sample", pos, rows)
     finally:
@@ -157,7 +188,7 @@ def _sample(store: Store, rows: int, report: ProgressFn) -> torch.Tensor:
             f"{store.path} holds NaN/inf rows: the index cannot hold them; check the store with "
             f"`logix inspect {store.path}`"
         )
-    return out
+    return out, where
 
 
 def _normalise(x: torch.Tensor) -> None:
