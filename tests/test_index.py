@@ -173,9 +173,11 @@ def test_damaged_or_missing_index_is_refused_and_rebuilt(store_dir):
     record_path(store_dir, "0", "cosine").write_text("{not json")
     with pytest.raises(StoreError, match="damaged"):
         logix.open_index(store)
+    orphan = ann_dir(store_dir, "0") / ".cosine.faiss.tmp-999999999"  # a killed build's (no such pid)
+    orphan.write_bytes(b"partial")
     rebuilt = logix.build_index(store, nlist=16)
     assert logix.open_index(store).record["sha256"] == rebuilt.record["sha256"]
-    assert [p.name for p in ann_dir(store_dir, "0").glob("*.faiss")] == [rebuilt.record["file"]]
+    assert {p.name for p in ann_dir(store_dir, "0").iterdir()} == {"cosine.json", rebuilt.record["file"]}
 
 
 def test_configurations_the_index_does_not_answer_are_refused(store_dir, q):

@@ -203,6 +203,7 @@ def _save(store: Store, index: Any, record: dict) -> dict:
     faiss = faiss_module()
     folder = ann_dir(store.path, store.segment)
     folder.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(folder, record["metric"])
     tmp = folder / f".{record['metric']}.faiss.tmp-{os.getpid()}"
     try:
         faiss.write_index(index, str(tmp))
@@ -219,3 +220,16 @@ def _save(store: Store, index: Any, record: dict) -> dict:
     record = {**record, "file": name, "bytes": size, "sha256": sha}
     write_record(store.path, store.segment, record["metric"], record)
     return record
+
+
+def _remove_orphans(folder: Path, metric: str) -> None:
+    """Delete temporary index files left by builds that were killed (their process is gone)."""
+    for tmp in folder.glob(f".{metric}.faiss.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # another user's live process
+            continue
