@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
         exact = InfluenceEngine(store, preconditioner="identity", mode="cosine", device="cpu")
         nlist = index.nlist
         calibrated = index.nprobe  # the build's choice for recall 0.95 on sampled rows
-        probes = sorted(set(args.nprobe or {max(1, nlist // d) for d in (64, 32, 16, 8)}) | {calibrated})
+        probes = sorted(
+            set(args.nprobe or {min(nlist, calibrated * f) for f in (2, 4, 8)} | {max(1, nlist // 64)})
+            | {calibrated}
+        )
         engines = {
             n: InfluenceEngine(
                 store,

@@ -6,8 +6,8 @@ crash-safely inside the run directory (`logix/store/ann.py`).
 2. Train the k-means quantizer (`nlist` cells) on the sample.
 3. Add every row chunk by chunk from `store.iter_chunks` (row order, so faiss ids are row
    indices), normalised for the cosine metric; non-finite rows are an error, as in the engine.
-   The same chunks give the exact neighbours of 64 sampled rows, from which nprobe is chosen
-   for a measured recall (`index_calibrate.py`).
+   The same chunks give the exact neighbours of 256 sampled rows (held out of the training),
+   from which nprobe is chosen for a measured recall (`index_calibrate.py`).
 4. Save: faiss's own format (not pickle) under a temporary name, renamed to a name carrying its
    sha256, then the record (the commit point) replaced atomically.
 
@@ -69,7 +69,7 @@ def build_index(
 
     nlist: k-means cells (default about 4·√N); nprobe: the cells a query scans by default
     (recorded, overridable per `open_index`); default: the fewest cells whose measured recall
-    of 64 sampled rows' exact top 100 (each row's own left out) reaches `recall`; the recall at
+    of 256 sampled rows' exact top 100 (each row's own left out) reaches `recall`; the recall at
     the recorded nprobe is in `record["calibration"]` either way; sample_rows: the quantizer's
     training rows (default min(N, 64·nlist), capped at 512 MiB of float32); progress: optional
     `fn(phase, done, total)` with phases "sample", "train", "index", "save". A directory that
@@ -99,8 +99,15 @@ def build_index(
     sample, sample_index = _sample(store, sample_rows, report)
     if metric == "cosine":
         _normalise(sample)
-    picks = torch.linspace(0, sample_rows - 1, min(CALIBRATION_QUERIES, sample_rows)).long().unique()
+    # Calibration queries: sampled rows held out of the quantizer's training (a row the cells
+    # were fitted to sits better in its cell than an unseen query: recall would be overstated).
+    count = min(CALIBRATION_QUERIES, max(1, sample_rows // 8))
+    picks = torch.linspace(0, sample_rows - 1, count).long().unique()
     exact = ExactNeighbours(sample[picks].clone(), sample_index[picks], min(CALIBRATION_K, n - 1))
+    if sample_rows - len(picks) >= nlist:
+        keep = torch.ones(sample_rows, dtype=torch.bool)
+        keep[picks] = False
+        sample = sample[keep]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = int(seed)
     report("train", 0, 1)

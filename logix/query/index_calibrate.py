@@ -1,11 +1,12 @@
 """Choosing an index's nprobe by measured recall: the build's own check of what it returns.
 
-A few rows of the build's sample serve as calibration queries. While the build's one pass adds
-the rows to the index, their exact top-(k+1) by the index's metric is kept from the same
-chunks (one small product per chunk, `query/topk.py`'s exact running top-k). After the pass,
-nprobe is the smallest number of cells (doubling, then bisecting) whose search finds a share
-`target` of each query's exact top k, every query's own row left out of both lists. The record
-keeps the recall measured at the chosen nprobe: the figure `logix index --info` reports.
+256 rows of the build's sample, held out of the quantizer's training, serve as calibration
+queries. While the build's one pass adds the rows to the index, their exact top-(k+1) by the
+index's metric is kept from the same chunks (one small product per chunk, `query/topk.py`'s
+exact running top-k). After the pass, nprobe is the smallest number of cells (doubling, then
+bisecting) whose search finds a share `target` of each query's exact top k, every query's own
+row left out of both lists. The record keeps the recall measured at the chosen nprobe: the
+figure `logix index --info` reports.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from logix.query.index import faiss_module
 from logix.query.topk import new_best, unpack, update_best
 
-CALIBRATION_QUERIES = 64
+CALIBRATION_QUERIES = 256
 CALIBRATION_K = 100
 
 
