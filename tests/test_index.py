@@ -225,3 +225,42 @@ def test_cli_builds_and_describes_the_index(store_dir):
     assert code == 1 and "not usable" in text
     code, text = cli([str(store_dir), "--build", "--metric", "euclid"])
     assert code == 2 and "euclid" in text
+
+
+def test_reranking_takes_its_candidates_from_the_index(tmp_path):
+    from kfac_helpers import SeqNet, make_batches, seq_loss
+
+    torch.manual_seed(0)
+    model = SeqNet()
+    gen = torch.Generator().manual_seed(3)
+    batches = make_batches(gen, sizes=(30, 30, 30), seq=6)
+    config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1}}
+    with logix.init(tmp_path / "s", config=config) as run:
+        run.watch(model)
+        for ids, x, y, mask in batches:
+            with run(data_id=ids, mask=mask):
+                seq_loss(model(x), y, mask, "mean").backward()
+    by_id = {i: (x[j], y[j], mask[j]) for ids, x, y, mask in batches for j, i in enumerate(ids)}
+
+    def recompute(ids):
+        q = logix.init(tmp_path / "s", mode="query")
+        q.watch(model)
+        x, y, mask = (torch.stack([by_id[i][k] for i in ids]) for k in range(3))
+        with q(data_id=list(ids), mask=mask, per_token=True):
+            seq_loss(model(x), y, mask, "mean").backward()
+        return q.token_gradients()
+
+    store = logix.open_store(tmp_path / "s")
+    q = logix.Gradients(store.load()[[3, 40, 77]] + 0.01, ["a", "b", "c"], store.modules, store.fingerprint)
+    exact = logix.InfluenceEngine(store, preconditioner="identity", mode="cosine")
+    rerank = logix.Rerank(recompute, candidates=8, window=2)
+    for nprobe in (1, 2):  # of 2 cells: partial, then exhaustive
+        index = logix.build_index(store, nlist=2, nprobe=nprobe, save=False)
+        fast = logix.InfluenceEngine(store, preconditioner="identity", mode="cosine", index=index)
+        got = fast.top_k(q, k=8, rerank=rerank)
+        first = fast.top_k(q, k=8)
+        assert got.meta["index"]["nprobe"] == nprobe and "rerank" in got.meta
+        for row, cand in zip(got.indices.tolist(), first.indices.tolist()):
+            assert sorted(row) == sorted(cand)  # a permutation of the index's candidates
+    want = exact.top_k(q, k=8, rerank=rerank)
+    assert torch.equal(got.indices, want.indices) and torch.allclose(got.values, want.values, atol=1e-6)
