@@ -116,8 +116,7 @@ class ApproximateIndex:
         return values, rows
 
     def _probe(self, index: Any, queries: np.ndarray, k: int, nprobe: int) -> tuple:
-        faiss = faiss_module()
-        faiss.extract_index_ivf(index).nprobe = nprobe
+        index.nprobe = int(nprobe)  # IndexIVFFlat and GpuIndexIVFFlat alike
         values, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), int(k))
         return values, rows
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from logix.query.index import faiss_module
 from logix.query.topk import new_best, unpack, update_best
 
 CALIBRATION_QUERIES = 256
@@ -48,7 +47,7 @@ def _without(row: list[int], own: int, k: int) -> set[int]:
 
 def recall_at(index: Any, exact: ExactNeighbours, nprobe: int) -> float:
     """Share of the calibration queries' exact top k that `index` finds scanning nprobe cells."""
-    faiss_module().extract_index_ivf(index).nprobe = int(nprobe)
+    index.nprobe = int(nprobe)
     _, found = index.search(np.ascontiguousarray(exact.q.numpy()), exact.k + 1)
     truth = exact.neighbours()
     hits = sum(
