@@ -128,4 +128,7 @@ def _info(args: argparse.Namespace, store, console: Console) -> int:
 
 def _calibration(record: dict) -> str:
     c = record.get("calibration") or {}
-    return f"recall@{c.get('k')} {c.get('recall')} on {c.get('queries')} sampled rows"
+    return (
+        f"recall@{c.get('k')} {c.get('recall')}, {c.get('recall_lower')} less two standard errors, "
+        f"on {c.get('queries')} sampled rows"
+    )

@@ -69,7 +69,8 @@ def build_index(
 
     nlist: k-means cells (default about 4·√N); nprobe: the cells a query scans by default
     (recorded, overridable per `open_index`); default: the fewest cells whose measured recall
-    of 256 sampled rows' exact top 100 (each row's own left out) reaches `recall`; the recall at
+    of 256 sampled rows' exact top 100 (each row's own left out), less two standard errors,
+    reaches `recall`; the recall at
     the recorded nprobe is in `record["calibration"]` either way; sample_rows: the quantizer's
     training rows (default min(N, 64·nlist), capped at 512 MiB of float32); progress: optional
     `fn(phase, done, total)` with phases "sample", "train", "index", "save". A directory that
@@ -132,7 +133,7 @@ def build_index(
         report("index", done, n)
 
     if exact.k < 1:  # a one-row store: the one cell holds it
-        nprobe, measured = int(nprobe or 1), 1.0
+        nprobe, measured = int(nprobe or 1), (1.0, 1.0)
     elif nprobe is None:
         nprobe, measured = calibrated_nprobe(index, exact, nlist, float(recall))
     else:
@@ -149,7 +150,8 @@ def build_index(
             "queries": len(picks),
             "k": exact.k,
             "target": float(recall),
-            "recall": round(measured, 4),
+            "recall": round(measured[0], 4),
+            "recall_lower": round(measured[1], 4),  # less two standard errors over the queries
             "nprobe": nprobe,
         },
         "content_key": content_key(store),
