@@ -132,6 +132,11 @@ def test_zero_queries_and_k_above_rows_match_the_exact_scan(tmp_path):
     got, want = fast.top_k(q, k=500), exact.top_k(q, k=500)  # more cells probed until k are found
     assert got.indices.shape == (3, 80) and torch.equal(got.indices, want.indices)
     assert torch.equal(got.values[1], torch.zeros(80))
+    dot = logix.InfluenceEngine(
+        store, preconditioner="identity", mode="dot", index=logix.build_index(store, "dot", nlist=4, nprobe=1)
+    )
+    exact_dot = logix.InfluenceEngine(store, preconditioner="identity", mode="dot").top_k(q, k=5)
+    assert torch.equal(dot.top_k(q, k=5).indices[1], exact_dot.indices[1])  # rows 0..4, all scoring 0
 
 
 def test_stale_index_is_refused_after_logging_or_relogging(store_dir, q):

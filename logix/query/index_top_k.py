@@ -15,8 +15,8 @@ from logix.query.topk import pack, unpack
 def index_top_k(engine: Any, index: ApproximateIndex, q: Any, k: int, mode: str) -> TopK:
     """The k best train rows per query by `index` (k ≤ len(store)), ordered like the exact
     scan (score ↓, row ↑). Values: cosine ⟨q̂, x̂⟩, relative ‖q‖·⟨q̂, x̂⟩, dot ⟨q, x⟩, from the
-    indexed float32 rows. A query of norm 0 scores 0 against every row in cosine and relative
-    modes, so its top k is rows 0..k-1, as in the exact scan. `.meta["index"]` names the index
+    indexed float32 rows. A query of norm 0 scores 0 against every row, so its top k is rows
+    0..k-1, as in the exact scan. `.meta["index"]` names the index
     (kind, metric, nlist, nprobe): these results are approximate."""
     check_engine(engine, index, mode)
     index.check_store(engine.store)
@@ -29,7 +29,7 @@ def index_top_k(engine: Any, index: ApproximateIndex, q: Any, k: int, mode: str)
     values, rows = torch.from_numpy(values), torch.from_numpy(rows)
     if mode == "relative":
         values = values * qnorm[:, None]
-    if index.metric == "cosine" and bool(zero.any()):
+    if bool(zero.any()):  # every score is 0: the exact scan's ties go to the lowest rows
         values[zero] = 0.0
         rows[zero] = torch.arange(k, dtype=rows.dtype)
     keys = pack(values.contiguous(), 0, rows)  # the exact scan's order: score ↓, row ↑
