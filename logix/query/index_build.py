@@ -105,7 +105,7 @@ def build_index(
     count = min(CALIBRATION_QUERIES, max(1, sample_rows // 8))
     picks = torch.linspace(0, sample_rows - 1, count).long().unique()
     exact = ExactNeighbours(sample[picks].clone(), sample_index[picks], min(CALIBRATION_K, n - 1))
-    if sample_rows - len(picks) >= nlist:
+    if sample_rows - len(picks) >= 39 * nlist:  # else too few rows to fit the cells without them
         keep = torch.ones(sample_rows, dtype=torch.bool)
         keep[picks] = False
         sample = sample[keep]
