@@ -9,7 +9,7 @@ trained on a sample of 64·nlist rows). Both sides use `InfluenceEngine.top_k` w
 preconditioner and cosine mode, on the CPU, rows in the page cache (the exact scan's best case);
 times are medians of interleaved repeats, recall@k against the exact top k of each query.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_index.py            # ~5 min on 2 cores
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_index.py   # ~12 min on 2 loaded cores, mostly k-means
     PYTHONPATH=. .venv/bin/python benchmarks/bench_index.py --rows 100000 --repeats 2   # smoke
 """
 

@@ -8,7 +8,7 @@ of either script reuses the other's. The index is built with `logix.build_index`
 Re-ranking: `logix.Rerank(recompute, candidates=100, window=w)`, w ∈ {1, 2} chosen on the tuning
 half of the questions, MRR reported on the other half, as in `retrieval.py`.
 
-    PYTHONPATH=. .venv/bin/python examples/tiny_lm/retrieval_index.py   # ~6 min on 2 idle cores
+    PYTHONPATH=. .venv/bin/python examples/tiny_lm/retrieval_index.py   # training dominates (as retrieval.py)
     PYTHONPATH=. .venv/bin/python examples/tiny_lm/retrieval_index.py --entities 20 --epochs 20 --d-model 32
 """
 
