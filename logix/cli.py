@@ -22,6 +22,7 @@ COMMANDS = {
     "self-influence": "the self-influence I(z, z) of every training example (outliers, mislabels)",
     "report": "an HTML page of each query's most helpful and most harmful training examples",
     "query": "the first name of top-k (same options)",
+    "index": "build or describe a store's approximate (FAISS) index for fast top-k",
 }
 
 

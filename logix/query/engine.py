@@ -46,6 +46,7 @@ from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice, re
 
 if TYPE_CHECKING:
     from logix.capture.tokens import TokenGradients
+    from logix.query.index import ApproximateIndex
     from logix.query.rerank import Rerank
     from logix.query.tokens import TokenScores
 
@@ -74,6 +75,11 @@ class InfluenceEngine:
     of the shards (contiguous, balanced by rows) and every rank gets the whole result, equal
     to one process's. Without a process group it is one rank: the same code path.
 
+    index: answer `top_k` (and re-ranking's first stage) from an approximate index instead of
+    scanning the store: an `ApproximateIndex` (`logix.build_index` / `logix.open_index`) or
+    "saved" (the run directory's index for `mode`, checked to be current); identity
+    preconditioner only (see `logix.query.index`). Default None: the exact scan.
+
     Renamed (warn once): damping_absolute= → absolute_damping=; chunk_rows= (rows) → chunk_bytes=.
     """
 
@@ -96,6 +102,7 @@ class InfluenceEngine:
         damping_absolute: bool | None = None,
         chunk_rows: int | None = None,
         quiet: bool = False,
+        index: ApproximateIndex | str | None = None,
     ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
@@ -147,6 +154,11 @@ class InfluenceEngine:
         self._local = LocalRows(
             self._rows, store, self.preconditioner, self.device, self.chunk_rows, progress
         )
+        if index is not None:
+            from logix.query.index import engine_index
+
+            index = engine_index(self, index)
+        self.index = index
 
     @property
     def refinement_residuals(self) -> torch.Tensor | None:
@@ -234,6 +246,8 @@ class InfluenceEngine:
         Ties go to the lower train index (the result equals a stable descending argsort of the
         full matrix). A k above the number of train rows returns all rows (k = n_train).
         `rerank`: re-rank the top candidates by their best window of positions (`query/rerank.py`).
+        With the engine's `index`, the top k come from the approximate index (re-ranking's
+        candidates too), in the same order convention, with `.meta["index"]`.
         """
         mode = self._mode(mode)
         if rerank is not None:
@@ -243,6 +257,10 @@ class InfluenceEngine:
         k = min(int(k), len(self.store))
         if len(self.store) >= 1 << INDEX_BITS:
             raise ValueError("top_k handles segments of fewer than 2**32 rows; split the store")
+        if self.index is not None:
+            from logix.query.index_top_k import index_top_k
+
+            return index_top_k(self, self.index, q, k, mode)
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
