@@ -8,7 +8,7 @@ import difflib
 from logix.errors import ChoiceError
 
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
-LAYER_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding")
+LAYER_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding", "MultiheadAttention")
 LOSS_REDUCTIONS = ("mean", "sum")  # how the loop reduces its loss over the batch
 PROJECTION_KINDS = ("identity", "random", "pca", "kfac-whitened")
 FITTED_PROJECTION_KINDS = ("pca", "kfac-whitened")  # the kinds set by `run.fit_projections()`

@@ -159,6 +159,8 @@ class CaptureBlock:
     open: bool = True
     mask_used: bool = False  # the mask applied to some watched module
     mask_skipped: dict[str, tuple] = field(default_factory=dict)  # modules it did not apply to
+    uncapturable: list[str] = field(default_factory=list)  # uses of watched weights (functional_uses.py)
+    audit: object | None = None  # the FunctionalUses auditing this block (the first of a run)
 
     def __post_init__(self) -> None:
         self.projected = any(s.projected for s in self.sinks)
@@ -194,6 +196,8 @@ class ModuleCapture:
         )
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
+        if not isinstance(self.module, nn.Module):  # an attention projection: functional_uses.py
+            return _NO_HOOK
         return self.module.register_forward_hook(partial(self._forward, block))
 
     def _forward(self, block: CaptureBlock, module: nn.Module, inputs: tuple, output: torch.Tensor):
@@ -255,6 +259,14 @@ class ModuleCapture:
         call.backwards += 1
         block.reached.add(self.index)
         return None
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
 
 
 def attach_hooks(captures: list[ModuleCapture], block: CaptureBlock) -> list:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from logix.capture.functional_uses import check_functional_uses
 from logix.capture.hooks import CaptureBlock, Sink, attach_hooks, check_mask_used
 from logix.errors import CaptureError
 from logix.store.gradients import DataId
@@ -130,6 +131,7 @@ class Block:
             self.owner.exit_block(self)
             if exc_type is None:
                 check_mask_used(self.capture)
+                check_functional_uses(self.capture)
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from logix.capture.functional_uses import FunctionalUses
 from logix.capture.hooks import ModuleCapture, check_batch_mask
 from logix.capture.modules import check_model, module_table, select_modules
 from logix.capture.pca import CovarianceSink
@@ -72,6 +73,7 @@ class Run(RunFitPasses, RunLifecycle):
         self._model: nn.Module | None = None
         self._projections: dict[str, ModuleProjection] | None = None
         self._captures: list[ModuleCapture] = []
+        self._uses: FunctionalUses | None = None  # uses outside module hooks (attention, tied)
         self._covariances: CovarianceSink | None = None  # the PCA statistics pass's sums
         self._log_pass = LogPass(self)
         self._pass: StatisticsPass | None = None  # an open fit_projections / fit_curvature pass
@@ -203,8 +205,10 @@ class Run(RunFitPasses, RunLifecycle):
         return self._projections is not None
 
     def captures(self) -> list[ModuleCapture]:
-        """The capture hooks of the watched modules."""
-        return self._captures
+        """The capture hooks of the watched modules, and of their functional and tied uses."""
+        if self._uses is None or self._uses.captures is not self._captures:
+            self._uses = FunctionalUses(self._model, self._captures)
+        return [*self._captures, self._uses]
 
     # -- the loop ---------------------------------------------------------------------------
     def __call__(
