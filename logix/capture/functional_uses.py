@@ -64,6 +64,8 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.linear:
             return self.uses.linear(args, kwargs)
+        if func is F.embedding:
+            return self.uses.embedding(args, kwargs)
         if func is F.multi_head_attention_forward:
             return self.uses.attention(self, args, kwargs)
         if self.uses.auditing:
@@ -117,6 +119,13 @@ class FunctionalUses:
             for m in model.modules()
             if isinstance(m, nn.MultiheadAttention) and any(id(p) in self.targets for p in m.parameters())
         ]
+        # Embedding subclasses with a forward of their own (HF's scaled or positional embeddings):
+        # what reaches F.embedding is not their input, nor is their output its output.
+        self.embeddings: dict[int, ModuleCapture] = {}
+        for c in [*captures, *(s for _, s in self.sharers if isinstance(s, ModuleCapture))]:
+            if isinstance(c.module, nn.Embedding) and type(c.module).forward is not nn.Embedding.forward:
+                c.functional = True
+                self.embeddings[id(c.module)] = c
         self.modules = {id(m): m for m in model.modules() if id(m) in self.own}
         self.audited = False  # the first clean block audited every use
         self.outside = False  # a watched weight is used through F.linear outside attention
@@ -142,14 +151,16 @@ class FunctionalUses:
                 handle.handles.append(share.attach(block))
             else:
                 handle.handles.append(module.register_forward_hook(self._tied_forward(share)))
-        if self.auditing or self.outside:
-            for module in self.modules.values():
+        whole = self.auditing or self.outside
+        for module in self.modules.values():
+            if whole or id(module) in self.embeddings:
                 handle.handles.append(module.register_forward_pre_hook(self._enter_module))
                 handle.handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+        if whole:
             self.mode.__enter__()
             handle.mode = self.mode
         else:
-            for module in self.attentions:
+            for module in [*self.attentions, *(self.modules[i] for i in self.embeddings)]:
                 handle.handles.append(module.register_forward_pre_hook(self._mode_on))
                 handle.handles.append(module.register_forward_hook(self._mode_off, always_call=True))
         return handle
@@ -196,6 +207,20 @@ class FunctionalUses:
         finally:
             self.layout.pop()
 
+    def embedding(self, args, kwargs):
+        """F.embedding inside an Embedding subclass with a forward of its own: captured here, with
+        the indices and output of this call (the module's hooks would see neither)."""
+        out = F.embedding(*args, **kwargs)
+        capture = self.embeddings.get(id(self.running[-1])) if self.running else None
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if capture is not None and weight is capture.module.weight:
+            idx = args[0] if args else kwargs["input"]
+            if idx.ndim > 1 and idx.shape[0] == 1 and (self.block.batch_size or 1) > 1:
+                idx = idx.reshape(-1)  # positions broadcast over the batch: shared, noticed, skipped
+            replaced = capture._forward(self.block, capture.module, (idx,), out)
+            return out if replaced is None else replaced
+        return self.audit(F.embedding, args, kwargs, out) if self.auditing else out
+
     def linear(self, args, kwargs):
         names = ("input", "weight", "bias")
         x, w, b = (*args, *(kwargs.get(k) for k in names[len(args) :]))[:3]
@@ -228,10 +253,11 @@ class FunctionalUses:
     def is_watched(self, t: torch.Tensor) -> bool:
         return id(t) in self.watched or (t._base is not None and id(t._base) in self.watched)
 
-    def audit(self, func, args, kwargs):
-        """Run `func`; if it reads a watched parameter outside that parameter's module, is not a
-        view of it, and backward reaches its result, the block records an uncapturable use."""
-        out = func(*args, **kwargs)
+    def audit(self, func, args, kwargs, out=None):
+        """Run `func` (unless its `out` is given); if it reads a watched parameter outside that
+        parameter's module, is not a view of it, and backward reaches its result, the block
+        records an uncapturable use."""
+        out = func(*args, **kwargs) if out is None else out
         if not torch.is_grad_enabled():
             return out
         name = next((self._name(t) for t in _tensors(args, kwargs) if self.is_watched(t)), None)

@@ -185,6 +185,7 @@ class ModuleCapture:
         self.projection = projection
         self.bias = bias
         self.offset = offset
+        self.functional = False  # captured at its functional call, not by a module hook
         self.r_in = projection.p_in.rank if projection is not None else 0
         self.r_out = projection.p_out.rank if projection is not None else 0
         # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
@@ -196,7 +197,7 @@ class ModuleCapture:
         )
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
-        if not isinstance(self.module, nn.Module):  # an attention projection: functional_uses.py
+        if not isinstance(self.module, nn.Module) or self.functional:  # seen by functional_uses.py
             return _NO_HOOK
         return self.module.register_forward_hook(partial(self._forward, block))
 

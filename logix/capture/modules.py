@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from logix.capture.attention import with_attention_projections
+from logix.capture.experts import notice_stacked_parameters
 from logix.capture.per_sample import check_supported, has_bias, layer_dims, layer_type
 from logix.capture.tied import drop_tied
 from logix.capture.wrappers import named_modules, unwrap_model
@@ -33,6 +34,7 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         check_supported(name, module)
         chosen.append((name, module))
     chosen = drop_tied(chosen)  # a weight shared by several modules gets one entry (tied.py)
+    notice_stacked_parameters(model)  # fused experts: not captured, said out loud (experts.py)
     if not chosen:
         root = unwrap_model(model)
         if layer_type(root) is not None:
