@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_helpers import assert_rows_match, captured_and_reference
+from reference import per_example_grads, projected_rows
 from torch import nn
 
 import logix
@@ -119,3 +120,28 @@ def test_reading_a_weight_without_gradient_is_not_a_use(tmp_path):
             with torch.no_grad():
                 model.hidden.weight.sum()
         assert norm > 0
+
+
+@pytest.mark.parametrize("projection", ["identity", "random"])
+def test_embedding_reading_a_watched_head(tmp_path, projection):
+    """capture.types [Linear]: the head owns the tied weight and the (unwatched) Embedding's
+    lookups add their gradient to the head's block."""
+    torch.manual_seed(0)
+    model = TiedLM("module", padding_idx=0)
+    tokens, y = _tokens(torch.Generator().manual_seed(1))
+    config = {"capture": {"types": ["Linear"], "loss_reduction": "sum"}}
+    if projection == "random":
+        config["projection"] = {"kind": "random", "rank_in": 4, "rank_out": 3}
+    with logix.init(tmp_path / "run", config=config) as run:
+        run.watch(model)
+    query = logix.init(tmp_path / "run", mode="query")
+    query.watch(model)
+    with query(data_id=list(range(B))):
+        _lm_loss(model(tokens), y).backward()
+    got = query.gradients().values.double()
+    assert [m.name for m in query.modules] == ["hidden", "head"]
+    grads = per_example_grads(model, _lm_loss, (tokens,), y)
+    grads["head.weight"] = grads["emb.weight"]  # one Parameter: the gradient of all its uses
+    want = projected_rows(model, query.modules, query.projections, grads)
+    query.finalize()
+    assert_rows_match(got, want, query.modules)

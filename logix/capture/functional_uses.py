@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from logix.capture.attention import entry_parameters
 from logix.capture.hooks import CaptureBlock, ModuleCapture
-from logix.capture.linear_uses import WeightTarget, bias_flag, record_use, row_range
+from logix.capture.linear_uses import WeightTarget, bias_flag, record_lookup, record_use, row_range
 from logix.capture.tied import tied_sharers
 from logix.errors import CaptureError
 
@@ -112,6 +112,8 @@ class FunctionalUses:
             if how == "same":
                 clone = ModuleCapture(owner.index, name, module, owner.projection, owner.bias, owner.offset)
                 self.sharers.append((module, clone))
+            elif how == "lookup":
+                self.sharers.append((module, owner))
             else:
                 self.sharers.append((module, self.targets[id(module.weight)]))
         self.attentions = [
@@ -147,7 +149,11 @@ class FunctionalUses:
         block.audit = self if self.auditing else None
         handle = _Handle()
         for module, share in self.sharers:
-            if isinstance(share, ModuleCapture):
+            if (
+                isinstance(share, ModuleCapture) and share.module is not module
+            ):  # an Embedding on a head's weight
+                handle.handles.append(module.register_forward_hook(self._lookup_forward(share)))
+            elif isinstance(share, ModuleCapture):
                 handle.handles.append(share.attach(block))
             else:
                 handle.handles.append(module.register_forward_hook(self._tied_forward(share)))
@@ -181,6 +187,14 @@ class FunctionalUses:
         if self.mode_on:
             self.mode_on = False
             self.mode.__exit__(None, None, None)
+
+    def _lookup_forward(self, capture: ModuleCapture):
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                return record_lookup(self.block, capture, inputs[0], module.padding_idx, output)
+            return None
+
+        return hook
 
     def _tied_forward(self, target: WeightTarget):
         def hook(module, inputs, output):

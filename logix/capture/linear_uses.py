@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from logix.capture.hooks import CaptureBlock, ForwardCall, ModuleCapture, position_mask
 from logix.capture.per_sample import full_precision
@@ -107,6 +108,59 @@ def side_columns(side: SideProjection, start: int, count: int, v: torch.Tensor) 
     return v @ side.matrix[:, start : start + count].T
 
 
+def _check_pass(block: CaptureBlock, capture: ModuleCapture) -> None:
+    if not block.projected or not all(s.projected for s in block.sinks) or capture.projection is None:
+        raise CaptureError(
+            f"{capture.name!r} is used through a functional call (attention or a tied weight), which "
+            "this pass cannot capture: projection.kind 'pca' / 'kfac-whitened' statistics are not "
+            f"supported for it yet; use projection.kind 'random' or 'identity', or exclude {capture.name!r}"
+        )
+
+
+def _scaled_and_masked(block: CaptureBlock, name: str, near: torch.Tensor) -> torch.Tensor:
+    """The forward side [B, T, r] with padded positions zeroed and a mean's 1/B undone."""
+    mask = position_mask(block.mask, LINEAR_LIKE, name, near)
+    if mask is not None:
+        near = near * mask.unsqueeze(-1)
+        block.mask_used = True
+    return near * block.grad_scale if block.grad_scale != 1.0 else near
+
+
+def _on_backward(block, capture, out, layout, near, far, forward_is_input: bool) -> None:
+    """Hook `out`: at backward, `far(g [B, T, d])` is the other side; the sinks get x̃ and g̃
+    (the forward side `near` is x̃ when `forward_is_input`, else g̃)."""
+    use = UseCapture(capture)
+    call = ForwardCall(near if forward_is_input else None)
+
+    def backward(grad: torch.Tensor) -> None:
+        if not block.open:
+            raise CaptureError(
+                f"backward reached {capture.name!r} after its `with run(data_id=...)` block had "
+                "exited; call loss.backward() inside the block"
+            )
+        with torch.no_grad(), full_precision(grad.device):
+            other = far(arranged(grad.detach(), layout).float())
+            if forward_is_input:
+                g_proj = other
+            else:
+                call.x_proj, g_proj = other, near
+            for sink in block.sinks:
+                sink.backward(use, block, call, g_proj, grad)
+        call.backwards += 1
+        block.reached.add(capture.index)
+
+    out.register_hook(backward)
+    if block.outputs is not None:
+        block.outputs.append(out)
+
+
+def _leaf_or_none(block: CaptureBlock, out: torch.Tensor) -> torch.Tensor | None:
+    """`out` if backward can reach it (a leaf in attribution-only mode), else None."""
+    if out.requires_grad:
+        return out
+    return out.detach().requires_grad_(True) if block.attribution_only else None
+
+
 def record_use(
     block: CaptureBlock,
     target: WeightTarget,
@@ -120,16 +174,10 @@ def record_use(
     backward side from a tensor hook on `out`. Returns `out` (a leaf in attribution-only
     mode, as the module hooks make it)."""
     capture = target.capture
-    if not block.projected or not all(s.projected for s in block.sinks) or capture.projection is None:
-        raise CaptureError(
-            f"{capture.name!r} is used through a functional call (attention or a tied weight), which "
-            "this pass cannot capture: projection.kind 'pca' / 'kfac-whitened' statistics are not "
-            f"supported for it yet; use projection.kind 'random' or 'identity', or exclude {capture.name!r}"
-        )
-    if not out.requires_grad:
-        if not block.attribution_only:
-            return out
-        out = out.detach().requires_grad_(True)
+    _check_pass(block, capture)
+    reachable = _leaf_or_none(block, out)
+    if reachable is None:
+        return out
     batch = x.shape[0] if layout is None else layout
     if x.ndim < 2 or (block.batch_size is not None and batch != block.batch_size):
         raise CaptureError(
@@ -137,7 +185,6 @@ def record_use(
             f"axis does not hold the block's {block.batch_size} examples; pass inputs batch first "
             "[batch, ..., features] (a flattened [batch·seq, features] input cannot be attributed)"
         )
-    use = UseCapture(capture)
     a, n = rows
     p = capture.projection
     with torch.no_grad(), full_precision(x.device):
@@ -148,33 +195,44 @@ def record_use(
             if capture.bias:
                 xs = torch.cat([xs, xs.new_full(xs.shape[:-1] + (1,), beta)], dim=-1)
             near = p.p_in.apply(xs)
-        mask = position_mask(block.mask, use.module, capture.name, near)
-        if mask is not None:
-            near = near * mask.unsqueeze(-1)
-            block.mask_used = True
-        if block.grad_scale != 1.0:
-            near = near * block.grad_scale
-    call = ForwardCall(None if target.transposed else near)
+        near = _scaled_and_masked(block, capture.name, near)
+    side = p.p_in if target.transposed else p.p_out
+    _on_backward(
+        block, capture, reachable, layout, near, lambda g: side_columns(side, a, n, g), not target.transposed
+    )
+    return reachable
 
-    def backward(grad: torch.Tensor) -> None:
-        if not block.open:
-            raise CaptureError(
-                f"backward reached {capture.name!r} after its `with run(data_id=...)` block had "
-                "exited; call loss.backward() inside the block"
-            )
-        with torch.no_grad(), full_precision(grad.device):
-            g = arranged(grad.detach(), layout).float()
-            if target.transposed:
-                call.x_proj = side_columns(p.p_in, a, n, g)
-                g_proj = near
-            else:
-                g_proj = side_columns(p.p_out, a, n, g)
-            for sink in block.sinks:
-                sink.backward(use, block, call, g_proj, grad)
-        call.backwards += 1
-        block.reached.add(capture.index)
 
-    out.register_hook(backward)
-    if block.outputs is not None:
-        block.outputs.append(out)
-    return out
+def record_lookup(
+    block: CaptureBlock, capture: ModuleCapture, idx: torch.Tensor, padding_idx: int | None, out: torch.Tensor
+) -> torch.Tensor:
+    """Capture an Embedding lookup y = W[idx] of a Linear's weight W [d_out, d_in] (an
+    embedding tied to a watched head): its gradient e_idx gᵀ adds (P_out e_idx)(P_in [g, 0])ᵀ,
+    the forward side a column gather of P_out, the bias column (if any) untouched."""
+    _check_pass(block, capture)
+    reachable = _leaf_or_none(block, out)
+    if reachable is None:
+        return out
+    if idx.ndim < 1 or (block.batch_size is not None and idx.shape[0] != block.batch_size):
+        raise CaptureError(
+            f"the Embedding tied to {capture.name!r} looked up indices {list(idx.shape)} whose first "
+            f"axis does not hold the block's {block.batch_size} examples; pass [batch, seq] indices"
+        )
+    p = capture.projection
+    with torch.no_grad(), full_precision(idx.device):
+        idx = idx.reshape(idx.shape[0], -1)
+        if p.p_out.matrix is None:
+            near = F.one_hot(idx, p.p_out.dim).float()
+        else:
+            near = p.p_out.matrix.to(idx.device).T[idx]
+        if padding_idx is not None:
+            near = near * (idx != padding_idx).unsqueeze(-1)
+        near = _scaled_and_masked(block, capture.name, near)
+
+    def far(g: torch.Tensor) -> torch.Tensor:
+        if capture.bias:
+            g = torch.cat([g, g.new_zeros(g.shape[:-1] + (1,))], dim=-1)
+        return p.p_in.apply(g)
+
+    _on_backward(block, capture, reachable, None, near, far, False)
+    return reachable

@@ -9,7 +9,8 @@ cross terms included. A module of the owner's kind adds its (x̃, g̃) as its ow
 (`orientation` "same"); an nn.Linear using an Embedding's table [vocab, dim] as its weight
 computes y = W h, whose gradient g hᵀ is the transpose of the entry's [dim, vocab] layout
 ("transposed": the forward side h is projected by P_out and the output gradient by P_in,
-`functional_uses.py`).
+`functional_uses.py`); an nn.Embedding reading a watched Linear's weight ("lookup", when only
+the head is watched) adds (P_out e_idx)(P_in g)ᵀ.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def orientation(owner_name: str, owner, sharer_name: str, sharer) -> str:
                 stacklevel=4,
             )
         return "transposed"
+    if a == "Linear" and b == "Embedding" and type(sharer).forward is nn.Embedding.forward:
+        return "lookup"  # an Embedding reading a watched head's weight: linear_uses.record_lookup
     raise CaptureError(
         f"{sharer_name!r} ({b}) shares its weight with {owner_name!r} ({a}), a pairing logix "
         "cannot add up exactly (it captures an Embedding shared with Embeddings or Linear heads, "
