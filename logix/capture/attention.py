@@ -13,10 +13,12 @@ calls that use them. `out_proj` stays the Linear entry it always was (`<attentio
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -82,3 +84,17 @@ def entry_parameters(module: nn.Module | AttentionProjection) -> tuple[torch.Ten
     """(weight, bias) of a table entry: the parameters whose gradient its columns hold (an
     attention projection's bias is its slice of the packed bias)."""
     return module.weight, getattr(module, "bias", None)
+
+
+def _unchecked(func):
+    """`func` with the same code and globals but for `has_torch_function`, so that the mode that
+    intercepted it can run its body with the mode still on (its inner calls then reach it)."""
+    env = dict(func.__globals__)
+    env["has_torch_function"] = lambda *_: False
+    copy = types.FunctionType(func.__code__, env, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return copy
+
+
+# F.multi_head_attention_forward's body, run by functional_uses.py with its mode on.
+ATTENTION_BODY = _unchecked(F.multi_head_attention_forward)

@@ -19,7 +19,6 @@ post-hook), and a model with neither runs without it.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -27,24 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from logix.capture.attention import entry_parameters
+from logix.capture.attention import ATTENTION_BODY, entry_parameters
 from logix.capture.hooks import CaptureBlock, ModuleCapture
 from logix.capture.linear_uses import WeightTarget, bias_flag, record_lookup, record_use, row_range
 from logix.capture.tied import tied_sharers
 from logix.errors import CaptureError
-
-
-def _unchecked(func):
-    """`func` with the same code and globals but for `has_torch_function`, so that the mode that
-    intercepted it can run its body with the mode still on (its inner calls then reach it)."""
-    env = dict(func.__globals__)
-    env["has_torch_function"] = lambda *_: False
-    copy = types.FunctionType(func.__code__, env, func.__name__, func.__defaults__, func.__closure__)
-    copy.__kwdefaults__ = func.__kwdefaults__
-    return copy
-
-
-_ATTENTION_BODY = _unchecked(F.multi_head_attention_forward)
 
 
 def _tensors(args, kwargs):
@@ -217,7 +203,7 @@ class FunctionalUses:
         self.layout.append(query.shape[1])
         try:
             with mode:
-                return _ATTENTION_BODY(*args, **kwargs)
+                return ATTENTION_BODY(*args, **kwargs)
         finally:
             self.layout.pop()
 
