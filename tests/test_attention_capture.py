@@ -218,3 +218,28 @@ def test_transformer_and_decoder_layer_rows_match(tmp_path, net):
     got, want, modules = captured_and_reference(tmp_path, model, (x, pad), y, _sequence_loss, mask=mask)
     assert sum(m.type == "MultiheadAttention.in_proj" for m in modules) == (3 if net is Seq2Seq else 2)
     assert_rows_match(got, want, modules)
+
+
+def test_kfac_input_factor_of_in_proj_is_the_dense_sum(tmp_path):
+    """K-FAC sums during logging reach the attention projections too: A of `attn.in_proj` is
+    Σ [x, 1][x, 1]ᵀ over the unmasked positions of the attention layer's input."""
+    from logix.curvature.kfac import load_factors
+
+    torch.manual_seed(0)
+    model = AttentionNet()
+    x, pad, y = _batch(torch.Generator().manual_seed(1))
+    cfg = {
+        "projection": {"kind": "identity"},
+        "capture": {"loss_reduction": "sum"},
+        "curvature": {"statistics": ["kfac"]},
+    }
+    with logix.init(tmp_path / "run", config=cfg) as run:
+        run.watch(model)
+        with run(data_id=list(range(B)), mask=~pad):
+            _sequence_loss(model(x, pad), y).backward()
+    stats = load_factors(logix.open_store(tmp_path / "run"))
+    q = torch.tanh(model.inp(x)).detach().double()[~pad]  # [positions, E]
+    q = torch.cat([q, torch.ones(q.shape[0], 1, dtype=q.dtype)], dim=1)
+    assert stats.positions["attn.in_proj"] == q.shape[0]
+    torch.testing.assert_close(stats.tensors["attn.in_proj.A"], q.T @ q, rtol=1e-5, atol=1e-6)
+    assert stats.tensors["attn.in_proj.S"].abs().max() > 0
