@@ -80,6 +80,21 @@ def with_attention_projections(
             yield from attention_projections(name, module)
 
 
+def attention_parameters(
+    selected: list[tuple[str, object]], include_bias: bool
+) -> list[tuple[str, str, torch.Tensor]]:
+    """(attention layer name, type, parameter) of every attention projection among `selected`:
+    what the coverage table counts as captured (`coverage.model_coverage(also_captured=...)`)."""
+    found = []
+    for name, entry in selected:
+        if isinstance(entry, AttentionProjection):
+            layer = name.rsplit(".", 1)[0]
+            found.append((layer, entry.logix_type, entry.weight))
+            if include_bias and entry.bias is not None:
+                found.append((layer, entry.logix_type, entry.bias))
+    return found
+
+
 def entry_parameters(module: nn.Module | AttentionProjection) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a table entry: the parameters whose gradient its columns hold (an
     attention projection's bias is its slice of the packed bias)."""

@@ -215,8 +215,6 @@ class FunctionalUses:
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         if capture is not None and weight is capture.module.weight:
             idx = args[0] if args else kwargs["input"]
-            if idx.ndim > 1 and idx.shape[0] == 1 and (self.block.batch_size or 1) > 1:
-                idx = idx.reshape(-1)  # positions broadcast over the batch: shared, noticed, skipped
             replaced = capture._forward(self.block, capture.module, (idx,), out)
             return out if replaced is None else replaced
         return self.audit(F.embedding, args, kwargs, out) if self.auditing else out

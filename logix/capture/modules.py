@@ -10,7 +10,7 @@ from torch import nn
 
 from logix.capture.attention import with_attention_projections
 from logix.capture.experts import notice_stacked_parameters
-from logix.capture.per_sample import check_supported, has_bias, layer_dims, layer_type
+from logix.capture.per_sample import has_bias, layer_dims, layer_type
 from logix.capture.tied import drop_tied
 from logix.capture.wrappers import named_modules, unwrap_model
 from logix.config import CaptureConfig, LogixConfig
@@ -31,7 +31,6 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
             continue
-        check_supported(name, module)
         chosen.append((name, module))
     chosen = drop_tied(chosen)  # a weight shared by several modules gets one entry (tied.py)
     notice_stacked_parameters(model)  # fused experts: not captured, said out loud (experts.py)
@@ -48,7 +47,7 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
             f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "
-            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv2d and Embedding layers)'}"
+            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv1d, Conv2d, Embedding)'}"
         )
     return chosen
 

@@ -132,6 +132,7 @@ class Block:
             if exc_type is None:
                 check_mask_used(self.capture)
                 check_functional_uses(self.capture)
+                self.owner.run.check_first_block(self)
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)
