@@ -145,3 +145,28 @@ def test_embedding_reading_a_watched_head(tmp_path, projection):
     want = projected_rows(model, query.modules, query.projections, grads)
     query.finalize()
     assert_rows_match(got, want, query.modules)
+
+
+class TwoUses(nn.Module):
+    """A Linear applied by its module and again by F.linear in the model's code, and a second
+    Linear used only through F.linear (its module's forward never runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(D, D)
+        self.b = nn.Linear(D, D)
+        self.head = nn.Linear(D, V)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(F.linear(h, self.a.weight, self.a.bias)) + F.linear(h, self.b.weight)
+        return self.head(h)
+
+
+def test_linear_weights_used_through_f_linear(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    got, want, modules = captured_and_reference(tmp_path, TwoUses(), (x,), y, _lm_loss)
+    assert [m.name for m in modules] == ["a", "b", "head"]
+    assert_rows_match(got, want, modules)  # b's bias column: zero in both (F.linear without it)
