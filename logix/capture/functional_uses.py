@@ -61,6 +61,7 @@ class _Interceptor(TorchFunctionMode):
 
 @dataclass
 class _Handle:
+    uses: FunctionalUses
     handles: list = field(default_factory=list)
     mode: TorchFunctionMode | None = None
 
@@ -70,6 +71,7 @@ class _Handle:
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.mode = None
+        self.uses.block = None
 
 
 class FunctionalUses:
@@ -131,9 +133,10 @@ class FunctionalUses:
     # -- per block ----------------------------------------------------------------------------
     def attach(self, block: CaptureBlock) -> _Handle:
         self.block = block
+        self.running, self.layout = [], [None]  # nothing left over from a failed block
         self.auditing = not self.audited
         block.audit = self if self.auditing else None
-        handle = _Handle()
+        handle = _Handle(self)
         for module, share in self.sharers:
             if (
                 isinstance(share, ModuleCapture) and share.module is not module
