@@ -170,3 +170,23 @@ def test_linear_weights_used_through_f_linear(tmp_path):
     got, want, modules = captured_and_reference(tmp_path, TwoUses(), (x,), y, _lm_loss)
     assert [m.name for m in modules] == ["a", "b", "head"]
     assert_rows_match(got, want, modules)  # b's bias column: zero in both (F.linear without it)
+
+
+@pytest.mark.parametrize("head", ["module", "functional"])
+def test_per_token_factors_of_a_tied_table_sum_to_its_rows(tmp_path, head):
+    """Token-level capture of a tied table mixes one-hot lookups and the head's dense uses: their
+    per-position factors still sum to the exact rows."""
+    torch.manual_seed(0)
+    model = TiedLM(head, padding_idx=0)
+    tokens, y = _tokens(torch.Generator().manual_seed(1))
+    cfg = {"projection": {"kind": "identity"}, "capture": {"loss_reduction": "sum"}}
+    got, want, modules = captured_and_reference(tmp_path / "rows", model, (tokens,), y, _lm_loss)
+    with logix.init(tmp_path / "run", config=cfg) as run:
+        run.watch(model)
+    query = logix.init(tmp_path / "run", mode="query")
+    query.watch(model)
+    with query(data_id=list(range(B)), per_token=True, token_ids=tokens):
+        _lm_loss(model(tokens), y).backward()
+    per_token = query.token_gradients().gradients().values.double()
+    query.finalize()
+    torch.testing.assert_close(per_token, want, rtol=1e-4, atol=1e-6)
