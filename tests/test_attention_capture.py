@@ -199,24 +199,47 @@ class Seq2Seq(nn.Module):
 
 
 class DecoderNet(nn.Module):
-    def __init__(self):
+    def __init__(self, batch_first=True):
         super().__init__()
-        self.dec = nn.TransformerDecoderLayer(E, 2, 16, dropout=0.0, batch_first=True)
+        self.batch_first = batch_first
+        self.dec = nn.TransformerDecoderLayer(E, 2, 16, dropout=0.0, batch_first=batch_first)
         self.head = nn.Linear(E, 4)
 
     def forward(self, x, pad):
-        h = self.dec(x, torch.sin(x), tgt_key_padding_mask=pad, memory_key_padding_mask=pad)
-        return self.head(h)
+        t, m = (x, torch.sin(x)) if self.batch_first else (x.transpose(0, 1), torch.sin(x).transpose(0, 1))
+        h = self.dec(t, m, tgt_key_padding_mask=pad, memory_key_padding_mask=pad)
+        return self.head(h if self.batch_first else h.transpose(0, 1))
 
 
-@pytest.mark.parametrize("net", [Seq2Seq, DecoderNet])
+class SequenceFirstEncoder(nn.Module):
+    """nn.TransformerEncoder of batch_first=False layers: its Linears see [T, B, d]."""
+
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(E, 2, 16, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(E, 4)
+
+    def forward(self, x, pad):
+        return self.head(self.enc(x.transpose(0, 1), src_key_padding_mask=pad).transpose(0, 1))
+
+
+NETS = {
+    "transformer": Seq2Seq,
+    "decoder-layer": DecoderNet,
+    "decoder-layer-seq-first": lambda: DecoderNet(batch_first=False),
+    "encoder-seq-first": SequenceFirstEncoder,
+}
+
+
+@pytest.mark.parametrize("net", list(NETS))
 def test_transformer_and_decoder_layer_rows_match(tmp_path, net):
     torch.manual_seed(0)
-    model = net()
+    model = NETS[net]()
     x, pad, y = _batch(torch.Generator().manual_seed(1))
     mask = ~pad
     got, want, modules = captured_and_reference(tmp_path, model, (x, pad), y, _sequence_loss, mask=mask)
-    assert sum(m.type == "MultiheadAttention.in_proj" for m in modules) == (3 if net is Seq2Seq else 2)
+    assert sum(m.type == "MultiheadAttention.in_proj" for m in modules) == (3 if net == "transformer" else 2)
     assert_rows_match(got, want, modules)
 
 

@@ -117,6 +117,7 @@ class FunctionalUses:
                 c.functional = True
                 self.embeddings[id(c.module)] = c
         self.modules = {id(m): m for m in model.modules() if id(m) in self.own}
+        mark_sequence_first(model, captures)
         self.audited = False  # the first clean block audited every use
         self.outside = False  # a watched weight is used through F.linear outside attention
         self.auditing = False
@@ -289,6 +290,20 @@ class FunctionalUses:
                 block.uncapturable.append(message)
 
         result.register_hook(reached)
+
+
+def mark_sequence_first(model: nn.Module, captures: list[ModuleCapture]) -> None:
+    """The feed-forward Linears of `nn.TransformerEncoderLayer` / `DecoderLayer` with
+    batch_first=False see [T, B, d]: their captures read the batch from the second axis."""
+    layers = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+    inner = {
+        id(m)
+        for layer in model.modules()
+        if isinstance(layer, layers) and not layer.self_attn.batch_first
+        for m in (layer.linear1, layer.linear2)
+    }
+    for c in captures:
+        c.seq_first = id(c.module) in inner
 
 
 def check_functional_uses(block: CaptureBlock) -> None:

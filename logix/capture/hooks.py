@@ -195,6 +195,7 @@ class ModuleCapture:
         self.bias = bias
         self.offset = offset
         self.functional = False  # captured at its functional call, not by a module hook
+        self.seq_first = False  # inputs [T, B, ...]: a batch_first=False transformer layer's Linear
         self.r_in = projection.p_in.rank if projection is not None else 0
         self.r_out = projection.p_out.rank if projection is not None else 0
         # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
@@ -223,7 +224,7 @@ class ModuleCapture:
             # backward reaches it (and stops there) without any weight-gradient work.
             output = output.detach().requires_grad_(True)
             replaced = True
-        x = inputs[0]
+        x = inputs[0].transpose(0, 1) if self.seq_first else inputs[0]
         if isinstance(module, nn.Embedding) and x.shape[0] == 1 and (block.batch_size or 1) > 1:
             # One lookup for the whole batch (position ids [1, T]): each example gets its own copy
             # (a view: the model computes the same values and the same weight gradient, summed
@@ -267,7 +268,7 @@ class ModuleCapture:
                 "exited; call loss.backward() inside the block"
             )
         with torch.no_grad(), full_precision(grad.device):
-            grad = grad.detach()
+            grad = grad.detach().transpose(0, 1) if self.seq_first else grad.detach()
             g_proj = None
             if block.projected:
                 g_proj = projected_output_grads(self.module, grad, self.projection.p_out)
