@@ -59,6 +59,7 @@ class CaptureConfig:
     uncovered: str = field(default="notice", metadata=_choices(*UNCOVERED_MODES))
     # A watched module the first block's backward never reached: an error, or a warning.
     unfired: str = field(default="error", metadata=_choices(*UNFIRED_MODES))
+    check_loss: bool = True  # check the loop's loss reduction on the first block (capture/loss_probe.py)
 
 
 @dataclass

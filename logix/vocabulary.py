@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 
 from logix.errors import ChoiceError
+from logix.notices import warn
 
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
 # Conv1D is Hugging Face's GPT-2 layer (weight [d_in, d_out]); Conv1d is torch.nn.Conv1d.
@@ -26,6 +27,7 @@ SELF_INFLUENCE_MODES = ("dot", "relative")
 RERANK_NORMS = ("window", "sequence")  # whose norm a re-ranked window is divided by
 RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
+MISSING_RANKS = ("error", "warn")  # what open_store does when a rank the manifest names has no index
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
 
 
@@ -47,12 +49,9 @@ def renamed(old: str, new: str, value: object, given: object, where: str) -> obj
     if value is None:
         return given
     if (old, new) not in _WARNED_RENAMES:
-        import warnings
-
         _WARNED_RENAMES.add((old, new))
-        warnings.warn(
+        warn(
             f"{where}: {old}= is renamed {new}=; the old name will be removed",
             DeprecationWarning,
-            stacklevel=3,
         )
     return value

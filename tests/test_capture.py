@@ -199,6 +199,7 @@ def test_random_projection_is_seeded_and_saved(tmp_path):
     other = logix.init(tmp_path / "c", config={"projection": {"rank_in": 3, "rank_out": 2, "seed": 12}})
     other.watch(MLP())
     assert not torch.equal(next(iter(other.projections.values())).p_in.matrix, runs[0]["fc1"].p_in.matrix)
+    other.finalize()
 
 
 def test_padding_mask_removes_padded_positions(tmp_path):

@@ -18,7 +18,6 @@ apart:
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from logix.capture.hooks import CaptureBlock, ModuleCapture
 from logix.errors import CaptureError
+from logix.notices import warn
 
 
 class FirstBlockWatch:
@@ -87,10 +87,9 @@ def check_fired(
             f"{text}. Add them to capture.exclude if the model does not use them (or they are "
             "frozen); for a branch that only some batches use, set capture.unfired: notice"
         )
-    warnings.warn(
+    warn(
         f"{text} (exact: their gradient is zero for these examples). capture.unfired is 'notice'; "
         "add them to capture.exclude if the model never uses them",
-        stacklevel=4,
     )
     return True
 

@@ -15,7 +15,6 @@ autocast off (`full_precision`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -25,6 +24,7 @@ from torch import nn
 from logix.capture.per_sample import CONVOLUTIONS, full_precision, projected_inputs, projected_output_grads
 from logix.capture.projection import ModuleProjection
 from logix.errors import CaptureError
+from logix.notices import warn
 
 
 def shared_across_batch(
@@ -39,11 +39,10 @@ def shared_across_batch(
         block.fired.add(name)  # said out loud below: not an unfired module
     if not getattr(module, "_logix_shared_noticed", False):
         module._logix_shared_noticed = True
-        warnings.warn(
+        warn(
             f"module {name!r} is an Embedding called without a batch axis (e.g. position "
             "embeddings on arange(T)): shared by every example, it is skipped (its columns "
             f"stay zero); add {name!r} to capture.exclude to drop them",
-            stacklevel=2,
         )
     return True
 

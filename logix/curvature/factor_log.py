@@ -8,7 +8,6 @@ empirical `run.fit_curvature()` pass (`fit_segment`), the pass's sums replace th
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from logix.capture.hooks import check_gradient_reached
 from logix.comm import barrier
 from logix.curvature.kfac import FACTOR_KIND, factor_path, read_factors, retire_other_ranks, save_factors
 from logix.errors import CaptureError
+from logix.notices import warn
 from logix.store.format import ModuleInfo
 from logix.vocabulary import FACTOR_STATISTICS
 
@@ -89,10 +89,9 @@ class FactorLog:
         self.check_scale(row_scale)
         if not self.step.is_finite():
             if nonfinite == "skip":
-                warnings.warn(
+                warn(
                     f"skipped a batch of {len(ids)} examples whose K-FAC factors are not "
                     f"finite (first ids {ids[:5]})",
-                    stacklevel=4,
                 )
                 return
             raise CaptureError(

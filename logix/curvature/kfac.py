@@ -30,7 +30,6 @@ kind, `rows` (N_ex), `positions` (JSON module -> N_pos) and the module table; ra
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from logix.curvature.covariance import (
     save_statistics,
 )
 from logix.curvature.eigen import eigendecompose
+from logix.notices import warn
 from logix.store.cache import load_cache, save_cache
 from logix.store.format import ModuleInfo, StoreError, curvature_dir
 
@@ -116,11 +116,10 @@ def load_factors(store: Any, kind: str = FACTOR_KIND) -> Statistics:
             + missing_factors_message(store, kind).split(". ", 1)[1]
         )
     if stats.rows != len(store):
-        warnings.warn(
+        warn(
             f"the K-FAC factors of segment {store.segment!r} cover {stats.rows} examples but the "
             f"segment holds {len(store)} rows (a resumed or partial run); they are used as an "
             "estimate. Recompute them with run.fit_curvature() for an exact match",
-            stacklevel=3,
         )
     return stats
 

@@ -150,9 +150,14 @@ class Run(RunFitPasses, RunLifecycle):
                 )
             )
         if optimizer is not None:
-            self._trajectory = open_trajectory(
-                self.run_dir, self.mode, model, optimizer, trajectory_every, total_steps, cfg
-            )
+            try:
+                self._trajectory = open_trajectory(
+                    self.run_dir, self.mode, model, optimizer, trajectory_every, total_steps, cfg
+                )
+            except BaseException:
+                if self._writer is not None:  # a failed watch holds no lock (nothing was logged)
+                    self._writer.abandon("run.watch failed; open the run again with logix.init")
+                raise
         return self
 
     def _start(self, projections: dict[str, ModuleProjection]) -> None:
@@ -224,10 +229,15 @@ class Run(RunFitPasses, RunLifecycle):
         return self._projections is not None
 
     def captures(self) -> list[ModuleCapture]:
-        """The capture hooks of the watched modules, and of their functional and tied uses."""
+        """The capture hooks of the watched modules."""
+        return self._captures
+
+    def functional_uses(self) -> FunctionalUses:
+        """The capture of the watched weights' uses outside their modules' hooks (attention,
+        tied weights, `F.linear` in the model's code), attached to every block after `captures()`."""
         if self._uses is None or self._uses.captures is not self._captures:
             self._uses = FunctionalUses(self._model, self._captures)
-        return [*self._captures, self._uses]
+        return self._uses
 
     # -- the loop ---------------------------------------------------------------------------
     def __call__(
