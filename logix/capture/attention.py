@@ -14,12 +14,13 @@ calls that use them. `out_proj` stays the Linear entry it always was (`<attentio
 from __future__ import annotations
 
 import types
-import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from logix.notices import warn
 
 
 class AttentionProjection:
@@ -52,10 +53,9 @@ def attention_projections(
     """The table entries of one attention layer's q, k, v projections (packed or separate)."""
     if attention.bias_k is not None and not getattr(attention, "_logix_bias_kv_noticed", False):
         attention._logix_bias_kv_noticed = True
-        warnings.warn(
+        warn(
             f"{name!r} has add_bias_kv=True: its q, k, v and out projections are captured exactly, "
-            f"its bias_k and bias_v vectors ({2 * attention.embed_dim} parameters) are not",
-            stacklevel=3,
+            f"its bias_k and bias_v vectors ({2 * attention.embed_dim} parameters) are not"
         )
     bias, e = attention.in_proj_bias, attention.embed_dim
     if attention.in_proj_weight is not None:

@@ -7,12 +7,11 @@ captures them, the notice names them and their share of the model's parameters."
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from logix.capture.per_sample import layer_type
 from logix.capture.wrappers import named_modules
+from logix.notices import warn
 
 
 def stacked_parameters(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
@@ -36,9 +35,8 @@ def notice_stacked_parameters(model: nn.Module) -> None:
     total = sum(p.numel() for p in model.parameters())
     share = sum(n for *_, n in found) / max(total, 1)
     listed = ", ".join(f"{n} {list(s)}" for n, s, _ in found[:6]) + (" ..." if len(found) > 6 else "")
-    warnings.warn(
+    warn(
         f"logix does not capture {len(found)} stacked (≥3-D) parameters, {share:.1%} of the model's "
         f"parameters: {listed}. These are typically mixture-of-experts experts applied to routed "
-        "tokens; their gradients are not in the stored rows (attribution covers the other layers)",
-        stacklevel=3,
+        "tokens; their gradients are not in the stored rows (attribution covers the other layers)"
     )

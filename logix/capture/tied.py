@@ -15,13 +15,12 @@ the head is watched) adds (P_out e_idx)(P_in g)ᵀ.
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
 from logix.capture.per_sample import layer_type
 from logix.capture.wrappers import named_modules
 from logix.errors import CaptureError
+from logix.notices import warn
 
 
 def orientation(owner_name: str, owner, sharer_name: str, sharer) -> str:
@@ -35,10 +34,9 @@ def orientation(owner_name: str, owner, sharer_name: str, sharer) -> str:
     if a == "Embedding" and b == "Linear":
         if sharer.bias is not None and not getattr(sharer, "_logix_tied_bias_noticed", False):
             sharer._logix_tied_bias_noticed = True
-            warnings.warn(
+            warn(
                 f"{sharer_name!r} shares its weight with {owner_name!r} (captured with it); its own "
-                f"bias ({sharer.bias.numel()} parameters) is not captured",
-                stacklevel=4,
+                f"bias ({sharer.bias.numel()} parameters) is not captured"
             )
         return "transposed"
     if a == "Linear" and b == "Embedding" and type(sharer).forward is nn.Embedding.forward:
