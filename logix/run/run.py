@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from logix.capture.attention import attention_parameters
 from logix.capture.coverage import Coverage, check_uncovered, model_coverage
 from logix.capture.coverage_table import print_coverage
 from logix.capture.fired import FirstBlockWatch, check_fired
+from logix.capture.functional_uses import FunctionalUses
 from logix.capture.hooks import ModuleCapture, check_batch_mask
 from logix.capture.modules import check_model, module_table, select_modules
 from logix.capture.pca import CovarianceSink
@@ -75,6 +77,7 @@ class Run(RunFitPasses, RunLifecycle):
         self._model: nn.Module | None = None
         self._projections: dict[str, ModuleProjection] | None = None
         self._captures: list[ModuleCapture] = []
+        self._uses: FunctionalUses | None = None  # uses outside module hooks (attention, tied)
         self._covariances: CovarianceSink | None = None  # the PCA statistics pass's sums
         self._log_pass = LogPass(self)
         self._pass: StatisticsPass | None = None  # an open fit_projections / fit_curvature pass
@@ -109,7 +112,8 @@ class Run(RunFitPasses, RunLifecycle):
             raise CaptureError("this run already watches a model; use one run per model")
         cfg = self.config
         selected = select_modules(model, cfg.capture)
-        self._coverage = model_coverage(model, selected, cfg.capture)
+        also = attention_parameters(selected, cfg.capture.bias)  # MultiheadAttention's own weights
+        self._coverage = model_coverage(model, selected, cfg.capture, also_captured=also)
         if self.rank == 0:
             print_coverage(self._coverage)
         check_uncovered(self._coverage, cfg.capture)  # before anything is written
@@ -227,6 +231,13 @@ class Run(RunFitPasses, RunLifecycle):
     def captures(self) -> list[ModuleCapture]:
         """The capture hooks of the watched modules."""
         return self._captures
+
+    def functional_uses(self) -> FunctionalUses:
+        """The capture of the watched weights' uses outside their modules' hooks (attention,
+        tied weights, `F.linear` in the model's code), attached to every block after `captures()`."""
+        if self._uses is None or self._uses.captures is not self._captures:
+            self._uses = FunctionalUses(self._model, self._captures)
+        return self._uses
 
     # -- the loop ---------------------------------------------------------------------------
     def __call__(
