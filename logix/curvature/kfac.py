@@ -40,13 +40,12 @@ import torch
 from logix.curvature.covariance import (
     ProgressFn,
     Statistics,
-    ids_digest,
     load_statistics,
     read_statistics,
     save_statistics,
 )
 from logix.curvature.eigen import eigendecompose
-from logix.store.cache import load_cache, save_cache
+from logix.store.cache import load_cache, rows_key, save_cache
 from logix.store.format import ModuleInfo, StoreError, curvature_dir
 
 FACTOR_KIND = "kfac"
@@ -189,15 +188,16 @@ def ekfac_eigenvalues(
 ) -> dict[str, torch.Tensor]:
     """Λ_m = (1/N) Σ_n (Q_Sᵀ G̃_n Q_A)² per module in `names`: [r_out, r_in] float64 on CPU.
 
-    rows: a `Store` (its `iter_chunks`, `data_ids` and `modules`). One streaming pass computes
-    every module missing from the cache at `cache_path`, keyed by the rows' ids and the
-    digests of the factors that gave the bases (float64 arithmetic on `device`).
+    rows: a `Store` (its `iter_chunks`, `shards` and `modules`). One streaming pass computes
+    every module missing from the cache at `cache_path`, keyed by the rows' content
+    (`store.cache.rows_key`) and the digests of the factors that gave the bases (float64
+    arithmetic on `device`).
     """
     modules = {m.name: m for m in rows.modules}
-    ids_key = ids_digest(rows.data_ids)
+    content = rows_key(rows)
 
     def key(n: str) -> str:
-        return f"{ids_key}:{stats.digest(n + '.A')}:{stats.digest(n + '.S')}"
+        return f"{content}:{stats.digest(n + '.A')}:{stats.digest(n + '.S')}"
 
     cached, tensors = _cached_eigenvalues(cache_path)
     result = {n: tensors[f"{n}.eigenvalues"] for n in names if cached.get(n) == key(n)}
