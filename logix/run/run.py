@@ -120,6 +120,7 @@ class Run(RunFitPasses, RunLifecycle):
             self.fingerprint = self._manifest["fingerprint"]
             check_projections(self.run_dir, self._manifest, required=True)
             self._start(load_projections(self.run_dir / PROJECTIONS, module_dims(self.modules)))
+            self.notice_stale_factors("on resume")
         elif cfg.projection.kind in FITTED_PROJECTION_KINDS:
             self._covariances = CovarianceSink()  # projections come from `run.fit_projections()`
         else:
