@@ -167,6 +167,8 @@ class TrajectoryRecorder:
         """Load the checkpoint a resumed trajectory continues from into the model and optimizer;
         returns its step, the step to train from."""
         if self.resumed_from is None:
+            if self.step == 0 and not self._records and not self._blocks:
+                return 0  # a new recording: the model and optimizer start as they are
             raise CaptureError("restore() is for a resumed trajectory before its first block")
         restore_state(self._params, self.optimizer, STATE_KEYS[self.kind], self.resumed_from)
         return self.step

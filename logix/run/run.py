@@ -159,9 +159,10 @@ class Run(RunFitPasses, RunLifecycle):
 
     def restore_trajectory(self) -> int:
         """Load the state a resumed trajectory continues from (parameters and optimizer state
-        before `trajectory_step`) into the watched model and optimizer; returns that step."""
+        before `trajectory_step`) into the watched model and optimizer; returns that step, the
+        one to train from (0 for a new recording, which is left as it is)."""
         if self._trajectory is None:
-            raise CaptureError("restore_trajectory() needs run.watch(model, optimizer=opt) on a resumed run")
+            raise CaptureError("restore_trajectory() needs run.watch(model, optimizer=opt) first")
         return self._trajectory.restore()
 
     def take_rerun_ids(self, ids: list[DataId]) -> set[DataId]:
