@@ -55,12 +55,25 @@ def lr(t: int) -> float:
     return 0.3 * 0.8**t
 
 
-def train(run_dir, *, resume: bool = False, die_at: int | None = None, flush_at: int | None = None):
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=lr(0), momentum=0.9),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.9)),
+}
+
+
+def train(
+    run_dir,
+    *,
+    resume: bool = False,
+    die_at: int | None = None,
+    flush_at: int | None = None,
+    optimizer: str = "sgd",
+):
     """One life of the training: fresh, or resumed from the trajectory's last complete step.
     die_at: exit without any clean-up before that step's block (a kill); flush_at: run.flush()
-    before that step's block (rows before it on disk)."""
+    before that step's block (rows before it on disk); optimizer: a key of OPTIMIZERS."""
     model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr(0), momentum=0.9)
+    opt = OPTIMIZERS[optimizer](model.parameters())
     run = logix.init(run_dir, config=None if resume else CONFIG, resume=resume)
     run.watch(model, optimizer=opt, trajectory_every=EVERY)
     start = run.restore_trajectory() if resume else 0
@@ -70,7 +83,7 @@ def train(run_dir, *, resume: bool = False, die_at: int | None = None, flush_at:
         if t == die_at:
             os._exit(9)
         for group in opt.param_groups:
-            group["lr"] = lr(t)
+            group["lr"] = lr(t) if optimizer == "sgd" else 0.05
         ids = step_ids(t)
         with run(data_id=ids):
             loss_fn(model, examples(ids)).mean().backward()

@@ -52,6 +52,7 @@ def _close(got, expected):
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
+@pytest.mark.slow
 def test_factors_of_a_resumed_kill_are_refused_until_recomputed(tmp_path):
     clean = clean_run(tmp_path / "clean", list(range(N)))
     q = _queries(clean)

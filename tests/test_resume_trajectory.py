@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from resume_helpers import EVERY, STEPS, make_model, replay, step_ids, train
+from resume_helpers import EVERY, OPTIMIZERS, STEPS, make_model, replay, step_ids, train
 from test_store_concurrency import run_child
 
 import logix
@@ -16,7 +16,8 @@ from logix.store.trajectory import Trajectory
 DIE = """
 import sys
 from resume_helpers import train
-train(sys.argv[1], die_at=int(sys.argv[2]), flush_at=int(sys.argv[3]) if len(sys.argv) > 3 else None)
+flush_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
+train(sys.argv[1], die_at=int(sys.argv[3]), flush_at=flush_at, optimizer=sys.argv[2])
 """
 
 
@@ -42,24 +43,26 @@ def _check_equal_to_clean(run_dir, clean_dir):
     torch.testing.assert_close(scores.values, ref.values, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("die_at, flush_at", [(5, None), (5, 3)])
-def test_resume_continues_the_trajectory_from_its_last_complete_step(tmp_path, die_at, flush_at):
+@pytest.mark.slow
+@pytest.mark.parametrize("die_at, flush_at, optimizer", [(5, None, "sgd"), (5, 3, "sgd"), (5, 3, "adam")])
+def test_resume_continues_the_trajectory_from_its_last_complete_step(tmp_path, die_at, flush_at, optimizer):
     """die_at=5: steps 0-3 are in files and checkpoint 4 is written, no row is on disk: the
     resume goes back to step 0 (the rows of steps before a checkpoint must be stored for it to
     count). flush_at=3: rows of steps 0-2 are on disk but steps 3-4 are lost with the kill:
     checkpoint 4 does not count (step 3's rows are missing), the resume trains from step 2,
-    and step 2's rows, already stored, are not written again."""
+    and step 2's rows, already stored, are not written again. Adam: its moments and step counts
+    are restored too."""
     clean_dir = tmp_path / "clean"
-    train(clean_dir)
+    train(clean_dir, optimizer=optimizer)
     run_dir = tmp_path / "run"
-    args = [str(run_dir), str(die_at)] + ([str(flush_at)] if flush_at is not None else [])
+    args = [str(run_dir), optimizer, str(die_at)] + ([str(flush_at)] if flush_at is not None else [])
     proc = run_child(DIE, *args)
     assert proc.returncode == 9, proc.stderr.decode()
     assert Trajectory(run_dir).checkpoint_steps == [0, 2, 4]
 
     run = logix.init(run_dir, resume=True)
     model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = OPTIMIZERS[optimizer](model.parameters())
     with pytest.warns(UserWarning, match="trajectory"):
         run.watch(model, optimizer=opt, trajectory_every=EVERY)
     expected = 2 if flush_at == 3 else 0
@@ -67,7 +70,8 @@ def test_resume_continues_the_trajectory_from_its_last_complete_step(tmp_path, d
     assert Trajectory(run_dir).checkpoint_steps == list(range(0, expected + 1, EVERY))  # nothing reset
     run.finalize()  # not trained: the trajectory stays as it was
 
-    train(run_dir, resume=True)  # the README recipe: restore the trajectory's state, train on
+    with pytest.warns(UserWarning, match=f"continues from step {expected}"):
+        train(run_dir, resume=True, optimizer=optimizer)  # the recipe: restore the state, train on
     _check_equal_to_clean(run_dir, clean_dir)
 
 
@@ -77,20 +81,23 @@ def test_resume_after_a_clean_finish_appends_steps(tmp_path):
     train(run_dir)
     run = logix.init(run_dir, resume=True)
     model = make_model()
-    run.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    with pytest.warns(UserWarning, match=f"continues from step {STEPS}"):
+        run.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     assert run.trajectory_step == STEPS
     assert Trajectory(run_dir).n_steps == STEPS
     run.finalize()
     assert Trajectory(run_dir).n_steps == STEPS
 
 
+@pytest.mark.slow
 def test_resumed_training_that_does_not_start_from_the_checkpoint_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_child(DIE, str(run_dir), "5", "5").returncode == 9
+    assert run_child(DIE, str(run_dir), "sgd", "5", "5").returncode == 9
     run = logix.init(run_dir, resume=True)
     model = make_model()  # the weights of step 0, not of step 4
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    run.watch(model, optimizer=opt, trajectory_every=EVERY)
+    with pytest.warns(UserWarning, match="continues from step 4"):
+        run.watch(model, optimizer=opt, trajectory_every=EVERY)
     assert run.trajectory_step == 4
     with pytest.raises(CaptureError, match="restore_trajectory"):
         with run(data_id=step_ids(4)):  # refused before any row is logged
