@@ -132,9 +132,10 @@ def load_factors(store: Any, kind: str = FACTOR_KIND) -> Statistics:
     if not exact and stats.covers is not None and not stats.fitted:
         raise StoreError(stale_factors_message(store, stats.rows, len(store)))
     if not exact:  # a statistics pass over other data than the rows (the user's choice)
+        which = "other examples than" if stats.rows == len(store) else f"{stats.rows} examples but"
         warnings.warn(
-            f"the K-FAC factors of segment {store.segment!r} cover {stats.rows} examples but the "
-            f"segment holds {len(store)} rows (a partial run or pass); they are used as an "
+            f"the K-FAC factors of segment {store.segment!r} cover {which} the "
+            f"{len(store)} rows the segment holds (a partial run or pass); they are used as an "
             "estimate. Recompute them with run.fit_curvature() for an exact match",
             stacklevel=3,
         )

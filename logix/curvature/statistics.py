@@ -29,12 +29,12 @@ FIT_PASS = "fit_curvature"  # metadata "pass" of statistics from a statistics pa
 
 
 def ids_coverage(ids) -> int:
-    """An order-free key of a set of data ids: the sum mod 2¹²⁸ of each id's blake2b (of its
-    JSON, so 1 and "1" differ). Sums over disjoint sets (ranks, resumed lives) add up."""
+    """An order-free key of a set of data ids: the sum mod 2¹²⁸ of each id's blake2b (tagged by
+    type, so 1 and "1" differ). Sums over disjoint sets (ranks, resumed lives) add up."""
     total = 0
     for i in ids:
-        digest = hashlib.blake2b(json.dumps(i).encode(), digest_size=16).digest()
-        total += int.from_bytes(digest, "little")
+        tagged = b"s" + i.encode() if isinstance(i, str) else b"i%d" % i
+        total += int.from_bytes(hashlib.blake2b(tagged, digest_size=16).digest(), "little")
     return total % COVERAGE_MODULUS
 
 
