@@ -123,3 +123,20 @@ def test_resume_with_another_optimizer_or_interval_is_refused(tmp_path):
         run.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), trajectory_every=3)
     run.finalize()
     assert Trajectory(run_dir).n_steps == STEPS
+
+
+@pytest.mark.parametrize("damaged", ["checkpoints/step-00000008.safetensors", "steps/steps-00000004.json"])
+def test_a_damaged_checkpoint_or_step_file_moves_the_resume_back(tmp_path, damaged):
+    """A half-written or damaged last file is not trusted: the trajectory continues from the
+    last checkpoint before it, and the retrained steps give the clean run's store and replay."""
+    clean_dir, run_dir = tmp_path / "clean", tmp_path / "run"
+    train(clean_dir)
+    train(run_dir)
+    path = run_dir / "trajectory" / damaged
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+    expected = 6 if damaged.startswith("checkpoints") else 4
+    with pytest.warns(UserWarning, match=f"continues from step {expected}"):
+        train(run_dir, resume=True)
+    _check_equal_to_clean(run_dir, clean_dir)
