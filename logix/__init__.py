@@ -4,9 +4,11 @@ Log in three lines (`init`, `watch`, `with run(data_id=ids):`), then open the st
 training examples made the model behave as it does (`open_store`, `InfluenceEngine`).
 """
 
+from logix.capture.loss_probe import LossCheckNotice, LossReductionWarning
 from logix.capture.tokens import TokenGradients
 from logix.capture.trajectory import record_trajectory
 from logix.config import LogixConfig
+from logix.data import collate_with_ids, with_ids
 from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, StoreError
 from logix.run import Block, Run, StatisticsPass, init
 from logix.store.format import ModuleInfo
@@ -49,6 +51,8 @@ __all__ = [
     "ChoiceError",
     "ConfigError",
     "LogixError",
+    "LossCheckNotice",
+    "LossReductionWarning",
     "Gradients",
     "InfluenceEngine",
     "LogixConfig",
@@ -63,6 +67,7 @@ __all__ = [
     "TokenGradients",
     "TokenScores",
     "TopK",
+    "collate_with_ids",
     "combined_scores",
     "init",
     "losses",
@@ -71,5 +76,6 @@ __all__ = [
     "record_trajectory",
     "stagewise_scores",
     "unroll",
+    "with_ids",
     "__version__",
 ]

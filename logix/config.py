@@ -25,9 +25,16 @@ from logix.vocabulary import (
     SCORE_MODES,
     STATISTICS,
     STORAGE_DTYPES,
+    UNCOVERED_MODES,
+    UNFIRED_MODES,
 )
 
 __all__ = ["ConfigError", "LogixConfig"]
+
+
+_CASE_NOTES = {
+    "conv1d": "'Conv1d' is torch.nn.Conv1d, 'Conv1D' is Hugging Face's GPT-2 layer (weight [d_in, d_out])"
+}
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -47,6 +54,12 @@ class CaptureConfig:
     bias: bool = True
     loss_reduction: str = field(default="mean", metadata=_choices(*LOSS_REDUCTIONS))
     attribution_only: bool = False
+    # What a matrix parameter (ndim >= 2) that no watched module captures does at watch: a notice
+    # (the coverage table) or an error; a parameter matched by `exclude` is never an error.
+    uncovered: str = field(default="notice", metadata=_choices(*UNCOVERED_MODES))
+    # A watched module the first block's backward never reached: an error, or a warning.
+    unfired: str = field(default="error", metadata=_choices(*UNFIRED_MODES))
+    check_loss: bool = True  # check the loop's loss reduction on the first block (capture/loss_probe.py)
 
 
 @dataclass
@@ -211,5 +224,8 @@ def _check_value(hint: Any, value: Any, path: str, meta: Any) -> Any:
 
 
 def _suggest(value: str, allowed: Any) -> str:
+    same = [a for a in allowed if a.lower() == value.lower()]
+    if len(same) > 1:  # names that differ only in case (Conv1D, Hugging Face's; Conv1d, torch's)
+        return f" (did you mean {' or '.join(repr(a) for a in same)}? {_CASE_NOTES.get(value.lower(), '')})"
     close = difflib.get_close_matches(value, list(allowed), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -6,9 +6,13 @@ from __future__ import annotations
 import difflib
 
 from logix.errors import ChoiceError
+from logix.notices import warn
 
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
-LAYER_TYPES = ("Linear", "Conv1D", "Conv2d", "Embedding")
+# Conv1D is Hugging Face's GPT-2 layer (weight [d_in, d_out]); Conv1d is torch.nn.Conv1d.
+LAYER_TYPES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding")
+UNCOVERED_MODES = ("notice", "error")  # capture.uncovered: what an uncaptured matrix parameter does
+UNFIRED_MODES = ("error", "notice")  # capture.unfired: a watched module the first block never reached
 LOSS_REDUCTIONS = ("mean", "sum")  # how the loop reduces its loss over the batch
 PROJECTION_KINDS = ("identity", "random", "pca", "kfac-whitened")
 FITTED_PROJECTION_KINDS = ("pca", "kfac-whitened")  # the kinds set by `run.fit_projections()`
@@ -44,12 +48,9 @@ def renamed(old: str, new: str, value: object, given: object, where: str) -> obj
     if value is None:
         return given
     if (old, new) not in _WARNED_RENAMES:
-        import warnings
-
         _WARNED_RENAMES.add((old, new))
-        warnings.warn(
+        warn(
             f"{where}: {old}= is renamed {new}=; the old name will be removed",
             DeprecationWarning,
-            stacklevel=3,
         )
     return value

@@ -107,6 +107,7 @@ def log_query(out: Path, rank: int, world: int) -> None:
     fsdp = FullyShardedDataParallel(make_model(), device_id=torch.device("cpu"))
     with logix.init(out / "fsdp", config=CONFIG) as run:
         run.watch(fsdp)
+        (out / f"coverage-fsdp-r{rank}.json").write_text(json.dumps(run.coverage().to_dict()))
         train(fsdp, rank, world, run)
 
     # FSDP v2 (fully_shard) keeps module names; parameters become DTensors.
@@ -117,6 +118,7 @@ def log_query(out: Path, rank: int, world: int) -> None:
     fully_shard(sharded)
     with logix.init(out / "fsdp2", config=CONFIG) as run:
         run.watch(sharded)
+        (out / f"coverage-fsdp2-r{rank}.json").write_text(json.dumps(run.coverage().to_dict()))
         train(sharded, rank, world, run)
 
     # The distributed query, on the logged statistics.

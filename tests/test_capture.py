@@ -199,6 +199,7 @@ def test_random_projection_is_seeded_and_saved(tmp_path):
     other = logix.init(tmp_path / "c", config={"projection": {"rank_in": 3, "rank_out": 2, "seed": 12}})
     other.watch(MLP())
     assert not torch.equal(next(iter(other.projections.values())).p_in.matrix, runs[0]["fc1"].p_in.matrix)
+    other.finalize()
 
 
 def test_padding_mask_removes_padded_positions(tmp_path):
@@ -224,11 +225,12 @@ def test_padding_mask_removes_padded_positions(tmp_path):
 
 def test_conv1d_recognised_by_class_name_only(tmp_path):
     """transformers' Conv1D is captured as type 'Conv1D' (weight [d_in, d_out]); torch's
-    nn.Conv1d is a different layer and is not mistaken for it."""
+    nn.Conv1d is a different layer, captured as 'Conv1d' (weight [C_out, C_in, k])."""
     model = nn.Sequential(Conv1DNet(), nn.Conv1d(5, 3, 1))
     with logix.init(tmp_path / "r", config={"projection": {"kind": "identity"}}) as run:
         run.watch(model)
     assert [(m.name, m.type, m.d_in, m.d_out) for m in run.modules] == [
         ("0.c_fc", "Conv1D", 7, 5),
         ("0.c_proj", "Conv1D", 6, 4),
+        ("1", "Conv1d", 6, 3),
     ]

@@ -129,6 +129,19 @@ def test_stores_logged_by_two_ranks_equal_one_process(logged):
 
 
 @pytest.mark.slow
+def test_coverage_under_fsdp_counts_the_original_parameters(logged):
+    """FSDP v1 flattens parameters into one flat parameter per wrapper: coverage unpacks it into
+    the parameters it holds (v2's DTensors keep theirs), so both read as the plain model."""
+    out, model = logged
+    total = sum(p.numel() for p in model.parameters())
+    for kind in ("fsdp", "fsdp2"):
+        for rank in (0, 1):
+            cov = json.loads((out / f"coverage-{kind}-r{rank}.json").read_text())
+            assert cov["captured"] == {"Linear": 2} and cov["uncovered"] == [], (kind, cov)
+            assert cov["captured_parameters"] == cov["total_parameters"] == total, (kind, cov)
+
+
+@pytest.mark.slow
 def test_training_unchanged_by_logging_under_ddp(logged):
     out, model = logged
     assert json.loads((out / "train-equal-r0.json").read_text()) is True  # bit-identical

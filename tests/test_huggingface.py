@@ -249,6 +249,7 @@ def test_missing_id_column_and_label_smoothing_are_clear_errors(tmp_path):
     attach(trainer, run)
     with pytest.raises(CaptureError, match="no 'idx' column"):
         trainer.train()
+    run.finalize()
     trainer = trainer_for(tiny_gpt2(), tmp_path / "b", max_steps=1, label_smoothing_factor=0.1)
     with pytest.raises(CaptureError, match="label_smoothing_factor=0"):
         attach(trainer, logix.init(tmp_path / "b" / "run", config=CONFIG))
@@ -276,6 +277,7 @@ def test_detach_restores_the_trainer(tmp_path):
     assert not {"training_step", "compute_loss", "prediction_step", "_logix"} & set(vars(trainer))
     assert "idx" not in trainer._signature_columns
     assert not any(type(c).__name__ == "LogixCallback" for c in trainer.callback_handler.callbacks)
+    run.finalize()
 
 
 def test_custom_loss_is_detected(tmp_path):
@@ -288,9 +290,11 @@ def test_custom_loss_is_detected(tmp_path):
     model = tiny_gpt2()
     args = trainer_for(model, tmp_path, max_steps=1).args
     trainer = DoubledLoss(model=model, args=args, train_dataset=TokenDataset())
-    attach(trainer, logix.init(tmp_path / "run", config=CONFIG))
+    run = logix.init(tmp_path / "run", config=CONFIG)
+    attach(trainer, run)
     with pytest.raises(CaptureError, match="not the token cross-entropy"):
         trainer.train()
+    run.finalize()
 
 
 def test_import_logix_does_not_import_transformers():

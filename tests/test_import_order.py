@@ -18,6 +18,7 @@ STAGES = {
     "logix.config": 0,
     "logix.comm": 0,
     "logix.version": 0,
+    "logix.notices": 0,
     "logix.store": 1,
     "logix.capture": 2,
     "logix.curvature": 3,
@@ -30,6 +31,7 @@ STAGES = {
     "logix.commands": 6,
     "logix.cli": 6,
     "logix.eval": 6,
+    "logix.data": 6,
 }
 
 

@@ -392,6 +392,7 @@ def test_fit_pass_replaces_every_rank_file_and_honours_discard(tmp_path):
             ids, x, y, mask = batches[0]
             with run(data_id=ids, mask=mask):
                 (seq_loss(model(x), y, mask, "mean") * float("nan")).backward()
+    run.finalize()
 
 
 def test_per_example_row_scale_with_factors_is_refused_before_storing(tmp_path):

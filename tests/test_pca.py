@@ -88,6 +88,7 @@ def test_logging_before_fitting_is_an_error(tmp_path):
     other.watch(model)
     with pytest.raises(CaptureError, match="kind 'pca'"):
         other.fit_projections()
+    other.finalize()
 
 
 def test_fitting_then_logging_in_one_run(tmp_path):

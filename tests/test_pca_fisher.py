@@ -25,8 +25,19 @@ def model_and_data(seq: int | None = None):
     return model, x, y
 
 
+OPEN_RUNS: list = []  # the runs `new_run` made, finalized after each test
+
+
+@pytest.fixture(autouse=True)
+def finalize_runs():
+    yield
+    while OPEN_RUNS:
+        OPEN_RUNS.pop().finalize()
+
+
 def new_run(path, model):
     run = logix.init(path, config={"projection": {"kind": "pca", "rank_in": 3, "rank_out": 2}})
+    OPEN_RUNS.append(run)
     run.watch(model)
     return run, run.covariances  # the sums stay after the pass
 

@@ -224,7 +224,8 @@ def logged(tmp_path):
     run.watch(model)
     train(model, batches(2), run)
     run.flush()
-    return run, model, tmp_path / "r"
+    yield run, model, tmp_path / "r"
+    run.finalize()
 
 
 def _assert_untouched(run, path, action, exc, match):
@@ -259,7 +260,7 @@ def test_duplicate_ids_rejected(logged):
             F.cross_entropy(model(x), y).backward()
 
     _assert_untouched(run, path, dup_old, logix.StoreError, "duplicate")
-    _assert_untouched(run, path, dup_within, logix.StoreError, "duplicate")
+    _assert_untouched(run, path, dup_within, logix.StoreError, "duplicate data id.* within this batch of 8")
 
 
 def test_nan_loss_rejected(logged):

@@ -83,7 +83,9 @@ def _dup_case(run_dir, first, second, match):
 
 
 def test_duplicate_within_batch(run_dir):
-    _dup_case(run_dir, [0, 1], [5, 6, 5], r"duplicate data id\(s\) \[5\] in segment '0'")
+    _dup_case(
+        run_dir, [0, 1], [5, 6, 5], r"duplicate data id\(s\) \[5\] within this batch of 3: each example"
+    )
 
 
 def test_duplicate_across_batches_and_reopen(run_dir):

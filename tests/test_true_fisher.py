@@ -325,7 +325,7 @@ def test_on_rows_sees_the_pseudo_gradients(tmp_path):
     rows = torch.cat(seen).double()
     assert rows.shape == (40, run.width) and fit.paths == []
     assert owners == [f"x{i}" for i in range(4)] * 4 + [f"x{i}" for i in range(4, 10)] * 4
-    fitted(tmp_path / "s", model, classifier_batches(x))
+    fitted(tmp_path / "s", model, classifier_batches(x))[0].finalize()
     stats = load_statistics(tmp_path / "s" / "curvature" / "0", "raw.true")
     m = run.modules[1]
     assert rel_err(stats.tensors[m.name], rows[:, m.columns].T @ rows[:, m.columns]) < 1e-6

@@ -15,31 +15,34 @@ autocast off (`full_precision`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 
-from logix.capture.per_sample import full_precision, output_grads, projected_inputs
+from logix.capture.per_sample import CONVOLUTIONS, full_precision, projected_inputs, projected_output_grads
 from logix.capture.projection import ModuleProjection
 from logix.errors import CaptureError
+from logix.notices import warn
 
 
-def shared_across_batch(name: str, module: nn.Module, x: torch.Tensor) -> bool:
+def shared_across_batch(
+    name: str, module: nn.Module, x: torch.Tensor, block: CaptureBlock | None = None
+) -> bool:
     """An Embedding called without a batch axis (position embeddings, `pos_emb(arange(T))`) is
     shared by every example: nothing to attribute per example. True (with a notice, once per
     module) for such a call; its columns in the rows stay zero."""
     if not (isinstance(module, nn.Embedding) and x.ndim == 1):
         return False
+    if block is not None:
+        block.fired.add(name)  # said out loud below: not an unfired module
     if not getattr(module, "_logix_shared_noticed", False):
         module._logix_shared_noticed = True
-        warnings.warn(
+        warn(
             f"module {name!r} is an Embedding called without a batch axis (e.g. position "
             "embeddings on arange(T)): shared by every example, it is skipped (its columns "
             f"stay zero); add {name!r} to capture.exclude to drop them",
-            stacklevel=2,
         )
     return True
 
@@ -70,9 +73,10 @@ def check_batch_mask(mask: torch.Tensor | None, batch_size: int) -> None:
 
 def mask_applies(mask: torch.Tensor, module: nn.Module, positions: int) -> bool:
     """Whether a [B, T] padding mask applies to a layer that sees `positions` positions per
-    example: not to Conv2d (its positions are pixels) nor to a layer without a sequence axis
-    (one position, e.g. a head on pooled features), unless the mask has one position too."""
-    return not isinstance(module, nn.Conv2d) and (positions != 1 or mask.shape[1] == 1)
+    example: not to Conv1d / Conv2d (their positions are output steps and pixels) nor to a layer
+    without a sequence axis (one position, e.g. a head on pooled features), unless the mask has
+    one position too."""
+    return not isinstance(module, CONVOLUTIONS) and (positions != 1 or mask.shape[1] == 1)
 
 
 def check_mask_used(block: CaptureBlock) -> None:
@@ -159,6 +163,10 @@ class CaptureBlock:
     open: bool = True
     mask_used: bool = False  # the mask applied to some watched module
     mask_skipped: dict[str, tuple] = field(default_factory=dict)  # modules it did not apply to
+    # Watched modules whose parameters' use this block accounted for by another path than their
+    # own forward hook (a functional interception, a notice that says why it is skipped): the
+    # first block's unfired-module check (`fired.check_fired`) counts them as fired.
+    fired: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.projected = any(s.projected for s in self.sinks)
@@ -190,7 +198,7 @@ class ModuleCapture:
         self.fresh_inputs = (
             (projection is not None and projection.p_in.matrix is not None)
             or bias
-            or isinstance(module, (nn.Embedding, nn.Conv2d))
+            or isinstance(module, (nn.Embedding, *CONVOLUTIONS))
         )
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
@@ -199,7 +207,7 @@ class ModuleCapture:
     def _forward(self, block: CaptureBlock, module: nn.Module, inputs: tuple, output: torch.Tensor):
         if not torch.is_grad_enabled():
             return None  # evaluation under no_grad inside the block: nothing to attribute
-        if shared_across_batch(self.name, module, inputs[0]):
+        if shared_across_batch(self.name, module, inputs[0], block):
             return None
         replaced = False
         if not output.requires_grad:
@@ -210,6 +218,13 @@ class ModuleCapture:
             output = output.detach().requires_grad_(True)
             replaced = True
         x = inputs[0]
+        if isinstance(module, nn.Embedding) and x.shape[0] == 1 and (block.batch_size or 1) > 1:
+            # One lookup for the whole batch (position ids [1, T]): each example gets its own copy
+            # (a view: the model computes the same values and the same weight gradient, summed
+            # over the copies as broadcasting would), so backward brings each example's ∂ℓ/∂y.
+            x = x.expand(block.batch_size, *x.shape[1:])
+            output = output.expand(block.batch_size, *output.shape[1:])
+            replaced = True
         if block.batch_size is not None and x.shape[0] != block.batch_size:
             raise CaptureError(
                 f"module {self.name!r} saw a batch of {x.shape[0]} examples but data_id has "
@@ -249,7 +264,7 @@ class ModuleCapture:
             grad = grad.detach()
             g_proj = None
             if block.projected:
-                g_proj = self.projection.p_out.apply(output_grads(self.module, grad).float())
+                g_proj = projected_output_grads(self.module, grad, self.projection.p_out)
             for sink in block.sinks:
                 sink.backward(self, block, call, g_proj, grad)
         call.backwards += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from logix.capture.per_sample import check_supported, has_bias, layer_dims, layer_type
+from logix.capture.per_sample import has_bias, layer_dims, layer_type
 from logix.capture.wrappers import named_modules, unwrap_model
 from logix.config import CaptureConfig, LogixConfig
 from logix.errors import CaptureError, StoreError
@@ -28,7 +28,6 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
             continue
-        check_supported(name, module)
         chosen.append((name, module))
     if not chosen:
         root = unwrap_model(model)
@@ -43,7 +42,7 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
         raise CaptureError(
             f"no module of {type(model).__name__} matches capture.types={cfg.types}, "
             f"include={cfg.include}, exclude={cfg.exclude}; candidate modules: "
-            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv2d and Embedding layers)'}"
+            f"{candidates[:20] or 'none (logix captures Linear, Conv1D, Conv1d, Conv2d, Embedding)'}"
         )
     return chosen
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from logix.capture.step_gradients import StepGradients, check_dtypes
 from logix.capture.trajectory_resume import check_state, restore_state
 from logix.errors import CaptureError, ConfigError
 from logix.store.trajectory import Checkpoint, TrajectoryWriter
@@ -126,6 +127,7 @@ class TrajectoryRecorder:
                         "the model whose parameters the optimizer updates"
                     )
                 self._params.append((name_of[id(p)], p, g))
+        check_dtypes(self._params)
         self._random = _random_modules(model)
         header = {
             "optimizer": self.kind,
@@ -149,6 +151,7 @@ class TrajectoryRecorder:
         self._records: list[dict[str, Any]] = []
         self._first = self.step  # the first step of the records not yet written
         self._closed = False
+        self._gradients = StepGradients(model, self._params)  # clipping, and what replay refuses
         self._hooks = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
@@ -201,14 +204,16 @@ class TrajectoryRecorder:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._check_step()
+        max_norm = self._gradients.check(self.step)
         if self.step % self.every == 0:
             self._commit()
-        self._records.append(
-            {
-                "blocks": self._blocks,
-                "groups": [group_hyperparameters(self.kind, g) for g in optimizer.param_groups],
-            }
-        )
+        record = {
+            "blocks": self._blocks,
+            "groups": [group_hyperparameters(self.kind, g) for g in optimizer.param_groups],
+        }
+        if max_norm is not None:  # clip_grad_norm_ scaled this step's gradients down
+            record["clip_max_norm"] = max_norm
+        self._records.append(record)
         self._blocks = []
 
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -244,6 +249,7 @@ class TrajectoryRecorder:
         self._closed = True
         for h in self._hooks:
             h.remove()
+        self._gradients.remove()
         if self._blocks:
             raise CaptureError(
                 f"{len(self._blocks)} block(s) of data ids were recorded after the last "
@@ -264,6 +270,7 @@ class TrajectoryRecorder:
             self._closed = True
             for h in self._hooks:
                 h.remove()
+            self._gradients.remove()
 
 
 def record_trajectory(

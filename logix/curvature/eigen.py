@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from logix.curvature.covariance import Statistics
+from logix.notices import warn
 from logix.store.cache import load_cache, save_cache
 
 EIGEN_FORMAT = "logix-eigen"
@@ -64,10 +64,9 @@ def announce_eigh(widths: list[int], device: torch.device | str = "cpu") -> floa
     seconds = eigh_seconds(widths, device)
     if seconds >= NOTICE_SECONDS:
         counts = ", ".join(f"{c} × {w}" for w, c in sorted(Counter(widths).items(), reverse=True))
-        warnings.warn(
+        warn(
             f"eigendecomposing {len(widths)} curvature block(s) [w, w] in float64 on {device} "
             f"(widths: {counts}): about {seconds:.1f} s estimated (cached afterwards)",
-            stacklevel=3,
         )
     return seconds
 

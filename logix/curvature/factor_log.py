@@ -14,7 +14,6 @@ finalize) and the query refuses their factors (`kfac.load_factors`) until a stat
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from logix.comm import barrier
 from logix.curvature.kfac import FACTOR_KIND, factor_path, read_factors, retire_other_ranks, save_factors
 from logix.curvature.statistics import COVERAGE_MODULUS, ids_coverage
 from logix.errors import CaptureError
+from logix.notices import warn
 from logix.store.format import ModuleInfo
 from logix.vocabulary import FACTOR_STATISTICS
 
@@ -116,10 +116,9 @@ class FactorLog:
         self.check_scale(row_scale)
         if not self.step.is_finite():
             if nonfinite == "skip":
-                warnings.warn(
+                warn(
                     f"skipped a batch of {len(ids)} examples whose K-FAC factors are not "
                     f"finite (first ids {ids[:5]})",
-                    stacklevel=4,
                 )
                 return
             raise CaptureError(

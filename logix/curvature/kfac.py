@@ -30,7 +30,6 @@ kind, `rows` (N_ex), `positions` (JSON module -> N_pos) and the module table; ra
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from logix.curvature.covariance import (
 )
 from logix.curvature.eigen import eigendecompose
 from logix.curvature.statistics import ids_coverage
+from logix.notices import warn
 from logix.store.cache import load_cache, rows_key, save_cache
 from logix.store.format import ModuleInfo, StoreError, curvature_dir
 
@@ -133,11 +133,10 @@ def load_factors(store: Any, kind: str = FACTOR_KIND) -> Statistics:
         raise StoreError(stale_factors_message(store, stats.rows, len(store)))
     if not exact:  # a statistics pass over other data than the rows (the user's choice)
         which = "other examples than" if stats.rows == len(store) else f"{stats.rows} examples but"
-        warnings.warn(
+        warn(
             f"the K-FAC factors of segment {store.segment!r} cover {which} the "
             f"{len(store)} rows the segment holds (a partial run or pass); they are used as an "
             "estimate. Recompute them with run.fit_curvature() for an exact match",
-            stacklevel=3,
         )
     return stats
 

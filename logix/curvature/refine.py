@@ -23,7 +23,6 @@ correction is applied without the extra pass that measuring it would cost.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from logix.curvature.covariance import ProgressFn
 from logix.curvature.preconditioner import QuerySide
+from logix.notices import warn
 
 METHODS = ("cg", "richardson")
 
@@ -181,12 +181,11 @@ class RefinedPreconditioner:
                 "fewer passes or more damping"
             )
         if self.method == "richardson" and bool((self.residuals[-1] > self.residuals[0]).any()):
-            warnings.warn(
+            warn(
                 "the Richardson refinement's residual grew (the spectrum of P⁻¹(F + λI) "
                 "leaves (0, 2)): its result is worse than plain EK-FAC; use "
                 "refine_method='cg'",
                 RuntimeWarning,
-                stacklevel=3,
             )
         return x
 

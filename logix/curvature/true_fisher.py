@@ -20,7 +20,6 @@ q_A,i) come from `ekfac.true` when it matches the current bases, else exactly fr
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 
 from logix.curvature.covariance import Statistics, load_statistics, read_statistics
 from logix.curvature.kfac import KroneckerBases, rotate
+from logix.notices import warn
 from logix.store.format import ModuleInfo, StoreError
 
 SUFFIX = ".true"
@@ -157,9 +157,8 @@ def held_fisher(store: Any, preconditioner: str, asked: str | None) -> str:
     directory = Path(store.curvature_dir)
     if not any(directory.glob(f"{true_kind(needed)}-r*.safetensors")):
         return "empirical"
-    warnings.warn(
+    warn(
         f"{store.path}, segment {store.segment!r} holds true-Fisher {needed} statistics: "
         "the engine uses them (pass fisher='empirical' for the stored rows' own)",
-        stacklevel=3,
     )
     return "true"

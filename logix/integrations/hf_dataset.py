@@ -65,7 +65,8 @@ def log_dataset(
                 )
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             mask = batch.get(mask_column) if mask_column else None
-            with run(data_id=ids, mask=mask):
+            with run(data_id=ids, mask=mask) as block:
+                block.skip_loss_check()  # the loss below is built with the run's reduction
                 sums, counts = example_losses(batch_logits(model(**batch)), labels, shift)
                 per = sums if per_example_loss == "sum" else sums / counts.clamp(min=1)
                 (per.mean() if reduction == "mean" else per.sum()).backward()

@@ -157,6 +157,7 @@ class TrainerLogging:
         num_items = None if num_items_in_batch is None else float(num_items_in_batch)
         mask = inputs.get(self.mask_column) if self.mask_column else None
         with self.run(data_id=ids, mask=mask) as step:
+            step.skip_loss_check()  # scale_rows reads the loss scale from the logits itself
             self._batch = MicroBatch(step, labels, num_items)
             try:
                 loss = self._originals["training_step"](model, inputs, num_items_in_batch, *args, **kwargs)

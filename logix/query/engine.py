@@ -31,10 +31,9 @@ import torch
 
 from logix import comm
 from logix.curvature.covariance import ProgressFn
-from logix.errors import StoreError
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
-from logix.query.engine_setup import checked_fisher, engine_preconditioner
+from logix.query.engine_setup import check_store_ready, checked_fisher, engine_device, engine_preconditioner
 from logix.query.local_rows import LocalRows
 from logix.query.queries import selected_modules, shared_queries
 from logix.query.results import Scores, SelfInfluence, TopK, save_columns
@@ -116,13 +115,8 @@ class InfluenceEngine:
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
         self.progress = progress
-        default = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(default if device is None else device)  # device=0 is cuda:0
-        if len(store) == 0:
-            raise StoreError(
-                f"store {store.path}, segment {store.segment!r} has no rows: log training data "
-                f"into it first, or pick another segment (segments: {store.segments})"
-            )
+        self.device = engine_device(device)  # checked now; device=0 is cuda:0
+        check_store_ready(store)
         fisher = checked_fisher(store, preconditioner, refine, fisher)
         self.modules = selected_modules(store, modules)
         self.distributed = bool(distributed)

@@ -12,7 +12,62 @@ from logix.curvature.precondition import build_preconditioner
 from logix.curvature.reduce import share_statistics
 from logix.curvature.refine import RefinedPreconditioner
 from logix.curvature.true_fisher import held_fisher
+from logix.errors import ConfigError, StoreError
+from logix.notices import warn
 from logix.store.reader import Store
+
+
+def check_store_ready(store: Store) -> None:
+    """Refuse a segment with no rows, saying why: a writer that was not finalized (its rows may
+    still be in its buffer) or a segment that holds nothing; warn when some rank is not
+    finalized, since the engine then sees only the rows of that rank's completed shards."""
+    open_ranks = store.unfinalized_ranks
+    where = f"store {store.path}, segment {store.segment!r}"
+    if open_ranks and len(store) == 0:
+        raise StoreError(
+            f"{where} is not finalized (rank(s) {open_ranks}) and has no rows on disk yet: call "
+            "`run.finalize()` after logging (or `run.flush()` to query while still logging)"
+        )
+    if len(store) == 0:
+        raise StoreError(
+            f"{where} has no rows: log training data into it first, or pick another segment "
+            f"(segments: {store.segments})"
+        )
+    if open_ranks:
+        warn(
+            f"{where}: rank(s) {open_ranks} not finalized (still logging, or stopped early): "
+            f"the engine sees the {len(store)} rows of completed shards only. Call "
+            "`run.finalize()` (or `run.flush()` while still logging) before querying"
+        )
+
+
+def engine_device(device: Any) -> torch.device:
+    """The device the engine computes on: `device` as `torch.device` reads it (0 is cuda:0), or
+    CUDA when present, else the CPU. Checked now, by placing a tensor there, so that a device
+    this machine lacks is a ConfigError when the engine starts, not a CUDA error at the first
+    query."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"device={device!r} is not a device ({e}): pass 'cpu', 'cuda' or 'cuda:N'") from e
+    fix = "pass device='cpu', or leave device unset (CUDA when present, else the CPU)"
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device={device!r}, but CUDA is not available here ({why}): {fix}")
+        count = torch.cuda.device_count()
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(
+                f"device={device!r}, but this machine shows {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}): pick one of them, or {fix}"
+            )
+    try:
+        torch.empty(1, device=chosen)
+    except Exception as e:  # noqa: BLE001 - any backend's refusal, said with the fix
+        raise ConfigError(f"device={device!r} cannot be used here ({e}): {fix}") from e
+    return chosen
 
 
 def checked_fisher(store: Store, preconditioner: str, refine: Any, fisher: str | None) -> str:

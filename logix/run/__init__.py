@@ -11,10 +11,10 @@ and curvature together (DESIGN §4).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from logix.config import LogixConfig
+from logix.notices import warn
 from logix.run.block import Block, Pass
 from logix.run.passes import StatisticsPass
 from logix.run.run import Run
@@ -45,7 +45,7 @@ def __getattr__(name: str):
         new, value = _RENAMED[name]
         if name not in _warned:
             _warned.add(name)
-            warnings.warn(f"logix.run.{name} is now logix.run.{new}", DeprecationWarning, stacklevel=2)
+            warn(f"logix.run.{name} is now logix.run.{new}", DeprecationWarning)
         return value
     raise AttributeError(f"module 'logix.run' has no attribute {name!r}")
 

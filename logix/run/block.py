@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from logix.capture.hooks import CaptureBlock, Sink, attach_hooks, check_mask_used
+from logix.capture.loss_probe import LossProbe, report_loss_check
 from logix.errors import CaptureError
 from logix.store.gradients import DataId
 
@@ -28,10 +29,12 @@ class Pass:
 
     needs_logits = False  # True: a block ends with `pass.backward(logits)`, not loss.backward()
     checks_batch = True  # the hooks check each module's batch size against the block's ids
+    checks_loss = True  # the first block checks the loss reduction (rows and statistics scale with it)
 
     def __init__(self, run: Any):
         self.run = run
         self.block: Block | None = None  # the block now open
+        self.loss_checked = False  # the loss reduction was checked on a first block
 
     def check_block(self, block: Block) -> None:
         """Refuse a block this pass cannot take (called on entry, before any hook)."""
@@ -45,6 +48,28 @@ class Pass:
 
     def attribution_only(self) -> bool:
         return self.run.config.capture.attribution_only
+
+    def loss_probe(self, block: Block) -> LossProbe | None:
+        """Until one block has been checked: the probe that checks the loop's loss reduction
+        (passes that backpropagate the user's loss, unless capture.check_loss is false)."""
+        if (
+            self.loss_checked
+            or self.needs_logits
+            or not self.checks_loss
+            or not self.run.config.capture.check_loss
+        ):
+            return None
+        return LossProbe([(c.name, c.module) for c in self.run.captures()], len(block.ids))
+
+    def check_loss(self, block: Block) -> None:
+        """After a clean block with a probe: warn when its loss does not reduce as configured."""
+        if block.loss_probe is None or block.discarded or block.loss_probe.nonfinite():
+            return  # try again on the next block
+        self.loss_checked = True
+        if block.loss_check_skipped:
+            return
+        reduction = self.run.config.capture.loss_reduction
+        report_loss_check(block.loss_probe, reduction, block.capture.grad_scale, block.row_scale)
 
     def enter_block(self, block: Block) -> None:
         self.block = block
@@ -67,6 +92,22 @@ class Pass:
         )
 
 
+def hold_grads(model: torch.nn.Module | None) -> list[tuple[torch.nn.Parameter, Any]]:
+    """Set aside every parameter's `.grad` (None or its tensor) and clear it, so that a query
+    block's backward fills fresh gradients instead of adding to the training step's."""
+    held = [] if model is None else [(p, p.grad) for p in model.parameters()]
+    for p, _ in held:
+        p.grad = None
+    return held
+
+
+def restore_grads(held: list[tuple[torch.nn.Parameter, Any]]) -> None:
+    """Put back the `.grad` of each parameter as `hold_grads` found it (the same tensor, or
+    None): querying mid-training leaves the next optimizer step as it would have been."""
+    for p, grad in held:
+        p.grad = grad
+
+
 class Block:
     """One batch of a pass: its data ids, padding mask [B, T] and what the hooks captured."""
 
@@ -87,12 +128,15 @@ class Block:
         self.token_ids = token_ids
         self.via_run = via_run  # opened as `run(...)` rather than `fit(...)`
         self.capture: CaptureBlock | None = None
+        self.loss_probe: LossProbe | None = None
+        self.loss_check_skipped = False
         self.sinks: dict = {}  # the pass's sinks by role: "rows", "factors", "tokens", ...
         self.handles: list = []
         self.row_scale: torch.Tensor | float = 1.0
         self.discarded = False
         self.nonfinite = "raise"
         self.backwards = 0  # `backward(logits)` calls (passes that need logits)
+        self.held_grads: list = []  # a query-mode block's parameters' `.grad`, set aside
 
     @property
     def batch_size(self) -> int:
@@ -118,7 +162,12 @@ class Block:
             outputs=[] if owner.needs_logits else None,
         )
         self.handles = attach_hooks(run.captures(), self.capture)
+        self.loss_probe = owner.loss_probe(self)
+        if self.loss_probe is not None:
+            self.handles += self.loss_probe.attach()
         owner.enter_block(self)
+        if run.mode == "query":  # last: nothing after it can fail and skip the restore
+            self.held_grads = hold_grads(run.model)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -130,9 +179,13 @@ class Block:
             self.owner.exit_block(self)
             if exc_type is None:
                 check_mask_used(self.capture)
+                self.owner.run.check_first_block(self)
+                self.owner.check_loss(self)
                 self.owner.commit(self)
         finally:
             self.owner.reset(self)
+            restore_grads(self.held_grads)
+            self.held_grads = []
         return False
 
     @property
@@ -157,6 +210,11 @@ class Block:
         else:
             factor = float(factor)
         self.row_scale = self.row_scale * factor
+
+    def skip_loss_check(self) -> None:
+        """The caller reads each example's loss scale itself (the Hugging Face integration):
+        no automatic loss-reduction check (`capture.check_loss`) for this pass."""
+        self.loss_check_skipped = True
 
     def discard(self) -> None:
         """Store nothing of this block (e.g. an fp16 step whose gradients overflowed)."""

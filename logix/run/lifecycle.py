@@ -3,7 +3,6 @@ memory in query mode), flushing, finalizing. A base class of `Run`, whose state 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -11,6 +10,7 @@ import torch
 from logix.capture.tokens import TokenGradients
 from logix.curvature.reduce import finish_statistics
 from logix.errors import CaptureError
+from logix.notices import warn
 from logix.store.finalize import finish_logging, record_ranks
 from logix.store.gradients import DataId, Gradients
 
@@ -71,13 +71,12 @@ class RunLifecycle:
             return
         stored = {s: self._writer.logged_ids(s) for s in self._writer.segment_names()}
         for segment, covered, rows in self._factors.stale_segments(stored):
-            warnings.warn(
+            warn(
                 f"logix: {when}, the K-FAC factors of segment {segment!r} of {self.run_dir} cover "
                 f"{covered} of its {rows} stored rows (rows logged after their last save were "
                 "lost with a kill, or logged by another run): queries refuse them until a "
                 "statistics pass recomputes them over every stored row: after logging, "
                 "`with run.fit_curvature():` over the training data",
-                stacklevel=3,
             )
 
     # -- segments ---------------------------------------------------------------------------

@@ -8,8 +8,6 @@ in query mode rows stay in memory for `run.gradients()`, or per-position factors
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from logix.capture.factors import FactorSink
@@ -17,6 +15,7 @@ from logix.capture.hooks import Sink, check_gradient_reached
 from logix.capture.rows import RowSink
 from logix.capture.tokens import TokenSink
 from logix.errors import CaptureError
+from logix.notices import warn
 from logix.run.block import Block, Pass
 from logix.store.writer import nonfinite_rows
 
@@ -67,10 +66,9 @@ class LogPass(Pass):
             rows.mul_(row_scale)
         nonfinite = nonfinite_rows(rows)  # once: the writer is told, not asked to look again
         if block.nonfinite == "skip" and nonfinite:
-            warnings.warn(
+            warn(
                 f"skipped a batch of {len(ids)} examples whose gradients are not finite "
                 f"(first ids {ids[:5]}): nothing of it was stored",
-                stacklevel=4,
             )
             return
         if run.mode == "query":

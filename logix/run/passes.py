@@ -118,6 +118,7 @@ class ProjectionPass(StatisticsPass):
     passes so far (fisher="true": one per class slot and position per batch)."""
 
     checks_batch = False  # ids are only counted here; the logits' batch is checked instead
+    checks_loss = False  # projections take directions only: a loss scale changes none of them
 
     def __init__(self, run: Any, fisher: str):
         super().__init__(run)

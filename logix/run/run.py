@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from logix.capture.coverage import Coverage, check_uncovered, model_coverage
+from logix.capture.coverage_table import print_coverage
+from logix.capture.fired import FirstBlockWatch, check_fired
 from logix.capture.hooks import ModuleCapture, check_batch_mask
 from logix.capture.modules import check_model, module_table, select_modules
 from logix.capture.pca import CovarianceSink
@@ -87,6 +90,9 @@ class Run(RunFitPasses, RunLifecycle):
         self._trajectory: TrajectoryRecorder | None = None  # run.watch(model, optimizer=opt)
         self._rerun_ids: set = set()  # stored ids a resumed trajectory's training logs again
         self._finalized = False
+        self._coverage: Coverage | None = None  # what watch captures of the model
+        self._first_block: FirstBlockWatch | None = None  # weight hooks until a block is checked
+        self._fired_checked = False  # the first clean block's unfired-module check ran
 
     # -- set-up ---------------------------------------------------------------------------
     def watch(
@@ -105,6 +111,10 @@ class Run(RunFitPasses, RunLifecycle):
         cfg = self.config
         resumed = self._manifest is not None
         selected = select_modules(model, cfg.capture)
+        self._coverage = model_coverage(model, selected, cfg.capture)
+        if self.rank == 0:
+            print_coverage(self._coverage)
+        check_uncovered(self._coverage, cfg.capture)  # before anything is written
         self.modules = module_table(selected, self.config)
         self.width = total_width(self.modules)  # D
         if self.mode == "log" and any(k in FACTOR_STATISTICS for k in cfg.curvature.statistics):
@@ -197,6 +207,13 @@ class Run(RunFitPasses, RunLifecycle):
         return projections
 
     # -- public state -----------------------------------------------------------------------
+    def coverage(self) -> Coverage:
+        """What `watch` captures of the model: watched modules by type, and every parameter not
+        captured, by module type, with counts and shares (the table printed at watch)."""
+        if self._coverage is None:
+            raise CaptureError("run.coverage() describes a watched model: call run.watch(model) first")
+        return self._coverage
+
     @property
     def model(self) -> nn.Module | None:
         """The watched model (None before `watch`)."""
@@ -267,10 +284,21 @@ class Run(RunFitPasses, RunLifecycle):
             self._frozen = [(p, p.requires_grad) for p in self._model.parameters()]
             for p, _ in self._frozen:
                 p.requires_grad_(False)
+        if not self._fired_checked:
+            self._first_block = FirstBlockWatch(self._captures)
         self._active = block
 
     def exit_block(self, block: Block) -> None:
         self._active = None
+        if self._first_block is not None:
+            self._first_block.remove()
         for p, flag in self._frozen:
             p.requires_grad_(flag)
         self._frozen = []
+
+    def check_first_block(self, block: Block) -> None:
+        """At the end of the first clean block: every watched module fired (`capture/fired.py`)."""
+        if self._fired_checked:
+            return
+        watch, self._first_block = self._first_block, None
+        self._fired_checked = check_fired(self._captures, block.capture, watch, self.config.capture.unfired)

@@ -3,7 +3,6 @@ creation with its projections, and the row writer of a log-mode run."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from logix.capture.projection import ModuleProjection, load_projections, projections_bytes
@@ -12,6 +11,7 @@ from logix.comm import barrier
 from logix.config import LogixConfig
 from logix.curvature.covariance import CurvatureStatistics
 from logix.errors import CaptureError, ConfigError, StoreError
+from logix.notices import warn
 from logix.store.create import create_store, remove_store
 from logix.store.format import FORMAT_NAME, MANIFEST, PROJECTIONS, ModuleInfo, read_json
 from logix.store.projections import check_projections
@@ -178,11 +178,10 @@ def open_trajectory(
     if recorder.resumed_from is None:
         return recorder, set()
     rerun = writer.logged_ids() - recorder.recorded_ids
-    warnings.warn(
+    warn(
         f"logix: the recorded trajectory of {run_dir} continues from step {recorder.step}, its "
         f"last complete step (recorded steps and stored rows before it): restore the model and "
         f"optimizer to that step (run.restore_trajectory()) and train from step {recorder.step} "
         f"(run.trajectory_step). The {len(rerun)} stored ids of later steps are not logged again",
-        stacklevel=3,
     )
     return recorder, rerun

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import save
 
 from logix.errors import StoreError
+from logix.notices import warn
 from logix.store.format import write_atomic
 from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 
@@ -79,7 +79,7 @@ def _notice(path: Path, where: str) -> None:
     directory = _key(path.parent)
     if directory not in _NOTICED:
         _NOTICED.add(directory)
-        warnings.warn(f"logix: {path.parent} is not writable; curvature caches are {where}", stacklevel=3)
+        warn(f"logix: {path.parent} is not writable; curvature caches are {where}")
 
 
 def load_cache(

@@ -3,11 +3,11 @@ rank 0 checks that the ranks' data ids are disjoint and records the ranks in the
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 from logix.comm import all_gather_object, barrier, is_distributed, on_rank0, rank_and_world
 from logix.errors import StoreError
+from logix.notices import warn
 from logix.store.format import MANIFEST, read_json, write_json_atomic
 from logix.store.reader import open_store
 
@@ -30,11 +30,10 @@ def finish_logging(run_dir: str | Path, ok: bool = True) -> list[int]:
             "not finalize; store.missing_ids(expected_ids) lists the rows to log again"
         ) from e
     if failed and ok:
-        warnings.warn(
+        warn(
             f"rank(s) {failed} could not close their store writer; their rows after "
             "the last completed shard are missing (logix inspect shows which ranks "
             "did not finalize)",
-            stacklevel=3,
         )
     return failed
 

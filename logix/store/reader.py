@@ -12,13 +12,13 @@ are reported, not read: a resumed writer adopts them.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from logix.errors import StoreError
+from logix.notices import warn
 from logix.store import integrity
 from logix.store.format import ModuleInfo, curvature_dir
 from logix.store.ids import DataId
@@ -101,13 +101,12 @@ class Store:
         self.row_offset = 0  # of a `shard_view`: its first row's index in the whole segment
         if self.unindexed_shards and verify != "none":
             rows = sum(sh["rows"] for sh in self.unindexed_shards)
-            warnings.warn(
+            warn(
                 f"{self.path}, segment {self.segment!r}: {len(self.unindexed_shards)} complete "
                 f"shard(s) ({rows} rows) are not in the index yet (a writer stopped between writing "
                 "a shard and updating its index, or is doing so now); they are not included here. "
                 "logix.init(run_dir, resume=True) adopts them; after run.watch(model), "
                 "run.logged_ids() lists every stored id",
-                stacklevel=3,
             )
         if verify != "none":
             self.verify(full=verify == "full")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 from logix.errors import StoreError
+from logix.notices import warn
 from logix.store.format import INDEX_DIR, SHARD_DIR, file_crc32, shard_layout
 
 _SHARD_NAME = re.compile(r"^r(\d{5})-(\d{6})\.safetensors$")
@@ -61,10 +61,9 @@ def unindexed_shards(
                     f"its header names segment {meta.get('segment')!r}, rank {meta.get('rank')!r}"
                 )
         except (StoreError, KeyError, ValueError, TypeError) as e:
-            warnings.warn(
+            warn(
                 f"{path} is not listed in any index and cannot be adopted ({e}); it is "
                 "left in place and ignored (move it away to silence this)",
-                stacklevel=3,
             )
             continue
         found.append(
@@ -94,10 +93,9 @@ def adopt_unindexed(run_dir: Path, index: dict, width: int, dtype: str) -> list[
         if sh["segment"] not in names:
             index["segments"].append({"name": sh["segment"], "meta": {}})
             names.add(sh["segment"])
-        warnings.warn(
+        warn(
             f"adopted {sh['file']} ({sh['rows']} rows): it was completely written but missing from "
             "the index (the previous writer stopped between writing it and updating the index)",
-            stacklevel=3,
         )
     index["shards"].sort(key=lambda s: s["seq"])
     seqs = [s["seq"] for s in index["shards"]]

@@ -56,11 +56,18 @@ class TakenIds:
         """Raise if an id of `ids` repeats or is taken in `segment`; returns the taken set."""
         taken = self.of(segment)
         seen: set[DataId] = set()
-        dups = []
+        repeated = []
         for i in ids:
-            if i in seen or i in taken:
-                dups.append(i)
+            if i in seen:
+                repeated.append(i)
             seen.add(i)
+        if repeated:
+            raise StoreError(
+                f"duplicate data id(s) {sorted(set(repeated), key=str)[:10]} within this batch of "
+                f"{len(ids)}: each example of a batch needs its own id (check how the "
+                "ids are built, e.g. logix.with_ids(dataset)); nothing of this batch was stored"
+            )
+        dups = [i for i in ids if i in taken]
         if dups:
             raise StoreError(
                 f"duplicate data id(s) {sorted(set(dups), key=str)[:10]} in segment {segment!r}: "

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import atexit
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from logix.errors import StoreError
+from logix.notices import warn
 from logix.store.format import SHARD_DIR, check_segment_name, index_path
 from logix.store.ids import DataId, batch_ids, normalise_ids
 from logix.store.index import new_index, read_index, read_indexes
@@ -255,13 +255,12 @@ class StoreWriter:
             if error is None
             else f"its pending rows are lost ({error!r})"
         )
-        warnings.warn(
+        warn(
             f"logix: the store writer of {self.run_dir} (rank {self.rank}) was never closed: "
             f"run.finalize() was not called. At exit {outcome}; the rank stays marked not "
             "finalized and statistics kept in memory were not saved. Call run.finalize() at the "
             "end (or use `with logix.init(...) as run:`)",
             RuntimeWarning,
-            stacklevel=1,
         )
 
     def __enter__(self) -> StoreWriter:
@@ -274,7 +273,7 @@ class StoreWriter:
         try:
             self.close()
         except StoreError as e:  # keep the original exception; still say what was lost
-            warnings.warn(f"closing the store writer failed too: {e}", stacklevel=2)
+            warn(f"closing the store writer failed too: {e}")
 
     # ----------------------------------------------------------------------------- internals
     def _check_open(self) -> None:

@@ -28,6 +28,7 @@ from logix.errors import StoreError
 from logix.query.results import Scores
 from logix.store.trajectory import Checkpoint, Trajectory
 from logix.store.writer import normalise_ids
+from logix.unroll.clipping import clip_by_global_norm, recorded_max_norm
 from logix.unroll.losses import LossFn, ParametrisedLoss, check_model
 from logix.unroll.optimizers import FunctionalOptimizer
 
@@ -139,14 +140,17 @@ def unroll(
     mu = {k: tuple(torch.zeros_like(x) for x in lam) for k in opt.state_keys}
     scores = torch.zeros(len(query_ids), len(columns), dtype=values.dtype)
 
-    def batches_of(record: dict) -> tuple[list, tuple[torch.Tensor, ...], list, list]:
+    def batches_of(t: int) -> tuple[list, tuple[torch.Tensor, ...], list, list, float | None]:
+        record = steps[t]
         blocks = [normalise_ids(b) for b in record["blocks"]]
         hps = [record["groups"][g] for g in groups]
         ones = tuple(torch.ones(len(b), dtype=values.dtype) for b in blocks)
-        return [examples(b) for b in blocks], ones, hps, blocks
+        return [examples(b) for b in blocks], ones, hps, blocks, recorded_max_norm(record, t)
 
-    def update(p, s, w, batches, hps, counts, init):
+    def update(p, s, w, batches, hps, counts, init, clip):
         g = torch.func.grad(loss.step_loss)(p, w, loss_fn, batches, traj.reduction)
+        if clip is not None:  # the recorded loop called clip_grad_norm_ before this step
+            g = clip_by_global_norm(g, clip)
         return opt.step(p, s, g, hps, counts, init)
 
     bar = _progress(progress, end - from_step)
@@ -158,9 +162,9 @@ def unroll(
         s, counts, init = _state_of(ckpt, names, opt.state_keys, p)
         trail = []
         for t in range(start, stop):  # forward recomputation of the interval's states
-            batches, ones, hps, _ = batches_of(steps[t])
+            batches, ones, hps, _, clip = batches_of(t)
             trail.append((p, s, counts, init))
-            p, s = update(p, s, ones, batches, hps, counts, init)
+            p, s = update(p, s, ones, batches, hps, counts, init, clip)
             counts, init = opt.advance(hps, counts, init)
         gap, where = _max_relative_gap(p, traj.checkpoint(stop).params, names)
         if not gap <= tolerance:
@@ -171,9 +175,11 @@ def unroll(
                 "and examples(ids) of the training loop"
             )
         for t in range(stop - 1, start - 1, -1):  # the adjoint, backwards through the interval
-            batches, ones, hps, blocks = batches_of(steps[t])
+            batches, ones, hps, blocks, clip = batches_of(t)
             p, s, counts, init = trail[t - start]
-            step = lambda p_, s_, w_, b=batches, h=hps, c=counts, i=init: update(p_, s_, w_, b, h, c, i)  # noqa: E731
+            step = lambda p_, s_, w_, b=batches, h=hps, c=counts, i=init, k=clip: (  # noqa: E731
+                update(p_, s_, w_, b, h, c, i, k)
+            )
             _, pull = vjp(step, p, s, ones)
             lam, mu, d_w = vmap(pull, chunk_size=query_chunk)((lam, mu))
             for ids, d in zip(blocks, d_w):
