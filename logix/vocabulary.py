@@ -27,6 +27,7 @@ SELF_INFLUENCE_MODES = ("dot", "relative")
 RERANK_NORMS = ("window", "sequence")  # whose norm a re-ranked window is divided by
 RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + λI
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
+MISSING_RANKS = ("error", "warn")  # what open_store does when a rank the manifest names has no index
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
 
 

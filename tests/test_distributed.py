@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from child_process import start_python
 from distributed_worker import CONFIG, N_TRAIN, make_model, train
 from safetensors.torch import load_file
 from store_helpers import WIDTH, make_store, rows_for
@@ -43,16 +42,12 @@ TIMEOUT = 240
 
 def launch(scenario: str, out: Path, world: int = 2) -> list[subprocess.Popen]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = {"WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
     return [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "distributed_worker.py"), scenario, str(out)],
-            cwd=HERE,
+        start_python(
+            HERE / "distributed_worker.py",
+            scenario,
+            out,
             env={**env, "RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -327,11 +322,15 @@ def test_rank_status_and_missing_ids(tmp_path):
     open_writer = StoreWriter(run_dir, width=WIDTH, rank=1, shard_rows=2)
     open_writer.add([2, 3, 4], rows_for([2, 3, 4]))
     open_writer.flush()  # rows on disk, writer not closed: as if the rank was killed now
-    store = logix.open_store(run_dir, verify="full")
+    with pytest.raises(logix.StoreError, match=r"rank\(s\) \[2\] are named in the manifest"):
+        logix.open_store(run_dir, verify="full")  # rank 2's rows are missing: not silently
+    with pytest.warns(UserWarning, match=r"rank\(s\) \[2\] are named in the manifest"):
+        store = logix.open_store(run_dir, verify="full", missing_ranks="warn")
     assert store.rank_status() == {0: "finalized", 1: "not finalized", 2: "no index"}
     assert store.unfinalized_ranks == [1, 2]
     assert store.rows_by_rank() == {0: 2, 1: 3}
     assert store.missing_ids([5, 4, 0, 9]) == [5, 9]
     assert store.missing_ids(torch.arange(3)) == []
     open_writer.close()
-    assert logix.open_store(run_dir).rank_status()[1] == "finalized"
+    with pytest.warns(UserWarning, match="have no index"):
+        assert logix.open_store(run_dir, missing_ranks="warn").rank_status()[1] == "finalized"

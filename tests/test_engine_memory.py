@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from child_process import CHECKOUT, run_python
 from query_helpers import write_manifest
 
 from logix.curvature.covariance import CurvatureStatistics
@@ -78,15 +75,8 @@ def test_peak_memory_stays_bounded(tmp_path):
 
     # glibc keeps freed chunk-sized blocks in its heap (and per-thread arenas) at its own
     # discretion; pin its policy so the measurement sees logix's allocations, not the heap's.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(run), str(CHUNK)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
+    out = run_python("-c", CHILD, run, CHUNK, text=True, timeout=120, env=env, cwd=CHECKOUT)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["k"] == [8, 10] and result["n"] == ROWS

@@ -8,7 +8,6 @@ thread, low-precision stores on CPU, torchrun with gloo) run everywhere, so that
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from child_process import child_env
 from query_helpers import build_store, mlp_modules, mlp_rows, queries
 
 from logix.query.engine import InfluenceEngine
@@ -154,11 +154,7 @@ def torchrun(tmp_path, stores) -> dict:
     run_dir = tmp_path / "run"
     shutil.copytree(store.path, run_dir)
     queries(mlp_rows(3, seed=8), mlp_modules()).save(tmp_path / "q.safetensors")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = child_env(OMP_NUM_THREADS="1")
     done = subprocess.run(
         [
             exe,

@@ -4,11 +4,9 @@ attribution pass over the trained model agrees with torch.func."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from child_process import run_python
 from torch.func import functional_call, grad
 
 transformers = pytest.importorskip("transformers")
@@ -299,4 +297,4 @@ def test_custom_loss_is_detected(tmp_path):
 
 def test_import_logix_does_not_import_transformers():
     code = "import sys, logix; logix.init; assert 'transformers' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python("-c", code, check=True, capture_output=False)

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 import torch
+from child_process import run_python
 from guarantee_helpers import clean_run, data, log, model, resume_recipe
-from test_store_concurrency import run_child
 
 import logix
 from logix.errors import StoreError
@@ -57,7 +57,7 @@ def test_factors_of_a_resumed_kill_are_refused_until_recomputed(tmp_path):
     clean = clean_run(tmp_path / "clean", list(range(N)))
     q = _queries(clean)
     run_dir = tmp_path / "run"
-    proc = run_child(KILLED, str(run_dir))
+    proc = run_python("-c", KILLED, str(run_dir))
     assert proc.returncode == 9, proc.stderr.decode()
     assert len(logix.open_store(run_dir)) == 102
     with warnings.catch_warnings(record=True) as caught:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from child_process import run_python
 from resume_helpers import EVERY, OPTIMIZERS, STEPS, make_model, replay, step_ids, train
-from test_store_concurrency import run_child
 
 import logix
 from logix.errors import CaptureError, StoreError
@@ -56,7 +56,7 @@ def test_resume_continues_the_trajectory_from_its_last_complete_step(tmp_path, d
     train(clean_dir, optimizer=optimizer)
     run_dir = tmp_path / "run"
     args = [str(run_dir), optimizer, str(die_at)] + ([str(flush_at)] if flush_at is not None else [])
-    proc = run_child(DIE, *args)
+    proc = run_python("-c", DIE, *args)
     assert proc.returncode == 9, proc.stderr.decode()
     assert Trajectory(run_dir).checkpoint_steps == [0, 2, 4]
 
@@ -92,7 +92,7 @@ def test_resume_after_a_clean_finish_appends_steps(tmp_path):
 @pytest.mark.slow
 def test_resumed_training_that_does_not_start_from_the_checkpoint_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_child(DIE, str(run_dir), "sgd", "5", "5").returncode == 9
+    assert run_python("-c", DIE, str(run_dir), "sgd", "5", "5").returncode == 9
     run = logix.init(run_dir, resume=True)
     model = make_model()  # the weights of step 0, not of step 4
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -8,13 +8,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from child_process import run_python
 from guarantee_helpers import CONFIG, N_IDS, clean_run, log, model, resume_recipe, rows_by_id
 from store_helpers import WIDTH, make_store, rows_for
 
@@ -26,14 +26,8 @@ HERE = Path(__file__).parent
 
 
 def run_child(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh Python process with this test's import path (2 min at most)."""
-    return subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=HERE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        capture_output=True,
-        timeout=120,
-    )
+    """Run `script` in a fresh Python process with this checkout's import path (2 min at most)."""
+    return run_python("-c", script, *args, timeout=120)
 
 
 def _racer(run_dir: str, barrier, results, ids: list[int]) -> None:
@@ -215,9 +209,8 @@ def test_run_directory_that_is_a_file(tmp_path):
     path.write_text("x")
     with pytest.raises(StoreError, match="is a file"):
         logix.open_store(path)
-    run = logix.init(path, config=CONFIG)
-    with pytest.raises(StoreError, match="is a file, not a directory"):
-        run.watch(model())
+    with pytest.raises(StoreError, match="is a file, not a directory"):  # at init or at watch
+        logix.init(path, config=CONFIG).watch(model())
 
 
 CHILD_SCRIPT = textwrap.dedent("""

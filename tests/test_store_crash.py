@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from child_process import start_python
 from store_helpers import WIDTH, make_store, rows_for
 
 from logix.store.format import StoreError, index_path, read_json, write_json_atomic
@@ -47,9 +47,7 @@ def _check_rows(store) -> None:
 @pytest.mark.slow
 def test_sigkill_mid_logging_then_resume(tmp_path):
     run_dir = make_store(tmp_path / "run")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LOGGER, str(run_dir)], cwd=Path(__file__).parent, stderr=subprocess.PIPE
-    )
+    proc = start_python("-c", LOGGER, str(run_dir), stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while _listed_shards(run_dir) < 20:

@@ -159,6 +159,7 @@ def test_full_verify_finds_a_shard_copied_under_another_number(tmp_path):
     shards = run_dir / "shards" / "0"
     shutil.copy(shards / "r00000-000001.safetensors", shards / "r00000-000002.safetensors")
     index["shards"].append({**index["shards"][1], "seq": 2, "file": "shards/0/r00000-000002.safetensors"})
+    index["next_seq"] = 3  # consistent with the listed shards (else that is refused first)
     write_json_atomic(index_path(run_dir, 0), index)
     with pytest.raises(StoreError, match="logged more than once.*changed outside logix"):
         logix.open_store(run_dir, verify="full")

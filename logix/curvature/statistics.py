@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from logix.store.format import ModuleInfo, StoreError, write_atomic
+from logix.store.paths import checked_file
 from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 
 FORMAT = "logix-curvature"
@@ -75,7 +76,7 @@ def _modules_json(modules: list[ModuleInfo]) -> str:
 
 def save_statistics(path: Path, stats: Statistics, extra: dict[str, str] | None = None) -> Path:
     """Write `stats` atomically (see `write_atomic`), with a checksum of its tensors."""
-    path = Path(path)
+    path = checked_file(path)  # no link (its directory is checked by curvature_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in stats.tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=statistics_metadata(stats, extra)))
@@ -103,7 +104,7 @@ def statistics_metadata(stats: Statistics, extra: dict[str, str] | None) -> dict
 def read_statistics(path: Path) -> tuple[Statistics, dict[str, str]]:
     """One statistics file and its metadata; a StoreError when it is damaged or fails its
     checksum (statistics are not recomputed silently: they come from a logging pass)."""
-    tensors, md = read_tagged(path, FORMAT, "a logix curvature file", "delete it to recompute")
+    tensors, md = read_tagged(checked_file(path), FORMAT, "a logix curvature file", "delete it to recompute")
     if checksum_matches(tensors, md) is False:
         raise StoreError(
             f"{path} does not match the checksum of its tensors (bit rot or an edit): its "
@@ -122,7 +123,7 @@ def statistics_from(source: Path | str, tensors: dict[str, torch.Tensor], md: di
         return Statistics(
             md["kind"], modules, int(md["rows"]), tensors, [str(source)], positions, covers, fitted
         )
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise StoreError(f"{source} has damaged metadata ({e!r}); delete it to recompute") from None
 
 

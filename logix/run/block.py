@@ -175,6 +175,9 @@ class Block:
             h.remove()
         self.handles = []
         self.capture.open = False
+        writer = getattr(self.owner.run, "writer", None)
+        if exc_type is not None and writer is not None:
+            writer.mark_failed()  # a later run of this process may take its rank over
         try:
             self.owner.exit_block(self)
             if exc_type is None:

@@ -131,19 +131,27 @@ class RunLifecycle:
             return
         self._check_no_step("finalize")
         self._finalized = True
+        later: Exception | None = None  # raised once the writer is closed and its lock released
         if self._trajectory is not None:
-            self._trajectory.close()
+            try:
+                self._trajectory.close()
+            except Exception as e:  # noqa: BLE001 - raised below
+                later = e
         if self._writer is None:
+            if later is not None:
+                raise later
             return
-        self._record_batches()
         error: Exception | None = None
         try:
+            self._record_batches()
             self._writer.close()
             self._factors.save()  # K-FAC factors stay one file per rank (summed on load)
             self.notice_stale_factors("at finalize")
         except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
             error = e
+            self._writer.abandon("closing it failed")
         ok = error is None
+        error = error or later
         try:
             failed = finish_logging(self.run_dir, ok=ok)  # collective under torch.distributed
         except Exception:

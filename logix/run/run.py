@@ -149,16 +149,21 @@ class Run(RunFitPasses, RunLifecycle):
                 )
             )
         if optimizer is not None:
-            self._trajectory, self._rerun_ids = open_trajectory(
-                self.run_dir,
-                self.mode,
-                model,
-                optimizer,
-                trajectory_every,
-                total_steps,
-                cfg,
-                self._writer if resumed else None,
-            )
+            try:
+                self._trajectory, self._rerun_ids = open_trajectory(
+                    self.run_dir,
+                    self.mode,
+                    model,
+                    optimizer,
+                    trajectory_every,
+                    total_steps,
+                    cfg,
+                    self._writer if resumed else None,
+                )
+            except BaseException:
+                if self._writer is not None:  # a failed watch holds no lock (nothing was logged)
+                    self._writer.abandon("run.watch failed; open the run again with logix.init")
+                raise
         return self
 
     @property

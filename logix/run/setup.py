@@ -14,6 +14,7 @@ from logix.errors import CaptureError, ConfigError, StoreError
 from logix.notices import warn
 from logix.store.create import create_store, remove_store
 from logix.store.format import FORMAT_NAME, MANIFEST, PROJECTIONS, ModuleInfo, read_json
+from logix.store.paths import inside
 from logix.store.projections import check_projections
 from logix.store.writer import StoreWriter
 from logix.vocabulary import FACTOR_STATISTICS, RUN_MODES
@@ -38,7 +39,7 @@ def open_run_dir(
             "resume=True and overwrite=True contradict each other (resume appends "
             "to the store, overwrite deletes it): pass only one"
         )
-    exists = (run_dir / MANIFEST).exists()
+    exists = inside(run_dir, MANIFEST).exists()  # a StoreError if the manifest is a link
     if mode == "log":
         barrier()  # under torchrun: every rank has looked before rank 0 creates or removes it
     if mode == "query":

@@ -22,6 +22,7 @@ from safetensors.torch import save
 from logix.errors import StoreError
 from logix.notices import warn
 from logix.store.format import write_atomic
+from logix.store.paths import checked_file
 from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 
 CACHE_DIR_ENV = "LOGIX_CACHE_DIR"
@@ -55,7 +56,7 @@ def user_cache_path(path: Path) -> Path | None:
 def save_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Keep a cache: at `path` if its directory is writable, else under `$LOGIX_CACHE_DIR`,
     else in memory (with a one-line notice, once per directory)."""
-    path = Path(path)
+    path = checked_file(path)  # no link (its directory is checked by curvature_dir)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     metadata = {**metadata, CHECKSUM_KEY: tensors_checksum(tensors)}
     data = save(tensors, metadata=metadata)
@@ -87,7 +88,7 @@ def load_cache(
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """(tensors, metadata) of the cache `path` from memory, the store or `$LOGIX_CACHE_DIR`;
     None when there is none, or it is damaged, foreign or fails its checksum (recompute)."""
-    path = Path(path)
+    path = checked_file(path)
     if _key(path) in _MEMORY:
         return _MEMORY[_key(path)]
     for source in (path, user_cache_path(path)):

@@ -25,6 +25,7 @@ from logix.store.format import (
     write_json_atomic,
 )
 from logix.store.lock import creation_lock, lock_all_writers
+from logix.store.paths import check_run_dir_parent, inside
 from logix.version import __version__
 
 CONFIG_COPY = "config.yaml"
@@ -45,22 +46,26 @@ def create_store(
     Exclusive: creators of one directory take turns (`creation_lock`) and only the first finds
     no manifest; every later one gets a StoreError and changes nothing."""
     run_dir = Path(run_dir)
+    check_run_dir_parent(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise StoreError(
             f"{run_dir} is a file, not a directory: logix.init needs a directory "
             "path for the store (it is created if missing)"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the run directory {run_dir} ({e}): choose a writable path") from e
     lock = creation_lock(run_dir)
     try:
-        if (run_dir / MANIFEST).exists():
+        if inside(run_dir, MANIFEST).exists():
             raise StoreError(
                 f"{run_dir} already holds a logix store: another process created it while this "
                 "one was starting (one writer per run directory). Log into another directory, "
                 "or join it with logix.init(path, resume=True) once that process is done"
             )
-        write_atomic(run_dir / PROJECTIONS, lambda tmp: tmp.write_bytes(projections))
-        write_atomic(run_dir / CONFIG_COPY, lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
+        write_atomic(inside(run_dir, PROJECTIONS), lambda tmp: tmp.write_bytes(projections))
+        write_atomic(inside(run_dir, CONFIG_COPY), lambda tmp: tmp.write_text(config_yaml, encoding="utf-8"))
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -74,7 +79,7 @@ def create_store(
             "logix_version": __version__,
             "ranks": list(range(world_size)),  # the ranks that log into this store
         }
-        write_json_atomic(run_dir / MANIFEST, manifest)  # the commit point
+        write_json_atomic(inside(run_dir, MANIFEST), manifest)  # the commit point
         return manifest
     finally:
         lock.release()
@@ -84,12 +89,13 @@ def remove_store(run_dir: Path) -> None:
     """Delete the logix files of a store (and nothing else in the directory); a StoreError
     naming the process when a writer of the store is still running."""
     run_dir = Path(run_dir)
+    parts = [inside(run_dir, name) for name in (MANIFEST, PROJECTIONS, CONFIG_COPY, SHARD_DIR, CURVATURE_DIR)]
     held = lock_all_writers(run_dir)
     try:
-        for name in (MANIFEST, PROJECTIONS, CONFIG_COPY):
-            (run_dir / name).unlink(missing_ok=True)
-        for name in (SHARD_DIR, CURVATURE_DIR, INDEX_DIR):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for path in parts[:3]:
+            path.unlink(missing_ok=True)
+        for path in [*parts[3:], inside(run_dir, INDEX_DIR)]:
+            shutil.rmtree(path, ignore_errors=True)
     finally:
         for lock in held:
             lock.release()

@@ -9,6 +9,7 @@ from logix.comm import all_gather_object, barrier, is_distributed, on_rank0, ran
 from logix.errors import StoreError
 from logix.notices import warn
 from logix.store.format import MANIFEST, read_json, write_json_atomic
+from logix.store.paths import inside
 from logix.store.reader import open_store
 
 
@@ -56,8 +57,8 @@ def _check_and_record(run_dir: Path, world: int) -> None:
         view = store.select(segment, verify="none")
         if len({sh["rank"] for sh in view.shards}) > 1:  # one writer checks its own ids
             view.check_unique_ids()
-    manifest = read_json(run_dir / MANIFEST)
+    manifest = read_json(inside(run_dir, MANIFEST))
     ranks = sorted({int(r) for r in manifest.get("ranks", [])} | set(range(world)))
     if manifest.get("ranks") != ranks:
         manifest["ranks"] = ranks
-        write_json_atomic(run_dir / MANIFEST, manifest)
+        write_json_atomic(inside(run_dir, MANIFEST), manifest)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from logix.errors import StoreError
+from logix.store.paths import inside
 
 FORMAT_NAME = "logix-store"
 FORMAT_VERSION = 1
@@ -127,6 +128,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
+        tmp.unlink(missing_ok=True)  # a leftover (or a planted link) of this name is not ours
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -142,27 +144,47 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8"))
 
 
+def parse_json(text: str | bytes, where: str) -> Any:
+    """JSON read from a store: any parse failure (also nesting too deep for the parser, a
+    RecursionError) is a StoreError naming `where`."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        kind = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise StoreError(f"{where} cannot be read as JSON ({kind}); the file is damaged") from None
+
+
 def read_json(path: Path) -> Any:
+    """The JSON in `path` (FileNotFoundError when missing; a StoreError naming it otherwise)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
         raise StoreError(f"{path} cannot be read as JSON ({e}); the file is damaged") from e
+    return parse_json(text, str(path))
 
 
 def index_path(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / INDEX_DIR / f"rank-{rank:05d}.json"
+    """Rank `rank`'s index file, checked (`paths.inside`: no link on the way)."""
+    return inside(run_dir, INDEX_DIR, f"rank-{rank:05d}.json")
 
 
 def shard_relpath(segment: str, rank: int, seq: int) -> str:
     return f"{SHARD_DIR}/{segment}/r{rank:05d}-{seq:06d}.safetensors"
 
 
+def shard_file(run_dir: Path, rel: str) -> Path:
+    """The shard file `rel` (an index entry's "file") of the store at `run_dir`, checked."""
+    return inside(run_dir, rel)
+
+
 def curvature_dir(run_dir: Path, segment: str) -> Path:
-    return Path(run_dir) / CURVATURE_DIR / segment
+    """Where one segment's curvature files live, checked (`paths.inside`: no link on the way;
+    its files go through `paths.checked_file`)."""
+    return inside(run_dir, CURVATURE_DIR, segment)
 
 
 SHARD_FORMAT = "logix-shard"
@@ -189,10 +211,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raw = f.read(n)
     if len(raw) < n:
         raise StoreError(f"{path} is truncated inside its header ({len(raw)} of {n} bytes)")
-    try:
-        header = json.loads(raw)
-    except ValueError as e:
-        raise StoreError(f"{path} has a damaged safetensors header ({e})") from e
+    header = parse_json(raw, f"the safetensors header of {path}")
     if not isinstance(header, dict):
         raise StoreError(f"{path} has a damaged safetensors header (not a JSON object)")
     return header, 8 + n
@@ -206,21 +225,37 @@ def shard_layout(path: Path, width: int, dtype: str) -> tuple[int, int, dict[str
     header, data_start = read_safetensors_header(path)
     meta = header.get("__metadata__") or {}
     entry = header.get("rows")
-    if meta.get("format") != SHARD_FORMAT or not isinstance(entry, dict):
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT or not isinstance(entry, dict):
         raise StoreError(f"{path} is not a logix shard (no `rows` tensor / format metadata)")
+    extra = sorted(set(header) - {"rows", "__metadata__"})
+    if extra:
+        raise StoreError(
+            f"{path} holds tensors {extra[:5]} besides `rows`: a logix shard holds one tensor, "
+            "so the file was changed outside logix"
+        )
     code, itemsize = SAFETENSORS_DTYPES[dtype]
-    shape = entry.get("shape")
-    begin, end = entry.get("data_offsets", (0, -1))
-    if entry.get("dtype") != code or not isinstance(shape, list) or len(shape) != 2:
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if entry.get("dtype") != code or not _ints(shape, 2) or not _ints(offsets, 2):
         raise StoreError(
             f"{path} holds {entry.get('dtype')} rows of shape {shape}, but the store's "
             f"manifest says {code} rows of width {width}"
         )
-    if shape[1] != width or end - begin != shape[0] * width * itemsize:
+    begin, end = offsets
+    if shape[1] != width or begin != 0 or end != shape[0] * width * itemsize:
         raise StoreError(
-            f"{path} holds rows of shape {shape} in {end - begin} bytes; the store's width is {width}"
+            f"{path} holds rows of shape {shape} in bytes [{begin}, {end}) of its data; the "
+            f"store's width is {width}: the header is damaged"
         )
-    return int(shape[0]), data_start + begin, meta
+    return shape[0], data_start, meta
+
+
+def _ints(value: Any, n: int) -> bool:
+    """`value` is a list of `n` non-negative ints below 2**63 (sizes a header may hold)."""
+    return (
+        isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63 for v in value)
+    )
 
 
 def file_crc32(path: Path, buf: bytearray | None = None) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from logix.errors import StoreError
+from logix.store.format import parse_json
 
 DataId = int | str
 MAX_ID_CHARS = 1024  # characters of one string id
@@ -33,8 +34,37 @@ def normalise_ids(ids: Sequence[Any]) -> list[DataId]:
         out = list(ids)
     else:
         out = [_one_id(i) for i in ids]
+        check_one_kind(out, "this batch")
     check_id_bounds(out)
     return out
+
+
+def check_one_kind(ids: list[DataId], where: str, expected: type | None = None) -> None:
+    """Refuse ids of two kinds: a store holds int ids or string ids, never both, since 1 and
+    '1' would be two different examples (`expected`: the kind the store already holds)."""
+    kinds = {type(i) for i in ids}
+    if expected is not None:
+        kinds.add(expected)
+    if len(kinds) > 1:
+        ints = next(i for i in ids if isinstance(i, int)) if expected is not int else None
+        strs = next(i for i in ids if isinstance(i, str)) if expected is not str else None
+        held = f" (the store holds {expected.__name__} ids)" if expected is not None else ""
+        example = ", ".join(repr(i) for i in (ints, strs) if i is not None)
+        raise StoreError(
+            f"{where} mixes int and string data ids{held}, e.g. {example}: one store holds one "
+            "kind of id, since 1 and '1' would be two different examples. Convert the ids to one "
+            "kind (e.g. str(i) for every id, or int(i)), or log into another run directory"
+        )
+
+
+def stored_ids(text: str, where: str) -> list[DataId]:
+    """The data ids of a shard header (its metadata's JSON list), checked: ints or strings,
+    of one kind; a StoreError naming `where` otherwise."""
+    ids = parse_json(text, f"the data ids of {where}")
+    if not isinstance(ids, list) or not all(type(i) in (int, str) for i in ids):
+        raise StoreError(f"{where} has damaged data ids (not a list of ints or strings)")
+    check_one_kind(ids, where)
+    return ids
 
 
 def _one_id(i: Any) -> DataId:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from logix.errors import StoreError
 from logix.store.format import INDEX_DIR, check_segment_name, index_path, read_json, shard_relpath
+from logix.store.paths import glob_inside
 
 _SHARD_KEYS = {"file": str, "segment": str, "seq": int, "rows": int, "bytes": int}
 
@@ -65,9 +66,30 @@ def check_index(idx: object, rank: int, where: Path) -> dict:
                 "(its rows would be counted twice)"
             )
         seen.add(sh["file"])
-        if sh["rows"] < 0 or sh["bytes"] < 0 or sh["seq"] < 0:
-            raise StoreError(f"{where} has a shard entry with a negative count: {sh!r}")
+        if not all(0 <= sh[k] < 2**63 for k in ("rows", "bytes", "seq")):
+            raise StoreError(f"{where} has a shard entry with a count out of range: {sh!r}")
+        crc = sh.get("crc32")
+        if not isinstance(crc, str) or len(crc) != 8 or any(c not in "0123456789abcdef" for c in crc):
+            raise StoreError(
+                f"{where} records crc32 {crc!r} for {sh['file']} (8 hex digits expected): the "
+                "shard could not be checked, so the index is damaged"
+            )
+    check_next_seq(idx, where)
     return idx
+
+
+def check_next_seq(idx: dict, where: Path) -> None:
+    """`next_seq`, the number of the rank's next shard, must follow every listed shard (a lower
+    one would make the writer replace a shard); an index without it is older and fine."""
+    if "next_seq" not in idx:
+        return
+    value = idx["next_seq"]
+    after = max((sh["seq"] + 1 for sh in idx.get("shards", [])), default=0)
+    if isinstance(value, bool) or not isinstance(value, int) or not after <= value < 2**63:
+        raise StoreError(
+            f"{where} says next_seq {value!r}, but its shards need a number of at least {after}: "
+            "the index is damaged (a writer would replace a listed shard)"
+        )
 
 
 def read_index(run_dir: Path, rank: int) -> dict | None:
@@ -81,7 +103,7 @@ def read_index(run_dir: Path, rank: int) -> dict | None:
 def read_indexes(run_dir: Path) -> dict[int, dict]:
     """Every rank's validated index, by rank."""
     out: dict[int, dict] = {}
-    for p in sorted((Path(run_dir) / INDEX_DIR).glob("rank-*.json")):
+    for p in glob_inside(run_dir, INDEX_DIR, "rank-*.json"):
         number = p.stem.split("-", 1)[1]
         if not number.isdigit():
             continue

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from logix.errors import StoreError
-from logix.store.format import file_crc32
+from logix.store.format import file_crc32, shard_file
 from logix.store.ids import DataId
+from logix.store.paths import checked_file
 from logix.store.projections import check_projections
 from logix.store.shard_io import damage_fix
 from logix.store.tagged import checksum_matches, read_tagged
@@ -24,7 +25,7 @@ def verify_shards(store: Any, full: bool) -> None:
     problems = []
     buf = bytearray(_CRC_BLOCK) if full else None
     for i, sh in enumerate(store.shards):
-        file = store.path / sh["file"]
+        file = shard_file(store.path, sh["file"])
         try:
             size = file.stat().st_size
         except FileNotFoundError:
@@ -90,6 +91,11 @@ def verify_curvature(directory: Path) -> list[str]:
         return problems
     for path in sorted(directory.glob("*.safetensors")):
         rel = f"{directory.name}/{path.name}"
+        try:
+            checked_file(path)
+        except StoreError as e:
+            problems.append(str(e))
+            continue
         try:
             tensors, md = read_tagged(path, CURVATURE_FORMATS, "a logix curvature file")
         except StoreError as e:

@@ -14,6 +14,8 @@ from logix.store.format import (
     read_json,
     total_width,
 )
+from logix.store.paths import check_run_dir_parent, inside
+from logix.store.ranks import manifest_ranks
 from logix.version import __version__
 from logix.vocabulary import STORAGE_DTYPES
 
@@ -22,7 +24,8 @@ def read_manifest(run_dir: Path) -> dict:
     """The manifest of the store at `run_dir`, checked: format, version, dtype, module table
     (names unique, offsets tiling [0, D)) and width; a StoreError naming the fix otherwise."""
     run_dir = Path(run_dir)
-    manifest_file = run_dir / MANIFEST
+    check_run_dir_parent(run_dir)
+    manifest_file = inside(run_dir, MANIFEST)
     if not manifest_file.is_file():
         if run_dir.exists() and not run_dir.is_dir():
             raise StoreError(
@@ -66,4 +69,5 @@ def read_manifest(run_dir: Path) -> dict:
             f"{manifest_file} says width {width!r}, its module table gives "
             f"{total_width(modules)}: the manifest is damaged"
         )
+    manifest_ranks(manifest, run_dir)
     return manifest

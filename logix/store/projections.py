@@ -10,6 +10,7 @@ from pathlib import Path
 from logix.errors import StoreError
 from logix.store.create import fingerprint
 from logix.store.format import PROJECTIONS, ModuleInfo
+from logix.store.paths import inside
 
 
 def file_sha256(path: Path) -> str:
@@ -24,7 +25,7 @@ def check_projections(run_dir: Path, manifest: dict, required: bool = False) -> 
     """Raise StoreError when `projections.safetensors` does not match the manifest's fingerprint
     (a missing file is an error only when `required`: it is needed to capture, not to read
     stored rows)."""
-    path = Path(run_dir) / PROJECTIONS
+    path = inside(run_dir, PROJECTIONS)
     if not path.is_file():
         if required:
             raise StoreError(

@@ -11,8 +11,11 @@ import copy
 import threading
 from pathlib import Path
 
-from logix.store.format import write_json_atomic
-from logix.store.index import next_segment_name, segment_entry
+from logix.store.format import SHARD_DIR, index_path, write_json_atomic
+from logix.store.index import new_index, next_segment_name, read_index, read_indexes, segment_entry
+from logix.store.lock import not_writable
+from logix.store.paths import inside
+from logix.store.recovery import adopt_unindexed, remove_tmp_files
 
 
 class RankIndex:
@@ -82,3 +85,23 @@ class RankIndex:
         with self.lock:
             snapshot = copy.deepcopy(self.index)
         write_json_atomic(self.file, snapshot)
+
+
+def open_rank_index(run_dir: Path, rank: int, width: int, dtype: str) -> RankIndex:
+    """Take rank `rank`'s files over for a writer that holds its lock: remove its temporary
+    files (their owner is gone), read its index (or start one), adopt its complete unindexed
+    shards, mark it "not finalized" and write it. "finalized" turns true when the writer closes
+    cleanly, so a reader tells a rank that stopped early (killed, crashed) from one that
+    finished. A write that fails (read-only media) is a StoreError saying so."""
+    try:
+        inside(run_dir, SHARD_DIR).mkdir(exist_ok=True)
+        remove_tmp_files(run_dir, rank)
+        index = read_index(run_dir, rank) or new_index(rank)
+        others = [i for r, i in read_indexes(run_dir).items() if r != rank]
+        adopt_unindexed(run_dir, index, width, dtype)
+        opened = RankIndex(index_path(run_dir, rank), index, others)
+        opened.set_finalized(False)
+        opened.write()
+    except OSError as e:
+        raise not_writable(run_dir, e) from e
+    return opened

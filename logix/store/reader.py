@@ -25,6 +25,7 @@ from logix.store.ids import DataId
 from logix.store.index import read_indexes, segment_metas, segment_shards, valid_segment
 from logix.store.manifest import read_manifest
 from logix.store.projections import check_projections
+from logix.store.ranks import check_ranks, manifest_ranks
 from logix.store.recovery import unindexed_shards
 from logix.store.row_reader import RowReader, read_chunks
 from logix.store.shard_header import read_listed_header
@@ -35,18 +36,23 @@ __all__ = ["open_store", "Store", "TORCH_DTYPES", "DataId"]
 VERIFY_MODES = VERIFY_LEVELS
 
 
-def open_store(path: str | Path, segment: str | None = None, verify: str = "quick") -> Store:
+def open_store(
+    path: str | Path, segment: str | None = None, verify: str = "quick", missing_ranks: str = "error"
+) -> Store:
     """Open the store at `path` and select `segment` (default: the last one).
 
     verify: "quick" checks each listed shard exists with its recorded size (catches truncation)
     and the projections file's digest against the manifest; "full" also checks every shard's
     crc32 and header against index and manifest, repeated ids, and the curvature files (reads
     all bytes; see `integrity.verify_store`); "none" skips them.
+    missing_ranks: a rank the manifest names without an index (its rows are missing) is an
+    error ("error", the default, at every verify level) or a warning ("warn": open the rest).
     """
     check_choice(verify, VERIFY_LEVELS, "verify level")
     path = Path(path)
     manifest = read_manifest(path)
     indexes = read_indexes(path)
+    check_ranks(path, manifest, indexes, missing_ranks)
     if verify != "none":
         check_projections(path, manifest)
     store = Store(path, manifest, indexes, segment, verify)
@@ -179,8 +185,19 @@ class Store:
         """The caller's ids in row order (read from the shard headers once, then cached)."""
         if self._data_ids is None:
             ids: list[DataId] = []
+            kinds: dict[type, str] = {}  # kind of id (each shard holds one) -> its first shard
             for i in range(len(self.shards)):
-                ids += self._layout(i)[1]
+                part = self._layout(i)[1]
+                if part:
+                    kinds.setdefault(type(part[0]), self.shards[i]["file"])
+                ids += part
+            if len(kinds) > 1:
+                listing = " and ".join(f"{k.__name__} ids in {f}" for k, f in kinds.items())
+                raise StoreError(
+                    f"store {self.path}, segment {self.segment!r} holds {listing}: one store holds "
+                    "one kind of id (1 and '1' would be two different examples), so the store was "
+                    "changed outside logix. Log one of those shards' rows again with ids of the other kind"
+                )
             self._data_ids = ids
         return self._data_ids
 
@@ -204,7 +221,7 @@ class Store:
         """Per writing rank: "finalized" (its writer closed cleanly), "not finalized" (still
         logging, or stopped early: rows after its last completed shard are not stored) or "no
         index" (named in the manifest's `ranks` but it wrote nothing)."""
-        expected = {int(r) for r in self.manifest.get("ranks", [])}
+        expected = set(manifest_ranks(self.manifest, self.path))
         status = {}
         for rank in sorted(expected | set(self.ranks)):
             if rank not in self._indexes:

@@ -8,13 +8,14 @@ the store's width and dtype, and its segment and rank those of its path.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from logix.errors import StoreError
 from logix.notices import warn
 from logix.store.format import INDEX_DIR, SHARD_DIR, file_crc32, shard_layout
+from logix.store.ids import stored_ids
+from logix.store.paths import glob_inside
 
 _SHARD_NAME = re.compile(r"^r(\d{5})-(\d{6})\.safetensors$")
 
@@ -23,8 +24,8 @@ def remove_tmp_files(run_dir: Path, rank: int) -> None:
     """Delete rank `rank`'s temporary shard and index files: leftovers of a writer that is gone
     (call it only while holding the rank's writer lock, so no live writer owns them)."""
     run_dir = Path(run_dir)
-    leftovers = list((run_dir / SHARD_DIR).glob(f"*/.r{rank:05d}-*.safetensors.tmp*"))
-    leftovers += list((run_dir / INDEX_DIR).glob(f".rank-{rank:05d}.json.tmp*"))
+    leftovers = list(glob_inside(run_dir, SHARD_DIR, f"*/.r{rank:05d}-*.safetensors.tmp*"))
+    leftovers += list(glob_inside(run_dir, INDEX_DIR, f".rank-{rank:05d}.json.tmp*"))
     for p in leftovers:
         p.unlink(missing_ok=True)
 
@@ -43,7 +44,7 @@ def unindexed_shards(
     run_dir = Path(run_dir)
     listed = {sh["file"] for idx in indexes.values() for sh in idx.get("shards", [])}
     found = []
-    for path in sorted((run_dir / SHARD_DIR).glob("*/r*.safetensors")):
+    for path in glob_inside(run_dir, SHARD_DIR, "*/r*.safetensors"):
         match = _SHARD_NAME.match(path.name)
         rel = path.relative_to(run_dir).as_posix()
         if match is None or rel in listed or not path.is_file():
@@ -53,8 +54,8 @@ def unindexed_shards(
             continue
         try:
             rows, _, meta = shard_layout(path, width, dtype)
-            ids = json.loads(meta["data_ids"])
-            if not isinstance(ids, list) or len(ids) != rows:
+            ids = stored_ids(meta["data_ids"], str(path))
+            if len(ids) != rows:
                 raise StoreError(f"{len(ids)} ids for {rows} rows")
             if meta.get("segment") != path.parent.name or meta.get("rank") != str(shard_rank):
                 raise StoreError(
@@ -99,7 +100,7 @@ def adopt_unindexed(run_dir: Path, index: dict, width: int, dtype: str) -> list[
         )
     index["shards"].sort(key=lambda s: s["seq"])
     seqs = [s["seq"] for s in index["shards"]]
-    for path in (Path(run_dir) / SHARD_DIR).glob(f"*/r{rank:05d}-*.safetensors"):
+    for path in glob_inside(run_dir, SHARD_DIR, f"*/r{rank:05d}-*.safetensors"):
         match = _SHARD_NAME.match(path.name)
         if match:  # a file that could not be adopted still holds its number
             seqs.append(int(match.group(2)))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from logix.errors import StoreError
-from logix.store.format import SAFETENSORS_DTYPES
+from logix.store.format import SAFETENSORS_DTYPES, shard_file
 from logix.store.shard_io import TORCH_DTYPES, damage_fix
 
 PIECE_BYTES = 4 << 20  # bytes of one pread request
@@ -54,7 +54,7 @@ class RowReader:
         if i not in self.fds:
             sh = self.store.shards[i]
             try:
-                fd = os.open(self.store.path / sh["file"], os.O_RDONLY)
+                fd = os.open(shard_file(self.store.path, sh["file"]), os.O_RDONLY | os.O_NOFOLLOW)
             except FileNotFoundError:
                 raise StoreError(f"shard {sh['file']} is missing. {damage_fix(sh['file'])}") from None
             if hasattr(os, "posix_fadvise"):

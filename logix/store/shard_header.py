@@ -6,12 +6,11 @@ segment, rank) and the manifest (width, dtype), and a mismatch says how to repai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from logix.errors import StoreError
-from logix.store.format import shard_layout
-from logix.store.ids import DataId
+from logix.store.format import shard_file, shard_layout
+from logix.store.ids import DataId, stored_ids
 from logix.store.shard_io import damage_fix
 
 
@@ -19,13 +18,11 @@ def read_listed_header(run_dir: Path, entry: dict, width: int, dtype: str) -> tu
     """(absolute file offset of row 0, data ids) of the shard of index entry `entry` (with its
     "rank"); a StoreError naming the fix when the file is missing or disagrees."""
     try:
-        rows, offset, meta = shard_layout(Path(run_dir) / entry["file"], width, dtype)
-        ids = json.loads(meta["data_ids"])
-        if not isinstance(ids, list):
-            raise ValueError("data_ids is not a list")
+        rows, offset, meta = shard_layout(shard_file(run_dir, entry["file"]), width, dtype)
+        ids = stored_ids(meta["data_ids"], f"shard {entry['file']}")
     except FileNotFoundError:
         raise StoreError(f"shard {entry['file']} is missing. {damage_fix(entry['file'])}") from None
-    except (KeyError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise StoreError(
             f"shard {entry['file']} has damaged metadata ({e}). {damage_fix(entry['file'])}"
         ) from e

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from logix.errors import StoreError
-from logix.store.format import SAFETENSORS_DTYPES, SHARD_FORMAT, shard_relpath, write_atomic
+from logix.store.format import SAFETENSORS_DTYPES, SHARD_FORMAT, shard_file, shard_relpath, write_atomic
 
 # Storage dtype names (the manifest's "dtype") -> torch dtypes.
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,7 +64,7 @@ def write_shard(
             )
     rel = shard_relpath(segment, rank, seq)
     metadata = {"format": SHARD_FORMAT, "segment": segment, "rank": str(rank), "data_ids": json.dumps(ids)}
-    final = Path(run_dir) / rel
+    final = shard_file(run_dir, rel)
     final.parent.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
 

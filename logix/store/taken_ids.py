@@ -6,14 +6,13 @@ and the other ranks' at open time), then kept up to date by the writer's own add
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from logix.errors import StoreError
-from logix.store.format import shard_layout
-from logix.store.ids import DataId
+from logix.store.format import shard_file, shard_layout
+from logix.store.ids import DataId, check_one_kind, stored_ids
 
 
 class TakenIds:
@@ -31,6 +30,37 @@ class TakenIds:
         self.run_dir, self.width, self.dtype = Path(run_dir), width, dtype
         self._own_shards, self._others, self._lock = own_shards, others, lock
         self._ids: dict[str, set[DataId]] = {}
+        self.kind: type | None = None  # int or str: the kind of every id of the store
+
+    def check_kind(self, ids: list[DataId]) -> None:
+        """Refuse a batch (of one kind, normalised) whose ids are not of the store's kind: one
+        store holds int ids or string ids (1 and '1' would be two different examples). The kind
+        is that of the ids already stored (one shard header is read), else of the first batch."""
+        if not ids:
+            return
+        if self.kind is None:
+            self.kind = self._stored_kind()
+        if self.kind is not None and type(ids[0]) is not self.kind:
+            check_one_kind(ids, "this batch", self.kind)
+
+    def _stored_kind(self) -> type | None:
+        for taken in self._ids.values():
+            for i in taken:
+                return type(i)
+        with self._lock:
+            shards = [s for s in self._own_shards() if s["rows"]]
+        shards += [s for idx in self._others for s in idx.get("shards", []) if s["rows"]]
+        for s in shards[:1]:
+            try:
+                _, _, meta = shard_layout(shard_file(self.run_dir, s["file"]), self.width, self.dtype)
+                ids = stored_ids(meta.get("data_ids"), s["file"])
+            except (OSError, TypeError) as e:
+                raise StoreError(
+                    f"cannot read the data ids of {s['file']} ({e}); check the store with "
+                    f"`logix inspect {self.run_dir}`"
+                ) from e
+            return type(ids[0]) if ids else None
+        return None
 
     def of(self, segment: str) -> set[DataId]:
         """The (live) set of ids taken in `segment`."""
@@ -42,8 +72,10 @@ class TakenIds:
             taken: set[DataId] = set()
             for s in shards:
                 try:
-                    _, _, meta = shard_layout(self.run_dir / s["file"], self.width, self.dtype)
-                    taken.update(json.loads(meta["data_ids"]))
+                    _, _, meta = shard_layout(shard_file(self.run_dir, s["file"]), self.width, self.dtype)
+                    taken.update(stored_ids(meta["data_ids"], s["file"]))
+                except StoreError:
+                    raise
                 except (OSError, KeyError, ValueError, TypeError) as e:
                     raise StoreError(
                         f"cannot read the data ids of {s['file']} to check for duplicates ({e}); "

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from logix.errors import StoreError
 from logix.store.format import file_crc32, read_json, write_atomic, write_json_atomic
+from logix.store.paths import inside
 
 TRAJECTORY_DIR = "trajectory"
 TRAJECTORY_FORMAT = "logix-trajectory"
@@ -38,7 +39,8 @@ INDEX = "index.json"
 
 
 def trajectory_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / TRAJECTORY_DIR
+    """The trajectory's directory, checked (`paths.inside`: no link on the way)."""
+    return inside(run_dir, TRAJECTORY_DIR)
 
 
 def checkpoint_name(step: int) -> str:
@@ -68,7 +70,7 @@ class TrajectoryWriter:
 
     def __init__(self, run_dir: str | Path, header: dict[str, Any], overwrite: bool = False):
         self.root = trajectory_dir(run_dir)
-        if (self.root / INDEX).exists() and not overwrite:
+        if inside(self.root, INDEX).exists() and not overwrite:
             raise StoreError(
                 f"{self.root} already holds a recorded trajectory; pass overwrite=True "
                 "to replace it, or record into another run directory"
@@ -160,7 +162,7 @@ class TrajectoryWriter:
             raise StoreError(
                 f"steps must be written in order: expected step {self.index['n_steps']}, got {first}"
             )
-        path = self.root / steps_name(first)
+        path = inside(self.root, steps_name(first))
         text = json.dumps(records, separators=(",", ":"))
         write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         self.index["steps_files"].append({"first": first, "count": len(records), "crc32": file_crc32(path)})
@@ -179,7 +181,7 @@ class TrajectoryWriter:
             "counts": json.dumps(ckpt.counts),
             "initialised": json.dumps(sorted(ckpt.initialised)),
         }
-        path = self.root / checkpoint_name(ckpt.step)
+        path = inside(self.root, checkpoint_name(ckpt.step))
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.index["checkpoints"].append({"step": ckpt.step, "crc32": file_crc32(path)})
         write_json_atomic(self.root / INDEX, self.index)
@@ -231,7 +233,7 @@ class Trajectory:
 
     def __init__(self, run_dir: str | Path):
         self.root = trajectory_dir(run_dir)
-        path = self.root / INDEX
+        path = inside(self.root, INDEX)
         if not path.exists():
             raise StoreError(
                 f"no recorded trajectory in {run_dir}: record one with "
@@ -278,7 +280,7 @@ class Trajectory:
         self.n_steps = min(expected, self.checkpoint_steps[-1])
 
     def _checked(self, name: str, crc: str) -> Path:
-        path = self.root / name
+        path = inside(self.root, name)
         if not path.exists():
             raise StoreError(f"{path} is listed in the trajectory index but missing")
         if file_crc32(path) != crc:
@@ -328,8 +330,8 @@ class Trajectory:
             try:
                 counts = {str(k): int(v) for k, v in json.loads(meta.get("counts", "{}")).items()}
                 initialised = [str(n) for n in json.loads(meta.get("initialised", "[]"))]
-            except (ValueError, TypeError, AttributeError) as e:
-                raise StoreError(f"{path} has damaged metadata ({e})") from e
+            except (ValueError, TypeError, AttributeError, RecursionError) as e:
+                raise StoreError(f"{path} has damaged metadata ({e!r})") from None
         for p in self.parameters:
             t = params.get(p["name"])
             if t is None or list(t.shape) != p["shape"]:

@@ -19,17 +19,16 @@ import torch
 
 from logix.errors import StoreError
 from logix.notices import warn
-from logix.store.format import SHARD_DIR, check_segment_name, index_path
+from logix.store.format import check_segment_name
 from logix.store.ids import DataId, batch_ids, normalise_ids
-from logix.store.index import new_index, read_index, read_indexes
 from logix.store.lock import writer_lock
 from logix.store.manifest import read_manifest
 from logix.store.pending_shard import PendingShard
-from logix.store.rank_index import RankIndex
-from logix.store.recovery import adopt_unindexed, remove_tmp_files
+from logix.store.rank_index import open_rank_index
 from logix.store.shard_io import nonfinite_rows, write_shard
 from logix.store.shard_queue import ShardQueue
 from logix.store.taken_ids import TakenIds
+from logix.store.unclosed import pending_outcome, warn_closed_at_exit, warn_taken_over
 from logix.vocabulary import STORAGE_DTYPES
 
 __all__ = ["StoreWriter", "DataId", "batch_ids", "normalise_ids", "nonfinite_rows"]
@@ -76,24 +75,17 @@ class StoreWriter:
         self.shard_rows = max(1, min(int(shard_rows), int(max_shard_bytes) // (4 * self.width)))
         self.observers = list(observers)
 
-        self._held = writer_lock(self.run_dir, self.rank)  # before touching any file of the rank
+        self._closed_why, self._failed = "", False
+        # before touching any file of the rank; an abandoned writer of this process gives way
+        self._held = writer_lock(self.run_dir, self.rank, give_way=self._give_way)
         try:
-            (self.run_dir / SHARD_DIR).mkdir(exist_ok=True)
-            remove_tmp_files(self.run_dir, self.rank)  # their owner is gone: we hold its lock
-            index = read_index(self.run_dir, self.rank) or new_index(self.rank)
-            others = [i for r, i in read_indexes(self.run_dir).items() if r != self.rank]
-            adopt_unindexed(self.run_dir, index, self.width, self.dtype)
-            self._index = RankIndex(index_path(self.run_dir, self.rank), index, others)
-            # "finalized" turns true when this writer closes cleanly: a reader tells a rank that
-            # stopped early (killed, crashed) from one that finished.
-            self._index.set_finalized(False)
-            self._index.write()
+            self._index = open_rank_index(self.run_dir, self.rank, self.width, self.dtype)
         except BaseException:
             self._held.release()
             raise
         self._segment: str | None = self._index.last_segment()
         self._taken = TakenIds(
-            self.run_dir, self.width, self.dtype, self._index.shards, others, self._index.lock
+            self.run_dir, self.width, self.dtype, self._index.shards, self._index.others, self._index.lock
         )
         self._closed = False
         self._jobs = ShardQueue(
@@ -176,6 +168,7 @@ class StoreWriter:
         here, and a batch with non-finite rows is refused, as by `add`."""
         self._check_open()
         segment = self._segment if self._segment is not None else self._index.next_segment_name()
+        self._taken.check_kind(ids)
         taken = self._taken.check_new(segment, ids)
         bad = [ids[j] for j in nonfinite]
         if bad:
@@ -187,6 +180,8 @@ class StoreWriter:
         if self._segment is None:
             self.start_segment(segment)
         taken.update(ids)
+        if self._taken.kind is None and ids:
+            self._taken.kind = type(ids[0])
         self._pending.append(segment, ids, rows.detach())
 
     def reserve(self, n: int) -> torch.Tensor:
@@ -238,6 +233,37 @@ class StoreWriter:
             self._closed = True
             self._jobs.stop()
 
+    def abandon(self, why: str) -> None:
+        """Stop without finalizing: write the rows accepted so far, leave this rank marked "not
+        finalized" and release the lock (a run whose set-up failed, or one taken over). Any
+        later use raises a StoreError saying `why`. Raises nothing (after a failed `close()`
+        it only makes sure the thread is stopped and the lock released)."""
+        self._closed_why = self._closed_why or why
+        atexit.unregister(self._close_at_exit)
+        try:
+            if not self._closed:
+                self._stop()
+        except Exception:  # noqa: BLE001 - the caller reports the error that led here
+            pass
+        finally:
+            self._held.release()
+
+    def mark_failed(self) -> None:
+        """The run of this writer failed (an exception left one of its blocks): should a later
+        writer of this process ask for this rank, this one gives way (see `_give_way`)."""
+        self._failed = True
+
+    def _give_way(self) -> bool:
+        """A later writer of this process wants this rank's lock. A writer whose run failed (see
+        `mark_failed`) or whose disk writes failed ends now, loudly, and gives way (True); a
+        healthy one keeps its rank (False: the later writer is refused)."""
+        if not (self._failed or self._jobs.error is not None):
+            return False
+        pending = len(self._pending.ids) + self._jobs.queued_rows()
+        self.abandon("another writer of this process has taken over its rank")
+        warn_taken_over(self.run_dir, self.rank, pending_outcome(pending, self._jobs.error))
+        return True
+
     def _close_at_exit(self) -> None:
         """At interpreter exit, write the rows this writer accepted (each is complete and
         checked; losing them silently is the worse outcome), leave the rank marked "not
@@ -249,19 +275,7 @@ class StoreWriter:
             self._stop()
         finally:
             self._held.release()
-        error = self._jobs.error
-        outcome = (
-            f"its {pending} pending rows were written"
-            if error is None
-            else f"its pending rows are lost ({error!r})"
-        )
-        warn(
-            f"logix: the store writer of {self.run_dir} (rank {self.rank}) was never closed: "
-            f"run.finalize() was not called. At exit {outcome}; the rank stays marked not "
-            "finalized and statistics kept in memory were not saved. Call run.finalize() at the "
-            "end (or use `with logix.init(...) as run:`)",
-            RuntimeWarning,
-        )
+        warn_closed_at_exit(self.run_dir, self.rank, pending_outcome(pending, self._jobs.error))
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -278,7 +292,8 @@ class StoreWriter:
     # ----------------------------------------------------------------------------- internals
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreError("the store writer is closed")
+            why = f": {self._closed_why}" if self._closed_why else ""
+            raise StoreError(f"the store writer is closed{why}")
 
     def _check_usable(self) -> None:
         self._check_open()
