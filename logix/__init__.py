@@ -27,10 +27,15 @@ _LAZY = {
     "Scores": ("logix.query.results", "Scores"),
     "TopK": ("logix.query.results", "TopK"),
     "Rerank": ("logix.query.rerank", "Rerank"),
+    "ApproximateIndex": ("logix.query.index", "ApproximateIndex"),
+    "build_index": ("logix.query.index_build", "build_index"),
+    "open_index": ("logix.query.index", "open_index"),
     "SelfInfluence": ("logix.query.results", "SelfInfluence"),
+    "load_result": ("logix.query.results", "load_result"),
     "combined_scores": ("logix.query.segments", "combined_scores"),
     "stagewise_scores": ("logix.query.stagewise", "stagewise_scores"),
     "measurements": ("logix.measurements", None),
+    "render": ("logix.query.render", None),
     "losses": ("logix.losses", None),
 }
 
@@ -46,6 +51,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ApproximateIndex",
     "Block",
     "CaptureError",
     "ChoiceError",
@@ -67,13 +73,17 @@ __all__ = [
     "TokenGradients",
     "TokenScores",
     "TopK",
+    "build_index",
     "collate_with_ids",
     "combined_scores",
     "init",
+    "load_result",
     "losses",
     "measurements",
+    "open_index",
     "open_store",
     "record_trajectory",
+    "render",
     "stagewise_scores",
     "unroll",
     "with_ids",

@@ -29,6 +29,7 @@ RAW_FORMS = ("auto", "eigen", "gram")  # how the raw preconditioner inverts F + 
 VERIFY_LEVELS = ("none", "quick", "full")  # how much of a store open_store checks
 MISSING_RANKS = ("error", "warn")  # what open_store does when a rank the manifest names has no index
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")  # torch.optim classes a recorded trajectory replays exactly
+INDEX_METRICS = ("cosine", "dot")  # approximate indexes: unit rows (cosine, relative modes) or rows as stored
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:

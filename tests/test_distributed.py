@@ -163,7 +163,7 @@ def test_distributed_query_equals_one_process(logged):
         assert torch.equal(got[0].values, got[1].values)  # every rank holds the same result
         torch.testing.assert_close(got[0].values, want.values, rtol=1e-5, atol=1e-6)
         if tag.startswith("top"):
-            assert torch.equal(got[0].indices, want.indices) and got[0].data_ids == want.data_ids
+            assert torch.equal(got[0].indices, want.indices) and got[0].train_ids == want.train_ids
             assert got[0].query_ids == want.query_ids
         else:
             assert got[0].train_ids == want.train_ids
@@ -182,7 +182,7 @@ def test_distributed_query_equals_one_process(logged):
     # The store logged by one process answers the same (its rows agree to 1e-6, in another
     # order: the indices differ, the ids do not).
     single = logix.InfluenceEngine(out / "single", "raw", damping=0.1).top_k(q, k=5)
-    assert single.data_ids == expect["top"].data_ids
+    assert single.train_ids == expect["top"].train_ids
     torch.testing.assert_close(single.values, expect["top"].values, rtol=1e-5, atol=1e-6)
 
 

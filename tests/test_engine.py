@@ -121,7 +121,7 @@ def test_top_k_equals_stable_argsort_with_ties(tmp_path, chunk_rows):
         assert top.indices.shape == (5, k)
         np.testing.assert_array_equal(top.indices.numpy(), ref_i)
         np.testing.assert_array_equal(top.values.numpy(), ref_v)
-        assert top.data_ids == [[store.data_ids[j] for j in row] for row in ref_i]
+        assert top.train_ids == [[store.data_ids[j] for j in row] for row in ref_i]
 
 
 def test_top_k_raw_and_k_above_rows(setup):
@@ -148,13 +148,13 @@ def test_results_round_trip(setup, tmp_path, suffix):
         back = load_result(result.save(tmp_path / f"r{suffix}"))
         assert type(back) is type(result)
         torch.testing.assert_close(back.values, result.values)
-        for name in ("query_ids", "train_ids", "data_ids"):
+        for name in ("query_ids", "train_ids"):
             if hasattr(result, name):
                 assert getattr(back, name) == getattr(result, name)
     engine.top_k(gq, k=3).save(tmp_path / "top.json")
     assert (tmp_path / "top.json").read_text().count("query_id") == 4
-    with pytest.raises(ValueError, match="safetensors or .npz"):
-        engine.scores(gq).save(tmp_path / "scores.csv")
+    with pytest.raises(ValueError, match="ending in .safetensors / .npz / .json / .csv"):
+        engine.scores(gq).save(tmp_path / "scores.txt")
 
 
 def test_float16_store(tmp_path):

@@ -18,6 +18,7 @@ STAGES = {
     "logix.config": 0,
     "logix.comm": 0,
     "logix.version": 0,
+    "logix.progress": 0,
     "logix.notices": 0,
     "logix.store": 1,
     "logix.capture": 2,
@@ -30,6 +31,7 @@ STAGES = {
     "logix.integrations": 6,
     "logix.commands": 6,
     "logix.cli": 6,
+    "logix.__main__": 6,
     "logix.eval": 6,
     "logix.data": 6,
 }

@@ -90,7 +90,7 @@ def test_query_identity_subset_and_show(run):
         (["--queries", "{q}", "--fisher", "true"], "run.fit_curvature"),
         (["--queries", "{q}", "--fisher", "emprical"], "did you mean 'empirical'"),
         (["--queries", "{q}", "--top-k", "0"], "--top-k must be at least 1"),
-        (["--queries", "{q}", "--output", "x.csv"], ".json, .safetensors or .npz"),
+        (["--queries", "{q}", "--output", "x.txt"], "ending in .csv / .json / .safetensors / .npz"),
         (["--queries", "{q}", "--preconditioner", "ekfac"], "fit_curvature"),
         (["--queries", "{q}", "--preconditioner", "raw", "--refine", "2"], "needs preconditioner='ekfac'"),
     ],

@@ -5,14 +5,17 @@
 1. trains an MLP 64-256-10 on 1,397 8×8 digits, logging LoGra gradients (r = 64×64 per layer)
    during the last epoch of real training: three added lines in the loop (see common.py);
 2. prints the store's summary (`logix inspect`);
-3. captures the gradients of a few test images in a query-mode run, scores them against every
-   training image with the `raw` preconditioner, and prints / draws the most helpful and most
-   harmful training images for each (`report.png`, needs the optional matplotlib).
+3. captures the gradients of a few test images in a query-mode run (saved as
+   `queries.safetensors`), scores them against every training image with the `raw`
+   preconditioner, and prints / draws the most helpful and most harmful training images for
+   each: `report.html` (any browser) and `report.png` (needs the optional matplotlib);
+4. prints the `logix` commands that ask the same store more questions from a shell.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import accuracy, load_digits, train_mlp  # noqa: E402
+from figure import draw_report  # noqa: E402
+from render import test_image, train_image  # noqa: E402
 
 import logix  # noqa: E402
 from logix.cli import main as logix_cli  # noqa: E402
@@ -47,66 +52,6 @@ def pick_queries(model, data, n: int) -> list[int]:
         if right:
             chosen.append(right[0])
     return chosen[:n]
-
-
-def draw_report(path: Path, data, queries, preds, scores, helpful, harmful) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    k = helpful.shape[1]
-    cols = 1 + 2 * k
-    fig, axes = plt.subplots(len(queries), cols, figsize=(1.35 * cols + 0.6, 1.6 * len(queries) + 0.6))
-    for r, q in enumerate(queries):
-        row = axes[r]
-        row[0].imshow(data.x_test[q].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-        ok = preds[r] == int(data.y_test[q])
-        row[0].set_title(
-            f"test #{q}\nlabel {int(data.y_test[q])}, pred {preds[r]}",
-            fontsize=8,
-            color="black" if ok else "red",
-            fontweight="bold",
-        )
-        for j in range(k):
-            for idx, ax, colour in (
-                (helpful[r, j], row[1 + j], "tab:green"),
-                (harmful[r, j], row[1 + k + j], "tab:red"),
-            ):
-                i = int(idx)
-                ax.imshow(data.x_train[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-                ax.set_title(
-                    f"#{i} label {int(data.y_train[i])}\n{scores[r, i]:+.3g}", fontsize=7, color=colour
-                )
-        for ax in row:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.text(
-        0.5 * (1 + k) / cols,
-        0.995,
-        "most helpful training images →",
-        ha="center",
-        va="top",
-        color="tab:green",
-        fontsize=10,
-        fontweight="bold",
-    )
-    fig.text(
-        (1 + 1.5 * k) / cols,
-        0.995,
-        "most harmful training images →",
-        ha="center",
-        va="top",
-        color="tab:red",
-        fontsize=10,
-        fontweight="bold",
-    )
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def main(argv=None) -> None:
@@ -145,6 +90,7 @@ def main(argv=None) -> None:
     with query(data_id=queries):
         F.cross_entropy(model(data.x_test[queries]), data.y_test[queries]).backward()
     grads = query.gradients()
+    grads.save(out / "queries.safetensors")  # for `logix top-k` / `logix report` from a shell
     engine = logix.InfluenceEngine(logix.open_store(run_dir), preconditioner="raw", damping=0.1)
     result = engine.scores(grads, mode=args.mode)
     # Columns follow the store's row order (the order rows were logged in): map them to data
@@ -161,27 +107,64 @@ def main(argv=None) -> None:
         f"test images ({args.mode}, raw preconditioner) in {time.perf_counter() - t0:.1f} s "
         "(includes the one-off curvature pass)"
     )
-    table = Table(title="most helpful (+) and most harmful (-) training images")
-    for col in (
-        "test image",
-        "label / pred",
-        "most helpful: #id (label) score",
-        "most harmful: #id (label) score",
-    ):
+    table = Table(
+        title="most helpful (+) and most harmful (-) training images",
+        caption="#id (label) score ÷ that test image's largest |score|: rows compare; "
+        f"raw {args.mode} scores are in report.html",
+    )
+    for col in ("test image", "label / pred", "most helpful", "most harmful"):
         table.add_column(col)
     for r, q in enumerate(queries):
+        peak = float(scores[r].abs().max()) or 1.0
 
-        def fmt(idx, r=r):
-            return ", ".join(f"#{int(i)} ({int(data.y_train[i])}) {scores[r, i]:+.2g}" for i in idx)
+        def fmt(idx, r=r, peak=peak):
+            return ", ".join(f"#{int(i)} ({int(data.y_train[i])}) {scores[r, i] / peak:+.2f}" for i in idx)
 
         mark = "" if preds[r] == int(data.y_test[q]) else " [red]✗[/]"
         table.add_row(f"#{q}", f"{int(data.y_test[q])} / {preds[r]}{mark}", fmt(helpful[r]), fmt(harmful[r]))
     console.print(table)
+    predicted = dict(zip(queries, preds))
+    page = result.report(
+        out / "report.html",
+        k=args.k,
+        render=train_image,
+        render_query=lambda q: test_image(q, predicted[q]),
+        title="Which training digits made the MLP classify these test digits as it did?",
+    )
+    console.print(f"report written to [bold]{page}[/] (open it in a browser)")
     png = out / "report.png"
     if draw_report(png, data, queries, preds, scores, helpful, harmful):
-        console.print(f"report written to [bold]{png}[/]")
+        console.print(f"picture written to [bold]{png}[/]")
     else:
         console.print("matplotlib is not installed (pip install 'logix[plot]'): no report.png")
+
+    # 4. The same store from a shell.
+    console.print("[bold]4. ask more from a shell[/] (`python -m logix` works as `logix`):")
+    for line in shell_commands(run_dir, out / "queries.safetensors", out / "report-cli.html"):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+
+
+def shell_commands(run_dir: Path, queries: Path, page: Path) -> list[str]:
+    """The `logix` commands for this store, with paths as typed from the current directory."""
+    here = Path(__file__).resolve().parent
+
+    def shown(p: Path) -> str:
+        p = Path(p).resolve()
+        try:
+            return shlex.quote(str(p.relative_to(Path.cwd())))
+        except ValueError:
+            return shlex.quote(str(p))
+
+    draw = shown(here / "render.py")
+    return [
+        f"logix inspect {shown(run_dir)}",
+        f"logix top-k {shown(run_dir)} --queries {shown(queries)} -k 5",
+        f"logix top-k {shown(run_dir)} --queries {shown(queries)} -k 5 --harmful "
+        f"-o {shown(page.with_name('harmful.csv'))}",
+        f"logix self-influence {shown(run_dir)} --top 10",
+        f"logix report {shown(run_dir)} --queries {shown(queries)} --render {draw}:train_image "
+        f"--render-query {draw}:test_image -o {shown(page)}",
+    ]
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main() -> None:
             f"(ranks: {store.rank_status()}); test accuracy "
             f"{accuracy(model.cpu(), data.x_test, data.y_test):.3f}"
         )
-        for qid, train_ids, scores in zip(top.query_ids, top.data_ids, top.values.tolist()):
+        for qid, train_ids, scores in zip(top.query_ids, top.train_ids, top.values.tolist()):
             label = int(data.y_test[int(qid.split("-")[1])])
             helpers = ", ".join(
                 f"#{t} (digit {int(data.y_train[t])}, {s:+.2f})" for t, s in zip(train_ids, scores)

@@ -137,15 +137,9 @@ def kronecker_second_moments(
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(p, entities=80, epochs=60)
-    p.set_defaults(d_model=128)  # r = 64 per side is then 8.7% of the exact width
-    p.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--candidates", type=int, default=100)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    console, t0 = Console(), time.perf_counter()
+def final_model(args: argparse.Namespace, console: Console) -> tuple:
+    """(the trained model in eval mode, corpus, cache folder, AdamW second moments, Shampoo
+    statistics): trained once, then read from the cache folder under `args.out`."""
     corpus = generate(n_entities=args.entities, seed=args.seed)
     torch.manual_seed(args.seed)
     model = TinyDecoder(len(corpus.vocab), args.d_model, args.layers, args.heads, max_len=128)
@@ -183,6 +177,19 @@ def main(argv: list[str] | None = None) -> dict:
             save_file({k: t.contiguous() for k, t in tensors.items()}, f)
     model.load_state_dict(final.state)
     model.eval()
+    return model, corpus, out, v, shampoo
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p, entities=80, epochs=60)
+    p.set_defaults(d_model=128)  # r = 64 per side is then 8.7% of the exact width
+    p.add_argument("--ranks", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--candidates", type=int, default=100)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console, t0 = Console(), time.perf_counter()
+    model, corpus, out, v, shampoo = final_model(args, console)
     questions = corpus.test_questions
     relevant = [corpus.fact_documents(q.fact) for q in questions]
     tune, report = list(range(0, len(questions), 2)), list(range(1, len(questions), 2))

@@ -49,6 +49,13 @@ from fact_tracing import (  # noqa: E402
 from models import TinyDecoder  # noqa: E402
 
 
+def highlighted(tokens, own: torch.Tensor, vocab: list[str], i: int) -> logix.render.Html:
+    """Query i's top document, each token coloured by its position's score for query i."""
+    n = int(tokens.mask[i].sum())
+    words = [vocab[t] for t in tokens.token_ids[i][:n].tolist()]
+    return logix.render.tokens(words, own[i, :n])
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p, entities=40, epochs=40)
@@ -116,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     q = query.gradients()
     engine = logix.InfluenceEngine(store, preconditioner="raw", damping=args.damping)
     top = engine.top_k(q, k=1, mode=args.mode)
-    top_docs = [corpus.documents[store.data_ids.index(row[0])] for row in top.data_ids]
+    top_docs = [corpus.documents[store.data_ids.index(row[0])] for row in top.train_ids]
 
     # Recompute the top documents position by position (one document per query).
     for start in range(0, len(top_docs), args.batch):
@@ -168,6 +175,13 @@ def main(argv: list[str] | None = None) -> dict:
                     f"  {rank + 1}. position {t:2d}: {words[t]!r} → {target!r}  "
                     f"{float(scores[t]):+.3g} ({float(scores[t]) / total:.0%} of Σ|terms|)"
                 )
+    page = top.report(
+        args.out / "token-report.html",
+        render=lambda doc_id, query_id: highlighted(tokens, own, vocab, int(query_id)),
+        render_query=lambda i: f"{questions[int(i)].prompt} {questions[int(i)].answer}",
+        title="Which positions of the top document made the model answer?",
+    )
+    console.print(f"token highlights of each question's top document: {page}")
     elapsed = time.perf_counter() - t0
     console.print(
         f"\n{len(questions)} questions ({args.mode}); the top document states the fact for {stated}. "

@@ -40,13 +40,12 @@ from logix.curvature.statistics import (  # noqa: F401  (the file format's names
     statistics_from,
     statistics_metadata,
 )
+from logix.progress import ProgressFn  # noqa: F401  (re-exported: fn(phase, done, total))
 from logix.store.cache import load_cache, rows_key, save_cache
 from logix.store.format import ModuleInfo, StoreError, curvature_dir
 from logix.vocabulary import FACTOR_STATISTICS
 
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU
-
-ProgressFn = Callable[[str, int, int], None]  # (phase, rows done, rows total)
 
 
 class Accumulator(Protocol):

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from logix import comm
-from logix.curvature.covariance import ProgressFn
+from logix.progress import ProgressBars, ProgressFn, closing
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
 from logix.query.engine_setup import check_store_ready, checked_fisher, engine_device, engine_preconditioner
 from logix.query.local_rows import LocalRows
 from logix.query.queries import selected_modules, shared_queries
-from logix.query.results import Scores, SelfInfluence, TopK, save_columns
+from logix.query.result_files import save_columns
+from logix.query.results import Scores, SelfInfluence, TopK
 from logix.query.topk import INDEX_BITS, unpack
 from logix.query.transfer import DEFAULT_CHUNK_BYTES, rows_per_chunk
 from logix.store.gradients import Gradients
@@ -45,6 +46,7 @@ from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice, re
 
 if TYPE_CHECKING:
     from logix.capture.tokens import TokenGradients
+    from logix.query.index import ApproximateIndex
     from logix.query.rerank import Rerank
     from logix.query.tokens import TokenScores
 
@@ -64,13 +66,19 @@ class InfluenceEngine:
     statistics for the preconditioner (with a notice), else "empirical"; mode: the default score mode of the
     methods; modules: names to include (default all); device: default CUDA when available;
     chunk_bytes: bytes of one float32 chunk of train rows (three host buffers: scored, read
-    ahead, being read; a store of one chunk is kept resident); progress:
-    optional `fn(phase, rows_done, rows_total)`.
+    ahead, being read; a store of one chunk is kept resident); progress: a callback
+    `fn(phase, done, total)` for every pass (default: rich bars on stderr, rows/s and ETA, when
+    stderr is a terminal, `logix.progress.ProgressBars`); quiet: no bars.
 
     distributed=True: every rank of the torch.distributed group builds the engine on the same
     store and calls the same methods with the same queries; each rank streams only its share
     of the shards (contiguous, balanced by rows) and every rank gets the whole result, equal
     to one process's. Without a process group it is one rank: the same code path.
+
+    index: answer `top_k` (and re-ranking's first stage) from an approximate index instead of
+    scanning the store: an `ApproximateIndex` (`logix.build_index` / `logix.open_index`) or
+    "saved" (the run directory's index for `mode`, checked to be current); identity
+    preconditioner only (see `logix.query.index`). Default None: the exact scan.
 
     Renamed (warn once): damping_absolute= → absolute_damping=; chunk_rows= (rows) → chunk_bytes=.
     """
@@ -93,6 +101,8 @@ class InfluenceEngine:
         mode: str | None = None,
         damping_absolute: bool | None = None,
         chunk_rows: int | None = None,
+        quiet: bool = False,
+        index: ApproximateIndex | str | None = None,
     ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
@@ -114,7 +124,7 @@ class InfluenceEngine:
         )
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
-        self.progress = progress
+        self.progress = progress = ProgressBars(quiet=quiet) if progress is None else progress
         self.device = engine_device(device)  # checked now; device=0 is cuda:0
         check_store_ready(store)
         fisher = checked_fisher(store, preconditioner, refine, fisher)
@@ -122,27 +132,33 @@ class InfluenceEngine:
         self.distributed = bool(distributed)
         # The rows this process streams: its share of the shards, or all of them.
         self._rows = local_share(store) if self.distributed else store
-        self.preconditioner = engine_preconditioner(
-            store,
-            self._rows,
-            preconditioner,
-            damping,
-            refine,
-            fisher,
-            absolute_damping=absolute_damping,
-            refine_method=refine_method,
-            modules=self.modules,
-            device=self.device,
-            chunk_rows=self.chunk_rows,
-            progress=progress,
-            distributed=self.distributed,
-        )
+        with closing(progress):  # an error mid-build leaves no bar drawn
+            self.preconditioner = engine_preconditioner(
+                store,
+                self._rows,
+                preconditioner,
+                damping,
+                refine,
+                fisher,
+                absolute_damping=absolute_damping,
+                refine_method=refine_method,
+                modules=self.modules,
+                device=self.device,
+                chunk_rows=self.chunk_rows,
+                progress=progress,
+                distributed=self.distributed,
+            )
         self.fisher = fisher
         self.refine = int(refine)
         self._selected = self.preconditioner.selected
         self._local = LocalRows(
             self._rows, store, self.preconditioner, self.device, self.chunk_rows, progress
         )
+        if index is not None:
+            from logix.query.index import engine_index
+
+            index = engine_index(self, index)
+        self.index = index
 
     @property
     def refinement_residuals(self) -> torch.Tensor | None:
@@ -219,7 +235,8 @@ class InfluenceEngine:
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            return self._local.score_columns(qp, qnorm, mode, per_module)
+            with closing(self.progress):
+                return self._local.score_columns(qp, qnorm, mode, per_module)
 
         return (comm.together(compute) if self.distributed else compute()), qids
 
@@ -229,6 +246,8 @@ class InfluenceEngine:
         Ties go to the lower train index (the result equals a stable descending argsort of the
         full matrix). A k above the number of train rows returns all rows (k = n_train).
         `rerank`: re-rank the top candidates by their best window of positions (`query/rerank.py`).
+        With the engine's `index`, the top k come from the approximate index (re-ranking's
+        candidates too), in the same order convention, with `.meta["index"]`.
         """
         mode = self._mode(mode)
         if rerank is not None:
@@ -238,10 +257,15 @@ class InfluenceEngine:
         k = min(int(k), len(self.store))
         if len(self.store) >= 1 << INDEX_BITS:
             raise ValueError("top_k handles segments of fewer than 2**32 rows; split the store")
+        if self.index is not None:
+            from logix.query.index_top_k import index_top_k
+
+            return index_top_k(self, self.index, q, k, mode)
         qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
 
         def compute() -> torch.Tensor:
-            return self._local.best(qp, qnorm, mode, k)
+            with closing(self.progress):
+                return self._local.best(qp, qnorm, mode, k)
 
         if self.distributed:  # keys carry global train indices: the merge is one more top-k
             best = merge_top_k(comm.together(compute), k)
@@ -249,8 +273,8 @@ class InfluenceEngine:
             best = compute()
         best_v, best_i = unpack(best.cpu())
         train = self.store.data_ids
-        data_ids = [[train[j] for j in row] for row in best_i.tolist()]
-        return TopK(best_v, best_i, data_ids, qids, mode, self._meta())
+        train_ids = [[train[j] for j in row] for row in best_i.tolist()]
+        return TopK(best_v, best_i, train_ids, qids, mode, self._meta())
 
     def token_scores(
         self, q: Queries, tokens: TokenGradients, mode: str | None = None, per_module: bool = False
@@ -270,7 +294,8 @@ class InfluenceEngine:
         mode = self._mode(mode, SELF_INFLUENCE_MODES, "self-influence mode")
 
         def compute() -> torch.Tensor:
-            return self._local.self_influence(mode, per_module)
+            with closing(self.progress):
+                return self._local.self_influence(mode, per_module)
 
         values = comm.all_gather_columns(comm.together(compute)) if self.distributed else compute()
         return SelfInfluence(

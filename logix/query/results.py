@@ -1,69 +1,70 @@
 """Results of influence queries: score matrices, top-k lists, self-influence, with data ids.
 
-Each result saves to `.safetensors` (tensors + ids as JSON metadata), `.npz` (arrays; ids as
-arrays) or, for top-k and self-influence, `.json`; the suffix picks the format. In every file
-the training examples' ids are `train_ids` and the queries' `query_ids` (a top-k's `train_ids`
-is [n_query, k], its `.data_ids` attribute). `load_result`
-reads the first two back. Nothing is pickled.
+Every result names the training examples' ids `.train_ids` and the queries' `.query_ids`;
+prints as a short summary (shape, mode, a few ids); converts with `.to_numpy()` and
+`.to_pandas()` (pandas optional); saves with `.save(path)` as .safetensors, .npz, .json or .csv
+(`result_files.py`), read back by `logix.load_result`; and draws an HTML page with `.report(path)`
+(`report.py`). A positive score means the training example helps the query.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from logix import comm
-from logix.store.format import write_atomic
+from logix.query.result_files import (  # noqa: F401  (save_columns, write_scores: the engine's)
+    RESULT_FORMAT,
+    load_json,
+    save_arrays,
+    save_columns,
+    save_csv,
+    save_json,
+    suffix_of,
+    write_scores,
+)
 from logix.store.tagged import read_tagged
 
 DataId = int | str
-RESULT_FORMAT = "logix-result"
 
 
-def _ids_array(ids: list) -> np.ndarray:
-    """Ids as a numpy array: int64 when all are ints, else unicode strings."""
-    if all(isinstance(i, int) for i in ids):
-        return np.asarray(ids, dtype=np.int64).reshape(-1)
-    return np.asarray([str(i) for i in ids], dtype=np.str_).reshape(-1)
+def few(ids: list, n: int = 3) -> str:
+    """The first n ids and how many more: `[0, 1, 2, … 1394 more]`."""
+    shown = ", ".join(repr(i) for i in ids[:n])
+    return f"[{shown}{f', … {len(ids) - n} more' if len(ids) > n else ''}]"
 
 
-def _save(
-    path: str | Path, kind: str, tensors: dict[str, torch.Tensor], ids: dict[str, Any], meta: dict[str, Any]
-) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        md = {
-            "format": RESULT_FORMAT,
-            "kind": kind,
-            "meta": json.dumps(meta),
-            **{k: json.dumps(v) for k, v in ids.items()},
-        }
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=md)
-    elif suffix == ".npz":
-        arrays = {k: v.detach().cpu().numpy() for k, v in tensors.items()}
-        for k, v in ids.items():
-            if kind == "top_k" and k == "train_ids":  # list of lists: a [n_query, k] array
-                arrays[k] = np.stack([_ids_array(r) for r in v]) if v else np.zeros((0, 0), np.int64)
-            else:
-                arrays[k] = _ids_array(v)
-        np.savez(path, kind=np.asarray(kind), meta=np.asarray(json.dumps(meta)), **arrays)
-    else:
-        raise ValueError(f"cannot save to {path}: use a .safetensors or .npz file name")
-    return path
+def _describe(name: str, values: torch.Tensor, mode: str, meta: dict, ids: str) -> str:
+    pre = f", preconditioner={meta['preconditioner']!r}" if meta.get("preconditioner") else ""
+    dtype = str(values.dtype).removeprefix("torch.")
+    return f"{name}(values {list(values.shape)} {dtype}, mode={mode!r}{pre}, {ids})"
 
 
-@dataclass
+def _no_data_ids(result: Any) -> Any:
+    """`.data_ids` of a result: an error naming `.train_ids` (TopK's old name for them), never
+    a fallback that quietly gives something else."""
+    name = type(result).__name__
+    raise AttributeError(f"{name} has no .data_ids: its training examples' ids are {name}.train_ids")
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as e:
+        raise ImportError(
+            "to_pandas() needs pandas: pip install pandas (or pip install 'logix[pandas]')"
+        ) from e
+    return pandas
+
+
+@dataclass(repr=False)
 class Scores:
-    """values: [n_query, n_train] (or [n_modules, n_query, n_train] with `modules` set)."""
+    """values: [n_query, n_train] (or [n_modules, n_query, n_train] with `modules` set);
+    values[..., i, j] is the score of train example train_ids[j] for query query_ids[i]."""
 
     values: torch.Tensor
     query_ids: list[DataId]
@@ -72,58 +73,152 @@ class Scores:
     modules: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def numpy(self) -> np.ndarray:
+    data_ids = property(lambda self: _no_data_ids(self))
+
+    def __repr__(self) -> str:
+        mods = f"modules={self.modules}, " if self.modules else ""
+        ids = f"{mods}query_ids={few(self.query_ids)}, train_ids={few(self.train_ids)}"
+        return _describe("Scores", self.values, self.mode, self.meta, ids)
+
+    def to_numpy(self) -> np.ndarray:
+        """values as a numpy array (same shape)."""
         return self.values.cpu().numpy()
 
+    numpy = to_numpy
+
+    def to_pandas(self) -> Any:
+        """A DataFrame: one row per query (index `query_id`; with modules a (module, query_id)
+        MultiIndex), one column per train id."""
+        pd = _pandas()
+        v = self.values.cpu().numpy()
+        if self.modules is None:
+            return pd.DataFrame(v, index=pd.Index(self.query_ids, name="query_id"), columns=self.train_ids)
+        index = pd.MultiIndex.from_product([self.modules, self.query_ids], names=["module", "query_id"])
+        return pd.DataFrame(v.reshape(-1, v.shape[-1]), index=index, columns=self.train_ids)
+
+    def total(self) -> torch.Tensor:
+        """[n_query, n_train]: the values, summed over modules when per module."""
+        return self.values if self.modules is None else self.values.sum(0)
+
+    def top_k(self, k: int = 10, harmful: bool = False) -> TopK:
+        """Per query the k highest scores (harmful=True: the k lowest, most negative first), ties
+        to the lower train index, as `InfluenceEngine.top_k` gives them."""
+        total = self.total()
+        k = max(0, min(int(k), total.shape[1]))
+        order = torch.sort(-total if harmful else total, dim=1, descending=True, stable=True).indices[:, :k]
+        ids = [[self.train_ids[j] for j in row] for row in order.tolist()]
+        return TopK(total.gather(1, order), order, ids, list(self.query_ids), self.mode, dict(self.meta))
+
+    def report(self, path: str | Path, k: int = 5, **options: Any) -> Path:
+        """One self-contained HTML page: per query its k most helpful and k most harmful
+        training examples (see `logix.query.report.write_report` for `options`: render, ...)."""
+        from logix.query.report import write_report
+
+        return write_report(path, self.top_k(k), self.top_k(k, harmful=True), **options)
+
     def save(self, path: str | Path) -> Path:
-        return _save(
-            path,
-            "scores",
-            {"values": self.values},
-            {"query_ids": self.query_ids, "train_ids": self.train_ids},
-            {"mode": self.mode, "modules": self.modules, **self.meta},
-        )
+        """Write to .safetensors / .npz (read back by `logix.load_result`), .json or .csv (one line
+        per query, `query_id` then one column per train id; per module a `module` column first)."""
+        meta = {"mode": self.mode, "modules": self.modules, **self.meta}
+        suffix = suffix_of(path)
+        if suffix == ".json":
+            ids = {"query_ids": self.query_ids, "train_ids": self.train_ids}
+            return save_json(path, {"kind": "scores", "meta": meta, **ids, "values": self.values.tolist()})
+        if suffix == ".csv":
+            first = ["query_id"] if self.modules is None else ["module", "query_id"]
+            names = [None] if self.modules is None else self.modules
+            rows = (
+                [*([] if m is None else [m]), q, *values]
+                for m, block in zip(names, self.values.reshape(len(names), *self.values.shape[-2:]).tolist())
+                for q, values in zip(self.query_ids, block)
+            )
+            return save_csv(path, [*first, *map(str, self.train_ids)], rows)
+        ids = {"query_ids": self.query_ids, "train_ids": self.train_ids}
+        return save_arrays(path, "scores", {"values": self.values}, ids, meta)
 
 
-@dataclass
+@dataclass(repr=False)
 class TopK:
-    """values / indices: [n_query, k], best first; data_ids[i][j] is train id of indices[i, j]."""
+    """values / indices: [n_query, k], best first; train_ids[i][j] is the train id of row
+    indices[i, j] of the store; positions [n_query, k, 2]: (start, stop) after re-ranking."""
 
     values: torch.Tensor
     indices: torch.Tensor
-    data_ids: list[list[DataId]]
+    train_ids: list[list[DataId]]
     query_ids: list[DataId]
     mode: str = "dot"
     meta: dict[str, Any] = field(default_factory=dict)
     positions: torch.Tensor | None = None  # [n_query, k, 2] (start, stop): see `query.rerank`
 
-    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values, indices) as numpy arrays."""
+    data_ids = property(lambda self: _no_data_ids(self))
+
+    def __repr__(self) -> str:
+        first = self.train_ids[0] if self.train_ids else []
+        ids = f"query_ids={few(self.query_ids)}, train_ids[0]={few(first)}"
+        return _describe("TopK", self.values, self.mode, self.meta, ids)
+
+    def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values, indices) as numpy arrays, [n_query, k] each."""
         return self.values.cpu().numpy(), self.indices.cpu().numpy()
 
+    numpy = to_numpy
+
+    def rows(self) -> list[list]:
+        """One list per (query, rank): query_id, rank (1 = best), train_id, index, score[, start, stop]."""
+        out = []
+        spans = None if self.positions is None else self.positions.tolist()
+        for i, (q, ids, vals, idx) in enumerate(
+            zip(self.query_ids, self.train_ids, self.values.tolist(), self.indices.tolist())
+        ):
+            for j, (tid, v, x) in enumerate(zip(ids, vals, idx)):
+                out.append([q, j + 1, tid, x, v, *([] if spans is None else spans[i][j])])
+        return out
+
+    def columns(self) -> list[str]:
+        return [
+            "query_id",
+            "rank",
+            "train_id",
+            "index",
+            "score",
+            *([] if self.positions is None else ["start", "stop"]),
+        ]
+
+    def to_pandas(self) -> Any:
+        """A long DataFrame: one row per (query, rank), columns as `rows()`."""
+        return _pandas().DataFrame(self.rows(), columns=self.columns())
+
+    def report(self, path: str | Path, harmful: TopK | None = None, **options: Any) -> Path:
+        """One self-contained HTML page of these training examples per query (and, given
+        `harmful`, e.g. `scores.top_k(k, harmful=True)`, the most harmful ones beside them)."""
+        from logix.query.report import write_report
+
+        return write_report(path, self, harmful, **options)
+
     def save(self, path: str | Path) -> Path:
+        """Write to .safetensors / .npz (read back by `logix.load_result`), .json or .csv (one line
+        per (query, rank))."""
         meta = {"mode": self.mode, **self.meta}
-        if Path(path).suffix.lower() == ".json":
-            return _save_json(
-                path,
-                {
-                    "kind": "top_k",
-                    "meta": meta,
-                    "results": [
-                        {"query_id": q, "train_ids": ids, "scores": vals, "indices": idx}
-                        for q, ids, vals, idx in zip(
-                            self.query_ids, self.data_ids, self.values.tolist(), self.indices.tolist()
-                        )
-                    ],
-                },
-            )
+        suffix = suffix_of(path)
+        if suffix == ".csv":
+            return save_csv(path, self.columns(), self.rows())
+        if suffix == ".json":
+            results = [
+                {"query_id": q, "train_ids": ids, "scores": vals, "indices": idx}
+                for q, ids, vals, idx in zip(
+                    self.query_ids, self.train_ids, self.values.tolist(), self.indices.tolist()
+                )
+            ]
+            return save_json(path, {"kind": "top_k", "meta": meta, "results": results})
         tensors = {"values": self.values, "indices": self.indices}
         if self.positions is not None:
             tensors["positions"] = self.positions
-        return _save(path, "top_k", tensors, {"query_ids": self.query_ids, "train_ids": self.data_ids}, meta)
+        return save_arrays(
+            path, "top_k", tensors, {"query_ids": self.query_ids, "train_ids": self.train_ids}, meta
+        )
 
 
-@dataclass
+@dataclass(repr=False)
 class SelfInfluence:
     """values: [n_train] = I(z, z) (or [n_modules, n_train] with `modules` set)."""
 
@@ -133,124 +228,80 @@ class SelfInfluence:
     modules: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def numpy(self) -> np.ndarray:
+    data_ids = property(lambda self: _no_data_ids(self))
+
+    def __repr__(self) -> str:
+        mods = f"modules={self.modules}, " if self.modules else ""
+        return _describe(
+            "SelfInfluence", self.values, self.mode, self.meta, f"{mods}train_ids={few(self.train_ids)}"
+        )
+
+    def to_numpy(self) -> np.ndarray:
         return self.values.cpu().numpy()
+
+    numpy = to_numpy
+
+    def total(self) -> torch.Tensor:
+        """[n_train]: the values, summed over modules when per module."""
+        return self.values if self.values.ndim == 1 else self.values.sum(0)
 
     def top(self, k: int = 10) -> list[tuple[DataId, float]]:
         """The k train examples of highest self-influence (outlier / mislabel candidates)."""
-        total = self.values if self.values.ndim == 1 else self.values.sum(0)
+        total = self.total()
         order = torch.sort(total, descending=True, stable=True).indices[:k]
         return [(self.train_ids[i], float(total[i])) for i in order.tolist()]
 
+    def rows(self) -> list[list]:
+        """One list per train row: train_id, index, self_influence[, one value per module]."""
+        per = [] if self.modules is None else self.values.T.tolist()
+        return [
+            [tid, j, v, *(per[j] if per else [])]
+            for j, (tid, v) in enumerate(zip(self.train_ids, self.total().tolist()))
+        ]
+
+    def columns(self) -> list[str]:
+        return ["train_id", "index", "self_influence", *(self.modules or [])]
+
+    def to_pandas(self) -> Any:
+        """A DataFrame: one row per train example, columns as `rows()`."""
+        return _pandas().DataFrame(self.rows(), columns=self.columns())
+
     def save(self, path: str | Path) -> Path:
+        """Write to .safetensors / .npz (read back by `logix.load_result`), .json or .csv."""
         meta = {"mode": self.mode, "modules": self.modules, **self.meta}
-        if Path(path).suffix.lower() == ".json":
-            return _save_json(
-                path,
-                {
-                    "kind": "self_influence",
-                    "meta": meta,
-                    "train_ids": self.train_ids,
-                    "values": self.values.tolist(),
-                },
-            )
-        return _save(path, "self_influence", {"values": self.values}, {"train_ids": self.train_ids}, meta)
-
-
-def write_scores(
-    path: str | Path, shape: tuple[int, ...], blocks: Iterable[torch.Tensor], like: Scores
-) -> Path:
-    """Write a score matrix of `shape` ([n_query, n_train] or [n_modules, n_query, n_train])
-    to a .safetensors file as `Scores.save` does, from `blocks` of consecutive matrix rows
-    ([b, n_train] float32, the leading dims flattened), so it is never whole in memory. Ids,
-    mode and meta come from `like`. The file appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n_train = shape[-1]
-    total = 1
-    for d in shape:
-        total *= int(d)
-    meta = {"mode": like.mode, "modules": like.modules, **like.meta}
-    md = {
-        "format": RESULT_FORMAT,
-        "kind": "scores",
-        "meta": json.dumps(meta),
-        "query_ids": json.dumps(like.query_ids),
-        "train_ids": json.dumps(like.train_ids),
-    }
-    header = {
-        "__metadata__": md,
-        "values": {"dtype": "F32", "shape": list(shape), "data_offsets": [0, 4 * total]},
-    }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-
-    def write(tmp: Path) -> None:
-        written = 0
-        with open(tmp, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little") + raw)
-            for block in blocks:
-                block = block.detach().to("cpu", torch.float32).contiguous()
-                if block.ndim != 2 or block.shape[1] != n_train:
-                    raise ValueError(f"score block of shape {tuple(block.shape)}; expected [rows, {n_train}]")
-                f.write(memoryview(block.numpy()).cast("B"))
-                written += block.numel()
-        if written != total:
-            raise ValueError(f"the score blocks hold {written} values; the matrix {list(shape)} has {total}")
-
-    write_atomic(path, write)
-    return path
-
-
-def save_columns(
-    path: str | Path, out: torch.Tensor, n_train: int, like: Scores, distributed: bool, block_bytes: int
-) -> Path:
-    """Write a score matrix whose last dim this process holds a column block of (`out`
-    [..., n_local]; all of it in one process) as `write_scores` does: rank 0 gathers and
-    writes about `block_bytes` of matrix rows at a time, the other ranks send theirs."""
-    rows = out.reshape(-1, out.shape[-1])  # [(n_modules ·) n_query, n_local]
-    step = max(1, int(block_bytes) // (4 * n_train))
-    blocks = (
-        (comm.gather_columns_to(rows[b : b + step]) if distributed else rows[b : b + step])
-        for b in range(0, rows.shape[0], step)
-    )
-    shape = (*out.shape[:-1], n_train)
-
-    def write() -> None:
-        try:
-            write_scores(path, shape, blocks, like)
-        finally:
-            for _ in blocks:  # other ranks wait in the gather until every block is taken
-                pass
-
-    if comm.rank_and_world()[0] == 0 or not distributed:
-        comm.together(write)
-    else:
-        comm.together(lambda: [None for _ in blocks])
-    return Path(path)
-
-
-def _save_json(path: str | Path, obj: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    return path
+        suffix = suffix_of(path)
+        if suffix == ".csv":
+            return save_csv(path, self.columns(), self.rows())
+        if suffix == ".json":
+            obj = {
+                "kind": "self_influence",
+                "meta": meta,
+                "train_ids": self.train_ids,
+                "values": self.values.tolist(),
+            }
+            return save_json(path, obj)
+        return save_arrays(
+            path, "self_influence", {"values": self.values}, {"train_ids": self.train_ids}, meta
+        )
 
 
 def load_result(path: str | Path) -> Scores | TopK | SelfInfluence:
-    """Read a result written by `.save(path)` as .safetensors or .npz."""
+    """Read a result written by `.save(path)` as .safetensors, .npz or .json."""
     path = Path(path)
-    if path.suffix.lower() == ".safetensors":
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
         tensors, md = read_tagged(path, RESULT_FORMAT, "a logix result file", error=ValueError)
         kind, meta = md["kind"], json.loads(md["meta"])
         ids = {k: json.loads(v) for k, v in md.items() if k.endswith("ids")}
-    elif path.suffix.lower() == ".npz":
+    elif suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             kind, meta = str(z["kind"]), json.loads(str(z["meta"]))
             tensors = {k: torch.from_numpy(z[k]) for k in ("values", "indices", "positions") if k in z}
             ids = {k: z[k].tolist() for k in z.files if k.endswith("ids")}
+    elif suffix == ".json":
+        kind, meta, tensors, ids = load_json(path)
     else:
-        raise ValueError(f"cannot load {path}: use a .safetensors or .npz file")
+        raise ValueError(f"cannot load {path}: use a .safetensors, .npz or .json file")
     mode = meta.pop("mode", "dot")
     if kind == "scores":
         return Scores(

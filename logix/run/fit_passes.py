@@ -28,6 +28,7 @@ class RunFitPasses:
         statistics: list[str] | tuple[str, ...] | None = None,
         mass: float = 1.0,
         on_rows: Callable[[list, torch.Tensor], None] | None = None,
+        total: int | None = None,
     ) -> StatisticsPass:
         """A pass over training data that computes curvature statistics needing the model, for
         a segment (default: the current one), without writing rows. The files are saved on exit,
@@ -49,7 +50,8 @@ class RunFitPasses:
         `fit.backward(logits, label_mask=...)` backpropagates one pass per class slot (and
         target position). mass < 1 keeps, per position, the most probable classes up to that
         probability mass (`logix.capture.fisher`); on_rows(ids, rows [n, D]) receives every
-        pass's pseudo-gradient rows (e.g. for an exact reference on a small model).
+        pass's pseudo-gradient rows (e.g. for an exact reference on a small model). total: the
+        number of batches the pass will see (e.g. `len(loader)`), for a progress bar on stderr.
         """
         if fisher not in ("empirical", "true"):
             raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
@@ -87,7 +89,7 @@ class RunFitPasses:
         if fisher == "empirical" or "kfac" in kinds:
             check_factor_dims(self.modules)
         if fisher == "empirical":
-            return CurvaturePass(self, segment)
+            return CurvaturePass(self, segment).show_progress(total)
         stats = TrueFisherStatistics(
             self.run_dir,
             segment,
@@ -98,23 +100,24 @@ class RunFitPasses:
             mass=mass,
             on_rows=on_rows,
         )
-        return TrueFisherPass(self, stats)
+        return TrueFisherPass(self, stats).show_progress(total)
 
-    def fit_projections(self, fisher: str = "empirical") -> StatisticsPass:
+    def fit_projections(self, fisher: str = "empirical", total: int | None = None) -> StatisticsPass:
         """The statistics pass of `projection.kind: pca`: inside `with run.fit_projections():`,
         `with run(data_id=ids): loss.backward()` blocks accumulate each module's activation and
         output-gradient covariances; on exit P_in, P_out become their top eigenvectors and the
         store is created. Nothing is written during the pass; the model is not changed.
         fisher="true": the output side under the model's own predictions (Gauss–Newton), with
         `with run.fit_projections(fisher="true") as fit:` / `with fit(data_id=ids):
-        fit.backward(model(x))`; see `logix.run.passes`."""
+        fit.backward(model(x))`; see `logix.run.passes`. total: the number of batches, for a
+        progress bar on stderr."""
         if self._covariances is None:
             raise CaptureError(
                 "fit_projections() is for a new store with projection.kind 'pca' or 'kfac-whitened', "
                 "after run.watch(model)"
             )
         self._covariances.begin(fisher)
-        return ProjectionPass(self, fisher)
+        return ProjectionPass(self, fisher).show_progress(total)
 
     def finish_projections(self) -> None:
         """End of the PCA pass: P_in, P_out from the covariances (summed over ranks); creates

@@ -36,6 +36,7 @@ from logix.capture.hooks import Sink, check_batch_mask
 from logix.capture.rows import RowSink
 from logix.curvature.fit import TrueFisherStatistics
 from logix.errors import CaptureError
+from logix.progress import ProgressBars, closing
 from logix.run.block import Block, Pass
 from logix.store.writer import batch_ids
 
@@ -48,6 +49,14 @@ class StatisticsPass(Pass):
     def __init__(self, run: Any):
         super().__init__(run)
         self.open = False
+        self.progress: ProgressBars | None = None  # with a known number of batches
+        self.total = self.blocks = 0
+
+    def show_progress(self, total: int | None, quiet: bool = False) -> StatisticsPass:
+        """Draw a progress bar over `total` batches (blocks) on stderr, when it is a terminal."""
+        if total is not None:
+            self.progress, self.total = ProgressBars(quiet=quiet), int(total)
+        return self
 
     def __enter__(self) -> StatisticsPass:
         self.run.begin_pass(self)
@@ -57,9 +66,16 @@ class StatisticsPass(Pass):
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.open = False
-        self.run.end_pass(self)
-        self.end(ok=exc_type is None)
+        with closing(self.progress):
+            self.run.end_pass(self)
+            self.end(ok=exc_type is None)
         return False
+
+    def exit_block(self, block: Block) -> None:
+        super().exit_block(block)
+        self.blocks += 1
+        if self.progress is not None:
+            self.progress("pass", min(self.blocks, self.total), self.total)
 
     def __call__(self, data_id: Any, mask: torch.Tensor | None = None) -> Block:
         """A context for one batch: one id per example; `mask` [B, T] marks real (1) and

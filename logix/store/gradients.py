@@ -21,7 +21,7 @@ from logix.store.tagged import read_tagged
 DataId = int | str
 
 
-@dataclass
+@dataclass(repr=False)
 class Gradients:
     """Rows of projected gradients with their ids.
 
@@ -43,6 +43,14 @@ class Gradients:
 
     def __len__(self) -> int:
         return self.values.shape[0]
+
+    def __repr__(self) -> str:
+        """A summary (shape, modules, a few ids): printing never dumps every value."""
+        ids = ", ".join(repr(i) for i in self.data_ids[:3])
+        more = f", … {len(self.data_ids) - 3} more" if len(self.data_ids) > 3 else ""
+        names = [m.name for m in self.modules]
+        shown = names if len(names) <= 4 else [*names[:4], f"… {len(names) - 4} more"]
+        return f"Gradients(values {list(self.values.shape)}, modules={shown}, data_ids=[{ids}{more}])"
 
     def module(self, name: str) -> torch.Tensor:
         """The block of one module, reshaped to [n, r_out, r_in]."""

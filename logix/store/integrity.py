@@ -16,7 +16,9 @@ from logix.store.shard_io import damage_fix
 from logix.store.tagged import checksum_matches, read_tagged
 
 _CRC_BLOCK = 16 << 20
-CURVATURE_FORMATS = ("logix-curvature", "logix-eigen", "logix-ekfac-eigenvalues")
+# Every kind of file under curvature/: statistics, and the caches derived from them (eigen, EK-FAC
+# eigenvalues, the Gram form's K = G Gᵀ of curvature/precondition.py).
+CURVATURE_FORMATS = ("logix-curvature", "logix-eigen", "logix-ekfac-eigenvalues", "logix-gram")
 
 
 def verify_shards(store: Any, full: bool) -> None:
