@@ -168,3 +168,15 @@ def test_fired_by_another_capture_path_counts(tmp_path):
             block.capture.fired.add("unused")
             F.cross_entropy(model(x), y).backward()
     assert len(logix.open_store(tmp_path / "r").data_ids) == 3
+
+
+def test_only_stacks_of_matrices_are_called_stacked():
+    """Experts [E, d_out, d_in] are a stack; a [1, 1, d] class token or a [1, T, d] position table
+    (ViT) is one added tensor that the coverage table lists, not a mixture of experts."""
+    from logix.capture.experts import stacked_parameters
+
+    holder = nn.Module()
+    holder.experts = nn.Parameter(torch.zeros(4, 6, 3))
+    holder.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+    holder.positions = nn.Parameter(torch.zeros(1, 5, 8))
+    assert [name for name, *_ in stacked_parameters(holder)] == ["experts"]

@@ -7,6 +7,8 @@ captures them, the notice names them and their share of the model's parameters."
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from logix.capture.per_sample import layer_type
@@ -15,14 +17,17 @@ from logix.notices import warn
 
 
 def stacked_parameters(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape, numel) of every ≥3-D parameter held directly by a module that is neither a
-    layer type logix captures nor a torch convolution."""
+    """(name, shape, numel) of every stack of matrices (a ≥3-D parameter whose leading axes hold
+    more than one matrix) held directly by a module that is neither a layer type logix captures
+    nor a torch convolution. A ≥3-D parameter with leading axes of size 1 (ViT's `cls_token`
+    [1, 1, d], a position table [1, T, d]) is one added tensor, not a stack: the coverage table
+    lists it with the other parameters not captured."""
     found = []
     for name, module in named_modules(model):
         if layer_type(module) is not None or isinstance(module, nn.modules.conv._ConvNd):
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 3:
+            if p.ndim >= 3 and math.prod(p.shape[:-2]) > 1:
                 found.append((f"{name}.{pname}" if name else pname, tuple(p.shape), p.numel()))
     return found
 
