@@ -96,3 +96,15 @@ def test_an_in_memory_cache_does_not_outlive_its_store(tmp_path, monkeypatch, ki
     shutil.rmtree(a)
     shutil.copytree(b, a)  # the store replaced under the same path
     torch.testing.assert_close(_scores(a, kind, q), expected, rtol=1e-6, atol=1e-8)
+
+
+def test_malformed_cache_keys_mean_recompute_not_a_raw_error():
+    """A cache whose checksum holds but whose "keys" metadata is crafted (nested too deeply for the
+    parser, not a map, values that are no strings) reads as an empty key map: recomputed."""
+    from logix.store.cache import cache_keys
+
+    assert cache_keys({"keys": "[" * 100_000 + "]" * 100_000}) == {}
+    assert cache_keys({"keys": "[1, 2]"}) == {}
+    assert cache_keys({"keys": "not json"}) == {}
+    assert cache_keys({"keys": '{"a": "d1", "b": {"x": 1}}'}) == {"a": "d1"}
+    assert cache_keys({}) == {}

@@ -22,7 +22,7 @@ import torch
 
 from logix.curvature.covariance import Statistics
 from logix.notices import warn
-from logix.store.cache import load_cache, save_cache
+from logix.store.cache import cache_keys, load_cache, save_cache
 
 EIGEN_FORMAT = "logix-eigen"
 NOTICE_SECONDS = 5.0  # an estimate at least this long is announced before the blocks start
@@ -77,11 +77,11 @@ def _cached_pairs(cache_path: Path | None) -> tuple[dict[str, str], dict[str, to
     if cached is None:
         return {}, {}
     tensors, md = cached
-    try:
-        keys = json.loads(md.get("keys", "{}"))
-    except ValueError:
-        return {}, {}
-    keys = {n: k for n, k in keys.items() if f"{n}.eigenvalues" in tensors and f"{n}.eigenvectors" in tensors}
+    keys = {
+        n: k
+        for n, k in cache_keys(md).items()
+        if f"{n}.eigenvalues" in tensors and f"{n}.eigenvectors" in tensors
+    }
     return keys, tensors
 
 

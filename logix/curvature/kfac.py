@@ -46,7 +46,7 @@ from logix.curvature.covariance import (
 from logix.curvature.eigen import eigendecompose
 from logix.curvature.statistics import ids_coverage
 from logix.notices import warn
-from logix.store.cache import load_cache, rows_key, save_cache
+from logix.store.cache import cache_keys, load_cache, rows_key, save_cache
 from logix.store.format import ModuleInfo, StoreError, curvature_dir
 
 FACTOR_KIND = "kfac"
@@ -279,11 +279,7 @@ def _cached_eigenvalues(cache_path: Path | None) -> tuple[dict[str, str], dict[s
     if found is None:
         return {}, {}
     tensors, md = found
-    try:
-        keys = json.loads(md.get("keys", "{}"))
-    except ValueError:
-        return {}, {}
-    return {n: k for n, k in keys.items() if f"{n}.eigenvalues" in tensors}, tensors
+    return {n: k for n, k in cache_keys(md).items() if f"{n}.eigenvalues" in tensors}, tensors
 
 
 @dataclass

@@ -51,7 +51,7 @@ from logix.curvature.true_fisher import (
     true_kind,
     true_raw_statistics,
 )
-from logix.store.cache import load_cache, save_cache
+from logix.store.cache import cache_keys, load_cache, save_cache
 from logix.store.format import StoreError
 from logix.vocabulary import FISHERS, PRECONDITIONERS, RAW_FORMS, check_choice, renamed
 
@@ -242,7 +242,7 @@ def gram_blocks(
             progress("gram", done, len(store))
     path = Path(store.curvature_dir) / "gram-raw.safetensors"
     cached = load_cache(path, GRAM_FORMAT)
-    tensors, keys = ({}, {}) if cached is None else (dict(cached[0]), _cache_keys(cached[1]))
+    tensors, keys = ({}, {}) if cached is None else (dict(cached[0]), cache_keys(cached[1]))
     changed = False
     blocks = {}
     for m in modules:
@@ -255,15 +255,6 @@ def gram_blocks(
     if changed:
         save_cache(path, tensors, {"format": GRAM_FORMAT, "keys": json.dumps(keys)})
     return blocks
-
-
-def _cache_keys(metadata: dict[str, str]) -> dict[str, str]:
-    """The {module: digest} map of a Gram cache's metadata; empty when malformed (recompute)."""
-    try:
-        keys = json.loads(metadata.get("keys", "{}"))
-    except ValueError:
-        return {}
-    return {k: v for k, v in keys.items() if isinstance(v, str)} if isinstance(keys, dict) else {}
 
 
 def _rows_digest(rows: torch.Tensor, products: torch.dtype) -> str:

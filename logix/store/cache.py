@@ -44,6 +44,19 @@ def rows_key(store: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def cache_keys(metadata: dict[str, str]) -> dict[str, str]:
+    """The {name: key} map a cache's metadata holds under "keys"; empty when it is malformed
+    (not JSON, nested too deeply, not a map of strings), so the cache is recomputed, never
+    trusted and never a raw error."""
+    try:
+        keys = json.loads(metadata.get("keys", "{}"))
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(keys, dict):
+        return {}
+    return {k: v for k, v in keys.items() if isinstance(v, str)}
+
+
 def user_cache_path(path: Path) -> Path | None:
     """Where the cache `path` of a read-only store goes under `$LOGIX_CACHE_DIR` (None if unset)."""
     root = os.environ.get(CACHE_DIR_ENV)
