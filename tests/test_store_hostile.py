@@ -143,6 +143,36 @@ def test_deeply_nested_trajectory_index(tmp_path):
         Trajectory(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "parameters, checkpoints",
+    [
+        ([{"name": "w", "dtype": "float32", "group": 0}], [{"step": 0, "crc32": "00000000"}]),  # no shape
+        ([{"name": "w", "shape": [2], "dtype": "float32"}], [{"step": 0, "crc32": "00000000"}]),  # no group
+        ([{"name": "w", "shape": [2], "dtype": "float32", "group": 0}], ["not a dict"]),
+    ],
+    ids=["no-shape", "no-group", "checkpoint-not-a-map"],
+)
+def test_malformed_trajectory_entries_are_store_errors(tmp_path, parameters, checkpoints):
+    """A trajectory index whose entries miss a field or have the wrong shape is a StoreError naming
+    the file (was a raw KeyError / AttributeError)."""
+    import json
+
+    from logix.store.trajectory import TRAJECTORY_FORMAT, TRAJECTORY_VERSION
+
+    (tmp_path / "trajectory").mkdir()
+    index = {
+        "format": TRAJECTORY_FORMAT,
+        "version": TRAJECTORY_VERSION,
+        "optimizer": "SGD",
+        "every": 1,
+        "parameters": parameters,
+        "checkpoints": checkpoints,
+    }
+    (tmp_path / "trajectory" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(StoreError, match=r"trajectory/index.json has a malformed entry"):
+        Trajectory(tmp_path)
+
+
 def test_resume_on_a_read_only_store_is_a_store_error(tmp_path, monkeypatch):
     """Resuming needs write access: the first write (the writer's lock file) fails on read-only
     media with EROFS; simulated by making that open fail as a read-only mount does."""

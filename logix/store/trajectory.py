@@ -254,29 +254,34 @@ class Trajectory:
         params = index.get("parameters")
         if not isinstance(params, list) or not params:
             raise StoreError(f"{path} has no parameter table")
-        self.parameters = [
-            {
-                "name": str(p["name"]),
-                "shape": [_int(s, "a shape", path) for s in p["shape"]],
-                "dtype": str(p["dtype"]),
-                "group": _int(p["group"], "a group", path),
-            }
-            for p in params
-        ]
-        self._checkpoint_crc = {}
-        for c in index.get("checkpoints", []):
-            self._checkpoint_crc[_int(c.get("step"), "a checkpoint step", path)] = str(c.get("crc32"))
-        self.checkpoint_steps = sorted(self._checkpoint_crc)
-        if not self.checkpoint_steps:
-            raise StoreError(f"{self.root} has no complete checkpoint yet: nothing can be replayed")
-        self._steps_files = []
-        expected = 0
-        for f in index.get("steps_files", []):
-            first, count = _int(f.get("first"), "first", path), _int(f.get("count"), "count", path)
-            if first != expected:
-                raise StoreError(f"{path}: the step files do not follow each other at step {first}")
-            self._steps_files.append((first, count, str(f.get("crc32"))))
-            expected = first + count
+        try:
+            self.parameters = [
+                {
+                    "name": str(p["name"]),
+                    "shape": [_int(s, "a shape", path) for s in p["shape"]],
+                    "dtype": str(p["dtype"]),
+                    "group": _int(p["group"], "a group", path),
+                }
+                for p in params
+            ]
+            self._checkpoint_crc = {}
+            for c in index.get("checkpoints", []):
+                self._checkpoint_crc[_int(c.get("step"), "a checkpoint step", path)] = str(c.get("crc32"))
+            self.checkpoint_steps = sorted(self._checkpoint_crc)
+            if not self.checkpoint_steps:
+                raise StoreError(f"{self.root} has no complete checkpoint yet: nothing can be replayed")
+            self._steps_files = []
+            expected = 0
+            for f in index.get("steps_files", []):
+                first, count = _int(f.get("first"), "first", path), _int(f.get("count"), "count", path)
+                if first != expected:
+                    raise StoreError(f"{path}: the step files do not follow each other at step {first}")
+                self._steps_files.append((first, count, str(f.get("crc32"))))
+                expected = first + count
+        except (KeyError, TypeError, AttributeError) as e:  # an entry of the wrong shape
+            raise StoreError(
+                f"{path} has a malformed entry ({type(e).__name__}: {e}); the index is damaged"
+            ) from None
         self.n_steps = min(expected, self.checkpoint_steps[-1])
 
     def _checked(self, name: str, crc: str) -> Path:
