@@ -270,3 +270,20 @@ def test_read_only_store_is_queryable_with_every_preconditioner(tmp_path, monkey
         undo()
     if user_cache:
         assert list((tmp_path / "cache").rglob("eigen-raw.safetensors"))
+
+
+def test_overwrite_removes_the_old_trajectory_and_index(tmp_path):
+    """`init(overwrite=True)` replaces the whole store: a recorded trajectory and an approximate
+    index of the old rows must not outlive it (a later replay or top-k would use them); files of
+    the user's in the directory stay."""
+    from guarantee_helpers import CONFIG
+
+    run_dir = clean_run(tmp_path / "run")
+    for part in ("trajectory", "ann"):
+        (run_dir / part).mkdir()
+        (run_dir / part / "old.json").write_text("{}")
+    (run_dir / "notes.txt").write_text("mine")
+    with logix.init(run_dir, config=CONFIG, overwrite=True) as run:
+        run.watch(model())
+    assert not (run_dir / "trajectory").exists() and not (run_dir / "ann").exists()
+    assert (run_dir / "notes.txt").read_text() == "mine"

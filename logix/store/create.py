@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from logix.errors import StoreError
+from logix.store.ann import ANN_DIR
 from logix.store.format import (
     CURVATURE_DIR,
     FORMAT_NAME,
@@ -26,6 +27,7 @@ from logix.store.format import (
 )
 from logix.store.lock import creation_lock, lock_all_writers
 from logix.store.paths import check_run_dir_parent, inside
+from logix.store.trajectory import TRAJECTORY_DIR
 from logix.version import __version__
 
 CONFIG_COPY = "config.yaml"
@@ -86,15 +88,17 @@ def create_store(
 
 
 def remove_store(run_dir: Path) -> None:
-    """Delete the logix files of a store (and nothing else in the directory); a StoreError
-    naming the process when a writer of the store is still running."""
+    """Delete the logix files of a store (and nothing else in the directory): rows, statistics,
+    the recorded trajectory and approximate indexes too, so nothing of the old store outlives it;
+    a StoreError naming the process when a writer of the store is still running."""
     run_dir = Path(run_dir)
-    parts = [inside(run_dir, name) for name in (MANIFEST, PROJECTIONS, CONFIG_COPY, SHARD_DIR, CURVATURE_DIR)]
+    files = [inside(run_dir, name) for name in (MANIFEST, PROJECTIONS, CONFIG_COPY)]
+    dirs = [inside(run_dir, d) for d in (SHARD_DIR, CURVATURE_DIR, TRAJECTORY_DIR, ANN_DIR, INDEX_DIR)]
     held = lock_all_writers(run_dir)
     try:
-        for path in parts[:3]:
+        for path in files:
             path.unlink(missing_ok=True)
-        for path in [*parts[3:], inside(run_dir, INDEX_DIR)]:
+        for path in dirs:
             shutil.rmtree(path, ignore_errors=True)
     finally:
         for lock in held:
