@@ -168,7 +168,8 @@ def test_empty_statistics_damping_must_be_positive(tmp_path, data):
 
 def test_raw_curvature_refuses_blocks_too_wide_to_invert():
     from logix.curvature.covariance import MAX_RAW_WIDTH, RawAccumulator
-    from logix.store.format import ModuleInfo, StoreError
+    from logix.errors import StoreError
+    from logix.store.format import ModuleInfo
 
     wide = ModuleInfo("fc1", "Linear", 129, 128, 129, 128, True, 0)
     assert wide.width > MAX_RAW_WIDTH

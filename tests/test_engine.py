@@ -14,9 +14,10 @@ from query_helpers import (
     write_manifest,
 )
 
+from logix.errors import StoreError
 from logix.query.engine import InfluenceEngine
 from logix.query.results import load_result
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
 from logix.store.reader import open_store
 

@@ -22,9 +22,9 @@ from logix.capture.factors import MAX_FACTOR_DIM
 from logix.capture.projection import load_projections
 from logix.curvature.kfac import factor_path, load_factors, save_factors
 from logix.curvature.precondition import build_preconditioner
-from logix.errors import CaptureError
+from logix.errors import CaptureError, StoreError
 from logix.query.engine import InfluenceEngine
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
