@@ -112,13 +112,11 @@ def open_engine(args: argparse.Namespace, console: Console) -> Any:
     """The engine the options ask for, with the store's defaults for whatever they leave out,
     drawing progress bars on stderr unless --quiet."""
     from logix.progress import ProgressBars
-    from logix.query.defaults import resolve
     from logix.query.engine import InfluenceEngine
     from logix.store.reader import open_store
 
     check_device(args.device)
     store = open_store(args.run_dir, segment=args.segment)
-    chosen = resolve(store, args.preconditioner, args.damping, args.refine, args.fisher, args.mode)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
     chunk = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
     return InfluenceEngine(
@@ -127,8 +125,12 @@ def open_engine(args: argparse.Namespace, console: Console) -> Any:
         modules=modules,
         device=args.device,
         progress=ProgressBars(quiet=args.quiet),
+        preconditioner=args.preconditioner,  # None: the store's default, resolved by the engine
+        damping=args.damping,
+        refine=args.refine,
+        fisher=args.fisher,
+        mode=args.mode,
         **chunk,
-        **chosen,
     )
 
 
