@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from logix.capture.attention import attention_parameters
 from logix.capture.coverage import model_coverage
 from logix.capture.modules import select_modules
 from logix.config import CaptureConfig
@@ -18,7 +19,8 @@ from logix.config import CaptureConfig
 
 def row(name: str, model: nn.Module) -> str:
     cfg = CaptureConfig()
-    c = model_coverage(model, select_modules(model, cfg), cfg)
+    selected = select_modules(model, cfg)
+    c = model_coverage(model, selected, cfg, also_captured=attention_parameters(selected, cfg.bias))
     missing = "; ".join(f"{g.type} {g.share:.2%}" for g in c.uncovered) or "-"
     return f"| {name} | {c.total_parameters:,} | {c.matrix_share:.2%} | {c.share:.2%} | {missing} |"
 

@@ -9,7 +9,7 @@ from logix.errors import ChoiceError
 
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
 # Conv1D is Hugging Face's GPT-2 layer (weight [d_in, d_out]); Conv1d is torch.nn.Conv1d.
-LAYER_TYPES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding")
+LAYER_TYPES = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Embedding", "MultiheadAttention")
 UNCOVERED_MODES = ("notice", "error")  # capture.uncovered: what an uncaptured matrix parameter does
 UNFIRED_MODES = ("error", "notice")  # capture.unfired: a watched module the first block never reached
 LOSS_REDUCTIONS = ("mean", "sum")  # how the loop reduces its loss over the batch

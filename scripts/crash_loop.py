@@ -3,6 +3,14 @@ README's recipe, and check that the final store holds every id exactly once with
 a clean run. Also measures the rows a kill loses (accepted by `with run(...)`, not on disk).
 
     python scripts/crash_loop.py --kills 20          # prints one line per kill and a summary
+    python scripts/crash_loop.py --trajectory --kills 20
+
+`--trajectory`: the run trains a model, logs its rows and records its trajectory
+(`run.watch(model, optimizer=opt)`), then fits K-FAC factors in a statistics pass
+(`run.fit_curvature()`); kills land at random moments, then once inside `finalize()` and once
+in the middle of the statistics pass; each life resumes with the README's recipe for such a run
+(`run.restore_trajectory()`, train from that step, then the pass in full). The final store,
+trajectory, replay (`logix.unroll`) and raw / kfac / ekfac scores must equal a clean run's.
 
 Exit code 0 when every check holds. The CI test `tests/test_crash_loop.py` runs it with fewer
 kills. One thread per process: it is meant for a small shared CPU machine.
@@ -83,6 +91,9 @@ def _accepted(progress: Path) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--trajectory", action="store_true", help="train, record, fit K-FAC (see above)")
+    parser.add_argument("--steps", type=int, default=200, help="--trajectory: optimizer steps")
+    parser.add_argument("--every", type=int, default=4, help="--trajectory: checkpoint interval")
     parser.add_argument("--ids", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shard-rows", type=int, default=32)
@@ -91,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pause", type=float, default=0.02, help="seconds between batches")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
+    if args.trajectory:
+        from crash_loop_trajectory import trajectory_loop  # beside this script
+
+        return trajectory_loop(args, rng)
     config = {
         "projection": {"kind": "random", "rank_in": 4, "rank_out": 3, "seed": 0},
         "store": {"shard_rows": args.shard_rows},

@@ -36,6 +36,24 @@ def module_gradient(module: nn.Module, name: str, grads: dict, bias: bool) -> to
     return g
 
 
+def entry_gradient(named: dict, m: ModuleInfo, grads: dict) -> torch.Tensor:
+    """[B, d_out, d_in(+1)] of one module-table entry: a module's map, or an
+    nn.MultiheadAttention projection (`<attn>.in_proj`, `.q_proj`, `.k_proj`, `.v_proj`) from the
+    attention layer's own parameters (packed bias sliced for q, k, v)."""
+    if not m.type.startswith("MultiheadAttention."):
+        return module_gradient(named[m.name], m.name, grads, m.bias)
+    layer, kind = m.name.rsplit(".", 1)
+    w = grads[f"{layer}.in_proj_weight" if kind == "in_proj" else f"{layer}.{kind}_weight"]
+    if m.bias:
+        e = named[layer].embed_dim
+        b = grads[f"{layer}.in_proj_bias"]
+        if kind != "in_proj":
+            start = ("q_proj", "k_proj", "v_proj").index(kind) * e
+            b = b[:, start : start + e]
+        w = torch.cat([w, b[:, :, None]], dim=2)
+    return w
+
+
 def projected_rows(
     model: nn.Module, modules: list[ModuleInfo], projections: dict, grads: dict
 ) -> torch.Tensor:
@@ -43,7 +61,7 @@ def projected_rows(
     named = dict(model.named_modules())
     blocks = []
     for m in modules:
-        g = module_gradient(named[m.name], m.name, grads, m.bias).double()
+        g = entry_gradient(named, m, grads).double()
         p = projections[m.name]
         if p.p_out.matrix is not None:
             g = p.p_out.matrix.double() @ g

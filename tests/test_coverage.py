@@ -132,12 +132,13 @@ def test_unfired_module_is_an_error_at_the_first_block(tmp_path):
         _log_block(run, model)
     run.finalize()
     assert logix.open_store(tmp_path / "r").data_ids == []  # the failed block stored nothing
-    # used outside its forward: always an error (its zero columns would be wrong)
-    run = logix.init(tmp_path / "r2", config={"capture": {"unfired": "notice"}})
-    run.watch(model)
-    with pytest.raises(CaptureError, match=r"\['unused'\] received a gradient.*not through"):
-        _log_block(run, model, functional=True)
-    run.finalize()
+    # used outside its forward through F.linear: captured there (exact, tests/test_tied_weights.py),
+    # so it fired; an op logix cannot capture is an error (tests/test_tied_weights.py too)
+    with logix.init(tmp_path / "r2", config={"capture": {"unfired": "notice"}}) as run:
+        run.watch(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _log_block(run, model, functional=True)
 
 
 def test_unfired_notice_and_exclude(tmp_path):

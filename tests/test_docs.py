@@ -64,10 +64,13 @@ def all_commands() -> list[tuple[str, str]]:
 
 @cache
 def script_options(path: Path) -> frozenset[str]:
-    """The `--options` a script's argparse defines (string arguments of `add_argument`)."""
+    """The `--options` a script's argparse defines (string arguments of `add_argument`), its own
+    and those of the scripts beside it that it imports (shared argument helpers)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     options = set()
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and (path.parent / f"{node.module}.py").is_file():
+            options.update(script_options(path.parent / f"{node.module}.py"))
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
             names = [
                 a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")

@@ -163,6 +163,8 @@ class CaptureBlock:
     open: bool = True
     mask_used: bool = False  # the mask applied to some watched module
     mask_skipped: dict[str, tuple] = field(default_factory=dict)  # modules it did not apply to
+    uncapturable: list[str] = field(default_factory=list)  # uses of watched weights (functional_uses.py)
+    audit: object | None = None  # the FunctionalUses auditing this block (the first of a run)
     # Watched modules whose parameters' use this block accounted for by another path than their
     # own forward hook (a functional interception, a notice that says why it is skipped): the
     # first block's unfired-module check (`fired.check_fired`) counts them as fired.
@@ -191,6 +193,8 @@ class ModuleCapture:
         self.projection = projection
         self.bias = bias
         self.offset = offset
+        self.functional = False  # captured at its functional call, not by a module hook
+        self.seq_first = False  # inputs [T, B, ...]: a batch_first=False transformer layer's Linear
         self.r_in = projection.p_in.rank if projection is not None else 0
         self.r_out = projection.p_out.rank if projection is not None else 0
         # Whether x̃ is always a new tensor (then the mask and scale apply in place): not for a
@@ -202,6 +206,8 @@ class ModuleCapture:
         )
 
     def attach(self, block: CaptureBlock) -> torch.utils.hooks.RemovableHandle:
+        if not isinstance(self.module, nn.Module) or self.functional:  # seen by functional_uses.py
+            return _NO_HOOK
         return self.module.register_forward_hook(partial(self._forward, block))
 
     def _forward(self, block: CaptureBlock, module: nn.Module, inputs: tuple, output: torch.Tensor):
@@ -217,7 +223,7 @@ class ModuleCapture:
             # backward reaches it (and stops there) without any weight-gradient work.
             output = output.detach().requires_grad_(True)
             replaced = True
-        x = inputs[0]
+        x = inputs[0].transpose(0, 1) if self.seq_first else inputs[0]
         if isinstance(module, nn.Embedding) and x.shape[0] == 1 and (block.batch_size or 1) > 1:
             # One lookup for the whole batch (position ids [1, T]): each example gets its own copy
             # (a view: the model computes the same values and the same weight gradient, summed
@@ -261,7 +267,7 @@ class ModuleCapture:
                 "exited; call loss.backward() inside the block"
             )
         with torch.no_grad(), full_precision(grad.device):
-            grad = grad.detach()
+            grad = grad.detach().transpose(0, 1) if self.seq_first else grad.detach()
             g_proj = None
             if block.projected:
                 g_proj = projected_output_grads(self.module, grad, self.projection.p_out)
@@ -270,6 +276,14 @@ class ModuleCapture:
         call.backwards += 1
         block.reached.add(self.index)
         return None
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
 
 
 def attach_hooks(captures: list[ModuleCapture], block: CaptureBlock) -> list:

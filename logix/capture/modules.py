@@ -8,7 +8,10 @@ from pathlib import Path
 
 from torch import nn
 
+from logix.capture.attention import with_attention_projections
+from logix.capture.experts import notice_stacked_parameters
 from logix.capture.per_sample import has_bias, layer_dims, layer_type
+from logix.capture.tied import drop_tied
 from logix.capture.wrappers import named_modules, unwrap_model
 from logix.config import CaptureConfig, LogixConfig
 from logix.errors import CaptureError, StoreError
@@ -20,15 +23,17 @@ def select_modules(model: nn.Module, cfg: CaptureConfig) -> list[tuple[str, nn.M
     `include` pattern and no `exclude` pattern (fnmatch, e.g. 'encoder.*.fc1'). Names are those
     of the unwrapped model (no DDP 'module.' or FSDP '_fsdp_wrapped_module.' parts)."""
     chosen = []
-    for name, module in named_modules(model):
+    for name, module in with_attention_projections(named_modules(model)):
         kind = layer_type(module)
-        if kind is None or kind not in cfg.types or not name:
+        if kind is None or kind.split(".")[0] not in cfg.types or not name:
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
             continue
         chosen.append((name, module))
+    chosen = drop_tied(chosen)  # a weight shared by several modules gets one entry (tied.py)
+    notice_stacked_parameters(model)  # fused experts: not captured, said out loud (experts.py)
     if not chosen:
         root = unwrap_model(model)
         if layer_type(root) is not None:

@@ -48,7 +48,9 @@ def layer_type(module: nn.Module) -> str | None:
     for name, cls in SUPPORTED.items():
         if isinstance(module, cls):
             return name
-    return "Conv1D" if is_conv1d(module) else None
+    if is_conv1d(module):
+        return "Conv1D"
+    return getattr(module, "logix_type", None)  # a projection inside a layer: capture/attention.py
 
 
 def has_bias(module: nn.Module, include_bias: bool) -> bool:
@@ -66,6 +68,8 @@ def layer_dims(module: nn.Module, include_bias: bool) -> tuple[int, int]:
         d_out = module.out_channels
     elif isinstance(module, nn.Embedding):
         d_in, d_out = module.num_embeddings, module.embedding_dim
+    elif hasattr(module, "logix_type"):  # capture/attention.py: y = W x (+ b) inside a layer
+        d_in, d_out = module.in_features, module.out_features
     else:
         raise TypeError(f"unsupported module type {type(module).__name__}")
     return d_in + int(has_bias(module, include_bias)), d_out

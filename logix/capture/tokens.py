@@ -63,6 +63,14 @@ class PositionFactors:
         index = self.index.reshape(n, 1, k * t).expand(n, r_out, k * t)
         return out.scatter_add_(2, index, weighted)
 
+    def dense(self) -> PositionFactors:
+        """The same factors with a dense x [n, K, T, r_in] (for one-hot lookups mixed with dense
+        uses of one tied table)."""
+        if not self.one_hot:
+            return self
+        x = torch.nn.functional.one_hot(self.index, self.r_in).float() * self.weight[..., None]
+        return PositionFactors(self.g, x, r_in=self.r_in)
+
     def padded(self, k: int, t: int) -> PositionFactors:
         """Zero-padded to K = k passes and T = t positions."""
 
@@ -231,6 +239,8 @@ class TokenSink(Sink):
             )
         factors = {}
         for name, passes in self.passes.items():
+            if len({p.one_hot for p in passes}) > 1:  # a tied table: its lookups and a head's uses
+                passes = [p.dense() for p in passes]
             t = max(p.positions for p in passes)
             padded = [p.padded(1, t) for p in passes]
             factors[name] = PositionFactors(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from logix.capture.step_gradients import StepGradients, check_dtypes
+from logix.capture.trajectory_resume import check_state, restore_state
 from logix.errors import CaptureError, ConfigError
 from logix.store.trajectory import Checkpoint, TrajectoryWriter
 from logix.store.writer import batch_ids
@@ -93,6 +94,9 @@ class TrajectoryRecorder:
     every: checkpoint interval k (default √total_steps, or 32). reduction: how the loop reduces
     the per-example losses of a block ('mean' or 'sum'), which the replay repeats. Call
     `close()` (or use it as a context manager) after the last step to write the final checkpoint.
+    resume: the data ids the store holds; the recorded trajectory (if any) then continues from
+    its last complete step (`TrajectoryWriter.resume`), `step` is that step and the first block
+    checks that the model and optimizer are in its recorded state (`restore()` loads it).
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class TrajectoryRecorder:
         total_steps: int | None = None,
         reduction: str = "mean",
         overwrite: bool = False,
+        resume: set | None = None,
     ):
         self.kind = optimizer_kind(optimizer)
         check_choice(reduction, LOSS_REDUCTIONS, "loss reduction")
@@ -133,11 +138,18 @@ class TrajectoryRecorder:
                 for n, p, g in self._params
             ],
         }
-        self._writer = TrajectoryWriter(run_dir, header, overwrite=overwrite)
+        resumed = None if resume is None else TrajectoryWriter.resume(run_dir, header, resume, every)
+        self.resumed_from: Checkpoint | None = None  # checked against the first resumed block
+        self.recorded_ids: set = set()  # ids of the steps recorded before this process
+        self.step = 0
+        if resumed is None:
+            self._writer = TrajectoryWriter(run_dir, header, overwrite=overwrite or resume is not None)
+        else:
+            self._writer, self.resumed_from, self.recorded_ids = resumed
+            self.every, self.step = self._writer.index["every"], self.resumed_from.step
         self._blocks: list[list] = []
         self._records: list[dict[str, Any]] = []
-        self._first = 0  # the first step of the records not yet written
-        self.step = 0
+        self._first = self.step  # the first step of the records not yet written
         self._closed = False
         self._gradients = StepGradients(model, self._params)  # clipping, and what replay refuses
         self._hooks = [
@@ -149,7 +161,20 @@ class TrajectoryRecorder:
         """The data ids of one forward/backward block that feeds the next optimizer step."""
         if self._closed:
             raise CaptureError("this trajectory recorder is closed")
+        if self.resumed_from is not None:  # before any row of the resumed training is logged
+            check_state(self._params, self.optimizer, STATE_KEYS[self.kind], self.resumed_from)
+            self.resumed_from = None
         self._blocks.append(batch_ids(data_id))
+
+    def restore(self) -> int:
+        """Load the checkpoint a resumed trajectory continues from into the model and optimizer;
+        returns its step, the step to train from."""
+        if self.resumed_from is None:
+            if self.step == 0 and not self._records and not self._blocks:
+                return 0  # a new recording: the model and optimizer start as they are
+            raise CaptureError("restore() is for a resumed trajectory before its first block")
+        restore_state(self._params, self.optimizer, STATE_KEYS[self.kind], self.resumed_from)
+        return self.step
 
     @contextlib.contextmanager
     def __call__(self, data_id: Any) -> Iterator[None]:
@@ -196,6 +221,9 @@ class TrajectoryRecorder:
 
     def _commit(self) -> None:
         """The steps since the last checkpoint, then a checkpoint of the state before this step."""
+        done = self._writer.index["checkpoints"]
+        if not self._records and done and done[-1]["step"] == self.step:
+            return  # a resumed trajectory's checkpoint: already on disk
         if self._records:
             self._writer.write_steps(self._first, self._records)
             self._first += len(self._records)

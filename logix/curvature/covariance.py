@@ -24,8 +24,6 @@ capture stage.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -44,7 +42,7 @@ from logix.curvature.statistics import (  # noqa: F401  (the file format's names
 )
 from logix.errors import StoreError
 from logix.progress import ProgressFn  # noqa: F401  (re-exported: fn(phase, done, total))
-from logix.store.cache import load_cache, save_cache
+from logix.store.cache import load_cache, rows_key, save_cache
 from logix.store.format import ModuleInfo, curvature_dir
 from logix.vocabulary import FACTOR_STATISTICS
 
@@ -193,17 +191,13 @@ def compute_statistics(
     return Statistics(kind, list(store.modules), acc.rows, dict(acc.tensors()), ["stream"])
 
 
-def ids_digest(data_ids: list) -> str:
-    """A key of a segment's rows, in order (a recompute is valid while it matches)."""
-    return hashlib.blake2b(json.dumps(list(data_ids)).encode(), digest_size=16).hexdigest()
-
-
 def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
     """Statistics on disk that cover exactly the store's rows, or None.
 
     The per-rank files from logging are used when their row count and module table match the
     store; otherwise (logged without statistics, or a crash and resume left them stale) a saved
-    recompute `<kind>-stream.safetensors` is used when it matches the store's ids.
+    recompute `<kind>-stream.safetensors` is used when it was computed from the same rows
+    (`store.cache.rows_key`: the shards' checksums, the projections' fingerprint).
     """
     directory = Path(store.curvature_dir)
     modules = list(store.modules)
@@ -223,7 +217,7 @@ def saved_statistics(store: Any, kind: str = "raw") -> Statistics | None:
             stats = statistics_from(stream_path, *cached)
         except StoreError:
             return None
-        same_rows = cached[1].get("ids") == ids_digest(store.data_ids)
+        same_rows = cached[1].get("rows_key") == rows_key(store)
         if stats.rows == n and stats.modules == modules and same_rows:
             return stats
     return None
@@ -233,7 +227,7 @@ def save_recomputed(store: Any, stats: Statistics) -> None:
     """Keep a recompute over the whole store as `<kind>-stream.safetensors` for next time (in a
     user cache dir or in memory when the store is read-only, see `store.cache`)."""
     path = Path(store.curvature_dir) / f"{stats.kind}-stream.safetensors"
-    save_cache(path, stats.tensors, statistics_metadata(stats, {"ids": ids_digest(store.data_ids)}))
+    save_cache(path, stats.tensors, statistics_metadata(stats, {"rows_key": rows_key(store)}))
 
 
 def statistics_for(

@@ -4,6 +4,12 @@ A step's sums (float32, filled by the hooks' `FactorSink`) are added to its segm
 the step's rows were accepted; each segment is saved as `curvature/<segment>/kfac-r<rank>` at
 flush / finalize / start_segment, and a resumed run continues from its rank's file. During an
 empirical `run.fit_curvature()` pass (`fit_segment`), the pass's sums replace the segment's.
+
+Each file records which rows it covers (`statistics.ids_coverage` of their ids): after a kill,
+the rows written since the last save are on disk but not in the factors, and a resumed run only
+adds the rows it logs itself. `stale_segments` finds such segments (a notice at resume and at
+finalize) and the query refuses their factors (`kfac.load_factors`) until a statistics pass
+(`run.fit_curvature()`) has recomputed them over every stored row.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from logix.capture.factors import MAX_FACTOR_DIM, KroneckerSums
 from logix.capture.hooks import check_gradient_reached
 from logix.comm import barrier
 from logix.curvature.kfac import FACTOR_KIND, factor_path, read_factors, retire_other_ranks, save_factors
+from logix.curvature.statistics import COVERAGE_MODULUS, ids_coverage
 from logix.errors import CaptureError
 from logix.notices import warn
 from logix.store.format import ModuleInfo
@@ -47,6 +54,8 @@ class FactorLog:
         self.collect = False  # summed during logging (curvature.statistics has kfac / ekfac)
         self.fit_segment: str | None = None  # the segment of a running fit_curvature pass
         self.sums: dict[str, KroneckerSums] = {}  # segment -> float64 sums
+        self.covers: dict[str, int | None] = {}  # segment -> ids_coverage of its rows summed
+        self.fitted: set[str] = set()  # segments whose sums come from a fit_curvature pass
         self.changed: set[str] = set()
 
     def start(self, modules: list[ModuleInfo], statistics: list[str] | tuple[str, ...]) -> None:
@@ -66,9 +75,27 @@ class FactorLog:
         if sums is None:
             sums = self.sums[segment] = KroneckerSums(self.dims)
             saved = read_factors(factor_path(self.run_dir, segment, self.rank))
+            self.covers[segment] = 0
             if saved is not None and saved.modules == self.modules:
                 sums.load(saved.tensors, saved.positions, saved.rows)
+                self.covers[segment] = saved.covers  # None (not recorded): stays unknown
+                if saved.fitted:
+                    self.fitted.add(segment)
         return sums
+
+    def stale_segments(self, stored: dict[str, set]) -> list[tuple[str, int, int]]:
+        """(segment, rows covered, rows stored) of the segments in `stored` (segment -> ids of
+        this rank's stored rows) whose factor file (plus the sums not saved yet) does not cover
+        exactly those rows; segments without factors are left out."""
+        out = []
+        for segment, ids in stored.items():
+            if segment not in self.sums and not factor_path(self.run_dir, segment, self.rank).exists():
+                continue
+            sums = self.segment_sums(segment)
+            covers = self.covers.get(segment)
+            if sums.examples != len(ids) or (covers is not None and covers != ids_coverage(ids)):
+                out.append((segment, sums.examples, len(ids)))
+        return out
 
     @staticmethod
     def check_scale(row_scale: torch.Tensor | float) -> None:
@@ -109,7 +136,12 @@ class FactorLog:
         self.check_scale(row_scale)
         check_gradient_reached(reached)
         sums = self.sums[segment] if self.fit_segment else self.segment_sums(segment)
+        if not self.fit_segment:
+            self.fitted.discard(segment)  # logged rows join them: no longer a pass's choice
         self.step.commit(sums, len(ids), gradient_scale=float(row_scale) ** 2)
+        covers = self.covers.get(segment)
+        if covers is not None:
+            self.covers[segment] = (covers + ids_coverage(ids)) % COVERAGE_MODULUS
         self.changed.add(segment)
 
     def save(self) -> None:
@@ -125,16 +157,20 @@ class FactorLog:
                 sums.position_counts(),
                 sums.examples,
                 extra={"segment": segment, "rank": str(self.rank)},
+                covers=self.covers.get(segment),
+                fitted=segment in self.fitted,
             )
         self.changed.clear()
 
     def release_saved(self) -> None:
         """Drop the sums of finished segments (logging into one again continues from its file)."""
         self.sums = {k: v for k, v in self.sums.items() if k == self.fit_segment}
+        self.covers = {k: v for k, v in self.covers.items() if k in self.sums}
 
     def begin_fit(self, segment: str) -> None:
         """A fit_curvature pass over `segment`: its sums start from zero and replace the file."""
         self.sums[segment] = KroneckerSums(self.dims)
+        self.covers[segment] = 0
         self.fit_segment = segment
 
     def end_fit(self, ok: bool, world_size: int = 1) -> None:
@@ -143,9 +179,11 @@ class FactorLog:
         segment, self.fit_segment = self.fit_segment, None
         if ok:
             self.changed.add(segment)
+            self.fitted.add(segment)
             self.save()
             barrier()
             if self.rank == 0:
                 retire_other_ranks(self.run_dir, segment, FACTOR_KIND, world_size)
         else:
             self.sums.pop(segment, None)  # the files on disk stay as they were
+            self.covers.pop(segment, None)

@@ -39,15 +39,15 @@ import torch
 from logix.curvature.covariance import (
     ProgressFn,
     Statistics,
-    ids_digest,
     load_statistics,
     read_statistics,
     save_statistics,
 )
 from logix.curvature.eigen import eigendecompose
+from logix.curvature.statistics import ids_coverage
 from logix.errors import StoreError
 from logix.notices import warn
-from logix.store.cache import load_cache, save_cache
+from logix.store.cache import load_cache, rows_key, save_cache
 from logix.store.format import ModuleInfo, curvature_dir
 
 FACTOR_KIND = "kfac"
@@ -79,9 +79,20 @@ def save_factors(
     examples: int,
     kind: str = FACTOR_KIND,
     extra: dict[str, str] | None = None,
+    covers: int | None = None,
+    fitted: bool = False,
 ) -> Path:
-    """Write one rank's factor sums (`tensors`: `"<module>.A"`, `"<module>.S"` float64)."""
-    stats = Statistics(kind, list(modules), int(examples), dict(tensors), positions=dict(positions))
+    """Write one rank's factor sums (`tensors`: `"<module>.A"`, `"<module>.S"` float64);
+    covers: `ids_coverage` of the rows summed; fitted: summed by a statistics pass."""
+    stats = Statistics(
+        kind,
+        list(modules),
+        int(examples),
+        dict(tensors),
+        positions=dict(positions),
+        covers=covers,
+        fitted=fitted,
+    )
     return save_statistics(path, stats, extra)
 
 
@@ -116,13 +127,32 @@ def load_factors(store: Any, kind: str = FACTOR_KIND) -> Statistics:
             f"the K-FAC factors in {store.curvature_dir} cover no examples; "
             + missing_factors_message(store, kind).split(". ", 1)[1]
         )
-    if stats.rows != len(store):
+    exact = stats.rows == len(store)
+    if exact and stats.covers is not None:
+        exact = stats.covers == ids_coverage(store.data_ids)
+    if not exact and stats.covers is not None and not stats.fitted:
+        raise StoreError(stale_factors_message(store, stats.rows, len(store)))
+    if not exact:  # a statistics pass over other data than the rows (the user's choice)
+        which = "other examples than" if stats.rows == len(store) else f"{stats.rows} examples but"
         warn(
-            f"the K-FAC factors of segment {store.segment!r} cover {stats.rows} examples but the "
-            f"segment holds {len(store)} rows (a resumed or partial run); they are used as an "
+            f"the K-FAC factors of segment {store.segment!r} cover {which} the "
+            f"{len(store)} rows the segment holds (a partial run or pass); they are used as an "
             "estimate. Recompute them with run.fit_curvature() for an exact match",
         )
     return stats
+
+
+def stale_factors_message(store: Any, covered: int, rows: int) -> str:
+    """The error of K-FAC factors logged with rows that no longer cover exactly the rows."""
+    return (
+        f"the K-FAC factors of segment {store.segment!r} of {store.path} were summed while "
+        f"logging and cover {covered} of the {rows} rows the segment holds, not exactly them (a "
+        "run resumed after a kill sums only the rows it logs itself, and the rows logged since "
+        "the last save of the factors were lost with the kill): they would give wrong scores. "
+        f"Recompute them over every stored row with a statistics pass: run = logix.init("
+        f"{str(store.path)!r}, resume=True); run.watch(model); `with run.fit_curvature():` "
+        "then `with run(data_id=ids): loss.backward()` over the training data; run.finalize()"
+    )
 
 
 def activation_covariance(stats: Statistics, name: str) -> torch.Tensor:
@@ -189,15 +219,16 @@ def ekfac_eigenvalues(
 ) -> dict[str, torch.Tensor]:
     """Λ_m = (1/N) Σ_n (Q_Sᵀ G̃_n Q_A)² per module in `names`: [r_out, r_in] float64 on CPU.
 
-    rows: a `Store` (its `iter_chunks`, `data_ids` and `modules`). One streaming pass computes
-    every module missing from the cache at `cache_path`, keyed by the rows' ids and the
-    digests of the factors that gave the bases (float64 arithmetic on `device`).
+    rows: a `Store` (its `iter_chunks`, `shards` and `modules`). One streaming pass computes
+    every module missing from the cache at `cache_path`, keyed by the rows' content
+    (`store.cache.rows_key`) and the digests of the factors that gave the bases (float64
+    arithmetic on `device`).
     """
     modules = {m.name: m for m in rows.modules}
-    ids_key = ids_digest(rows.data_ids)
+    content = rows_key(rows)
 
     def key(n: str) -> str:
-        return f"{ids_key}:{stats.digest(n + '.A')}:{stats.digest(n + '.S')}"
+        return f"{content}:{stats.digest(n + '.A')}:{stats.digest(n + '.S')}"
 
     cached, tensors = _cached_eigenvalues(cache_path)
     result = {n: tensors[f"{n}.eigenvalues"] for n in names if cached.get(n) == key(n)}

@@ -4,7 +4,9 @@ file format (float64 tensors + metadata + checksum; never pickled), and the per-
 Each file holds float64 tensors keyed by module name (`raw`) or `<module>.A` / `<module>.S`
 (factor kinds), and metadata with the kind, the row count, the module table and, for factor
 kinds, the positions per module. Loading is keyed by the kind string only, so variants such as
-`kfac.true` load with the same code.
+`kfac.true` load with the same code. Statistics summed while logging or in a pass also record
+which rows they cover (`covers`: `ids_coverage` of their data ids, and `pass`: who summed
+them), so that a query can tell factors that cover exactly the store's rows from stale ones.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ from logix.store.paths import checked_file
 from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 
 FORMAT = "logix-curvature"
+COVERAGE_MODULUS = 2**128
+FIT_PASS = "fit_curvature"  # metadata "pass" of statistics from a statistics pass
+
+
+def ids_coverage(ids) -> int:
+    """An order-free key of a set of data ids: the sum mod 2¹²⁸ of each id's blake2b (tagged by
+    type, so 1 and "1" differ). Sums over disjoint sets (ranks, resumed lives) add up."""
+    total = 0
+    for i in ids:
+        tagged = b"s" + i.encode() if isinstance(i, str) else b"i%d" % i
+        total += int.from_bytes(hashlib.blake2b(tagged, digest_size=16).digest(), "little")
+    return total % COVERAGE_MODULUS
 
 
 @dataclass
@@ -37,6 +51,8 @@ class Statistics:
     tensors: dict[str, torch.Tensor]
     sources: list[str] = field(default_factory=list)
     positions: dict[str, int] = field(default_factory=dict)
+    covers: int | None = None  # ids_coverage of the rows summed; None when not recorded
+    fitted: bool = False  # summed by a statistics pass (`run.fit_curvature()`), not while logging
     _digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     def fisher(self, name: str) -> torch.Tensor:
@@ -79,6 +95,10 @@ def statistics_metadata(stats: Statistics, extra: dict[str, str] | None) -> dict
     }
     if stats.positions:
         metadata["positions"] = json.dumps(stats.positions)
+    if stats.covers is not None:
+        metadata["covers"] = f"{stats.covers:032x}"
+    if stats.fitted:
+        metadata["pass"] = FIT_PASS
     return metadata
 
 
@@ -99,7 +119,11 @@ def statistics_from(source: Path | str, tensors: dict[str, torch.Tensor], md: di
     try:
         modules = [ModuleInfo.from_dict(d) for d in json.loads(md["modules"])]
         positions = {k: int(v) for k, v in json.loads(md.get("positions", "{}")).items()}
-        return Statistics(md["kind"], modules, int(md["rows"]), tensors, [str(source)], positions)
+        covers = int(md["covers"], 16) % COVERAGE_MODULUS if "covers" in md else None
+        fitted = md.get("pass") == FIT_PASS
+        return Statistics(
+            md["kind"], modules, int(md["rows"]), tensors, [str(source)], positions, covers, fitted
+        )
     except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise StoreError(f"{source} has damaged metadata ({e!r}); delete it to recompute") from None
 
@@ -127,4 +151,7 @@ def load_statistics(directory: str | Path, kind: str = "raw") -> Statistics | No
             total.positions[name] = total.positions.get(name, 0) + count
         total.rows += stats.rows
         total.sources.append(str(path))
+        both = None not in (total.covers, stats.covers)
+        total.covers = (total.covers + stats.covers) % COVERAGE_MODULUS if both else None
+        total.fitted = total.fitted and stats.fitted
     return total

@@ -19,14 +19,14 @@ from __future__ import annotations
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from logix.curvature.covariance import ProgressFn
 from logix.errors import StoreError
+from logix.notices import warn
+from logix.progress import ProgressFn
 from logix.query.index import ApproximateIndex, faiss_module
 from logix.query.index_calibrate import (
     CALIBRATION_K,
@@ -165,10 +165,9 @@ def build_index(
         try:
             record = _save(store, index, record)
         except OSError as e:
-            warnings.warn(
+            warn(
                 f"logix: the index of {store.path} could not be saved ({e}); it is kept in memory "
-                "for this process only",
-                stacklevel=2,
+                "for this process only"
             )
         report("save", 1, 1)
     return ApproximateIndex(index, record, nprobe)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from logix.capture.functional_uses import check_functional_uses
 from logix.capture.hooks import CaptureBlock, Sink, attach_hooks, check_mask_used
 from logix.capture.loss_probe import LossProbe, report_loss_check
 from logix.errors import CaptureError
@@ -161,7 +162,7 @@ class Block:
             attribution_only=owner.attribution_only(),
             outputs=[] if owner.needs_logits else None,
         )
-        self.handles = attach_hooks(run.captures(), self.capture)
+        self.handles = attach_hooks([*run.captures(), run.functional_uses()], self.capture)
         self.loss_probe = owner.loss_probe(self)
         if self.loss_probe is not None:
             self.handles += self.loss_probe.attach()
@@ -182,6 +183,7 @@ class Block:
             self.owner.exit_block(self)
             if exc_type is None:
                 check_mask_used(self.capture)
+                check_functional_uses(self.capture)
                 self.owner.run.check_first_block(self)
                 self.owner.check_loss(self)
                 self.owner.commit(self)

@@ -10,6 +10,7 @@ import torch
 from logix.capture.tokens import TokenGradients
 from logix.curvature.reduce import finish_statistics
 from logix.errors import CaptureError
+from logix.notices import warn
 from logix.store.finalize import finish_logging, record_ranks
 from logix.store.gradients import Gradients
 from logix.store.ids import DataId
@@ -62,6 +63,22 @@ class RunLifecycle:
         resuming after a crash, shards written just before it included."""
         self._check_log_mode("logged_ids()")
         return self._writer.logged_ids()
+
+    def notice_stale_factors(self, when: str) -> None:
+        """A notice per segment whose K-FAC factors logged with the rows do not cover exactly
+        the stored rows (after a kill and a resume); queries refuse them (one process only:
+        under torch.distributed the query's check is the guarantee)."""
+        if self.world_size > 1 or not self._factors.collect or self._writer is None:
+            return
+        stored = {s: self._writer.logged_ids(s) for s in self._writer.segment_names()}
+        for segment, covered, rows in self._factors.stale_segments(stored):
+            warn(
+                f"logix: {when}, the K-FAC factors of segment {segment!r} of {self.run_dir} cover "
+                f"{covered} of its {rows} stored rows (rows logged after their last save were "
+                "lost with a kill, or logged by another run): queries refuse them until a "
+                "statistics pass recomputes them over every stored row: after logging, "
+                "`with run.fit_curvature():` over the training data",
+            )
 
     # -- segments ---------------------------------------------------------------------------
     def start_segment(self, name: str | None = None, **meta: Any) -> str:
@@ -130,6 +147,7 @@ class RunLifecycle:
             self._record_batches()
             self._writer.close()
             self._factors.save()  # K-FAC factors stay one file per rank (summed on load)
+            self.notice_stale_factors("at finalize")
         except Exception as e:  # noqa: BLE001 - raised after the other ranks are released
             error = e
             self._writer.abandon("closing it failed")

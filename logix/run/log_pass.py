@@ -83,6 +83,14 @@ class LogPass(Pass):
         factors = "factors" in block.sinks
         if factors:
             run.factor_log.check_scale(row_scale)  # before the rows are stored
+        again = run.take_rerun_ids(ids)
+        if again:  # a resumed trajectory's training: these rows are stored already
+            keep = [k for k, i in enumerate(ids) if i not in again]
+            ids, rows = [ids[k] for k in keep], rows[keep]
+            nonfinite = nonfinite_rows(rows)
+            if not ids:
+                return
+            factors = False  # the block's factor sums cannot be split; the file says what it covers
         # ids were normalised by `batch_ids`, rows are [B, D] by construction: the writer checks
         # duplicates and refuses the non-finite rows found above; it takes ownership of rows.
         run.writer.add_checked(ids, rows, nonfinite)

@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from logix.capture.attention import attention_parameters
 from logix.capture.coverage import Coverage, check_uncovered, model_coverage
 from logix.capture.coverage_table import print_coverage
 from logix.capture.fired import FirstBlockWatch, check_fired
+from logix.capture.functional_uses import FunctionalUses
 from logix.capture.hooks import ModuleCapture, check_batch_mask
 from logix.capture.modules import check_model, module_table, select_modules
 from logix.capture.pca import CovarianceSink
@@ -75,6 +77,7 @@ class Run(RunFitPasses, RunLifecycle):
         self._model: nn.Module | None = None
         self._projections: dict[str, ModuleProjection] | None = None
         self._captures: list[ModuleCapture] = []
+        self._uses: FunctionalUses | None = None  # uses outside module hooks (attention, tied)
         self._covariances: CovarianceSink | None = None  # the PCA statistics pass's sums
         self._log_pass = LogPass(self)
         self._pass: StatisticsPass | None = None  # an open fit_projections / fit_curvature pass
@@ -88,6 +91,7 @@ class Run(RunFitPasses, RunLifecycle):
         self._token_parts: list[TokenGradients] = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._trajectory: TrajectoryRecorder | None = None  # run.watch(model, optimizer=opt)
+        self._rerun_ids: set = set()  # stored ids a resumed trajectory's training logs again
         self._finalized = False
         self._coverage: Coverage | None = None  # what watch captures of the model
         self._first_block: FirstBlockWatch | None = None  # weight hooks until a block is checked
@@ -108,8 +112,10 @@ class Run(RunFitPasses, RunLifecycle):
         if self._model is not None:
             raise CaptureError("this run already watches a model; use one run per model")
         cfg = self.config
+        resumed = self._manifest is not None
         selected = select_modules(model, cfg.capture)
-        self._coverage = model_coverage(model, selected, cfg.capture)
+        also = attention_parameters(selected, cfg.capture.bias)  # MultiheadAttention's own weights
+        self._coverage = model_coverage(model, selected, cfg.capture, also_captured=also)
         if self.rank == 0:
             print_coverage(self._coverage)
         check_uncovered(self._coverage, cfg.capture)  # before anything is written
@@ -128,6 +134,7 @@ class Run(RunFitPasses, RunLifecycle):
             self.fingerprint = self._manifest["fingerprint"]
             check_projections(self.run_dir, self._manifest, required=True)
             self._start(load_projections(self.run_dir / PROJECTIONS, module_dims(self.modules)))
+            self.notice_stale_factors("on resume")
         elif cfg.projection.kind in FITTED_PROJECTION_KINDS:
             self._covariances = CovarianceSink()  # projections come from `run.fit_projections()`
         else:
@@ -147,14 +154,44 @@ class Run(RunFitPasses, RunLifecycle):
             )
         if optimizer is not None:
             try:
-                self._trajectory = open_trajectory(
-                    self.run_dir, self.mode, model, optimizer, trajectory_every, total_steps, cfg
+                self._trajectory, self._rerun_ids = open_trajectory(
+                    self.run_dir,
+                    self.mode,
+                    model,
+                    optimizer,
+                    trajectory_every,
+                    total_steps,
+                    cfg,
+                    self._writer if resumed else None,
                 )
             except BaseException:
                 if self._writer is not None:  # a failed watch holds no lock (nothing was logged)
                     self._writer.abandon("run.watch failed; open the run again with logix.init")
                 raise
         return self
+
+    @property
+    def trajectory_step(self) -> int:
+        """The optimizer step the recorded trajectory is at: after a resume, the step to train
+        from (its last complete step); 0 without a trajectory."""
+        return self._trajectory.step if self._trajectory is not None else 0
+
+    def restore_trajectory(self) -> int:
+        """Load the state a resumed trajectory continues from (parameters and optimizer state
+        before `trajectory_step`) into the watched model and optimizer; returns that step, the
+        one to train from (0 for a new recording, which is left as it is)."""
+        if self._trajectory is None:
+            raise CaptureError("restore_trajectory() needs run.watch(model, optimizer=opt) first")
+        return self._trajectory.restore()
+
+    def take_rerun_ids(self, ids: list[DataId]) -> set[DataId]:
+        """Of a block's ids, those whose rows the store holds from before a resumed trajectory's
+        step (logged again by the resumed training: not written twice); each is taken once."""
+        if not self._rerun_ids:
+            return set()
+        again = {i for i in ids if i in self._rerun_ids}
+        self._rerun_ids -= again
+        return again
 
     def _start(self, projections: dict[str, ModuleProjection]) -> None:
         """Capture with these projections; in log mode, open the writer."""
@@ -227,6 +264,13 @@ class Run(RunFitPasses, RunLifecycle):
     def captures(self) -> list[ModuleCapture]:
         """The capture hooks of the watched modules."""
         return self._captures
+
+    def functional_uses(self) -> FunctionalUses:
+        """The capture of the watched weights' uses outside their modules' hooks (attention,
+        tied weights, `F.linear` in the model's code), attached to every block after `captures()`."""
+        if self._uses is None or self._uses.captures is not self._captures:
+            self._uses = FunctionalUses(self._model, self._captures)
+        return self._uses
 
     # -- the loop ---------------------------------------------------------------------------
     def __call__(

@@ -11,6 +11,7 @@ from logix.comm import barrier
 from logix.config import LogixConfig
 from logix.curvature.covariance import CurvatureStatistics
 from logix.errors import CaptureError, ConfigError, StoreError
+from logix.notices import warn
 from logix.store.create import create_store, remove_store
 from logix.store.format import FORMAT_NAME, MANIFEST, PROJECTIONS, ModuleInfo, read_json
 from logix.store.paths import inside
@@ -150,11 +151,22 @@ def open_trajectory(
     every: int | None,
     total_steps: int | None,
     config: LogixConfig,
-) -> TrajectoryRecorder:
-    """The recorder of `run.watch(model, optimizer=opt)`: a logging run's trajectory for replay."""
+    writer: StoreWriter | None = None,
+) -> tuple[TrajectoryRecorder, set]:
+    """The recorder of `run.watch(model, optimizer=opt)`: a logging run's trajectory for replay,
+    and the ids whose rows a resumed training logs again (empty for a new one).
+
+    `writer`: a resumed store's writer. Its trajectory then continues from its last complete
+    step c (never reset; see `TrajectoryWriter.resume`), with a notice saying c; the training
+    must restart there (`run.restore_trajectory()`), and the rows of the ids that the store
+    holds from steps after c are not written again (they are the same rows: the first block
+    checks that the state is c's)."""
     if mode != "log":
         raise CaptureError("run.watch(model, optimizer=...) records a trajectory: use a logging run")
-    return TrajectoryRecorder(
+    stored = None
+    if writer is not None:
+        stored = set().union(*(writer.logged_ids(s) for s in writer.segment_names()), writer.logged_ids())
+    recorder = TrajectoryRecorder(
         run_dir,
         model,
         optimizer,
@@ -162,4 +174,15 @@ def open_trajectory(
         total_steps=total_steps,
         overwrite=True,
         reduction=config.capture.loss_reduction,
+        resume=stored,
     )
+    if recorder.resumed_from is None:
+        return recorder, set()
+    rerun = writer.logged_ids() - recorder.recorded_ids
+    warn(
+        f"logix: the recorded trajectory of {run_dir} continues from step {recorder.step}, its "
+        f"last complete step (recorded steps and stored rows before it): restore the model and "
+        f"optimizer to that step (run.restore_trajectory()) and train from step {recorder.step} "
+        f"(run.trajectory_step). The {len(rerun)} stored ids of later steps are not logged again",
+    )
+    return recorder, rerun

@@ -2,7 +2,8 @@
 read-only stores too.
 
 A cache is a tagged safetensors file beside the statistics it came from, carrying a checksum of
-its tensors; a damaged or mismatching cache is recomputed, never trusted. Where the store's
+its tensors and the key of the content it was derived from (`rows_key` of the rows, digests of
+the statistics); a damaged or mismatching cache is recomputed, never trusted. Where the store's
 directory cannot be written (read-only media, another user's store), caches go to
 `$LOGIX_CACHE_DIR` when it is set, else stay in this process's memory; a one-line notice says so.
 """
@@ -10,8 +11,10 @@ directory cannot be written (read-only media, another user's store), caches go t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -29,6 +32,16 @@ _NOTICED: set[str] = set()
 
 def _key(path: Path) -> str:
     return str(Path(path).resolve())
+
+
+def rows_key(store: Any) -> str:
+    """A content key of a store segment's rows (a `Store`): the projections' fingerprint, row
+    format, segment and every shard's (rank, seq, rows, crc32) from the index, in row order. The
+    crc32 covers a shard's whole file (rows and ids), so rows re-logged with other weights, a
+    replaced store or another store with the same ids all give another key; nothing is read."""
+    shards = [[sh.get("rank"), sh.get("seq"), sh.get("rows"), sh.get("crc32")] for sh in store.shards]
+    text = json.dumps([store.fingerprint, store.dtype, store.width, store.segment, shards], default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def user_cache_path(path: Path) -> Path | None:

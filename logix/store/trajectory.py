@@ -8,8 +8,9 @@
 A checkpoint is taken before every k-th step and after the last one. The steps of an interval
 [c_j, c_{j+1}) are written just before checkpoint c_{j+1}; every file is written under a
 temporary name, fsynced and renamed, and the index (replaced atomically afterwards) lists only
-completed files. After a crash the trajectory therefore replays up to its last checkpoint.
-File names are derived from step numbers, never taken from the index; nothing is unpickled.
+completed files. After a crash the trajectory therefore replays up to its last checkpoint, and
+a resumed run continues it from its last complete step (`TrajectoryWriter.resume`). File names
+are derived from step numbers, never taken from the index; nothing is unpickled.
 This module knows nothing of torch modules or optimizers: names, shapes and tensors only.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,72 @@ class TrajectoryWriter:
         }
         write_json_atomic(self.root / INDEX, self.index)
 
+    @classmethod
+    def resume(
+        cls, run_dir: str | Path, header: dict[str, Any], stored: Container, every: int | None
+    ) -> tuple[TrajectoryWriter, Checkpoint, set] | None:
+        """Reopen the trajectory of `run_dir` to continue it; None when there is none to continue
+        (no index, or no checkpoint yet: nothing recorded is replayable).
+
+        It continues from its last complete step: the last checkpoint c whose file and step files
+        are intact and cover steps [0, c), and every data id of those steps is in `stored` (the
+        ids the store holds: after a kill, rows of the last steps may be lost with the writer's
+        buffer; training again from an earlier checkpoint logs them). The index is cut back to c
+        (files beyond it are replaced as the training writes them again). `header` must match
+        the recorded one (optimizer, parameter table, loss reduction; `every` when given), else a
+        StoreError naming the fix. Returns (writer, checkpoint c, the ids of steps [0, c))."""
+        root = trajectory_dir(run_dir)
+        if not (root / INDEX).exists():
+            return None
+        try:
+            traj = Trajectory(run_dir)
+        except StoreError as e:
+            if "no complete checkpoint" not in str(e):
+                raise
+            return None
+        _check_header(traj, header, every)
+        steps: list[dict[str, Any]] = []
+        for first, count, crc in traj._steps_files:
+            try:
+                records = read_json(traj._checked(steps_name(first), crc))
+            except StoreError:
+                break  # a damaged step file: the trajectory ends before it
+            if not isinstance(records, list) or len(records) != count:
+                break
+            steps.extend(records)
+        step_ids = [
+            {i for b in r.get("blocks", []) for i in b} if isinstance(r, dict) else None for r in steps
+        ]
+        complete = 0  # the steps [0, complete) that are intact and whose rows are all stored
+        while complete < len(steps) and step_ids[complete] is not None:
+            if not all(i in stored for i in step_ids[complete]):
+                break
+            complete += 1
+        usable = [c for c in traj.checkpoint_steps if c <= complete]
+        for c in reversed(usable):
+            try:
+                checkpoint = traj.checkpoint(c)
+                break
+            except StoreError:
+                continue
+        else:
+            return None
+        writer = cls.__new__(cls)
+        writer.root = root
+        old = read_json(root / INDEX)
+        writer.index = {
+            "format": TRAJECTORY_FORMAT,
+            "version": TRAJECTORY_VERSION,
+            **header,
+            "every": traj.every,
+            "checkpoints": [e for e in old["checkpoints"] if e["step"] <= c],
+            "steps_files": [f for f in old["steps_files"] if f["first"] + f["count"] <= c],
+            "n_steps": c,
+            "complete": False,
+        }
+        write_json_atomic(root / INDEX, writer.index)
+        return writer, checkpoint, {i for ids in step_ids[:c] for i in ids}
+
     def write_steps(self, first: int, records: list[dict[str, Any]]) -> None:
         """The records of steps first, first+1, ...: {"blocks": [[ids]...], "groups": [{hp}...]}."""
         if first != self.index["n_steps"]:
@@ -121,6 +189,32 @@ class TrajectoryWriter:
     def close(self) -> None:
         self.index["complete"] = True
         write_json_atomic(self.root / INDEX, self.index)
+
+
+def _check_header(traj: Trajectory, header: dict[str, Any], every: int | None) -> None:
+    """A resumed recorder must record as the trajectory was recorded: else a clear error."""
+    fix = "resume with the model and optimizer it was recorded with, or record into a new run directory"
+    if header["optimizer"] != traj.optimizer:
+        raise StoreError(
+            f"the trajectory in {traj.root} was recorded with {traj.optimizer!r}, not "
+            f"{header['optimizer']!r}: {fix}"
+        )
+    table = [(p["name"], list(p["shape"]), p["dtype"], p["group"]) for p in header["parameters"]]
+    if table != [(p["name"], p["shape"], p["dtype"], p["group"]) for p in traj.parameters]:
+        raise StoreError(
+            f"the optimizer's parameters (names, shapes, dtypes, groups) differ from the ones the "
+            f"trajectory in {traj.root} was recorded with: {fix}"
+        )
+    if header["reduction"] != traj.reduction:
+        raise StoreError(
+            f"the trajectory in {traj.root} was recorded with loss reduction {traj.reduction!r}, "
+            f"not {header['reduction']!r}: {fix}"
+        )
+    if every is not None and int(every) != traj.every:
+        raise StoreError(
+            f"the trajectory in {traj.root} was recorded with a checkpoint every {traj.every} "
+            f"steps: resume with trajectory_every={traj.every} (or leave it out)"
+        )
 
 
 def _int(value: Any, what: str, path: Path) -> int:
