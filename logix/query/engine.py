@@ -165,16 +165,8 @@ class InfluenceEngine:
     ) -> tuple[Any, torch.Tensor, list]:
         """(Q' [n, D] float32 — or with `streamed` the `QuerySide` that `_score` takes —,
         √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on the engine's device; see `shared_queries`."""
-        return shared_queries(
-            q,
-            self.store,
-            self.preconditioner,
-            self.device,
-            streamed,
-            norms,
-            self.distributed,
-            self.refine > 0,
-        )
+        args = (q, self.store, self.preconditioner, self.device)
+        return shared_queries(*args, streamed, norms, self.distributed, self.refine > 0)
 
     def _mode(self, mode: str | None, choices: tuple[str, ...] = SCORE_MODES, what: str = "mode") -> str:
         return check_choice(self.mode if mode is None else mode, choices, what)
@@ -235,10 +227,11 @@ class InfluenceEngine:
         self, q: Queries, mode: str, per_module: bool, prepared: bool = False
     ) -> tuple[torch.Tensor, list]:
         """This process's columns of the score matrix ([..., n_query, n_local]) and query ids."""
-        if prepared:
-            qp, qnorm, qids = prepared_side(q, self.store, self.preconditioner, self.device)
-        else:
-            qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
+        qp, qnorm, qids = (
+            prepared_side(q, self.store, self.preconditioner, self.device)
+            if prepared
+            else self._shared_queries(q, streamed=True, norms=mode == "cosine")
+        )
 
         def compute() -> torch.Tensor:
             with closing(self.progress):
