@@ -13,9 +13,6 @@ from logix.errors import CaptureError, ChoiceError, ConfigError, LogixError, Sto
 from logix.run import Block, Run, StatisticsPass, init
 from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
-
-# Bound after the subpackage import, so `logix.unroll` is the function (logix/unroll/ is its home).
-from logix.unroll import unroll
 from logix.version import __version__
 
 # The query side is imported on first use so that logging does not pay for it.
@@ -37,6 +34,8 @@ _LAZY = {
     "measurements": ("logix.measurements", None),
     "render": ("logix.query.render", None),
     "losses": ("logix.losses", None),
+    # The package, so that `import logix.unroll.replay` works: call `logix.unroll.unroll(...)`.
+    "unroll": ("logix.unroll", None),
 }
 
 

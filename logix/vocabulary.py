@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 
 from logix.errors import ChoiceError
-from logix.notices import warn
 
 RUN_MODES = ("log", "query")  # logix.init(mode=...): write a store, or capture queries against one
 # Conv1D is Hugging Face's GPT-2 layer (weight [d_in, d_out]); Conv1d is torch.nn.Conv1d.
@@ -39,20 +38,3 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
     close = difflib.get_close_matches(str(value), choices, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ChoiceError(f"unknown {what} {value!r}; {hint}choose from {', '.join(choices)}")
-
-
-_WARNED_RENAMES: set[tuple[str, str]] = set()
-
-
-def renamed(old: str, new: str, value: object, given: object, where: str) -> object:
-    """The value of an argument renamed from `old` to `new`: `given` (the new one's value) unless
-    the old name was passed (`value` not None), which warns once per (old, new) and is used."""
-    if value is None:
-        return given
-    if (old, new) not in _WARNED_RENAMES:
-        _WARNED_RENAMES.add((old, new))
-        warn(
-            f"{where}: {old}= is renamed {new}=; the old name will be removed",
-            DeprecationWarning,
-        )
-    return value

@@ -99,7 +99,7 @@ def _scores(run_dir: Path, training: dict) -> dict:
     traj = Trajectory(run_dir)
     model, queries = training["make_model"](), [0, 1, 2]
     out = {
-        "unroll": logix.unroll(
+        "unroll": logix.unroll.unroll(
             run_dir,
             model,
             training["loss_fn"],

@@ -125,12 +125,13 @@ def log_query(out: Path, rank: int, world: int) -> None:
     q = query_gradients(out / "ddp", logged)
     if rank == 0:
         q.save(out / "q.safetensors")
-    engine = logix.InfluenceEngine(out / "ddp", "raw", damping=0.1, distributed=True, chunk_rows=7)
+    chunk = 4 * 7 * logix.open_store(out / "ddp").width  # 7 rows
+    engine = logix.InfluenceEngine(out / "ddp", "raw", damping=0.1, distributed=True, chunk_bytes=chunk)
     save_results(engine, q, out, "ddp", rank)
 
     # EK-FAC with refinement: every F V pass streams each rank's share, products all-reduced.
     engine = logix.InfluenceEngine(
-        out / "ddp", "ekfac", damping=0.1, distributed=True, chunk_rows=7, refine=3
+        out / "ddp", "ekfac", damping=0.1, distributed=True, chunk_bytes=chunk, refine=3
     )
     engine.scores(q).save(out / f"refined-scores-r{rank}.safetensors")
 
@@ -138,7 +139,7 @@ def log_query(out: Path, rank: int, world: int) -> None:
     if rank == 0:
         shutil.copytree(out / "ddp", out / "nostats", ignore=shutil.ignore_patterns("curvature"))
     torch.distributed.barrier()
-    engine = logix.InfluenceEngine(out / "nostats", "raw", damping=0.1, distributed=True, chunk_rows=7)
+    engine = logix.InfluenceEngine(out / "nostats", "raw", damping=0.1, distributed=True, chunk_bytes=chunk)
     engine.top_k(q, k=5).save(out / f"nostats-top-r{rank}.safetensors")
 
 

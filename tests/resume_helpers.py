@@ -96,4 +96,4 @@ def train(
 def replay(run_dir):
     """logix.unroll of the recorded training, on the first step-0 example as the query."""
     query = examples([0])
-    return logix.unroll(run_dir, make_model(), loss_fn, examples, ([0], query), progress=False)
+    return logix.unroll.unroll(run_dir, make_model(), loss_fn, examples, ([0], query), progress=False)

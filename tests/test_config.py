@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from logix.config import ConfigError, LogixConfig
+from logix.config import LogixConfig
+from logix.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -114,7 +114,7 @@ def test_check_choice_names_closest():
 def test_preconditioner_matches_dense_inverse(tmp_path, data, absolute):
     modules, x = data
     store = open_store(build_store(tmp_path, modules, x))
-    pre = build_preconditioner(store, "raw", 0.05, absolute=absolute)
+    pre = build_preconditioner(store, "raw", 0.05, absolute_damping=absolute)
     _, hinv = reference_scores(x[:2], x, modules, 0.05, absolute=absolute)
     q = mlp_rows(3, seed=5)
     # F is summed by float32 products (as logged), the reference in float64.
@@ -168,7 +168,8 @@ def test_empty_statistics_damping_must_be_positive(tmp_path, data):
 
 def test_raw_curvature_refuses_blocks_too_wide_to_invert():
     from logix.curvature.covariance import MAX_RAW_WIDTH, RawAccumulator
-    from logix.store.format import ModuleInfo, StoreError
+    from logix.errors import StoreError
+    from logix.store.format import ModuleInfo
 
     wide = ModuleInfo("fc1", "Linear", 129, 128, 129, 128, True, 0)
     assert wide.width > MAX_RAW_WIDTH

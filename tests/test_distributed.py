@@ -150,7 +150,8 @@ def test_training_unchanged_by_logging_under_ddp(logged):
 def test_distributed_query_equals_one_process(logged):
     out, _ = logged
     q = Gradients.load(out / "q.safetensors")
-    engine = logix.InfluenceEngine(out / "ddp", "raw", damping=0.1, chunk_rows=5)
+    width = logix.open_store(out / "ddp").width
+    engine = logix.InfluenceEngine(out / "ddp", "raw", damping=0.1, chunk_bytes=4 * 5 * width)
     expect = {
         "top": engine.top_k(q, k=5),
         "toprel": engine.top_k(q, k=4, mode="relative"),
@@ -170,7 +171,7 @@ def test_distributed_query_equals_one_process(logged):
     written = load_result(out / "ddp-file.safetensors")
     assert torch.equal(written.values, load_result(out / "ddp-scores-r0.safetensors").values)
     assert written.train_ids == expect["scores"].train_ids and written.query_ids == q.data_ids
-    refined = logix.InfluenceEngine(out / "ddp", "ekfac", damping=0.1, chunk_rows=5, refine=3)
+    refined = logix.InfluenceEngine(out / "ddp", "ekfac", damping=0.1, chunk_bytes=4 * 5 * width, refine=3)
     want = refined.scores(q).values
     got = [load_result(out / f"refined-scores-r{r}.safetensors").values for r in (0, 1)]
     assert torch.equal(got[0], got[1])
@@ -252,8 +253,10 @@ def test_one_process_runs_the_distributed_code_path(tmp_path):
     with StoreWriter(run_dir, width=rows.shape[1], shard_rows=7) as w:
         w.add(list(range(30)), rows)
     q = mlp_rows(3, seed=2).float()
-    plain = logix.InfluenceEngine(run_dir, "raw", damping=0.1, chunk_rows=4)
-    shared = logix.InfluenceEngine(run_dir, "raw", damping=0.1, chunk_rows=4, distributed=True)
+    plain = logix.InfluenceEngine(run_dir, "raw", damping=0.1, chunk_bytes=4 * 4 * rows.shape[1])
+    shared = logix.InfluenceEngine(
+        run_dir, "raw", damping=0.1, chunk_bytes=4 * 4 * rows.shape[1], distributed=True
+    )
     assert shared._rows.row_offset == 0 and len(shared._rows) == 30
     a, b = plain.top_k(q, k=6), shared.top_k(q, k=6)
     assert torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices)

@@ -14,9 +14,10 @@ from query_helpers import (
     write_manifest,
 )
 
+from logix.errors import StoreError
 from logix.query.engine import InfluenceEngine
 from logix.query.results import load_result
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo
 from logix.store.gradients import Gradients
 from logix.store.reader import open_store
 
@@ -39,7 +40,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("chunk_rows", [7, 1000])
 def test_raw_dot_scores_match_dense_solve(setup, chunk_rows):
     modules, x, q, store = setup
-    engine = InfluenceEngine(store, "raw", 0.1, chunk_rows=chunk_rows, device="cpu")
+    engine = InfluenceEngine(store, "raw", 0.1, chunk_bytes=4 * chunk_rows * store.width, device="cpu")
     ref, _ = reference_scores(q, x, modules, 0.1)
     s = engine.scores(queries(q, modules))
     assert s.values.shape == (4, N_TRAIN)
@@ -56,7 +57,7 @@ def test_raw_dot_scores_match_dense_solve(setup, chunk_rows):
 
 def test_cosine_relative_and_self_influence(setup):
     modules, x, q, store = setup
-    engine = InfluenceEngine(store, "raw", 0.1, chunk_rows=10)
+    engine = InfluenceEngine(store, "raw", 0.1, chunk_bytes=4 * 10 * store.width)
     ref, hinv = reference_scores(q, x, modules, 0.1)
     xd, qd = x.double(), q.double()
     self_ref = torch.einsum("nd,de,ne->n", xd, hinv, xd)
@@ -79,11 +80,13 @@ def test_cosine_relative_and_self_influence(setup):
 
 def test_identity_is_plain_dot_and_absolute_damping(setup):
     modules, x, q, store = setup
-    plain = InfluenceEngine(store, "identity", chunk_rows=8).scores(queries(q, modules)).values
+    plain = (
+        InfluenceEngine(store, "identity", chunk_bytes=4 * 8 * store.width).scores(queries(q, modules)).values
+    )
     assert rel_err(plain, q.double() @ x.double().T) < 1e-6
     selfinf = InfluenceEngine(store, "identity").self_influence().values
     assert rel_err(selfinf, (x.double() ** 2).sum(1)) < 1e-6
-    absolute = InfluenceEngine(store, "raw", 0.01, damping_absolute=True).scores(queries(q, modules))
+    absolute = InfluenceEngine(store, "raw", 0.01, absolute_damping=True).scores(queries(q, modules))
     ref, _ = reference_scores(q, x, modules, 0.01, absolute=True)
     assert rel_err(absolute.values, ref) < 1e-4
 
@@ -113,7 +116,7 @@ def test_top_k_equals_stable_argsort_with_ties(tmp_path, chunk_rows):
     q = torch.randint(-2, 3, (5, 8), generator=gen).float()
     q[4] = 0  # a query tied with every train row
     store = open_store(build_store(tmp_path, modules, x, shard_rows=5))
-    engine = InfluenceEngine(store, "identity", chunk_rows=chunk_rows)
+    engine = InfluenceEngine(store, "identity", chunk_bytes=4 * chunk_rows * store.width)
     full = engine.scores(queries(q, modules)).values.numpy()
     for k in (1, 6, x.shape[0]):
         top = engine.top_k(queries(q, modules), k=k)
@@ -126,7 +129,7 @@ def test_top_k_equals_stable_argsort_with_ties(tmp_path, chunk_rows):
 
 def test_top_k_raw_and_k_above_rows(setup):
     modules, x, q, store = setup
-    engine = InfluenceEngine(store, "raw", 0.1, chunk_rows=6)
+    engine = InfluenceEngine(store, "raw", 0.1, chunk_bytes=4 * 6 * store.width)
     for mode in ("dot", "cosine", "relative"):
         full = engine.scores(queries(q, modules), mode=mode).values.numpy()
         top = engine.top_k(queries(q, modules), k=5, mode=mode)
@@ -162,7 +165,9 @@ def test_float16_store(tmp_path):
     x, q = mlp_rows(30, seed=1).float(), mlp_rows(2, seed=2).float()
     store = open_store(build_store(tmp_path, modules, x, dtype="float16"))
     ref, _ = reference_scores(q, x.half().float(), modules, 0.1)
-    values = InfluenceEngine(store, "raw", 0.1, chunk_rows=8).scores(queries(q, modules)).values
+    values = (
+        InfluenceEngine(store, "raw", 0.1, chunk_bytes=4 * 8 * store.width).scores(queries(q, modules)).values
+    )
     assert rel_err(values, ref) < 1e-3  # logged statistics saw the float32 rows
 
 
@@ -198,8 +203,8 @@ def test_bad_engine_arguments(setup, tmp_path):
     modules, x, q, store = setup
     with pytest.raises(ValueError, match="did you mean 'identity'"):
         InfluenceEngine(store, "identiy")
-    with pytest.raises(ValueError, match="chunk_rows"):
-        InfluenceEngine(store, "raw", chunk_rows=0)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        InfluenceEngine(store, "raw", chunk_bytes=0)
     empty = open_store(write_manifest(tmp_path / "empty", modules))
     with pytest.raises(StoreError, match="has no rows"):
         InfluenceEngine(empty, "identity")

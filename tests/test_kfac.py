@@ -22,9 +22,9 @@ from logix.capture.factors import MAX_FACTOR_DIM
 from logix.capture.projection import load_projections
 from logix.curvature.kfac import factor_path, load_factors, save_factors
 from logix.curvature.precondition import build_preconditioner
-from logix.errors import CaptureError
+from logix.errors import CaptureError, StoreError
 from logix.query.engine import InfluenceEngine
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +102,9 @@ def test_kfac_scores_equal_dense_kron_solve(logged):
     stats = load_factors(store)
     fishers = {m.name: kron_fisher(stats, m.name) for m in store.modules}
     for absolute, damping in ((False, 0.1), (True, 1e-3)):
-        engine = InfluenceEngine(store, "kfac", damping, damping_absolute=absolute, chunk_rows=4)
+        engine = InfluenceEngine(
+            store, "kfac", damping, absolute_damping=absolute, chunk_bytes=4 * 4 * store.width
+        )
         ref, hinv = dense_scores(q, x, store.modules, fishers, damping, absolute)
         gq = queries(q, list(store.modules), fingerprint=store.fingerprint)
         assert rel_err(engine.scores(gq).values, ref) < 1e-5
@@ -131,7 +133,7 @@ def test_ekfac_equals_dense_eigenbasis_construction(logged):
         fishers[m.name] = basis @ torch.diag(lam) @ basis.T
     q = x[[0, 4]] + 0.05
     ref, _ = dense_scores(q, x, store.modules, fishers, 0.1)
-    engine = InfluenceEngine(store, "ekfac", 0.1, chunk_rows=3)
+    engine = InfluenceEngine(store, "ekfac", 0.1, chunk_bytes=4 * 3 * store.width)
     gq = queries(q, list(store.modules), fingerprint=store.fingerprint)
     assert rel_err(engine.scores(gq).values, ref) < 1e-5
     # EK-FAC's mean eigenvalue is trace(F_raw) / w, so its damping equals raw's.

@@ -4,8 +4,6 @@ new statistic is a sink fed by the same hooks (checked against hand-computed ref
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,12 +140,9 @@ def test_a_new_statistic_is_a_new_sink(tmp_path):
     run.finalize()
 
 
-def test_step_is_an_alias_of_block_that_warns_once():
+def test_step_alias_is_gone():
     import logix.run as run_module
 
-    run_module._warned.discard("Step")
-    with pytest.warns(DeprecationWarning, match="logix.run.Block"):
-        assert run_module.Step is Block
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert run_module.Step is Block
+    with pytest.raises(AttributeError, match="Step"):
+        run_module.Step  # noqa: B018 - the removed alias of Block
+    assert run_module.Block is Block

@@ -109,26 +109,16 @@ def test_configured_refine_applies_to_ekfac_only_and_bad_config_is_named(setup):
         InfluenceEngine(run_dir)
 
 
-def test_renamed_arguments_warn_once_and_work(setup, monkeypatch):
-    import warnings
-
-    import logix.vocabulary
-
-    monkeypatch.setattr(logix.vocabulary, "_WARNED_RENAMES", set())  # as in a fresh process
+def test_old_argument_names_are_gone_and_chunks_are_bytes(setup):
     run_dir, _, _, q, _ = setup
-    with pytest.warns(DeprecationWarning, match="absolute_damping"):
-        old = InfluenceEngine(run_dir, "raw", 0.01, damping_absolute=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        InfluenceEngine(run_dir, "raw", 0.01, damping_absolute=True)  # once only
-    new = InfluenceEngine(run_dir, "raw", 0.01, absolute_damping=True)
-    assert torch.equal(old.scores(q).values, new.scores(q).values)
-    assert old.preconditioner.dampings == {"fc1": 0.01, "fc2": 0.01}
-    by_rows = InfluenceEngine(run_dir, "raw", chunk_rows=7)
-    assert by_rows.chunk_rows == 7
+    for old in ({"damping_absolute": True}, {"chunk_rows": 7}):  # 0.1.0 keeps no alias shims
+        with pytest.raises(TypeError, match=next(iter(old))):
+            InfluenceEngine(run_dir, "raw", 0.01, **old)
     by_bytes = InfluenceEngine(run_dir, "raw", chunk_bytes=7 * 4 * 39)
     assert by_bytes.chunk_rows == 7
-    assert torch.equal(by_rows.scores(q).values, by_bytes.scores(q).values)
+    rounded = InfluenceEngine(run_dir, "raw", chunk_bytes=7 * 4 * 39 + 3)  # whole rows: 7 again
+    assert rounded.chunk_rows == 7
+    assert torch.equal(rounded.scores(q).values, by_bytes.scores(q).values)
 
 
 def test_default_chunk_is_bounded_in_bytes(setup):
@@ -144,10 +134,10 @@ def test_default_chunk_is_bounded_in_bytes(setup):
         rows_per_chunk(0, 8)
 
 
-def test_cli_chunk_bytes_and_old_chunk_rows_give_the_same_top_k(setup):
+def test_cli_chunk_bytes_give_the_same_top_k(setup):
     run_dir, _, _, q, tmp = setup
     outs = []
-    for flag in (["--chunk-bytes", str(4 * 39 * 4)], ["--chunk-rows", "4"], []):
+    for flag in (["--chunk-bytes", str(4 * 39 * 4)], ["--chunk-bytes", str(4 * 39 * 4 + 3)], []):
         out = tmp / f"top{len(outs)}.json"
         code, text = cli(
             [

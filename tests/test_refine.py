@@ -62,10 +62,14 @@ def test_cg_refinement_converges_to_raw(setup, absolute):
     damping = 0.05 if absolute else 0.1
     ref, hinv = dense_scores(q, x, store.modules, fishers, damping, absolute)
     gq = queries(q, list(store.modules), store.fingerprint)
-    plain = InfluenceEngine(store, "ekfac", damping, damping_absolute=absolute, chunk_rows=7)
+    plain = InfluenceEngine(
+        store, "ekfac", damping, absolute_damping=absolute, chunk_bytes=4 * 7 * store.width
+    )
     errors = []
     for k in (0, 4, 20):
-        engine = InfluenceEngine(store, "ekfac", damping, damping_absolute=absolute, refine=k, chunk_rows=7)
+        engine = InfluenceEngine(
+            store, "ekfac", damping, absolute_damping=absolute, refine=k, chunk_bytes=4 * 7 * store.width
+        )
         values = engine.scores(gq).values
         errors.append(solve_error(engine, q, hinv))
         if k == 0:
@@ -126,7 +130,9 @@ def test_richardson_converges_inside_its_spectrum_and_not_outside(narrow, setup)
     with pytest.warns(RuntimeWarning, match="residual grew"):
         diverging.preconditioner.apply(q)
     assert bool((diverging.refinement_residuals[-1] > diverging.refinement_residuals[0]).all())
-    far = InfluenceEngine(store, "ekfac", 0.1, refine=2000, refine_method="richardson", chunk_rows=100)
+    far = InfluenceEngine(
+        store, "ekfac", 0.1, refine=2000, refine_method="richardson", chunk_bytes=4 * 100 * store.width
+    )
     with pytest.raises(ValueError, match="diverged to NaN/inf.*refine_method='cg'"):
         far.preconditioner.apply(q)
 

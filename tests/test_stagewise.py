@@ -176,8 +176,8 @@ def test_bad_input_names_the_fix(staged, tmp_path):
         stagewise_scores(store, q, damping=0.0)
     with pytest.raises(ValueError, match="unknown module"):
         stagewise_scores(store, q, modules=["fc9"])
-    with pytest.raises(TypeError, match="Gradients"):
-        stagewise_scores(store, q.values)
+    with pytest.raises(TypeError, match="Gradients"):  # rows as a tensor are accepted, as by the engine
+        stagewise_scores(store, q.values.tolist())
     with pytest.raises(ValueError, match="horizon"):
         stagewise_scores(store, q, horizons={"s1": -1.0})
     # a segment without lr or steps

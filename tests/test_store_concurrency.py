@@ -19,7 +19,7 @@ from guarantee_helpers import CONFIG, N_IDS, clean_run, log, model, resume_recip
 from store_helpers import WIDTH, make_store, rows_for
 
 import logix
-from logix.store.format import StoreError
+from logix.errors import StoreError
 from logix.store.writer import StoreWriter
 
 HERE = Path(__file__).parent

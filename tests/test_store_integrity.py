@@ -18,8 +18,9 @@ from store_helpers import WIDTH, make_store, rows_for
 
 import logix
 from logix.commands import inspect
+from logix.errors import StoreError
 from logix.query.engine import InfluenceEngine
-from logix.store.format import StoreError, index_path, read_json, write_json_atomic
+from logix.store.format import index_path, read_json, write_json_atomic
 from logix.store.writer import StoreWriter
 
 N = 40

@@ -10,7 +10,8 @@ import torch
 from child_process import run_python
 from store_helpers import WIDTH, make_store, rows_for
 
-from logix.store.format import StoreError, read_json, write_json_atomic
+from logix.errors import StoreError
+from logix.store.format import read_json, write_json_atomic
 from logix.store.reader import open_store
 from logix.store.writer import StoreWriter
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from store_helpers import WIDTH, make_store, rows_for, snapshot
 
-from logix.store.format import StoreError, index_path, read_json
+from logix.errors import StoreError
+from logix.store.format import index_path, read_json
 from logix.store.reader import open_store
 from logix.store.writer import StoreWriter
 

@@ -19,8 +19,7 @@ from torch import nn
 from torch.func import grad
 
 import logix
-from logix.errors import CaptureError
-from logix.store.format import StoreError
+from logix.errors import CaptureError, StoreError
 
 DAMPING = 0.1
 

@@ -63,12 +63,14 @@ def test_replay_with_another_model_or_optimizer_is_a_clear_error(tmp_path):
     train("sgd", record=str(tmp_path / "r"))
     wider = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     with pytest.raises(logix.StoreError, match="recorded as float64 \\[5, 3\\]"):
-        logix.unroll(tmp_path / "r", wider, loss_fn, examples, queries(), progress=False)
+        logix.unroll.unroll(tmp_path / "r", wider, loss_fn, examples, queries(), progress=False)
     with pytest.raises(logix.StoreError, match="recorded model"):
-        logix.unroll(tmp_path / "r", make_model(torch.float32), loss_fn, examples, queries(), progress=False)
+        logix.unroll.unroll(
+            tmp_path / "r", make_model(torch.float32), loss_fn, examples, queries(), progress=False
+        )
     model = make_model()
     with pytest.raises(logix.StoreError, match="recorded with 'sgd', not 'adamw'"):
-        logix.unroll(
+        logix.unroll.unroll(
             tmp_path / "r",
             model,
             loss_fn,
@@ -79,7 +81,7 @@ def test_replay_with_another_model_or_optimizer_is_a_clear_error(tmp_path):
         )
     with pytest.raises(logix.StoreError, match="does not reproduce the recorded training"):
         other = lambda ids: (examples(ids)[0] * 1.5, examples(ids)[1])  # noqa: E731  (other data)
-        logix.unroll(tmp_path / "r", model, loss_fn, other, queries(), progress=False)
+        logix.unroll.unroll(tmp_path / "r", model, loss_fn, other, queries(), progress=False)
 
 
 def test_unsupported_optimizers_and_randomness_are_refused(tmp_path):
@@ -107,12 +109,14 @@ def test_a_crash_while_recording_replays_up_to_the_last_checkpoint(tmp_path):
         train("sgd", record=str(tmp_path / "crashed"), every=2, crash_at=5)
     traj = Trajectory(tmp_path / "crashed")
     assert not traj.complete and traj.checkpoint_steps == [0, 2, 4] and traj.n_steps == 4
-    crashed = logix.unroll(tmp_path / "crashed", make_model(), loss_fn, examples, queries(), progress=False)
+    crashed = logix.unroll.unroll(
+        tmp_path / "crashed", make_model(), loss_fn, examples, queries(), progress=False
+    )
     # the same as a complete recording of the first four steps
     from unroll_helpers import STEPS
 
     train("sgd", record=str(tmp_path / "four"), every=2, steps=STEPS[:4])
-    four = logix.unroll(tmp_path / "four", make_model(), loss_fn, examples, queries(), progress=False)
+    four = logix.unroll.unroll(tmp_path / "four", make_model(), loss_fn, examples, queries(), progress=False)
     assert crashed.train_ids == four.train_ids
     torch.testing.assert_close(crashed.values, four.values, rtol=1e-12, atol=0)
 
@@ -129,7 +133,7 @@ def test_damaged_trajectory_files_are_clear_errors(tmp_path):
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
     with pytest.raises(logix.StoreError, match="checksum"):
-        logix.unroll(tmp_path / "r", make_model(), loss_fn, examples, queries(), progress=False)
+        logix.unroll.unroll(tmp_path / "r", make_model(), loss_fn, examples, queries(), progress=False)
     index = tmp_path / "r" / "trajectory" / "index.json"
     doc = json.loads(index.read_text())
     doc["checkpoints"][0]["step"] = "../../etc"

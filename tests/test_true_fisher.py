@@ -15,8 +15,7 @@ from torch.func import functional_call, jacrev, vmap
 import logix
 from logix.capture.fisher import fisher_logit_grads
 from logix.curvature.covariance import load_statistics, read_statistics
-from logix.errors import CaptureError
-from logix.store.format import StoreError
+from logix.errors import CaptureError, StoreError
 
 PROJ = {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 0}
 

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 import logix
 from logix.curvature.covariance import load_statistics
-from logix.store.format import StoreError
+from logix.errors import StoreError
 
 
 def dense_factors(model, names, inputs, pad, weights, projections):

@@ -26,7 +26,9 @@ from logix.query.results import load_result
 
 def replay(tmp_path, kind, every=2, **kwargs):
     train(kind, record=str(tmp_path / kind), every=every)
-    return logix.unroll(tmp_path / kind, make_model(), loss_fn, examples, queries(), progress=False, **kwargs)
+    return logix.unroll.unroll(
+        tmp_path / kind, make_model(), loss_fn, examples, queries(), progress=False, **kwargs
+    )
 
 
 def finite_differences(kind: str, h: float = 1e-5) -> torch.Tensor:
@@ -106,18 +108,18 @@ def test_segment_wise_replay_from_a_checkpoint(tmp_path):
     assert torch.allclose(-scores.values, reference[:, in_last], rtol=1e-9, atol=1e-14)
     assert scores.meta["from_step"] == 4 and scores.meta["steps"] == 2
     with pytest.raises(logix.StoreError, match="not a recorded checkpoint"):
-        logix.unroll(
+        logix.unroll.unroll(
             tmp_path / "sgd", make_model(), loss_fn, examples, queries(), from_step=3, progress=False
         )
 
 
 def test_many_queries_in_chunks_and_a_custom_measurement(tmp_path):
     whole = replay(tmp_path, "adam")
-    chunked = logix.unroll(
+    chunked = logix.unroll.unroll(
         tmp_path / "adam", make_model(), loss_fn, examples, queries(), query_chunk=1, progress=False
     )
     assert torch.allclose(whole.values, chunked.values, rtol=1e-12, atol=1e-15)
-    doubled = logix.unroll(
+    doubled = logix.unroll.unroll(
         tmp_path / "adam",
         make_model(),
         loss_fn,

@@ -54,7 +54,7 @@ def test_clipping_replays_exactly_against_finite_differences(tmp_path, kind):
     train_clipped(kind, record=tmp_path / "r")
     recorded = clipped_steps(tmp_path / "r")
     assert None in recorded and MAX_NORM in recorded, recorded  # some steps clipped, some not
-    scores = logix.unroll(tmp_path / "r", make_model(), loss_fn, examples, queries(), progress=False)
+    scores = logix.unroll.unroll(tmp_path / "r", make_model(), loss_fn, examples, queries(), progress=False)
     h, cols, picked = 1e-5, [], [0, 5, 8, 11]  # in steps 0-5, clipped and not
     for i in picked:
         e = torch.zeros(N, dtype=torch.float64)
@@ -96,7 +96,7 @@ def clipped_sgd_by_hand(eps: torch.Tensor, model: nn.Module) -> torch.Tensor:
 
 def test_clipping_replay_matches_jacrev_of_a_hand_written_clipped_loop(tmp_path):
     train_clipped("sgd", record=tmp_path / "r")
-    scores = logix.unroll(tmp_path / "r", make_model(), loss_fn, examples, queries(), progress=False)
+    scores = logix.unroll.unroll(tmp_path / "r", make_model(), loss_fn, examples, queries(), progress=False)
     ones = torch.ones(N, dtype=torch.float64)
     assert torch.allclose(
         clipped_sgd_by_hand(ones, make_model()), query_losses(train_clipped("sgd")), rtol=1e-12
@@ -203,7 +203,7 @@ def test_recording_a_clipped_run_changes_no_weight_and_replays_through_run_watch
             opt.zero_grad()
             sched.step()
     assert MAX_NORM in clipped_steps(tmp_path / "run")
-    logged = logix.unroll(
+    logged = logix.unroll.unroll(
         tmp_path / "run",
         make_model(),
         loss_fn,
@@ -212,7 +212,9 @@ def test_recording_a_clipped_run_changes_no_weight_and_replays_through_run_watch
         progress=False,
     )
     train_clipped("sgd", record=tmp_path / "alone")
-    alone = logix.unroll(tmp_path / "alone", make_model(), loss_fn, examples, queries(), progress=False)
+    alone = logix.unroll.unroll(
+        tmp_path / "alone", make_model(), loss_fn, examples, queries(), progress=False
+    )
     total = torch.zeros_like(alone.values)
     for j, i in enumerate(logged.train_ids):
         total[:, i % 100] += logged.values[:, j]

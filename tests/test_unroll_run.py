@@ -26,8 +26,10 @@ def test_run_records_the_trajectory_next_to_its_rows(tmp_path):
     assert len(logix.open_store(tmp_path / "run")) == sum(len(b) for s in STEPS for b in s)
 
     train("sgd", record=str(tmp_path / "alone"), every=2)  # the same training, recording only
-    alone = logix.unroll(tmp_path / "alone", make_model(), loss_fn, examples, queries(), progress=False)
-    logged = logix.unroll(
+    alone = logix.unroll.unroll(
+        tmp_path / "alone", make_model(), loss_fn, examples, queries(), progress=False
+    )
+    logged = logix.unroll.unroll(
         tmp_path / "run",
         make_model(),
         loss_fn,

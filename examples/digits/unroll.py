@@ -117,7 +117,9 @@ def record_and_unroll(data, args, seed: int, dtype=torch.float32, n_test=None, e
 
     queries = (list(range(n_test)), (data.x_test[:n_test].to(dtype), data.y_test[:n_test]))
     t = time.perf_counter()
-    scores = logix.unroll(run_dir, make_mlp(seed).to(dtype), loss_fn, lambda ids: (x[ids], y[ids]), queries)
+    scores = logix.unroll.unroll(
+        run_dir, make_mlp(seed).to(dtype), loss_fn, lambda ids: (x[ids], y[ids]), queries
+    )
     t_unroll = time.perf_counter() - t
     assert scores.train_ids == list(range(len(y)))
     return scores, t_record, t_unroll

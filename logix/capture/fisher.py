@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from logix.capture.hooks import CaptureError
+from logix.errors import CaptureError
 
 
 class FisherLogitGrads:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from logix.store.format import StoreError, write_atomic
+from logix.errors import StoreError
+from logix.store.format import write_atomic
 from logix.store.tagged import read_tagged
 
 

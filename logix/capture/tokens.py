@@ -25,7 +25,8 @@ from torch import nn
 from logix.capture.hooks import CaptureBlock, ForwardCall, ModuleCapture, Sink
 from logix.errors import CaptureError
 from logix.store.format import ModuleInfo
-from logix.store.gradients import DataId, Gradients
+from logix.store.gradients import Gradients
+from logix.store.ids import DataId
 
 
 @dataclass

@@ -71,7 +71,6 @@ def add_engine_options(parser: argparse.ArgumentParser, modes: tuple[str, ...] =
         metavar="N",
         help=f"bytes of train rows (as float32) per matrix product (default {DEFAULT_CHUNK_BYTES >> 20} MiB)",
     )
-    parser.add_argument("--chunk-rows", type=int, metavar="N", help=argparse.SUPPRESS)  # old name
     parser.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when available, else cpu)")
     add_quiet(parser)
 
@@ -113,27 +112,25 @@ def open_engine(args: argparse.Namespace, console: Console) -> Any:
     """The engine the options ask for, with the store's defaults for whatever they leave out,
     drawing progress bars on stderr unless --quiet."""
     from logix.progress import ProgressBars
-    from logix.query.defaults import resolve
     from logix.query.engine import InfluenceEngine
     from logix.store.reader import open_store
 
     check_device(args.device)
     store = open_store(args.run_dir, segment=args.segment)
-    chosen = resolve(store, args.preconditioner, args.damping, args.refine, args.fisher, args.mode)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
-    chunk = {}  # --chunk-rows N is the old spelling of --chunk-bytes 4·N·width
-    if args.chunk_bytes is not None or args.chunk_rows is not None:
-        chunk["chunk_bytes"] = (
-            args.chunk_bytes if args.chunk_bytes is not None else 4 * args.chunk_rows * store.width
-        )
+    chunk = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
     return InfluenceEngine(
         store,
         absolute_damping=args.absolute_damping,
         modules=modules,
         device=args.device,
         progress=ProgressBars(quiet=args.quiet),
+        preconditioner=args.preconditioner,  # None: the store's default, resolved by the engine
+        damping=args.damping,
+        refine=args.refine,
+        fisher=args.fisher,
+        mode=args.mode,
         **chunk,
-        **chosen,
     )
 
 

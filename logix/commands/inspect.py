@@ -10,7 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from logix.store.format import PROJECTIONS, StoreError
+from logix.errors import StoreError
+from logix.store.format import PROJECTIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

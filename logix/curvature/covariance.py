@@ -40,9 +40,10 @@ from logix.curvature.statistics import (  # noqa: F401  (the file format's names
     statistics_from,
     statistics_metadata,
 )
+from logix.errors import StoreError
 from logix.progress import ProgressFn  # noqa: F401  (re-exported: fn(phase, done, total))
 from logix.store.cache import load_cache, rows_key, save_cache
-from logix.store.format import ModuleInfo, StoreError, curvature_dir
+from logix.store.format import ModuleInfo, curvature_dir
 from logix.vocabulary import FACTOR_STATISTICS
 
 MAX_RAW_WIDTH = 8192  # a raw block of this width: 512 MiB in float64, minutes of eigh on a CPU

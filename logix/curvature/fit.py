@@ -54,8 +54,8 @@ from logix.curvature.kfac import (
     save_factors,
 )
 from logix.curvature.true_fisher import EigenvalueSums, bases_key, true_kind
-from logix.errors import CaptureError
-from logix.store.format import ModuleInfo, StoreError, curvature_dir, total_width
+from logix.errors import CaptureError, StoreError
+from logix.store.format import ModuleInfo, curvature_dir, total_width
 
 KINDS = ("raw", "kfac", "ekfac")
 RowsFn = Callable[[list, torch.Tensor], None]  # (data ids, pseudo-gradient rows [n, D])

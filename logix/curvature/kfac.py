@@ -45,9 +45,10 @@ from logix.curvature.covariance import (
 )
 from logix.curvature.eigen import eigendecompose
 from logix.curvature.statistics import ids_coverage
+from logix.errors import StoreError
 from logix.notices import warn
 from logix.store.cache import cache_keys, load_cache, rows_key, save_cache
-from logix.store.format import ModuleInfo, StoreError, curvature_dir
+from logix.store.format import ModuleInfo, curvature_dir
 
 FACTOR_KIND = "kfac"
 EKFAC_FORMAT = "logix-ekfac-eigenvalues"

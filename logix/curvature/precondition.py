@@ -51,9 +51,9 @@ from logix.curvature.true_fisher import (
     true_kind,
     true_raw_statistics,
 )
+from logix.errors import StoreError
 from logix.store.cache import cache_keys, load_cache, save_cache
-from logix.store.format import StoreError
-from logix.vocabulary import FISHERS, PRECONDITIONERS, RAW_FORMS, check_choice, renamed
+from logix.vocabulary import FISHERS, PRECONDITIONERS, RAW_FORMS, check_choice
 
 # The statistics each preconditioner reads by default (variants like "kfac.true" plug in here).
 DEFAULT_STATISTICS = {"raw": "raw", "kfac": FACTOR_KIND, "ekfac": FACTOR_KIND}
@@ -81,7 +81,6 @@ def build_preconditioner(
     statistics: str | None = None,
     fisher: str = "empirical",
     form: str = "auto",
-    absolute: bool | None = None,
 ) -> Preconditioner:
     """The preconditioner of `kind` for `store`'s segment, over `modules` (all if None).
 
@@ -92,11 +91,8 @@ def build_preconditioner(
     form (raw only): "eigen" (eigendecompose F_m), "gram" (Woodbury through the N×N Gram
     matrix of the rows, `gram.py`, all in float64) or "auto": gram for the blocks wider than
     the store is long, its two N²w products in float32 (the [N, N] factor in float64).
-    absolute: the old name of absolute_damping (warns once).
     """
-    absolute = bool(
-        renamed("absolute", "absolute_damping", absolute, absolute_damping, "build_preconditioner")
-    )
+    absolute = bool(absolute_damping)
     check_choice(kind, PRECONDITIONERS, "preconditioner")
     check_choice(fisher, FISHERS, "fisher")
     check_choice(form, RAW_FORMS, "raw preconditioner form")

@@ -7,6 +7,7 @@ Blocks: `Block` (eigendecomposition of F_m, here), `KroneckerBlock` (kfac / ekfa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from logix.curvature.gram import GramBlock
 from logix.curvature.kfac import KroneckerBlock
+from logix.errors import ConfigError
 from logix.store.format import ModuleInfo, total_width
 
 
@@ -98,6 +100,25 @@ class Preconditioner:
         for m in self.selected:
             block = q[:, m.columns]
             out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
+        return out
+
+    def spectral(self, q: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Q ↦ Q f(F + λI) per selected module: [n, D] -> [n, D] float64 on q's device, f applied
+        to each block's damped eigenvalues e + λ [w] (f(e) = 1/e is `apply`); the other modules'
+        columns are zero. Eigen-form blocks only (`raw` built with form="eigen")."""
+        q = q.to(torch.float64)
+        out = torch.zeros_like(q)
+        blocks = self.blocks_on(q.device, q.dtype) or {}
+        for m in self.selected:
+            b = blocks.get(m.name)
+            if not isinstance(b, Block):
+                raise ConfigError(
+                    f"module {m.name!r}: a function of F + λI needs its eigendecomposition, but the "
+                    f"{self.kind!r} preconditioner holds it as {type(b).__name__}: use the 'raw' "
+                    "preconditioner with form='eigen'"
+                )
+            v = b.eigenvectors
+            out[:, m.columns] = ((q[:, m.columns] @ v) * fn(b.eigenvalues + b.damping)) @ v.T
         return out
 
     def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[QuerySide, torch.Tensor]:

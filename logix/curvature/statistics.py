@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from logix.store.format import ModuleInfo, StoreError, write_atomic
+from logix.errors import StoreError
+from logix.store.format import ModuleInfo, write_atomic
 from logix.store.paths import checked_file
 from logix.store.tagged import CHECKSUM_KEY, checksum_matches, read_tagged, tensors_checksum
 

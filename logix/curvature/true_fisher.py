@@ -27,8 +27,9 @@ import torch
 
 from logix.curvature.covariance import Statistics, load_statistics, read_statistics
 from logix.curvature.kfac import KroneckerBases, rotate
+from logix.errors import StoreError
 from logix.notices import warn
-from logix.store.format import ModuleInfo, StoreError
+from logix.store.format import ModuleInfo
 
 SUFFIX = ".true"
 

@@ -1,6 +1,6 @@
 """The query defaults of a store: the `query:` section of the config it was logged with, filled
-in from `QueryConfig`; read alike by `InfluenceEngine` and `logix query`, so both give the same
-answer for the same store."""
+in from `QueryConfig`; read by `InfluenceEngine` alone (the CLI, `combined_scores` and
+`stagewise_scores` build engines), so all give the same answer for the same store."""
 
 from __future__ import annotations
 

@@ -30,19 +30,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from logix import comm
+from logix.errors import ConfigError
 from logix.progress import ProgressBars, ProgressFn, closing
 from logix.query.defaults import resolve
 from logix.query.distributed import local_share, merge_top_k
 from logix.query.engine_setup import check_store_ready, checked_fisher, engine_device, engine_preconditioner
 from logix.query.local_rows import LocalRows
-from logix.query.queries import selected_modules, shared_queries
+from logix.query.queries import prepared_side, selected_modules, shared_queries
 from logix.query.result_files import save_columns
 from logix.query.results import Scores, SelfInfluence, TopK
 from logix.query.topk import INDEX_BITS, unpack
 from logix.query.transfer import DEFAULT_CHUNK_BYTES, rows_per_chunk
 from logix.store.gradients import Gradients
 from logix.store.reader import Store, open_store
-from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice, renamed
+from logix.vocabulary import SCORE_MODES, SELF_INFLUENCE_MODES, check_choice
 
 if TYPE_CHECKING:
     from logix.capture.tokens import TokenGradients
@@ -80,7 +81,9 @@ class InfluenceEngine:
     "saved" (the run directory's index for `mode`, checked to be current); identity
     preconditioner only (see `logix.query.index`). Default None: the exact scan.
 
-    Renamed (warn once): damping_absolute= → absolute_damping=; chunk_rows= (rows) → chunk_bytes=.
+    form: how a `raw` preconditioner is held, "auto" (Gram form for the blocks wider than the
+    store is long, else the eigendecomposition), "eigen" or "gram" (`build_preconditioner`);
+    `preconditioner.spectral` needs "eigen".
     """
 
     def __init__(
@@ -99,29 +102,18 @@ class InfluenceEngine:
         distributed: bool = False,
         fisher: str | None = None,
         mode: str | None = None,
-        damping_absolute: bool | None = None,
-        chunk_rows: int | None = None,
         quiet: bool = False,
         index: ApproximateIndex | str | None = None,
+        form: str = "auto",
     ) -> None:
         if isinstance(store, (str, os.PathLike)):
             store = open_store(Path(store))
-        absolute_damping = bool(
-            renamed(
-                "damping_absolute", "absolute_damping", damping_absolute, absolute_damping, "InfluenceEngine"
-            )
-        )
-        if chunk_rows is not None:
-            renamed("chunk_rows", "chunk_bytes", chunk_rows, None, "InfluenceEngine")
-            if int(chunk_rows) < 1:
-                raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-            self.chunk_rows = int(chunk_rows)
-        else:
-            self.chunk_rows = rows_per_chunk(chunk_bytes, store.width)
+        self.chunk_rows = rows_per_chunk(chunk_bytes, store.width)
         chosen = resolve(store, preconditioner, damping, refine, fisher, mode)
         preconditioner, damping, refine, fisher = (
             chosen[k] for k in ("preconditioner", "damping", "refine", "fisher")
         )
+        self.damping = damping  # as given or the store's default (λ_m per module: `dampings`)
         self.mode = check_choice(chosen["mode"], SCORE_MODES, "mode")
         self.store = store
         self.progress = progress = ProgressBars(quiet=quiet) if progress is None else progress
@@ -147,6 +139,7 @@ class InfluenceEngine:
                 chunk_rows=self.chunk_rows,
                 progress=progress,
                 distributed=self.distributed,
+                form=form,
             )
         self.fisher = fisher
         self.refine = int(refine)
@@ -172,25 +165,25 @@ class InfluenceEngine:
     ) -> tuple[Any, torch.Tensor, list]:
         """(Q' [n, D] float32 — or with `streamed` the `QuerySide` that `_score` takes —,
         √(qᵀ(F+λI)⁻¹q) [n] float32, ids) on the engine's device; see `shared_queries`."""
-        return shared_queries(
-            q,
-            self.store,
-            self.preconditioner,
-            self.device,
-            streamed,
-            norms,
-            self.distributed,
-            self.refine > 0,
-        )
+        args = (q, self.store, self.preconditioner, self.device)
+        return shared_queries(*args, streamed, norms, self.distributed, self.refine > 0)
 
     def _mode(self, mode: str | None, choices: tuple[str, ...] = SCORE_MODES, what: str = "mode") -> str:
         return check_choice(self.mode if mode is None else mode, choices, what)
 
     # ------------------------------------------------------------------------------ public
-    def scores(self, q: Queries, mode: str | None = None, per_module: bool = False) -> Scores:
-        """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module)."""
+    def scores(
+        self, q: Queries, mode: str | None = None, per_module: bool = False, *, prepared: bool = False
+    ) -> Scores:
+        """The full score matrix: `.values` [n_query, n_train] ([n_modules, …] if per_module).
+
+        prepared: q is a query side the caller mapped already (e.g. Q f(F + λI) from
+        `self.preconditioner.spectral`, as `stagewise_scores` does), scored as it is in mode "dot"
+        (`queries.prepared_side`; one process)."""
         mode = self._mode(mode)
-        out, qids = self._local_scores(q, mode, per_module)
+        if prepared and (mode != "dot" or self.distributed):
+            raise ConfigError("prepared queries are scored in mode 'dot' by a non-distributed engine")
+        out, qids = self._local_scores(q, mode, per_module, prepared)
         if self.distributed:
             out = comm.all_gather_columns(out)
         return Scores(
@@ -230,9 +223,15 @@ class InfluenceEngine:
         )
         return save_columns(path, out, len(self.store), like, self.distributed, block_bytes)
 
-    def _local_scores(self, q: Queries, mode: str, per_module: bool) -> tuple[torch.Tensor, list]:
+    def _local_scores(
+        self, q: Queries, mode: str, per_module: bool, prepared: bool = False
+    ) -> tuple[torch.Tensor, list]:
         """This process's columns of the score matrix ([..., n_query, n_local]) and query ids."""
-        qp, qnorm, qids = self._shared_queries(q, streamed=True, norms=mode == "cosine")
+        qp, qnorm, qids = (
+            prepared_side(q, self.store, self.preconditioner, self.device)
+            if prepared
+            else self._shared_queries(q, streamed=True, norms=mode == "cosine")
+        )
 
         def compute() -> torch.Tensor:
             with closing(self.progress):

@@ -105,6 +105,7 @@ def engine_preconditioner(
     chunk_rows: int,
     progress: ProgressFn | None,
     distributed: bool,
+    form: str = "auto",
 ) -> Any:
     """The engine's preconditioner of `store` over `modules`: built from the statistics of a
     split pass over each rank's `rows` and sent from rank 0 when `distributed`, and wrapped in
@@ -121,6 +122,7 @@ def engine_preconditioner(
             chunk_rows=chunk_rows,
             progress=progress,
             fisher=fisher,
+            form=form,
         )
 
     if distributed:  # statistics from a split pass; one preconditioner, sent to all

@@ -9,7 +9,7 @@ import torch
 
 from logix import comm
 from logix.curvature.preconditioner import QuerySide
-from logix.errors import StoreError
+from logix.errors import ConfigError, StoreError
 from logix.store.gradients import Gradients
 from logix.store.reader import Store
 from logix.vocabulary import check_choice
@@ -77,6 +77,25 @@ def preconditioned_queries(
     qp = preconditioner.apply(v)
     quad = (v * qp).sum(dim=1).clamp(min=0)
     return qp.to(torch.float32), quad.sqrt().to(torch.float32), ids
+
+
+def prepared_side(
+    q: Gradients | torch.Tensor, store: Store, preconditioner: Any, device: torch.device
+) -> tuple[QuerySide, torch.Tensor, list]:
+    """A query side the caller has mapped already (e.g. Q f(F + λI) through
+    `Preconditioner.spectral`), checked like any query batch and scored as it is: (its selected
+    modules' columns [n, D] float32 on `device`, zero norms [n], ids). Refused where a Gram block
+    would precondition the train side."""
+    if preconditioner.has_gram:
+        raise ConfigError(
+            "prepared queries are scored against the rows as stored, but this engine holds a "
+            "Gram-form block (its train side is preconditioned): build it with form='eigen'"
+        )
+    values, ids = checked_queries(q, store)
+    dense = torch.zeros(values.shape, dtype=torch.float32, device=device)
+    for m in preconditioner.selected:
+        dense[:, m.columns] = values[:, m.columns].to(device, torch.float32)
+    return QuerySide(dense, {}), torch.zeros(values.shape[0], device=device), ids
 
 
 def shared_queries(

@@ -30,7 +30,8 @@ from logix.curvature.gram import GramBlock
 from logix.curvature.kfac import KroneckerBlock
 from logix.query.results import TopK
 from logix.query.tokens import position_terms
-from logix.store.gradients import DataId, Gradients
+from logix.store.gradients import Gradients
+from logix.store.ids import DataId
 from logix.vocabulary import RERANK_NORMS, SCORE_MODES, check_choice
 
 Recompute = Callable[[list[DataId]], TokenGradients]

@@ -27,9 +27,8 @@ from logix.query.result_files import (  # noqa: F401  (save_columns, write_score
     suffix_of,
     write_scores,
 )
+from logix.store.ids import DataId
 from logix.store.tagged import read_tagged
-
-DataId = int | str
 
 
 def few(ids: list, n: int = 3) -> str:

@@ -12,13 +12,15 @@ approximate unrolling (SOURCE) is `logix.query.stagewise.stagewise_scores`.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
+from logix.errors import StoreError
 from logix.query.engine import InfluenceEngine
 from logix.query.results import Scores
-from logix.store.format import StoreError
 from logix.store.gradients import Gradients
+from logix.vocabulary import check_choice
 
 MISSING = ("error", "zero")
 
@@ -48,12 +50,9 @@ def combined_scores(
     store,
     queries: dict[str, Gradients],
     *,
-    mode: str = "dot",
-    preconditioner: str = "raw",
-    damping: float = 0.1,
     weights: dict[str, float] | None = None,
     missing: str = "error",
-    **engine_options,
+    **engine_options: Any,
 ) -> Scores:
     """Σ_s weight_s · scores of segment s: `.values` [n_query, n_train] with `train_ids`.
 
@@ -63,11 +62,13 @@ def combined_scores(
     segments hold different training ids, "zero" to score the union of their ids (in order of
     first appearance; the first segment's order when all hold the same ids), an example adding
     nothing in a segment that did not log it. The queries must have the same ids everywhere.
+    engine_options: those of `InfluenceEngine` (preconditioner, damping, mode, fisher, refine,
+    device, ...; each defaults to the store's `query:` config, as for one segment); each segment
+    is scored by its own engine.
     """
     if not queries:
         raise ValueError("queries is empty: give one Gradients per segment to combine")
-    if missing not in MISSING:
-        raise ValueError(f"missing must be one of {MISSING}, got {missing!r}")
+    check_choice(missing, MISSING, "missing")
     store = open_any(store)
     views = {name: store.select(name) for name in queries}
     train_ids, position = union_ids(list(views.values()))
@@ -86,7 +87,8 @@ def combined_scores(
     for name, q in queries.items():
         seg = views[name]
         weight = used[name] = _weight(seg, name, weights)
-        result = InfluenceEngine(seg, preconditioner, damping, **engine_options).scores(q, mode=mode)
+        engine = InfluenceEngine(seg, **engine_options)
+        result = engine.scores(q)
         if total is None:
             query_ids = list(result.query_ids)
             total = torch.zeros(result.values.shape[0], len(train_ids), dtype=torch.float64)
@@ -101,10 +103,10 @@ def combined_scores(
         "segments": list(queries),
         "weights": used,
         "missing": missing,
-        "preconditioner": preconditioner,
-        "damping": damping,
+        "preconditioner": engine.preconditioner.kind,
+        "damping": engine.damping,
     }
-    return Scores(total.to(torch.float32), query_ids, train_ids, mode, None, meta)
+    return Scores(total.to(torch.float32), query_ids, train_ids, engine.mode, None, meta)
 
 
 def _weight(segment_store, name: str, weights: dict[str, float] | None) -> float:

@@ -43,22 +43,16 @@ segment's row count). `horizons=` / `examples=` arguments override the meta.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from logix.curvature.covariance import ProgressFn
-from logix.curvature.precondition import build_preconditioner
-from logix.curvature.preconditioner import Preconditioner
 from logix.query.engine import InfluenceEngine
-from logix.query.queries import selected_modules
+from logix.query.queries import checked_queries
 from logix.query.results import Scores
 from logix.query.segments import open_any, union_ids
-from logix.store.format import StoreError
 from logix.store.gradients import Gradients
-from logix.vocabulary import renamed
 
 
 @dataclass
@@ -113,34 +107,16 @@ def segment_schedule(
     return SegmentSchedule(name, lr, steps, n, source)
 
 
-def spectral_apply(
-    q: torch.Tensor, pre: Preconditioner, fn: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Q ↦ Q f(F + λI) per selected module, with f applied to the damped eigenvalues:
-    [n, D] float64 -> [n, D] float64; other modules' columns are zeroed."""
-    out = torch.zeros_like(q)
-    for m in pre.selected:
-        b = pre.blocks[m.name]
-        v = b.eigenvectors.to(q.device)
-        e = (b.eigenvalues + b.damping).to(q.device)
-        out[:, m.columns] = ((q[:, m.columns] @ v) * fn(e)) @ v.T
-    return out
-
-
 def stagewise_scores(
     store,
-    queries: Gradients,
+    queries: Gradients | torch.Tensor,
     segments: list[str] | None = None,
     *,
-    damping: float = 0.1,
+    damping: float | None = None,
     absolute_damping: bool = False,
     horizons: dict[str, float] | None = None,
     examples: dict[str, int] | None = None,
-    modules: list[str] | str | None = None,
-    device: str | torch.device | None = None,
-    chunk_rows: int = 4096,
-    progress: ProgressFn | None = None,
-    damping_absolute: bool | None = None,
+    **engine_options: Any,
 ) -> Scores:
     """SOURCE scores of every training example on the queries: `.values` [n_query, n_train].
 
@@ -148,15 +124,13 @@ def stagewise_scores(
     the store's projections); segments: names in training order (default: all, in the order they
     were logged). Segments may train on different examples: the columns are the union of their
     ids, in order of first appearance. damping: relative to each segment's mean Fisher
-    eigenvalue (absolute with `absolute_damping`; its old name `damping_absolute` warns).
-    horizons / examples: per-segment η·K and N,
-    overriding the meta. `.meta["schedule"]` lists what was used for each segment.
+    eigenvalue (absolute with `absolute_damping`); default the store's `query:` config.
+    horizons / examples: per-segment η·K and N, overriding the meta. engine_options: those of
+    `InfluenceEngine` other than the preconditioner (modules, device, chunk_bytes, fisher,
+    progress, quiet): each segment is one engine with the `raw` preconditioner in eigen form,
+    which checks the queries, picks the device and applies f(F + λI).
+    `.meta["schedule"]` lists what was used for each segment.
     """
-    absolute_damping = bool(
-        renamed(
-            "damping_absolute", "absolute_damping", damping_absolute, absolute_damping, "stagewise_scores"
-        )
-    )
     store = open_any(store)
     names = list(store.segments) if segments is None else list(segments)
     if not names:
@@ -167,64 +141,42 @@ def stagewise_scores(
         unknown = sorted(set(extra) - set(names))
         if unknown:
             raise ValueError(f"horizons/examples name segments that are not combined: {unknown}")
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0 (it keeps H_ℓ⁻¹ finite), got {damping}")
-    _check_queries(store, queries)
+    values, query_ids = checked_queries(queries, store)  # before any curvature is built
     views = [store.select(n) for n in names]
     schedule = [
         segment_schedule(v, (horizons or {}).get(n), (examples or {}).get(n)) for n, v in zip(names, views)
     ]
-    device = (
-        torch.device(device)
-        if device is not None
-        else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    )
-    for v in views:
-        if len(v) == 0:
-            raise StoreError(f"segment {v.segment!r} has no rows; drop it from segments=[...]")
+    engines = [
+        InfluenceEngine(
+            v, "raw", damping, absolute_damping=absolute_damping, form="eigen", mode="dot", **engine_options
+        )
+        for v in views
+    ]
 
     # Query side, last segment first: carry = Q S_L ⋯ S_{ℓ+1}; Q_ℓ = carry r_ℓ / N_ℓ.
-    carry = queries.values.to(device, torch.float64)
+    carry = values.to(engines[-1].device, torch.float64)
     per_segment: list[torch.Tensor | None] = [None] * len(views)
-    selected = selected_modules(store, modules)
     for i in reversed(range(len(views))):
-        pre = build_preconditioner(
-            views[i],
-            "raw",
-            damping,
-            absolute_damping=absolute_damping,
-            form="eigen",
-            modules=selected,
-            device=device,
-            chunk_rows=chunk_rows,
-            progress=progress,
-        )
+        pre = engines[i].preconditioner
         h, n = schedule[i].horizon, schedule[i].examples
-        per_segment[i] = spectral_apply(carry, pre, lambda e, h=h: -torch.expm1(-h * e) / e) / n
+        per_segment[i] = pre.spectral(carry, lambda e, h=h: -torch.expm1(-h * e) / e) / n
         if i > 0:
-            carry = spectral_apply(carry, pre, lambda e, h=h: torch.exp(-h * e))
+            carry = pre.spectral(carry, lambda e, h=h: torch.exp(-h * e))
 
     # Train side: stream each segment's rows once, add its columns into the union.
     train_ids, position = union_ids(views)
     total = torch.zeros(carry.shape[0], len(train_ids), dtype=torch.float64)
-    for view, q_seg in zip(views, per_segment):
-        engine = InfluenceEngine(
-            view,
-            "identity",
-            modules=selected,
-            device=device,
-            chunk_bytes=4 * chunk_rows * view.width,
-            progress=progress,
-        )
-        result = engine.scores(q_seg.to(torch.float32))
+    for engine, q_seg in zip(engines, per_segment):
+        result = engine.scores(q_seg.to(torch.float32), prepared=True)
         columns = torch.tensor([position[t] for t in result.train_ids], dtype=torch.long)
         total[:, columns] += result.values.to(torch.float64)
     meta = {
         "method": "source",
         "segments": names,
-        "damping": damping,
+        "damping": engines[0].damping,
         "absolute_damping": absolute_damping,
-        "modules": selected,
+        "fisher": engines[0].fisher,
+        "modules": engines[0].modules,
         "schedule": {
             s.name: {
                 "lr": s.lr,
@@ -236,20 +188,4 @@ def stagewise_scores(
             for s in schedule
         },
     }
-    return Scores(total.to(torch.float32), list(queries.data_ids), train_ids, "dot", None, meta)
-
-
-def _check_queries(store, queries: Gradients) -> None:
-    if not isinstance(queries, Gradients):
-        raise TypeError(
-            f"queries must be logix Gradients (run.gradients()) captured at the final "
-            f"model, got {type(queries).__name__}"
-        )
-    if queries.fingerprint != store.fingerprint or list(queries.modules) != list(store.modules):
-        raise StoreError(
-            f"the query gradients were captured with other projections or another "
-            f"model than the store's: capture them with "
-            f"logix.init({os.fspath(store.path)!r}, mode='query') on the final model"
-        )
-    if len(queries) == 0:
-        raise ValueError("no query rows: capture at least one query example")
+    return Scores(total.to(torch.float32), query_ids, train_ids, "dot", None, meta)

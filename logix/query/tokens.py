@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from logix.capture.tokens import PositionFactors, TokenGradients
-from logix.store.format import StoreError
-from logix.store.gradients import DataId
+from logix.errors import StoreError
+from logix.store.ids import DataId
 
 _BUDGET = 1 << 24  # elements of the largest intermediate (64 MB in float32)
 

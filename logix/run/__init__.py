@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from logix.config import LogixConfig
-from logix.notices import warn
 from logix.run.block import Block, Pass
 from logix.run.passes import StatisticsPass
 from logix.run.run import Run
@@ -34,20 +33,6 @@ def init(
     resume: append to an existing store (after a crash, or a new segment); overwrite: replace it.
     """
     return Run(run_dir, config, mode=mode, resume=resume, overwrite=overwrite)
-
-
-_RENAMED = {"Step": ("Block", Block)}
-_warned: set[str] = set()
-
-
-def __getattr__(name: str):
-    if name in _RENAMED:
-        new, value = _RENAMED[name]
-        if name not in _warned:
-            _warned.add(name)
-            warn(f"logix.run.{name} is now logix.run.{new}", DeprecationWarning)
-        return value
-    raise AttributeError(f"module 'logix.run' has no attribute {name!r}")
 
 
 __all__ = ["Block", "Pass", "Run", "StatisticsPass", "init"]

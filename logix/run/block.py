@@ -20,7 +20,7 @@ from logix.capture.functional_uses import check_functional_uses
 from logix.capture.hooks import CaptureBlock, Sink, attach_hooks, check_mask_used
 from logix.capture.loss_probe import LossProbe, report_loss_check
 from logix.errors import CaptureError
-from logix.store.gradients import DataId
+from logix.store.ids import DataId
 
 
 class Pass:

@@ -12,7 +12,8 @@ from logix.curvature.reduce import finish_statistics
 from logix.errors import CaptureError
 from logix.notices import warn
 from logix.store.finalize import finish_logging, record_ranks
-from logix.store.gradients import DataId, Gradients
+from logix.store.gradients import Gradients
+from logix.store.ids import DataId
 
 
 class RunLifecycle:

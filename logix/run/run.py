@@ -49,7 +49,7 @@ from logix.run.log_pass import LogPass
 from logix.run.passes import StatisticsPass
 from logix.run.setup import create_run_store, module_dims, open_run_dir, open_trajectory, open_writer
 from logix.store.format import PROJECTIONS, ModuleInfo, total_width
-from logix.store.gradients import DataId
+from logix.store.ids import DataId
 from logix.store.projections import check_projections
 from logix.store.writer import batch_ids
 from logix.vocabulary import FACTOR_STATISTICS, FITTED_PROJECTION_KINDS

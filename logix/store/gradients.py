@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from logix.store.format import ModuleInfo, StoreError
+from logix.errors import StoreError
+from logix.store.format import ModuleInfo
+from logix.store.ids import DataId
 from logix.store.tagged import read_tagged
-
-DataId = int | str
 
 
 @dataclass(repr=False)
