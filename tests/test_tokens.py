@@ -79,7 +79,9 @@ def test_token_scores_sum_to_sequence_scores(tmp_path_factory, rank_in, precondi
     for mode in ("dot", "cosine", "relative"):
         ts = engine.token_scores(q, tokens, mode=mode)
         assert ts.values.shape == (3, len(docs), max(lengths))
-        assert ts.data_ids == [d.doc_id for d in docs] and ts.query_ids == ["q0", "q1", "q2"]
+        assert ts.train_ids == [d.doc_id for d in docs] and ts.query_ids == ["q0", "q1", "q2"]
+        with pytest.raises(AttributeError, match="train_ids"):
+            ts.data_ids  # noqa: B018
         want = engine.scores(q, mode=mode).values[:, columns]
         torch.testing.assert_close(ts.sequence_scores(), want, rtol=1e-4, atol=1e-5 * want.abs().max())
         for j, n in enumerate(lengths):  # padded positions (and positions past the end) are 0

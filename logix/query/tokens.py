@@ -25,6 +25,7 @@ import torch
 
 from logix.capture.tokens import PositionFactors, TokenGradients
 from logix.errors import StoreError
+from logix.query.results import _no_data_ids
 from logix.store.ids import DataId
 
 _BUDGET = 1 << 24  # elements of the largest intermediate (64 MB in float32)
@@ -38,12 +39,14 @@ class TokenScores:
 
     values: torch.Tensor
     query_ids: list[DataId]
-    data_ids: list[DataId]
+    train_ids: list[DataId]  # the documents', as every result names its training examples' ids
     token_ids: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     mode: str = "dot"
     modules: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    data_ids = property(lambda self: _no_data_ids(self))
 
     def numpy(self):
         return self.values.cpu().numpy()
