@@ -16,7 +16,7 @@ LogIX (logix-ai) is measured only with `--logix-python PATH`, the interpreter of
 where it is installed: its package is also named `logix`, so `logix_ai_query.py` runs there in
 its own process (with the same trained weights; LogIX's own rows, covariance and `raw` Hessian)
 and reports its first and repeat calls and one matmul of its scoring shapes, timed in that
-process. Without it the LogIX columns say "not measured".
+process. Without it the LogIX line says "not measured".
 
     python benchmarks/bench_first_query.py [--queries 100 --big-rows 65536 --skip-eigen]
         [--logix-python /path/to/logix-ai-venv/bin/python]
