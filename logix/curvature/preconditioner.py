@@ -18,6 +18,11 @@ from logix.curvature.kfac import KroneckerBlock
 from logix.errors import ConfigError
 from logix.store.format import ModuleInfo, total_width
 
+# A block's explicit inverse is formed when it pays for itself within this many query batches
+# of the same size (a repeat query is the engine's use; the eigenvectors' two products cost 2nw²,
+# the inverse's one nw² after w³ to form it).
+INVERSE_AMORTISED_CALLS = 8
+
 
 @dataclass
 class Block:
@@ -38,8 +43,25 @@ class Block:
         )
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
-        """q [n, w] -> q (F + λI)⁻¹ [n, w]."""
+        """q [n, w] -> q (F + λI)⁻¹ [n, w], in the block's dtype.
+
+        One product by the inverse H = V diag(1/(e + λ)) Vᵀ [w, w] (formed once per moved
+        block, w³ multiply-adds) when `uses_inverse(n)`, else two by the eigenvectors (2nw²):
+        the choice depends on the shapes only, so equal calls give equal bits."""
+        if self.uses_inverse(q.shape[0]):
+            if not hasattr(self, "_inverse"):
+                self._inverse = self.inverse()
+            return q @ self._inverse
         return ((q @ self.eigenvectors) / (self.eigenvalues + self.damping)) @ self.eigenvectors.T
+
+    def uses_inverse(self, n: int) -> bool:
+        """Whether `apply` of n rows takes the precomputed inverse: when forming it costs at
+        most what `INVERSE_AMORTISED_CALLS` calls of n rows save (nw² each), n · calls ≥ w."""
+        return n * INVERSE_AMORTISED_CALLS >= self.eigenvalues.shape[0]
+
+    def inverse(self) -> torch.Tensor:
+        """(F + λI)⁻¹ = V diag(1/(e + λ)) Vᵀ [w, w]."""
+        return (self.eigenvectors / (self.eigenvalues + self.damping)) @ self.eigenvectors.T
 
     def whiten(self, x: torch.Tensor) -> torch.Tensor:
         """x W [n, w]: ‖x W‖² = xᵀ(F + λI)⁻¹x per row (W computed once per moved block)."""
@@ -94,11 +116,10 @@ class Preconditioner:
 
     def apply(self, q: torch.Tensor) -> torch.Tensor:
         """Q' = Q (F + λI)⁻¹ per block: [n, D] -> [n, D] float64 (on q's device)."""
-        q = q.to(torch.float64)
-        out = torch.zeros_like(q)
-        blocks = self.blocks_on(q.device, q.dtype)
+        out = self._dense(q, torch.float64)
+        blocks = self.blocks_on(q.device, torch.float64)
         for m in self.selected:
-            block = q[:, m.columns]
+            block = q[:, m.columns].to(torch.float64)
             out[:, m.columns] = block if blocks is None else blocks[m.name].apply(block)
         return out
 
@@ -122,16 +143,26 @@ class Preconditioner:
         return out
 
     def query_side(self, q: torch.Tensor, norms: bool = True) -> tuple[QuerySide, torch.Tensor]:
-        """(the queries q [n, D] ready for `score`, qᵀ(F + λI)⁻¹q [n]): Q' in the plain blocks;
-        in Gram blocks q itself once the preconditioned rows X̃ are kept (from the second batch
-        on), else whole score rows N (q Gᵀ)(NλI + K)⁻¹ [n, N]. norms=False skips the Gram
-        blocks' quadratic forms (zeros come back; only cosine scores use them). In q's dtype
-        (the engine passes float64: float32 changed digits scores by up to 5e-6 relative,
-        K-FAC's more, and costs a small share of a query)."""
-        dense = torch.zeros_like(q)
+        """(the queries q [n, D] ready for `score`, qᵀ(F + λI)⁻¹q [n] float64): Q' in the plain
+        blocks; in Gram blocks q itself once the preconditioned rows X̃ are kept (from the second
+        batch on), else whole score rows N (q Gᵀ)(NλI + K)⁻¹ [n, N]. norms=False skips the
+        quadratic forms of Gram and identity blocks (zeros come back; only cosine scores use
+        them). Q' is in q's dtype (the engine passes the rows as stored, float32): only the
+        blocks a preconditioner multiplies are upcast, and their products run in float64
+        (float32 products changed digits scores by up to 5e-6 relative, K-FAC's more); the
+        columns that pass through unchanged are written as they are (with the identity
+        preconditioner and every module selected, Q' is q itself)."""
+        if q.dtype not in (torch.float32, torch.float64):
+            q = q.to(torch.float32)  # half-precision rows: Q' is at least float32
         rows: dict[str, torch.Tensor] = {}
-        quad = q.new_zeros(q.shape[0])
-        blocks = self.blocks_on(q.device, q.dtype)
+        quad = q.new_zeros(q.shape[0], dtype=torch.float64)
+        blocks = self.blocks_on(q.device, torch.float64)
+        if blocks is None and len(self.selected) == len(self.modules):
+            if norms:
+                quad = (q.to(torch.float64) ** 2).sum(dim=1)
+            self._batches += 1
+            return QuerySide(q, rows), quad
+        dense = self._dense(q, q.dtype)
         for m in self.selected:
             block = q[:, m.columns]
             b = None if blocks is None else blocks[m.name]
@@ -144,11 +175,25 @@ class Preconditioner:
                     rows[m.name] = b.row_scores(block)
                 if norms:
                     quad += b.quadratic(block)
+            elif b is None:
+                dense[:, m.columns] = block
+                if norms:
+                    quad += (block.to(torch.float64) ** 2).sum(dim=1)
             else:
-                dense[:, m.columns] = block if b is None else b.apply(block)
-                quad += (block * dense[:, m.columns]).sum(dim=1)
+                block = block.to(torch.float64)
+                applied = b.apply(block)
+                dense[:, m.columns] = applied
+                quad += (block * applied).sum(dim=1)
         self._batches += 1
         return QuerySide(dense, rows), quad.clamp(min=0)
+
+    def _dense(self, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An [n, D] output like q in `dtype`, zero in the columns of unselected modules only
+        (the selected ones are written)."""
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        for run in _runs([m for m in self.modules if m not in self.selected]):
+            out[:, run] = 0
+        return out
 
     @property
     def has_gram(self) -> bool:

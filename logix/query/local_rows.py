@@ -88,7 +88,7 @@ class LocalRows:
             s = self.chunk_scores(qp, qnorm, x, start, mode, per_module)
             flags.append((~torch.isfinite(s).all(), start, ids))
             out[..., start - offset : start - offset + len(ids)] = s.cpu()
-        check_finite_chunks(flags, self.store)
+        check_finite_chunks(flags, self.store, [qp.dense, *qp.rows.values()])
         return out
 
     def best(self, qp: Any, qnorm: torch.Tensor, mode: str, k: int) -> torch.Tensor:
@@ -100,7 +100,7 @@ class LocalRows:
             s = self.chunk_scores(qp, qnorm, x, start, mode, False)
             flags.append((~torch.isfinite(s).all(), start, ids))
             best = update_best(best, s, start, k)
-        check_finite_chunks(flags, self.store)
+        check_finite_chunks(flags, self.store, [qp.dense, *qp.rows.values()])
         return best
 
     def self_influence(self, mode: str, per_module: bool) -> torch.Tensor:

@@ -29,11 +29,21 @@ def rows_per_chunk(chunk_bytes: int, width: int) -> int:
     return max(1, int(chunk_bytes) // (4 * max(1, int(width))))
 
 
-def check_finite_chunks(flags: list[tuple[torch.Tensor, int, list]], store: Any) -> None:
+def check_finite_chunks(
+    flags: list[tuple[torch.Tensor, int, list]], store: Any, queries: list[torch.Tensor] | None = None
+) -> None:
     """Raise if a chunk's scores held NaN/inf: `flags` are (non-finite flag on the device,
-    first row, ids) per chunk, read with one sync at the end rather than one per chunk."""
+    first row, ids) per chunk, read with one sync at the end rather than one per chunk.
+    `queries`: the prepared query side's tensors, blamed first (a query batch checked once is
+    not scanned again on repeat, so one edited behind torch's back shows up here)."""
     bad = torch.stack([f for f, _, _ in flags]).cpu() if flags else torch.zeros(0, dtype=torch.bool)
     if bool(bad.any()):
+        if any(not bool(torch.isfinite(t).all()) for t in queries or []):
+            raise ValueError(
+                "the prepared queries hold NaN/inf: their values changed after they were "
+                "checked without torch seeing it (e.g. through .numpy() or .data); pass "
+                "finite query gradients, e.g. a fresh copy"
+            )
         _, start, ids = flags[int(bad.nonzero()[0])]
         raise StoreError(
             f"train rows {start}..{start + len(ids) - 1} (ids {ids[0]!r}..{ids[-1]!r}) give "
