@@ -22,14 +22,13 @@ from logix.commands.engine_options import (
     run_command,
 )
 from logix.commands.top_k import describe
-
-OUTPUTS = (".csv", ".json", ".safetensors", ".npz")
+from logix.query.result_files import SUFFIXES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_dir(parser)
     parser.add_argument(
-        "--output", "-o", required=True, metavar="FILE", help=f"where the matrix goes: {' / '.join(OUTPUTS)}"
+        "--output", "-o", required=True, metavar="FILE", help=f"where the matrix goes: {' / '.join(SUFFIXES)}"
     )
     parser.add_argument(
         "--per-module", action="store_true", help="one matrix per module ([n_modules, n_query, n_train])"
@@ -43,7 +42,7 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, console: Console) -> int:
-    check_output(args.output, OUTPUTS)
+    check_output(args.output, SUFFIXES)
     queries = load_queries(args.queries)
     engine = open_engine(args, console)
     if Path(args.output).suffix.lower() == ".safetensors":
