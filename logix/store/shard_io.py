@@ -4,13 +4,13 @@ is `row_reader.RowReader`)."""
 from __future__ import annotations
 
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from logix.errors import StoreError
+from logix.store.checksum import checksum_update, hex32, writing_checksum
 from logix.store.format import SAFETENSORS_DTYPES, SHARD_FORMAT, shard_file, shard_relpath, write_atomic
 
 # Storage dtype names (the manifest's "dtype") -> torch dtypes.
@@ -25,10 +25,18 @@ def nonfinite_rows(rows: torch.Tensor) -> list[int]:
 
 
 def write_shard_file(
-    path: Path, name: str, rows: torch.Tensor, width: int, dtype: str, metadata: dict[str, str]
+    path: Path,
+    name: str,
+    rows: torch.Tensor,
+    width: int,
+    dtype: str,
+    metadata: dict[str, str],
+    checksum: str = "crc32",
 ) -> tuple[int, str]:
-    """Write one tensor [n, width] to a safetensors file and return (file size, crc32 of its
-    bytes); the checksum is taken block by block while the block is still in the CPU cache."""
+    """Write one tensor [n, width] to a safetensors file and return (file size, `checksum` of
+    its bytes, see store/checksum.py); the checksum is taken block by block while the block is
+    still in the CPU cache."""
+    update = checksum_update(checksum)
     code, itemsize = SAFETENSORS_DTYPES[dtype]
     n = rows.shape[0]
     header = {
@@ -38,16 +46,16 @@ def write_shard_file(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data region starts 8-byte aligned
     head = len(raw).to_bytes(8, "little") + raw
-    crc = zlib.crc32(head)
+    crc = update(head, 0)
     with open(path, "wb") as f:
         f.write(head)
         view = memoryview(rows.contiguous().view(torch.uint8).numpy()).cast("B")  # raw bytes
         step = 4 << 20
         for start in range(0, len(view), step):
             block = view[start : start + step]
-            crc = zlib.crc32(block, crc)
+            crc = update(block, crc)
             f.write(block)
-    return len(head) + n * width * itemsize, f"{crc & 0xFFFFFFFF:08x}"
+    return len(head) + n * width * itemsize, hex32(crc)
 
 
 def write_shard(
@@ -67,12 +75,14 @@ def write_shard(
     final = shard_file(run_dir, rel)
     final.parent.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
+    checksum = writing_checksum()
 
     def write(tmp: Path) -> None:
-        written["bytes"], written["crc32"] = write_shard_file(tmp, "rows", rows, width, dtype, metadata)
+        size, digits = write_shard_file(tmp, "rows", rows, width, dtype, metadata, checksum)
+        written["bytes"], written["crc32"] = size, digits
 
     write_atomic(final, write)
-    return {
+    entry = {
         "file": rel,
         "segment": segment,
         "seq": seq,
@@ -80,6 +90,9 @@ def write_shard(
         "bytes": written["bytes"],
         "crc32": written["crc32"],
     }
+    if checksum != "crc32":  # an entry without the field is zlib CRC-32, as in older stores
+        entry["checksum"] = checksum
+    return entry
 
 
 def damage_fix(rel: str) -> str:
