@@ -24,6 +24,14 @@ def nonfinite_rows(rows: torch.Tensor) -> list[int]:
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
 
 
+def overflow_error(bad: list, dtype: str) -> StoreError:
+    """The error for rows (of data ids `bad`) that are finite in float32 but not in `dtype`."""
+    return StoreError(
+        f"rows of data id(s) {bad[:10]} overflow {dtype}: use store dtype bfloat16 or float32; "
+        "nothing of this batch was stored"
+    )
+
+
 def write_shard_file(
     path: Path,
     name: str,
@@ -61,15 +69,13 @@ def write_shard_file(
 def write_shard(
     run_dir: Path, segment: str, rank: int, seq: int, ids: list, rows: torch.Tensor, width: int, dtype: str
 ) -> dict:
-    """Write rows [n, width] (float32) of `segment` as shard `seq` of `rank`, converted to the
-    storage dtype, under a temporary name renamed when complete; returns its index entry."""
-    if dtype != "float32":
+    """Write rows [n, width] (in the storage dtype, or float32 converted here) of `segment` as
+    shard `seq` of `rank`, under a temporary name renamed when complete; returns its index entry."""
+    if rows.dtype != TORCH_DTYPES[dtype]:  # float32 rows kept for the writer's observers
         rows = rows.to(TORCH_DTYPES[dtype])
         bad = [ids[j] for j in nonfinite_rows(rows)]
         if bad:
-            raise StoreError(
-                f"rows of data id(s) {bad[:10]} overflow {dtype}: use store dtype bfloat16 or float32"
-            )
+            raise overflow_error(bad, dtype)
     rel = shard_relpath(segment, rank, seq)
     metadata = {"format": SHARD_FORMAT, "segment": segment, "rank": str(rank), "data_ids": json.dumps(ids)}
     final = shard_file(run_dir, rel)
