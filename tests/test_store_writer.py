@@ -233,16 +233,18 @@ def test_half_stores_fill_buffers_in_their_dtype_with_the_rounded_rows(tmp_path,
     reserve()."""
     run_dir = make_store(tmp_path / "run", dtype=dtype)
     torch.manual_seed(0)
-    rows = torch.randn(10, WIDTH) * 100
+    rows = torch.randn(16, WIDTH) * 100
     with StoreWriter(run_dir, width=WIDTH, dtype=dtype, shard_rows=4) as w:
         w.add(range(5), rows[:5])
         assert w._pending.buffer.dtype == getattr(torch, dtype)
-        slot = w.reserve(5)
-        assert slot.dtype == torch.float32
-        slot.copy_(rows[5:])
-        w.add(range(5, 10), slot)
+        for start in (5, 8, 11, 14):  # reserve() reuses its rows: each batch is copied out first
+            n = min(3, 16 - start)
+            slot = w.reserve(n)
+            assert slot.dtype == torch.float32
+            slot.copy_(rows[start : start + n])
+            w.add(range(start, start + n), slot)
     store = open_store(run_dir, verify="full")
-    assert store.data_ids == list(range(10))
+    assert store.data_ids == list(range(16))
     assert torch.equal(store.load(getattr(torch, dtype)), rows.to(getattr(torch, dtype)))
 
 

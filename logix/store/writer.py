@@ -78,6 +78,8 @@ class StoreWriter:
         # thread, one batch at a time, straight into the shard buffer; with observers the
         # buffers stay float32, since the observers' statistics are of the unrounded rows.
         self._buffer_dtype = torch.float32 if self.observers else TORCH_DTYPES[dtype]
+        self._reserved: list[torch.Tensor] = []  # float32 rows handed out by reserve()
+        self._converted: list[torch.Tensor] = []  # one batch in the storage dtype
 
         self._closed_why, self._failed = "", False
         # before touching any file of the rank; an abandoned writer of this process gives way
@@ -182,7 +184,7 @@ class StoreWriter:
                 "of these examples; nothing of this batch was stored"
             )
         if rows.dtype != self._buffer_dtype:  # float16 / bfloat16 rows, converted once here
-            rows = rows.detach().to(self._buffer_dtype)
+            rows = _scratch(self._converted, len(ids), self.width, self._buffer_dtype).copy_(rows.detach())
             bad = [ids[j] for j in nonfinite_rows(rows)]
             if bad:
                 raise overflow_error(bad, self.dtype)
@@ -198,8 +200,8 @@ class StoreWriter:
         """A [n, D] float32 CPU tensor to fill and pass to `add`: a slice of the current shard
         buffer when the rows fit in it (then `add` copies nothing), else a new tensor (always
         for a float16 / bfloat16 store: `add` converts the rows into the buffer)."""
-        if self._buffer_dtype != torch.float32:
-            return torch.empty(n, self.width)
+        if self._buffer_dtype != torch.float32:  # reused: no allocation (page faults) per step
+            return _scratch(self._reserved, n, self.width, torch.float32)
         return self._pending.reserve(n, take_buffer=not self._closed and self._jobs.error is None)
 
     def _cut(self) -> None:
@@ -323,3 +325,12 @@ class StoreWriter:
         entry = write_shard(self.run_dir, segment, self.rank, seq, ids, rows, self.width, self.dtype)
         self._index.add_shard(entry)
         self._index.write()
+
+
+def _scratch(held: list[torch.Tensor], n: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first n rows of a [m, width] tensor kept in `held` (replaced by a larger one when
+    n > m), for one batch at a time: `add` copies its contents into the shard buffer before the
+    next batch gets it."""
+    if not held or held[0].shape[0] < n:
+        held[:] = [torch.empty(n, width, dtype=dtype)]
+    return held[0][:n]
