@@ -185,6 +185,7 @@ def main(argv=None) -> None:
         results = [
             measure("mlp 64-256-10, b64, r64x64", mlp_case, n_mlp, rounds, tmp),
             measure("  same, float16 store", mlp_case, n_mlp, rounds, tmp, {"store": {"dtype": "float16"}}),
+            measure("  same, bfloat16 store", mlp_case, n_mlp, rounds, tmp, {"store": {"dtype": "bfloat16"}}),
             measure("  same, rows discarded (capture only)", mlp_case, n_mlp, rounds, tmp, discard=True),
             measure("decoder d256 L4 T128, b16, r32x32", decoder_case, n_dec, rounds, tmp),
             measure(

@@ -20,8 +20,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "logix: installing torch (${LOGIX_TORCH:-torch==2.13.0})" >&2
   pip_install "${LOGIX_TORCH:-torch==2.13.0}"
 fi
-EXTRAS="${LOGIX_EXTRAS:-dev,plot,hf,pandas,index}"
-if ! "$PY" -c "import logix, safetensors, numpy, yaml, rich, pytest, ruff, matplotlib, transformers, accelerate, datasets, pandas, faiss; assert logix.__file__.startswith('$ROOT')" 2>/dev/null; then
+EXTRAS="${LOGIX_EXTRAS:-dev,plot,hf,pandas,index,fast}"
+if ! "$PY" -c "import logix, safetensors, numpy, yaml, rich, pytest, ruff, matplotlib, transformers, accelerate, datasets, pandas, faiss, crc32c; assert logix.__file__.startswith('$ROOT')" 2>/dev/null; then
   echo "logix: installing logix[$EXTRAS] (editable)" >&2
   pip_install -e ".[$EXTRAS]"
 fi

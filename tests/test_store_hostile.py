@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import zlib
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from store_helpers import WIDTH, make_store, rows_for
 import logix
 from logix.commands import inspect
 from logix.errors import StoreError
+from logix.store.checksum import checksum_update, entry_checksum, hex32
 from logix.store.format import index_path, read_json, write_json_atomic
 from logix.store.shard_io import write_shard_file
 from logix.store.trajectory import Trajectory
@@ -59,7 +59,8 @@ def _rewrite_shard(run_dir, header_edit) -> None:
     raw += b" " * (-len(raw) % 8)
     new = len(raw).to_bytes(8, "little") + raw + data[8 + n :]
     path.write_bytes(new)
-    crc = f"{zlib.crc32(new) & 0xFFFFFFFF:08x}"
+    algorithm = entry_checksum(read_json(index_path(run_dir, 0))["shards"][0])
+    crc = hex32(checksum_update(algorithm)(new, 0))
     _edit_index(run_dir, _shard_entry(bytes=len(new), crc32=crc))
 
 

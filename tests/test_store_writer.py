@@ -203,12 +203,50 @@ def test_read_only_shard_dir_error(run_dir):
     assert open_store(run_dir, verify="full").data_ids == [0, 1]
 
 
-def test_float16_overflow_is_an_error(tmp_path):
+def test_float16_overflow_is_an_error_at_add_and_nothing_of_the_batch_is_stored(tmp_path):
+    """Rows are converted on the caller's thread: the batch that overflows is refused by its own
+    `add` (the writer goes on), not by a later one after its shard was lost."""
     run_dir = make_store(tmp_path / "run", dtype="float16")
-    w = StoreWriter(run_dir, width=WIDTH, dtype="float16")
+    with StoreWriter(run_dir, width=WIDTH, dtype="float16") as w:
+        w.add([0], torch.ones(1, WIDTH))
+        with pytest.raises(StoreError, match=r"\[1\] overflow float16.*nothing of this batch"):
+            w.add([1, 2], torch.tensor([[1e6] * WIDTH, [1.0] * WIDTH]))
+        w.add([1, 2], torch.ones(2, WIDTH))  # the refused ids were not taken
+    assert open_store(run_dir, verify="full").data_ids == [0, 1, 2]
+
+
+def test_float16_overflow_with_observers_is_still_an_error(tmp_path):
+    """A writer with observers keeps float32 buffers (its statistics are of the unrounded rows)
+    and converts on its thread: the overflow surfaces at close, as before."""
+    run_dir = make_store(tmp_path / "run", dtype="float16")
+    seen = []
+    w = StoreWriter(run_dir, width=WIDTH, dtype="float16", observers=[lambda seg, r: seen.append(r.dtype)])
     w.add([0, 1], torch.tensor([[1.0] * WIDTH, [1e6] * WIDTH]))
     with pytest.raises(StoreError, match=r"\[1\] overflow float16"):
         w.close()
+    assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_stores_fill_buffers_in_their_dtype_with_the_rounded_rows(tmp_path, dtype):
+    """A float16 / bfloat16 store's shard buffers hold its dtype (no conversion on the writer
+    thread); stored rows equal the float32 rows rounded once, whether added directly or through
+    reserve()."""
+    run_dir = make_store(tmp_path / "run", dtype=dtype)
+    torch.manual_seed(0)
+    rows = torch.randn(16, WIDTH) * 100
+    with StoreWriter(run_dir, width=WIDTH, dtype=dtype, shard_rows=4) as w:
+        w.add(range(5), rows[:5])
+        assert w._pending.buffer.dtype == getattr(torch, dtype)
+        for start in (5, 8, 11, 14):  # reserve() reuses its rows: each batch is copied out first
+            n = min(3, 16 - start)
+            slot = w.reserve(n)
+            assert slot.dtype == torch.float32
+            slot.copy_(rows[start : start + n])
+            w.add(range(start, start + n), slot)
+    store = open_store(run_dir, verify="full")
+    assert store.data_ids == list(range(16))
+    assert torch.equal(store.load(getattr(torch, dtype)), rows.to(getattr(torch, dtype)))
 
 
 def test_reserved_rows_are_written_in_place_and_buffers_are_reused(run_dir):

@@ -30,7 +30,12 @@ def normalise_ids(ids: Sequence[Any]) -> list[DataId]:
     if isinstance(ids, torch.Tensor):
         ids = ids.tolist() if ids.ndim else [ids.item()]
     kinds = set(map(type, ids))
-    if kinds == {int} or kinds == {str}:  # the common case, without a conversion per id
+    if kinds == {int}:  # the common case, checked with two C-level passes (no Python per id)
+        out = list(ids)
+        if not -_INT_LIMIT <= min(out) <= max(out) < _INT_LIMIT:
+            check_id_bounds(out)  # raises, naming an id outside 64 bits
+        return out
+    if kinds == {str}:  # without a conversion per id
         out = list(ids)
     else:
         out = [_one_id(i) for i in ids]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from logix.errors import StoreError
+from logix.store.checksum import CHECKSUMS
 from logix.store.format import INDEX_DIR, check_segment_name, index_path, read_json, shard_relpath
 from logix.store.paths import glob_inside
 
@@ -73,6 +74,11 @@ def check_index(idx: object, rank: int, where: Path) -> dict:
             raise StoreError(
                 f"{where} records crc32 {crc!r} for {sh['file']} (8 hex digits expected): the "
                 "shard could not be checked, so the index is damaged"
+            )
+        if sh.get("checksum", "crc32") not in CHECKSUMS:
+            raise StoreError(
+                f"{where} records checksum {sh.get('checksum')!r} for {sh['file']} (one of "
+                f"{CHECKSUMS} expected): the shard could not be checked, so the index is damaged"
             )
     check_next_seq(idx, where)
     return idx

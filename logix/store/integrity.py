@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from logix.errors import StoreError
-from logix.store.format import file_crc32, shard_file
+from logix.store.checksum import entry_checksum, file_checksum
+from logix.store.format import shard_file
 from logix.store.ids import DataId
 from logix.store.paths import checked_file
 from logix.store.projections import check_projections
@@ -38,9 +39,12 @@ def verify_shards(store: Any, full: bool) -> None:
             problems.append(f"{sh['file']} is {kind}: {size} bytes on disk, the index records {sh['bytes']}")
             continue
         if full:
-            crc = file_crc32(file, buf)
+            algorithm = entry_checksum(sh)
+            crc = file_checksum(file, algorithm, buf)
             if crc != sh["crc32"]:
-                problems.append(f"{sh['file']} is corrupted: crc32 {crc}, the index records {sh['crc32']}")
+                problems.append(
+                    f"{sh['file']} is corrupted: {algorithm} {crc}, the index records {sh['crc32']}"
+                )
                 continue
             try:
                 store.shard_offset(i)  # parses and checks the header

@@ -1,6 +1,7 @@
 """`PendingShard`: the writer's shard being filled, cut when full in rows or in its ids' bytes.
 
-Rows are copied into a reusable float32 buffer [shard_rows, D] taken from the background queue;
+Rows are copied into a reusable buffer [shard_rows, D] taken from the background queue (in the
+storage dtype, or float32 for a writer with observers);
 a full buffer (or a partial one at a flush) goes back to the queue to be written. A shard's ids
 are stored as JSON in its header, so a shard is also cut before their bytes pass
 `MAX_SHARD_ID_BYTES`.

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from logix.errors import StoreError
 from logix.notices import warn
-from logix.store.format import INDEX_DIR, SHARD_DIR, file_crc32, shard_layout
+from logix.store.checksum import file_checksum, writing_checksum
+from logix.store.format import INDEX_DIR, SHARD_DIR, shard_layout
 from logix.store.ids import stored_ids
 from logix.store.paths import glob_inside
 
@@ -39,9 +40,11 @@ def unindexed_shards(
     checksum: bool = False,
 ) -> list[dict]:
     """Complete shard files (of `rank`, or of every rank) that no index lists, as index entries
-    with "rank", "data_ids" and "unindexed": True; `checksum` computes their crc32 (else None).
-    A file that fails the checks is left in place with a warning."""
+    with "rank", "data_ids" and "unindexed": True; `checksum` computes their checksum (else
+    None) with the algorithm new shards use. A file that fails the checks is left in place with
+    a warning."""
     run_dir = Path(run_dir)
+    algorithm = writing_checksum()
     listed = {sh["file"] for idx in indexes.values() for sh in idx.get("shards", [])}
     found = []
     for path in glob_inside(run_dir, SHARD_DIR, "*/r*.safetensors"):
@@ -74,7 +77,8 @@ def unindexed_shards(
                 "seq": seq,
                 "rows": rows,
                 "bytes": path.stat().st_size,
-                "crc32": file_crc32(path) if checksum else None,
+                "crc32": file_checksum(path, algorithm) if checksum else None,
+                "checksum": algorithm,
                 "rank": shard_rank,
                 "data_ids": ids,
                 "unindexed": True,
@@ -90,7 +94,10 @@ def adopt_unindexed(run_dir: Path, index: dict, width: int, dtype: str) -> list[
     found = unindexed_shards(run_dir, {rank: index}, width, dtype, rank=rank, checksum=True)
     names = {s["name"] for s in index["segments"]}
     for sh in found:
-        index["shards"].append({k: sh[k] for k in ("file", "segment", "seq", "rows", "bytes", "crc32")})
+        entry = {k: sh[k] for k in ("file", "segment", "seq", "rows", "bytes", "crc32")}
+        if sh["checksum"] != "crc32":  # absent means zlib CRC-32, as in older stores
+            entry["checksum"] = sh["checksum"]
+        index["shards"].append(entry)
         if sh["segment"] not in names:
             index["segments"].append({"name": sh["segment"], "meta": {}})
             names.add(sh["segment"])

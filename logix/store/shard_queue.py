@@ -21,7 +21,7 @@ _STOP = object()
 class ShardQueue:
     """Runs `write_shard(segment, ids, rows)` and `write_index()` jobs in order on one thread.
 
-    Shard buffers are [shard_rows, width] float32; at most `min(depth, 2) + 1` exist (one being
+    Shard buffers are [shard_rows, width] of `dtype`; at most `min(depth, 2) + 1` exist (one being
     filled, the others queued or being written), which bounds the rows a crash can lose."""
 
     def __init__(
@@ -33,7 +33,9 @@ class ShardQueue:
         depth: int,
         name: str,
         where: str,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        self.dtype = dtype
         self._write_shard, self._write_index = write_shard, write_index
         self.shard_rows, self.width, self._where = shard_rows, width, where
         self._free: queue.Queue = queue.Queue()  # buffers the thread has finished with
@@ -52,7 +54,7 @@ class ShardQueue:
             pass
         if self.buffers < self._max_buffers:
             self.buffers += 1
-            return torch.empty(self.shard_rows, self.width)
+            return torch.empty(self.shard_rows, self.width, dtype=self.dtype)
         while True:
             try:
                 return self._free.get(timeout=0.5)

@@ -25,7 +25,7 @@ from logix.store.lock import writer_lock
 from logix.store.manifest import read_manifest
 from logix.store.pending_shard import PendingShard
 from logix.store.rank_index import open_rank_index
-from logix.store.shard_io import nonfinite_rows, write_shard
+from logix.store.shard_io import TORCH_DTYPES, nonfinite_rows, overflow_error, write_shard
 from logix.store.shard_queue import ShardQueue
 from logix.store.taken_ids import TakenIds
 from logix.store.unclosed import pending_outcome, warn_closed_at_exit, warn_taken_over
@@ -69,11 +69,17 @@ class StoreWriter:
         if shard_rows < 1 or queue_depth < 1:
             raise ValueError("shard_rows and queue_depth must be at least 1")
         self.width, self.dtype, self.rank = int(width), dtype, int(rank)
-        # Rows are gathered in float32 shard buffers that are reused: no allocation (and no page
+        # Rows are gathered in shard buffers that are reused: no allocation (and no page
         # faults) per step. A shard holds at most `max_shard_bytes` of them, so the buffers
         # (one filling, the others queued or being written) stay small for wide rows.
         self.shard_rows = max(1, min(int(shard_rows), int(max_shard_bytes) // (4 * self.width)))
         self.observers = list(observers)
+        # Rows are converted to the storage dtype (and checked for overflow) on the caller's
+        # thread, one batch at a time, straight into the shard buffer; with observers the
+        # buffers stay float32, since the observers' statistics are of the unrounded rows.
+        self._buffer_dtype = torch.float32 if self.observers else TORCH_DTYPES[dtype]
+        self._reserved: list[torch.Tensor] = []  # float32 rows handed out by reserve()
+        self._converted: list[torch.Tensor] = []  # one batch in the storage dtype
 
         self._closed_why, self._failed = "", False
         # before touching any file of the rank; an abandoned writer of this process gives way
@@ -96,6 +102,7 @@ class StoreWriter:
             queue_depth,
             f"logix-writer-{rank}",
             str(self.run_dir),
+            self._buffer_dtype,
         )
         self._pending = PendingShard(self._jobs, self.shard_rows, self.width)
         atexit.register(self._close_at_exit)
@@ -176,6 +183,11 @@ class StoreWriter:
                 f"non-finite gradient rows (NaN/inf) for data id(s) {bad[:10]}: check the loss "
                 "of these examples; nothing of this batch was stored"
             )
+        if rows.dtype != self._buffer_dtype:  # float16 / bfloat16 rows, converted once here
+            rows = _scratch(self._converted, len(ids), self.width, self._buffer_dtype).copy_(rows.detach())
+            bad = [ids[j] for j in nonfinite_rows(rows)]
+            if bad:
+                raise overflow_error(bad, self.dtype)
         self._raise_error()
         if self._segment is None:
             self.start_segment(segment)
@@ -186,7 +198,10 @@ class StoreWriter:
 
     def reserve(self, n: int) -> torch.Tensor:
         """A [n, D] float32 CPU tensor to fill and pass to `add`: a slice of the current shard
-        buffer when the rows fit in it (then `add` copies nothing), else a new tensor."""
+        buffer when the rows fit in it (then `add` copies nothing), else a new tensor (always
+        for a float16 / bfloat16 store: `add` converts the rows into the buffer)."""
+        if self._buffer_dtype != torch.float32:  # reused: no allocation (page faults) per step
+            return _scratch(self._reserved, n, self.width, torch.float32)
         return self._pending.reserve(n, take_buffer=not self._closed and self._jobs.error is None)
 
     def _cut(self) -> None:
@@ -310,3 +325,12 @@ class StoreWriter:
         entry = write_shard(self.run_dir, segment, self.rank, seq, ids, rows, self.width, self.dtype)
         self._index.add_shard(entry)
         self._index.write()
+
+
+def _scratch(held: list[torch.Tensor], n: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first n rows of a [m, width] tensor kept in `held` (replaced by a larger one when
+    n > m), for one batch at a time: `add` copies its contents into the shard buffer before the
+    next batch gets it."""
+    if not held or held[0].shape[0] < n:
+        held[:] = [torch.empty(n, width, dtype=dtype)]
+    return held[0][:n]
