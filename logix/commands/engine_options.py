@@ -32,6 +32,11 @@ _WHAT = {
 }
 
 
+# What a result can be saved as from the command line, in the order help lists them (the formats
+# of query/result_files.py: CSV for spreadsheets first).
+OUTPUTS = (".csv", ".json", ".safetensors", ".npz")
+
+
 def default_help(name: str) -> str:
     """`what (default: the store's query.<name>, else <QueryConfig default>)`."""
     default = {f.name: f.default for f in fields(QueryConfig)}[name]

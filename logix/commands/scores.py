@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from logix.commands.engine_options import (
+    OUTPUTS,
     add_engine_options,
     add_run_dir,
     check_output,
@@ -22,13 +23,12 @@ from logix.commands.engine_options import (
     run_command,
 )
 from logix.commands.top_k import describe
-from logix.query.result_files import SUFFIXES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_dir(parser)
     parser.add_argument(
-        "--output", "-o", required=True, metavar="FILE", help=f"where the matrix goes: {' / '.join(SUFFIXES)}"
+        "--output", "-o", required=True, metavar="FILE", help=f"where the matrix goes: {' / '.join(OUTPUTS)}"
     )
     parser.add_argument(
         "--per-module", action="store_true", help="one matrix per module ([n_modules, n_query, n_train])"
@@ -42,7 +42,7 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, console: Console) -> int:
-    check_output(args.output, SUFFIXES)
+    check_output(args.output, OUTPUTS)
     queries = load_queries(args.queries)
     engine = open_engine(args, console)
     if Path(args.output).suffix.lower() == ".safetensors":

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from logix.commands.engine_options import (
+    OUTPUTS,
     add_engine_options,
     add_run_dir,
     check_output,
@@ -17,7 +18,6 @@ from logix.commands.engine_options import (
     run_command,
 )
 from logix.commands.top_k import describe
-from logix.query.result_files import SUFFIXES
 from logix.vocabulary import SELF_INFLUENCE_MODES
 
 
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--top", type=int, default=10, metavar="N", help="examples shown, highest first (default 10)"
     )
     parser.add_argument("--per-module", action="store_true", help="one value per module as well")
-    parser.add_argument("--output", "-o", metavar="FILE", help=f"save every value as {' / '.join(SUFFIXES)}")
+    parser.add_argument("--output", "-o", metavar="FILE", help=f"save every value as {' / '.join(OUTPUTS)}")
     add_engine_options(parser, modes=SELF_INFLUENCE_MODES)
 
 
@@ -37,7 +37,7 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, console: Console) -> int:
-    check_output(args.output, SUFFIXES)
+    check_output(args.output, OUTPUTS)
     mode = args.mode or "dot"
     engine = open_engine(args, console)
     result = engine.self_influence(mode=mode, per_module=args.per_module)

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from logix.commands.engine_options import (
+    OUTPUTS,
     add_engine_options,
     add_run_dir,
     check_output,
@@ -22,7 +23,6 @@ from logix.commands.engine_options import (
     open_engine,
     run_command,
 )
-from logix.query.result_files import SUFFIXES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the k most harmful (most negative) examples instead, lowest first",
     )
     add_engine_options(parser)
-    parser.add_argument("--output", "-o", metavar="FILE", help=f"save the lists as {' / '.join(SUFFIXES)}")
+    parser.add_argument("--output", "-o", metavar="FILE", help=f"save the lists as {' / '.join(OUTPUTS)}")
     parser.add_argument(
         "--show",
         type=int,
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace, console: Console | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, console: Console) -> int:
-    check_output(args.output, SUFFIXES)
+    check_output(args.output, OUTPUTS)
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     queries = load_queries(args.queries)
