@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from logix.errors import StoreError
-from logix.store.format import read_json, write_json_atomic
+from logix.store.format import read_tagged_json, write_json_atomic
 
 ANN_DIR = "ann"
 ANN_FORMAT = "logix-ann-index"
@@ -80,14 +80,7 @@ def read_record(run_dir: Path, segment: str, metric: str) -> dict | None:
     path = record_path(run_dir, segment, metric)
     if not path.is_file():
         return None
-    record = read_json(path)
-    if not isinstance(record, dict) or record.get("format") != ANN_FORMAT:
-        raise StoreError(f"{path} is not a logix index record; {rebuild_fix(run_dir)}")
-    if record.get("version") != ANN_VERSION:
-        raise StoreError(
-            f"{path} has index format version {record.get('version')!r}, this logix reads "
-            f"{ANN_VERSION}; {rebuild_fix(run_dir)}"
-        )
+    record = read_tagged_json(path, ANN_FORMAT, ANN_VERSION, "index record", rebuild_fix(run_dir))
     name = record.get("file")
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".faiss"):
         raise StoreError(f"{path} names no index file inside its folder; {rebuild_fix(run_dir)}")

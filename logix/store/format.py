@@ -167,6 +167,21 @@ def read_json(path: Path) -> Any:
     return parse_json(text, str(path))
 
 
+def read_tagged_json(path: Path, tag: str, version: int, what: str, fix: str = "") -> dict:
+    """The JSON object in `path`, checked to carry `"format": tag` and `"version": version`; a
+    StoreError naming the file, `what` it should be and the `fix` (appended) otherwise."""
+    obj = read_json(path)
+    suffix = f"; {fix}" if fix else ""
+    if not isinstance(obj, dict) or obj.get("format") != tag:
+        raise StoreError(f"{path} is not a logix {what}{suffix}")
+    if obj.get("version") != version:
+        raise StoreError(
+            f"{path} has {what} format version {obj.get('version')!r}; this logix reads version "
+            f"{version}{suffix}"
+        )
+    return obj
+
+
 def index_path(run_dir: Path, rank: int) -> Path:
     """Rank `rank`'s index file, checked (`paths.inside`: no link on the way)."""
     return inside(run_dir, INDEX_DIR, f"rank-{rank:05d}.json")

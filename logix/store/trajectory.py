@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from logix.errors import StoreError
-from logix.store.format import file_crc32, read_json, write_atomic, write_json_atomic
+from logix.store.format import file_crc32, read_json, read_tagged_json, write_atomic, write_json_atomic
 from logix.store.paths import inside
 
 TRAJECTORY_DIR = "trajectory"
@@ -239,14 +239,7 @@ class Trajectory:
                 f"no recorded trajectory in {run_dir}: record one with "
                 "run.watch(model, optimizer=opt) or logix.record_trajectory(...)"
             )
-        index = read_json(path)
-        if not isinstance(index, dict) or index.get("format") != TRAJECTORY_FORMAT:
-            raise StoreError(f"{path} is not a logix trajectory index")
-        if index.get("version") != TRAJECTORY_VERSION:
-            raise StoreError(
-                f"{path} has trajectory format version {index.get('version')!r}; this logix "
-                f"reads version {TRAJECTORY_VERSION}"
-            )
+        index = read_tagged_json(path, TRAJECTORY_FORMAT, TRAJECTORY_VERSION, "trajectory index")
         self.optimizer = str(index.get("optimizer"))
         self.every = _int(index.get("every"), "every", path)
         self.reduction = str(index.get("reduction", "mean"))
