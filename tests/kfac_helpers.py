@@ -70,6 +70,28 @@ def log_model(
             model.zero_grad()
 
 
+def log_sequences(run_dir: Path, model: nn.Module, batches, config: dict):
+    """Log `batches` of masked sequences (mean loss) into a new store at `run_dir`; return
+    (by_id: id -> (x, y, mask), recompute: ids -> their per-token gradients from a query run),
+    the pair re-ranking needs."""
+    with logix.init(run_dir, config=config) as run:
+        run.watch(model)
+        for ids, x, y, mask in batches:
+            with run(data_id=ids, mask=mask):
+                seq_loss(model(x), y, mask, "mean").backward()
+    by_id = {i: (x[j], y[j], mask[j]) for ids, x, y, mask in batches for j, i in enumerate(ids)}
+
+    def recompute(ids):
+        q = logix.init(run_dir, mode="query")
+        q.watch(model)
+        x, y, mask = (torch.stack([by_id[i][k] for i in ids]) for k in range(3))
+        with q(data_id=list(ids), mask=mask, per_token=True):
+            seq_loss(model(x), y, mask, "mean").backward()
+        return q.token_gradients()
+
+    return by_id, recompute
+
+
 def _keep(inputs: dict, outputs: dict, name: str, module, args, output) -> None:
     inputs[name], outputs[name] = args[0], output
 

@@ -236,27 +236,14 @@ def test_cli_builds_and_describes_the_index(store_dir):
 
 
 def test_reranking_takes_its_candidates_from_the_index(tmp_path):
-    from kfac_helpers import SeqNet, make_batches, seq_loss
+    from kfac_helpers import SeqNet, log_sequences, make_batches
 
     torch.manual_seed(0)
     model = SeqNet()
     gen = torch.Generator().manual_seed(3)
     batches = make_batches(gen, sizes=(30, 30, 30), seq=6)
     config = {"projection": {"kind": "random", "rank_in": 3, "rank_out": 2, "seed": 1}}
-    with logix.init(tmp_path / "s", config=config) as run:
-        run.watch(model)
-        for ids, x, y, mask in batches:
-            with run(data_id=ids, mask=mask):
-                seq_loss(model(x), y, mask, "mean").backward()
-    by_id = {i: (x[j], y[j], mask[j]) for ids, x, y, mask in batches for j, i in enumerate(ids)}
-
-    def recompute(ids):
-        q = logix.init(tmp_path / "s", mode="query")
-        q.watch(model)
-        x, y, mask = (torch.stack([by_id[i][k] for i in ids]) for k in range(3))
-        with q(data_id=list(ids), mask=mask, per_token=True):
-            seq_loss(model(x), y, mask, "mean").backward()
-        return q.token_gradients()
+    by_id, recompute = log_sequences(tmp_path / "s", model, batches, config)
 
     store = logix.open_store(tmp_path / "s")
     q = logix.Gradients(store.load()[[3, 40, 77]] + 0.01, ["a", "b", "c"], store.modules, store.fingerprint)

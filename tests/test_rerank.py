@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kfac_helpers import SeqNet, make_batches, seq_loss
+from kfac_helpers import SeqNet, log_sequences, make_batches, seq_loss
 
 import logix
 from logix.curvature.gram import GramBlock
@@ -30,20 +30,7 @@ def setting(tmp_path):
         "capture": {"loss_reduction": "mean"},
         "curvature": {"statistics": ["raw", "kfac"]},
     }
-    with logix.init(tmp_path / "s", config=config) as run:
-        run.watch(model)
-        for ids, x, y, mask in batches:
-            with run(data_id=ids, mask=mask):
-                seq_loss(model(x), y, mask, "mean").backward()
-    by_id = {i: (x[j], y[j], mask[j]) for ids, x, y, mask in batches for j, i in enumerate(ids)}
-
-    def recompute(ids):
-        q = logix.init(tmp_path / "s", mode="query")
-        q.watch(model)
-        x, y, mask = (torch.stack([by_id[i][k] for i in ids]) for k in range(3))
-        with q(data_id=list(ids), mask=mask, per_token=True):
-            seq_loss(model(x), y, mask, "mean").backward()
-        return q.token_gradients()
+    by_id, recompute = log_sequences(tmp_path / "s", model, batches, config)
 
     query = logix.init(tmp_path / "s", mode="query")
     query.watch(model)
